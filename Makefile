@@ -1,0 +1,123 @@
+# d2od — top-level Makefile.
+#
+#   make            build build/d2od and the tools
+#   make run        install missing packages, build, serve the default model
+#   make test       install missing packages, build, run unit + integration tests
+#   make test-san   unit tests under ASan/UBSan (also part of `make test`)
+#   make test-gpu   GPU tests (skip cleanly without a GPU)
+#   make bench      CPU benchmarks (figures as ratios, see README)
+#
+# Options: DEBUG=1 (no optimisation, asserts, poisoning), SANITIZE=address,undefined,
+# WERROR=1 (set automatically when CI=true), ARCH_FLAGS (default -march=native).
+# Module folders: common/ kvpool/ engine/ api/ daemon/ kernels/ — every .c in them
+# is built; includes point one way: daemon -> api -> engine -> kvpool -> kernels.
+
+CC ?= cc
+NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc))
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+ARCH_FLAGS ?= -march=native
+
+WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wpointer-arith \
+        -Wno-unused-parameter -Wvla -Wformat=2
+ifeq ($(CI),true)
+WERROR ?= 1
+endif
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+
+ifeq ($(DEBUG),1)
+OPT := -O0 -g3 -DD2_DEBUG=1
+BUILD ?= build/debug
+else
+OPT := -O3 -g $(ARCH_FLAGS) -DNDEBUG
+endif
+
+ifneq ($(SANITIZE),)
+OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=$(SANITIZE) -fno-sanitize-recover=undefined
+LDSAN := -fsanitize=$(SANITIZE)
+BUILD ?= build/san
+endif
+BUILD ?= build
+
+PKG_CFLAGS := $(shell pkg-config --cflags jansson libmicrohttpd libuv 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs jansson libmicrohttpd libuv 2>/dev/null || echo -ljansson -lmicrohttpd -luv)
+
+CFLAGS ?=
+CFLAGS += -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) $(OPT) -pthread -MMD -MP -I. $(PKG_CFLAGS)
+LDFLAGS += -pthread $(LDSAN)
+LDLIBS += $(PKG_LIBS) -lm
+
+LIB_DIRS := common kvpool engine api kernels
+LIB_SRC := $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+DAEMON_SRC := $(wildcard daemon/*.c)
+DAEMON_OBJ := $(DAEMON_SRC:%.c=$(BUILD)/obj/%.o)
+TEST_SRC := $(wildcard tests/unit/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+TOOL_SRC := $(wildcard tools/*.c)
+TOOL_BIN := $(TOOL_SRC:tools/%.c=$(BUILD)/tools/%)
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+CU_SRC := $(wildcard kernels/*.cu)
+CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
+
+.PHONY: all run test test-unit test-san test-integration test-gpu bench deps cuda clean fuzz
+all: $(BUILD)/d2od $(TOOL_BIN) $(TEST_BIN) cuda
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libd2od.a: $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/d2od: $(DAEMON_OBJ) $(BUILD)/libd2od.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libd2od.a tests/test.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
+
+$(BUILD)/tools/%: tools/%.c $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
+
+# CUDA sources compile whenever nvcc exists (as in CI); nothing here needs a GPU.
+ifneq ($(NVCC),)
+cuda: $(CU_OBJ)
+$(BUILD)/obj/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall -c $< -o $@
+else
+cuda:
+	@echo "nvcc not found: CUDA sources not compiled"
+endif
+
+deps:
+	@bash tools/install-deps.sh
+
+run: deps
+	@$(MAKE) --no-print-directory $(BUILD)/d2od
+	$(BUILD)/d2od serve --model $(or $(MODEL),../shared/assets/models/stories260K/hf) --host 127.0.0.1 --port $(or $(PORT),8000)
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
+	@bash tests/run_all.sh
+
+test-unit-build: $(TEST_BIN) $(TOOL_BIN)
+
+test-unit: $(TEST_BIN)
+	@bash tests/run_unit.sh $(BUILD)/tests
+
+test-san:
+	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit
+
+bench: all
+	@bash tests/bench.sh $(BUILD)
+
+clean:
+	rm -rf build
+
+-include $(LIB_OBJ:.o=.d) $(DAEMON_OBJ:.o=.d)

@@ -1,0 +1,128 @@
+/*
+ * kvpool/kvpool.h — the paged KV block pool (public header of kvpool/).
+ *
+ * One pool of fixed-size pages reserved at startup. A page holds the keys and
+ * values of `page_tokens` consecutive slots of ONE layer of ONE sequence
+ * (all KV heads). Every (sequence, layer) pair has its own block table,
+ * because D2O gives layers different lengths. Pages are taken on demand and
+ * returned to the free list at once. Every slot records the token position
+ * it holds (keys are stored after RoPE, so a slot's position is what RoPE
+ * used) and an fp32 accumulated-attention score per KV head (used by D2O).
+ *
+ * Storage layout (host memory for the CPU backend; a later CUDA backend
+ * points k/v at device memory of the same layout):
+ *   k, v   : float [n_pages][page_tokens][n_kv_heads][head_dim]
+ *   pos    : int32 [n_pages][page_tokens]        (-1 = empty slot)
+ *   score  : float [n_pages][page_tokens][n_kv_heads]
+ * A (seq, layer) table's logical slot i lives in page pages[i / page_tokens],
+ * slot i % page_tokens. Slots 0..n_tokens-1 are live; a table never has
+ * holes (compaction keeps it dense).
+ *
+ * Sharing: kvp_seq_fork() shares pages (refcount). A shared page is never
+ * written in place: appending into a shared partial last page first copies
+ * it (copy on write) — kvp_reserve does that.
+ *
+ * Threading: only the engine thread calls the pool; no locks. Readers of
+ * kvp_stats() from other threads get a consistent snapshot via atomics.
+ * Ownership: the pool owns all storage; pointers returned by accessors are
+ * borrowed and valid until the next call that changes the same table.
+ */
+#ifndef D2_KVPOOL_H
+#define D2_KVPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+
+typedef struct kvp_config {
+    int n_layers;
+    int n_kv_heads;
+    int head_dim;
+    int page_tokens;     /* tokens per page; default 16 */
+    int64_t n_pages;     /* pages in the pool */
+    int max_seqs;        /* sequence ids are 0..max_seqs-1 */
+    int max_seq_tokens;  /* longest sequence (bounds each block table) */
+    void *storage;       /* NULL: the pool allocates host storage (kvp_storage_bytes).
+                            Non-NULL: borrowed external buffer of that size (e.g. device). */
+} kvp_config;
+
+typedef struct kvp_pool kvp_pool;
+
+/* Bytes of k+v storage that a config needs (the pos and score arrays are
+ * always host memory owned by the pool). */
+size_t kvp_storage_bytes(const kvp_config *cfg);
+
+/* Creates a pool; all memory is reserved here. Returns D2_OK, D2_EINVAL (bad
+ * config), D2_ENOMEM. *out is owned by the caller: free with kvp_destroy. */
+int kvp_create(const kvp_config *cfg, kvp_pool **out);
+void kvp_destroy(kvp_pool *p); /* accepts NULL */
+
+const kvp_config *kvp_get_config(const kvp_pool *p);
+
+typedef struct kvp_stats {
+    int64_t pages_total;
+    int64_t pages_free;
+    int seqs_active;
+} kvp_stats;
+kvp_stats kvp_get_stats(const kvp_pool *p);
+
+/* ---- sequences ---------------------------------------------------------- */
+
+/* Takes a free sequence id (all its tables empty). D2_EKVFULL when all
+ * max_seqs ids are in use. */
+int kvp_seq_new(kvp_pool *p, int *seq_out);
+/* Releases every page of every layer of seq and frees the id. */
+int kvp_seq_free(kvp_pool *p, int seq);
+/* New sequence sharing all of src's pages (refcount +1 each). */
+int kvp_seq_fork(kvp_pool *p, int src, int *dst_out);
+/* Drops the live tokens of one layer from index n onward (n <= n_tokens);
+ * pages left empty return to the pool. */
+int kvp_truncate(kvp_pool *p, int seq, int layer, int n);
+
+/* ---- block tables --------------------------------------------------------- */
+
+/* A read-only view of one (seq, layer) table. Borrowed. */
+typedef struct kvp_table {
+    const int32_t *pages; /* [n_pages] page ids */
+    int n_pages;
+    int n_tokens;         /* live slots; n_pages == ceil(n_tokens / page_tokens) */
+} kvp_table;
+kvp_table kvp_get_table(const kvp_pool *p, int seq, int layer);
+
+/* Makes room for n more tokens at the end of (seq, layer): takes pages as
+ * needed and un-shares a shared partial last page. Does not change n_tokens.
+ * On D2_EKVFULL nothing changed. */
+int kvp_reserve(kvp_pool *p, int seq, int layer, int n);
+/* Pages kvp_reserve(seq, layer, n) would take from the free list now. */
+int kvp_pages_needed(const kvp_pool *p, int seq, int layer, int n);
+/* Appends n slots (after a successful kvp_reserve) and returns the logical
+ * index of the first; the caller then writes k/v/pos of those slots. Scores
+ * of new slots start at 0. */
+int kvp_append(kvp_pool *p, int seq, int layer, int n);
+
+/* ---- slot access (hot path: plain pointer arithmetic, no checks in release) */
+
+/* Base pointers of the storage arrays (layouts in the header comment). */
+float *kvp_k_base(kvp_pool *p);
+float *kvp_v_base(kvp_pool *p);
+int32_t *kvp_pos_base(kvp_pool *p);
+float *kvp_score_base(kvp_pool *p);
+/* Floats per page in k (and v): page_tokens * n_kv_heads * head_dim. */
+size_t kvp_page_stride(const kvp_pool *p);
+
+/* Page id and slot-in-page of logical slot i of a table. */
+static inline void kvp_locate(const kvp_table *t, int page_tokens, int i, int32_t *page,
+                              int *slot) {
+    *page = t->pages[i / page_tokens];
+    *slot = i % page_tokens;
+}
+
+/* ---- checking --------------------------------------------------------------- */
+
+/* Verifies every invariant: free list + referenced pages == total, each page's
+ * refcount equals the number of tables holding it, no page both free and used,
+ * table lengths consistent. Returns D2_OK or D2_EINTERNAL (and logs why). O(pages). */
+int kvp_check(const kvp_pool *p);
+
+#endif

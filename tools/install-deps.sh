@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# tools/install-deps.sh — installs the Debian packages and npm test clients
+# d2od needs, only when something is missing. Called by `make run`/`make test`.
+set -euo pipefail
+pkgs=(build-essential pkg-config libjansson-dev libmicrohttpd-dev libuv1-dev python3 nodejs npm)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# Node may come from elsewhere than Debian (as on the dev image): accept any node >= 20 with npm.
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  tmp=(); for p in "${missing[@]}"; do [[ "$p" == nodejs || "$p" == npm ]] || tmp+=("$p"); done
+  missing=("${tmp[@]+"${tmp[@]}"}")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+# JavaScript test clients (the HF tokenizer oracle and the OpenAI client), pinned in tests/js.
+if [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules ]; then
+  echo "install-deps: npm install in tests/js"
+  (cd tests/js && npm install --no-audit --no-fund --loglevel=error)
+fi
