@@ -1,0 +1,207 @@
+/*
+ * daemon/bench.c — `d2od bench`: CPU throughput figures as ratios measured in
+ * one run.
+ *
+ *  1. The machine's copy bandwidth: best of several multi-threaded memcpy
+ *     passes over buffers far larger than the caches, counted as STREAM does
+ *     (bytes read + bytes written).
+ *  2. The decode roofline: a decode step must stream every weight byte once
+ *     (all layers plus the output matrix; the embedding table only when it is
+ *     also the tied output), so tokens/s <= bandwidth / bytes-per-token at
+ *     batch 1.
+ *  3. Decode tokens/s at each batch size through the real engine loop
+ *     (eng_run: paged pool, batched backend, sampler), timed from the step
+ *     where every sequence has its first token to the end.
+ * Reported: batch-1 tokens/s as a fraction of the roofline, and aggregate
+ * tokens/s at batch B as a multiple of batch 1.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/status.h"
+#include "common/util.h"
+#include "daemon/cli.h"
+#include "engine/engine.h"
+
+typedef struct copy_job { char *dst; const char *src; size_t n; } copy_job;
+
+static void *copy_worker(void *arg) {
+    copy_job *j = arg;
+    memcpy(j->dst, j->src, j->n);
+    return NULL;
+}
+
+/* Returns bytes/s (read + write) of the best of `reps` passes with n_threads threads. */
+static double measure_copy_bandwidth(int n_threads, size_t bytes, int reps) {
+    char *a = malloc(bytes), *b = malloc(bytes);
+    if (!a || !b) { free(a); free(b); return 0; }
+    memset(a, 1, bytes);
+    memset(b, 2, bytes);
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 64) n_threads = 64;
+    pthread_t th[64];
+    copy_job jobs[64];
+    double best = 0;
+    for (int r = 0; r < reps; r++) {
+        size_t per = bytes / (size_t)n_threads;
+        double t0 = d2_now();
+        for (int t = 0; t < n_threads; t++) {
+            jobs[t] = (copy_job){b + per * (size_t)t, a + per * (size_t)t,
+                                 t == n_threads - 1 ? bytes - per * (size_t)t : per};
+            pthread_create(&th[t], NULL, copy_worker, &jobs[t]);
+        }
+        for (int t = 0; t < n_threads; t++) pthread_join(th[t], NULL);
+        double dt = d2_now() - t0;
+        double bw = 2.0 * (double)bytes / dt;
+        if (bw > best) best = bw;
+    }
+    free(a);
+    free(b);
+    return best;
+}
+
+static int64_t tensor_bytes(const eng_tensor *t) {
+    int64_t n = t->rows * t->cols;
+    switch (t->dtype) {
+    case ENG_F32: return n * 4;
+    case ENG_F16:
+    case ENG_BF16: return n * 2;
+    case ENG_Q8_0: return n / 32 * 34;
+    }
+    return n * 4;
+}
+
+static int parse_batches(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v < 1 || v > 4096) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+int d2_cmd_bench(int argc, char **argv) {
+    const char *model = NULL, *batches_s = "1,8,32";
+    long threads = 0, prompt_len = 32, gen = 64;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: d2od bench --model M [--batches 1,8,32] [--prompt N] [--gen N] [--threads N]\n"
+                   "\n"
+                   "Measures copy bandwidth, the batch-1 decode roofline (weight bytes per token /\n"
+                   "bandwidth) and decode tokens/s at each batch size through the engine loop.\n"
+                   "Prints a table and one JSON line.\n");
+            return 0;
+        } else if (!strcmp(a, "--model")) {
+            if (!(model = d2_cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--batches")) {
+            if (!(batches_s = d2_cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--threads")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 0, 1024, &threads)) return 2;
+        } else if (!strcmp(a, "--prompt")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 1, 1 << 20, &prompt_len)) return 2;
+        } else if (!strcmp(a, "--gen")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 20, &gen)) return 2;
+        } else {
+            fprintf(stderr, "d2od bench: unknown option '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!model) {
+        fprintf(stderr, "d2od bench: --model is required\n");
+        return 2;
+    }
+    int batches[16];
+    int nb = parse_batches(batches_s, batches, 16);
+    if (nb <= 0) {
+        fprintf(stderr, "d2od bench: --batches: expected a list like 1,8,32\n");
+        return 2;
+    }
+    int max_b = 1;
+    for (int k = 0; k < nb; k++) if (batches[k] > max_b) max_b = batches[k];
+
+    eng_engine_config ec = {.model_path = model, .n_threads = (int)threads, .max_seqs = max_b,
+                            .ctx_len = (int)(prompt_len + gen + 1)};
+    eng_engine *e = NULL;
+    int rc = eng_engine_create(&ec, &e);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od bench: cannot load %s: %s\n", model, d2_strerror(rc));
+        return 1;
+    }
+    const eng_model *m = eng_engine_model(e);
+    int64_t wbytes = eng_model_weight_bytes(m);
+    int64_t stream_bytes = wbytes;
+    if (!m->cfg.tied_embeddings) {
+        /* a decode step reads one embedding row, not the table */
+        stream_bytes -= tensor_bytes(&m->tok_embd);
+    }
+    int bw_threads = threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    double bw = measure_copy_bandwidth(bw_threads, (size_t)512 << 20, 5);
+    double roofline = bw / (double)stream_bytes;
+
+    printf("model: %s (%.1fM params, %.1f MB weights, %.1f MB streamed per decode step)\n", model,
+           (double)eng_model_n_params(m) / 1e6, (double)wbytes / 1e6, (double)stream_bytes / 1e6);
+    printf("copy bandwidth: %.2f GB/s (read+write, %d threads)\n", bw / 1e9, bw_threads);
+    printf("batch-1 decode roofline: %.1f tokens/s\n\n", roofline);
+    printf("%6s %14s %12s %14s\n", "batch", "tokens/s", "vs batch 1", "of roofline");
+
+    double tps1 = 0;
+    char json[2048];
+    int jl = snprintf(json, sizeof json,
+                      "{\"bench\":\"cpu_decode\",\"params\":%lld,\"stream_bytes\":%lld,"
+                      "\"copy_bw_Bps\":%.0f,\"roofline_tps\":%.2f,\"batches\":[",
+                      (long long)eng_model_n_params(m), (long long)stream_bytes, bw, roofline);
+    uint64_t rng = 12345;
+    for (int k = 0; k < nb; k++) {
+        int B = batches[k];
+        eng_gen_seq *seqs = calloc((size_t)B, sizeof *seqs);
+        int32_t *prompts = malloc(sizeof(int32_t) * (size_t)B * (size_t)prompt_len);
+        for (int s = 0; s < B; s++) {
+            for (int t = 0; t < prompt_len; t++) {
+                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                prompts[(size_t)s * (size_t)prompt_len + (size_t)t] = (int32_t)((rng >> 33) % (uint64_t)m->cfg.vocab_size);
+            }
+            seqs[s].prompt = prompts + (size_t)s * (size_t)prompt_len;
+            seqs[s].n_prompt = (int)prompt_len;
+            seqs[s].max_tokens = (int)gen;
+            seqs[s].ignore_eos = true;
+            eng_sample_params_default(&seqs[s].sample);
+            seqs[s].sample.temperature = 0;
+        }
+        rc = eng_run(e, seqs, B);
+        double first = 0, done = 0;
+        long toks = 0;
+        for (int s = 0; s < B; s++) {
+            if (seqs[s].status != D2_OK) rc = seqs[s].status;
+            if (seqs[s].t_first_token > first) first = seqs[s].t_first_token;
+            if (seqs[s].t_done > done) done = seqs[s].t_done;
+            toks += seqs[s].n_out - 1;
+        }
+        free(seqs);
+        free(prompts);
+        if (rc != D2_OK) {
+            fprintf(stderr, "d2od bench: batch %d failed: %s\n", B, d2_strerror(rc));
+            eng_engine_destroy(e);
+            return 1;
+        }
+        double tps = (double)toks / (done - first);
+        if (B == 1 || tps1 == 0) tps1 = B == 1 ? tps : tps1;
+        printf("%6d %14.1f %11.2fx %13.1f%%\n", B, tps, tps1 > 0 ? tps / tps1 : 0,
+               B == 1 ? 100.0 * tps / roofline : 0.0);
+        jl += snprintf(json + jl, sizeof json - (size_t)jl, "%s{\"batch\":%d,\"tps\":%.2f,\"x_batch1\":%.3f}",
+                       k ? "," : "", B, tps, tps1 > 0 ? tps / tps1 : 0);
+    }
+    snprintf(json + jl, sizeof json - (size_t)jl, "],\"batch1_roofline_frac\":%.4f}", tps1 / roofline);
+    printf("\nbatch-1 decode = %.1f%% of the memory roofline\n", 100.0 * tps1 / roofline);
+    printf("%s\n", json);
+    eng_engine_destroy(e);
+    return 0;
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""tests/integration/test_cli.py — drives the real d2od binary's offline
+subcommands (generate, tokenize, perplexity, --help, bad input) against the
+stories260K references of the original llama2.c program.
+
+Usage: test_cli.py path/to/d2od   (run from the repo root; D2_SHARED locates ../shared)
+Prints one line per check and a closing "N passed, N failed" line.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+D2OD = sys.argv[1] if len(sys.argv) > 1 else "build/d2od"
+SHARED = os.environ.get("D2_SHARED", "../shared")
+S260 = os.path.join(SHARED, "assets/models/stories260K")
+GGUF = os.path.join(S260, "stories260K.gguf")
+HF = os.path.join(S260, "hf")
+results = {"passed": 0, "failed": 0}
+
+
+def run(args, stdin=None, timeout=120):
+    return subprocess.run([D2OD] + args, input=stdin, capture_output=True, timeout=timeout)
+
+
+def check(name, cond, detail=""):
+    if cond:
+        results["passed"] += 1
+        print(f"ok   {name}")
+    else:
+        results["failed"] += 1
+        print(f"FAIL {name} {detail}")
+
+
+def main():
+    greedy = json.load(open(os.path.join(S260, "reference/greedy_prompts.json")))
+    nllref = json.load(open(os.path.join(S260, "reference/teacher_forced_nll.json")))
+
+    for model, label in ((GGUF, "gguf"), (HF, "hf")):
+        for i, case in enumerate(greedy["cases"]):
+            n = len(case["generated_ids"])
+            r = run(["generate", "--model", model, "--prompt", case["prompt"], "--temperature", "0",
+                     "--max-tokens", str(n), "--ignore-eos", "--threads", "2"])
+            out = r.stdout.decode("utf-8", "replace")
+            check(f"generate {label} case {i}", r.returncode == 0 and out == case["generated_text"],
+                  f"rc={r.returncode}\n  got:  {out[:120]!r}\n  want: {case['generated_text'][:120]!r}\n  {r.stderr.decode()[-300:]}")
+
+        case = greedy["cases"][0]
+        r = run(["tokenize", "--model", model], stdin=case["prompt"].encode())
+        ok = r.returncode == 0 and json.loads(r.stdout) == case["prompt_ids"][1:]
+        check(f"tokenize {label} (no special)", ok, r.stdout.decode()[:200] + r.stderr.decode()[-200:])
+        r = run(["tokenize", "--model", model, "--add-special"], stdin=case["prompt"].encode())
+        ok = r.returncode == 0 and json.loads(r.stdout) == case["prompt_ids"]
+        check(f"tokenize {label} --add-special", ok, r.stdout.decode()[:200])
+
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(nllref["text"])
+            path = f.name
+        r = run(["perplexity", "--model", model, "--file", path])
+        os.unlink(path)
+        try:
+            j = json.loads(r.stdout)
+            ok = (r.returncode == 0 and j["tokens"] == nllref["n_ids"]
+                  and abs(j["nll_sum"] - nllref["sum_nll"]) < 1e-3
+                  and abs(j["ppl"] - nllref["perplexity"]) < 1e-4)
+        except Exception as ex:  # noqa: BLE001 - report any parse failure as a test failure
+            ok, j = False, str(ex)
+        check(f"perplexity {label}", ok, f"{j} {r.stderr.decode()[-300:]}")
+
+    # tokenize accepts a directory holding only tokenizer files
+    with tempfile.TemporaryDirectory() as d:
+        for fn in ("tokenizer.json", "tokenizer_config.json"):
+            with open(os.path.join(HF, fn), "rb") as src, open(os.path.join(d, fn), "wb") as dst:
+                dst.write(src.read())
+        r = run(["tokenize", "--model", d], stdin=b"Once upon a time")
+        check("tokenize tokenizer-only dir", r.returncode == 0 and json.loads(r.stdout) == [403, 407, 261, 378],
+              r.stdout.decode() + r.stderr.decode())
+
+    # same seed => same output; sampling at temperature 1
+    a = run(["generate", "--model", GGUF, "--prompt", "Once", "--max-tokens", "40", "--seed", "7", "--temperature", "1"])
+    b = run(["generate", "--model", GGUF, "--prompt", "Once", "--max-tokens", "40", "--seed", "7", "--temperature", "1"])
+    check("generate same seed same output", a.returncode == 0 and a.stdout == b.stdout and len(a.stdout) > 0)
+
+    for cmd in ("generate", "tokenize", "perplexity", "bench", "serve"):
+        r = run([cmd, "--help"])
+        check(f"{cmd} --help", r.returncode == 0 and b"usage" in r.stdout)
+    r = run(["--help"])
+    check("d2od --help", r.returncode == 0 and b"generate" in r.stdout)
+
+    # bad input: clear errors, right exit codes, no crash
+    r = run(["generate", "--prompt", "x"])
+    check("generate without --model exits 2", r.returncode == 2)
+    r = run(["generate", "--model", GGUF, "--prompt", "x", "--temperature", "abc"])
+    check("bad --temperature exits 2", r.returncode == 2 and b"temperature" in r.stderr)
+    r = run(["generate", "--model", "/nonexistent/model.gguf", "--prompt", "x"])
+    check("missing model exits 1 naming it", r.returncode == 1 and b"/nonexistent/model.gguf" in r.stderr)
+    with tempfile.NamedTemporaryFile(suffix=".gguf", delete=False) as f:
+        f.write(open(GGUF, "rb").read()[:5000])
+        trunc = f.name
+    r = run(["generate", "--model", trunc, "--prompt", "x"])
+    os.unlink(trunc)
+    check("truncated GGUF fails cleanly naming the file", r.returncode == 1 and os.path.basename(trunc).encode() in r.stderr,
+          r.stderr.decode()[-300:])
+    r = run(["frobnicate"])
+    check("unknown command exits 2", r.returncode == 2)
+
+    print(f"cli: {results['passed']} passed, {results['failed']} failed")
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

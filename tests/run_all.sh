@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# tests/run_all.sh — the whole CPU test suite, as `make test` runs it:
+#   1. unit tests (optimised build)        build/tests/test_*
+#   2. unit tests under ASan/UBSan          build/san/tests/test_*
+#   3. integration tests (the real binary)  tests/integration/*.py
+# Prints each part's summary, then one closing "N passed, N failed" line.
+set -u
+cd "$(dirname "$0")/.."
+export D2_SHARED=${D2_SHARED:-../shared}
+P=0; F=0; S=0
+tally() { # parses "...: N passed, N failed[, N skipped]" from the last summary line of $1
+  local line; line=$(grep -E '[0-9]+ passed, [0-9]+ failed' <<<"$1" | tail -n1)
+  if [ -z "$line" ]; then F=$((F+1)); return; fi
+  local p f s
+  p=$(sed -E 's/.*[^0-9]([0-9]+) passed.*/\1/;s/^([0-9]+) passed.*/\1/' <<<"$line")
+  f=$(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line")
+  s=$(grep -oE '[0-9]+ skipped' <<<"$line" | grep -oE '[0-9]+' || echo 0)
+  P=$((P+p)); F=$((F+f)); S=$((S+${s:-0}))
+}
+run_part() { # name, command...
+  local name=$1; shift
+  echo "== $name"
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  printf '%s\n' "$out"
+  tally "$out"
+  if [ $rc -ne 0 ] && ! grep -qE ' [1-9][0-9]* failed' <<<"$(grep -E 'passed, [0-9]+ failed' <<<"$out" | tail -n1)"; then
+    echo "$name exited $rc"; F=$((F+1))
+  fi
+}
+run_part "unit" bash tests/run_unit.sh build/tests
+if [ -d build/san/tests ]; then
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+    run_part "unit (ASan/UBSan)" bash tests/run_unit.sh build/san/tests
+fi
+for t in tests/integration/*.py; do
+  [ -f "$t" ] || continue
+  run_part "integration $(basename "$t")" python3 "$t" build/d2od
+done
+echo
+echo "total: $P passed, $F failed, $S skipped"
+[ "$F" -eq 0 ]
