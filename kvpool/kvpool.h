@@ -92,14 +92,40 @@ kvp_table kvp_get_table(const kvp_pool *p, int seq, int layer);
 
 /* Makes room for n more tokens at the end of (seq, layer): takes pages as
  * needed and un-shares a shared partial last page. Does not change n_tokens.
- * On D2_EKVFULL nothing changed. */
+ * On D2_EKVFULL nothing changed. D2_ETOOLONG when n_tokens + n would exceed
+ * max_seq_tokens. Reserved pages beyond the live ones are held by the table
+ * (never shared, counted as used) but are not part of kvp_table's n_pages.
+ * kvp_truncate, kvp_compact and kvp_seq_free give reserved pages back, and
+ * kvp_seq_fork shares a partial last page again: reserve after any of them.
+ * Reserving room that is already reserved takes nothing. */
 int kvp_reserve(kvp_pool *p, int seq, int layer, int n);
-/* Pages kvp_reserve(seq, layer, n) would take from the free list now. */
+/* Pages kvp_reserve(seq, layer, n) would take from the free list now (>= 0),
+ * or D2_EINVAL / D2_ETOOLONG as kvp_reserve would return. */
 int kvp_pages_needed(const kvp_pool *p, int seq, int layer, int n);
 /* Appends n slots (after a successful kvp_reserve) and returns the logical
  * index of the first; the caller then writes k/v/pos of those slots. Scores
- * of new slots start at 0. */
+ * of new slots start at 0, pos at -1. D2_EINVAL when the room was not
+ * reserved (or the last page became shared since). */
 int kvp_append(kvp_pool *p, int seq, int layer, int n);
+/* Keeps the live slots i of (seq, layer) with keep[i] != 0 (keep has
+ * n_tokens entries; may be NULL when n_tokens is 0): moves them (k, v, pos,
+ * score) to the front in their order so the table stays dense, then returns
+ * the pages no longer needed (and any reserved ones). A shared page that
+ * would be written is first copied (copy on write); shared pages are never
+ * modified. Returns the new n_tokens, or D2_EKVFULL (nothing changed) when
+ * those copies need more free pages than there are. Used by D2O eviction. */
+int kvp_compact(kvp_pool *p, int seq, int layer, const uint8_t *keep);
+/* ceil(n_tokens / page_tokens): pages a table of n_tokens live slots holds.
+ * D2_EINVAL for n_tokens < 0. */
+int kvp_pages_for_tokens(const kvp_pool *p, int n_tokens);
+
+/* How the pool copies k/v floats inside its storage (copy on write,
+ * compaction). fn NULL (the default) means memcpy, right for host storage;
+ * a device backend with borrowed device storage installs a device-to-device
+ * copy. dst and src never overlap. pos and score are host arrays, always
+ * copied with memcpy. */
+typedef void (*kvp_copy_fn)(void *ctx, float *dst, const float *src, size_t n_floats);
+void kvp_set_copy_fn(kvp_pool *p, kvp_copy_fn fn, void *ctx);
 
 /* ---- slot access (hot path: plain pointer arithmetic, no checks in release) */
 
