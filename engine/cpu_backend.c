@@ -1,0 +1,540 @@
+/*
+ * engine/cpu_backend.c — the CPU compute backend: one batched forward step
+ * over an eng_batch plan, K/V kept in the paged kvpool (see backend.h).
+ *
+ * Callers: the engine thread (step, destroy). Internally a persistent thread
+ * pool (threadpool.h) runs the parallel parts; step() itself never
+ * allocates and never logs — every buffer is sized at create from
+ * max_batch_tokens, max_logit_rows and the pool's max_seq_tokens.
+ *
+ * Per layer, for all T tokens of the step at once:
+ *   RMSNorm -> Q/K/V GEMM (weights streamed once per step, reused across
+ *   tokens; see cpu_matmul.c) -> bias -> RoPE (cos/sin per token computed once
+ *   per step) -> reserve/append K/V/pos into each sequence's (seq, layer)
+ *   table -> attention per (token, kv head) over the table's live slots with
+ *   pos <= the token's pos -> O GEMM + residual -> RMSNorm -> gate/up GEMM ->
+ *   SwiGLU -> down GEMM + residual.
+ * Final RMSNorm and the output GEMM run only for the requested logit rows.
+ *
+ * Parallelism: GEMMs over chunks of output rows; attention over (token, kv
+ * head) tasks, each handling all query heads of the GQA group so a K/V row
+ * is loaded once per group. A sequence that accumulates scores is split per
+ * kv head only (all its tokens in one task), so no two threads add into the
+ * same score entry. Sequences sharing pages (kvp_seq_fork) must not both
+ * accumulate scores in one step.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/status.h"
+#include "engine/backend.h"
+#include "engine/cpu_matmul.h"
+#include "engine/ref_cpu.h"
+#include "engine/threadpool.h"
+
+/* Weight bytes a GEMM task should keep hot while it walks its token blocks. */
+#define CHUNK_BYTES (192 * 1024)
+/* Tokens per pass over a task's weight rows (x block stays in L2). */
+#define TOKEN_BLOCK 64
+
+typedef struct att_task {
+    int si;       /* index into b->seqs */
+    int t0, t1;   /* batch rows */
+    int g;        /* kv head */
+} att_task;
+
+typedef struct mm_job {
+    const eng_tensor *w;
+    const float *x;
+    int64_t ldx;
+    float *y;
+    int64_t ldy;
+    int n_tok;
+    int64_t chunk;  /* rows per task */
+    int n_chunks;
+} mm_job;
+
+typedef struct cpu_be {
+    eng_backend base;
+    eng_tp *tp;
+    int n_threads, max_t, max_rows, max_seq;
+    int dim, q_dim, kv_dim, hd, n_heads, n_kv, gs, ffn, vocab, n_layers, pt;
+    float eps;
+    /* activations, [max_t][width] */
+    float *x, *xb, *q, *k, *v, *ao, *tmp, *hb, *hb2;
+    float *xf;           /* [max_rows][dim] normed rows for the logits */
+    int32_t *out_rows;   /* [max_rows] batch rows that produce logits */
+    float *cosv, *sinv;  /* [max_t][hd/2] */
+    float *inv_freq;     /* [hd/2] */
+    float *norm_f32;     /* per layer: attn_norm[dim], ffn_norm[dim]; then out_norm[dim] */
+    float *bias_f32;     /* per layer: bq[q_dim], bk[kv_dim], bv[kv_dim] (0 when absent) */
+    float *mm_scratch;   /* [n_threads][mm_stride] */
+    size_t mm_stride;
+    float *att_scratch;  /* [n_threads][att_stride] */
+    size_t att_stride;
+    att_task *tasks;     /* [max_t * n_kv] */
+    kvp_table *tables;   /* [max_t] per batch sequence, current layer */
+    /* per-step context for the parallel tasks */
+    const eng_batch *b;
+    int layer;
+    mm_job jobs[3];
+    int n_jobs;
+} cpu_be;
+
+int eng_batch_out_rows(const eng_batch *b) {
+    int n = 0;
+    for (int i = 0; i < b->n_seqs; i++) {
+        const eng_batch_seq *s = &b->seqs[i];
+        if (s->all_logits) n += s->n;
+        else if (s->want_logits) n += 1;
+    }
+    return n;
+}
+
+/* ---- GEMM dispatch ---------------------------------------------------------- */
+
+static void mm_task(void *ctx, int task, int thread) {
+    cpu_be *be = ctx;
+    int j = 0;
+    while (task >= be->jobs[j].n_chunks) task -= be->jobs[j++].n_chunks;
+    const mm_job *mj = &be->jobs[j];
+    int64_t r0 = (int64_t)task * mj->chunk;
+    int64_t r1 = r0 + mj->chunk;
+    if (r1 > mj->w->rows) r1 = mj->w->rows;
+    float *scr = be->mm_scratch + (size_t)thread * be->mm_stride;
+    for (int t0 = 0; t0 < mj->n_tok; t0 += TOKEN_BLOCK) {
+        int nt = mj->n_tok - t0 < TOKEN_BLOCK ? mj->n_tok - t0 : TOKEN_BLOCK;
+        eng_mm_rows(mj->w, mj->x + (int64_t)t0 * mj->ldx, mj->ldx, nt, mj->y + (int64_t)t0 * mj->ldy,
+                    mj->ldy, r0, r1, scr);
+    }
+}
+
+static void mm_add(cpu_be *be, const eng_tensor *w, const float *x, int64_t ldx, int n_tok,
+                   float *y, int64_t ldy) {
+    mm_job *j = &be->jobs[be->n_jobs++];
+    j->w = w;
+    j->x = x;
+    j->ldx = ldx;
+    j->y = y;
+    j->ldy = ldy;
+    j->n_tok = n_tok;
+    /* Enough tasks to balance the threads, few enough rows per task that its
+     * weights stay in cache across token blocks; multiples of 4 rows. */
+    int64_t by_threads = (w->rows + (int64_t)be->n_threads * 4 - 1) / ((int64_t)be->n_threads * 4);
+    int64_t by_cache = CHUNK_BYTES / (w->cols * 4);
+    int64_t c = by_threads;
+    if (n_tok > 4 && by_cache < c) c = by_cache;
+    c = (c + 3) & ~(int64_t)3;
+    if (c < 4) c = 4;
+    j->chunk = c;
+    j->n_chunks = (int)((w->rows + c - 1) / c);
+}
+
+static void mm_run(cpu_be *be) {
+    int total = 0;
+    for (int i = 0; i < be->n_jobs; i++) total += be->jobs[i].n_chunks;
+    eng_tp_run(be->tp, mm_task, be, total);
+    be->n_jobs = 0;
+}
+
+/* ---- element-wise helpers ------------------------------------------------------- */
+
+static void rmsnorm_row(const float *x, const float *w, float *out, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static void swiglu_task(void *ctx, int task, int thread) {
+    cpu_be *be = ctx;
+    float *g = be->hb + (size_t)task * (size_t)be->ffn;
+    const float *u = be->hb2 + (size_t)task * (size_t)be->ffn;
+    for (int i = 0; i < be->ffn; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* ---- attention ------------------------------------------------------------------ */
+
+static void att_task_run(void *ctx, int ti, int thread) {
+    cpu_be *be = ctx;
+    const att_task *tk = &be->tasks[ti];
+    const eng_batch *b = be->b;
+    const eng_batch_seq *sq = &b->seqs[tk->si];
+    const kvp_table *tab = &be->tables[tk->si];
+    kvp_pool *pool = be->base.pool;
+    const float *kb = kvp_k_base(pool), *vb = kvp_v_base(pool);
+    const int32_t *pb = kvp_pos_base(pool);
+    float *sc = sq->want_scores ? kvp_score_base(pool) : NULL;
+    size_t stride = kvp_page_stride(pool);
+    int pt = be->pt, hd = be->hd, gs = be->gs, g = tk->g, n = tab->n_tokens;
+    int n_kv = be->n_kv;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *att = be->att_scratch + (size_t)thread * be->att_stride; /* [gs][n] */
+
+    for (int t = tk->t0; t < tk->t1; t++) {
+        int32_t p = b->pos[t];
+        const float *q = be->q + (size_t)t * (size_t)be->q_dim + (size_t)g * (size_t)gs * (size_t)hd;
+        float *o = be->ao + (size_t)t * (size_t)be->q_dim + (size_t)g * (size_t)gs * (size_t)hd;
+        float mx[64];
+        for (int h = 0; h < gs; h++) mx[h] = -INFINITY;
+        /* pass 1: scores, page by page */
+        for (int pi = 0; pi < tab->n_pages; pi++) {
+            int32_t page = tab->pages[pi];
+            int s_end = n - pi * pt < pt ? n - pi * pt : pt;
+            const int32_t *pp = pb + (size_t)page * (size_t)pt;
+            const float *kp = kb + (size_t)page * stride + (size_t)g * (size_t)hd;
+            for (int s = 0; s < s_end; s++) {
+                int i = pi * pt + s;
+                int32_t sp = pp[s];
+                if (sp < 0 || sp > p) {
+                    for (int h = 0; h < gs; h++) att[(size_t)h * (size_t)n + (size_t)i] = -INFINITY;
+                    continue;
+                }
+                const float *kr = kp + (size_t)s * (size_t)n_kv * (size_t)hd;
+                for (int h = 0; h < gs; h++) {
+                    float d = eng_dot_f32(q + (size_t)h * (size_t)hd, kr, hd) * scale;
+                    att[(size_t)h * (size_t)n + (size_t)i] = d;
+                    if (d > mx[h]) mx[h] = d;
+                }
+            }
+        }
+        /* pass 2: softmax per head */
+        for (int h = 0; h < gs; h++) {
+            float *a = att + (size_t)h * (size_t)n;
+            float sum = 0.0f, m = mx[h];
+            for (int i = 0; i < n; i++) {
+                float e = a[i] == -INFINITY ? 0.0f : expf(a[i] - m);
+                a[i] = e;
+                sum += e;
+            }
+            float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            for (int i = 0; i < n; i++) a[i] *= inv;
+            memset(o + (size_t)h * (size_t)hd, 0, (size_t)hd * sizeof(float));
+        }
+        /* pass 3: weighted V sum (+ score accumulation) */
+        for (int pi = 0; pi < tab->n_pages; pi++) {
+            int32_t page = tab->pages[pi];
+            int s_end = n - pi * pt < pt ? n - pi * pt : pt;
+            const float *vp = vb + (size_t)page * stride + (size_t)g * (size_t)hd;
+            float *scp = sc ? sc + (size_t)page * (size_t)pt * (size_t)n_kv + (size_t)g : NULL;
+            for (int s = 0; s < s_end; s++) {
+                int i = pi * pt + s;
+                const float *vr = vp + (size_t)s * (size_t)n_kv * (size_t)hd;
+                float tot = 0.0f;
+                for (int h = 0; h < gs; h++) {
+                    float a = att[(size_t)h * (size_t)n + (size_t)i];
+                    if (a != 0.0f) eng_axpy_f32(o + (size_t)h * (size_t)hd, a, vr, hd);
+                    tot += a;
+                }
+                if (scp) scp[(size_t)s * (size_t)n_kv] += tot;
+            }
+        }
+    }
+}
+
+/* ---- create / destroy ------------------------------------------------------------- */
+
+static void cpu_destroy(eng_backend *base) {
+    cpu_be *be = (cpu_be *)base;
+    if (!be) return;
+    eng_tp_destroy(be->tp);
+    free(be->x); free(be->xb); free(be->q); free(be->k); free(be->v); free(be->ao);
+    free(be->tmp); free(be->hb); free(be->hb2); free(be->xf); free(be->out_rows);
+    free(be->cosv); free(be->sinv); free(be->inv_freq); free(be->norm_f32);
+    free(be->bias_f32); free(be->mm_scratch); free(be->att_scratch); free(be->tasks);
+    free(be->tables);
+    free(be);
+}
+
+static int cpu_step(eng_backend *base, const eng_batch *b);
+
+static const eng_backend_ops cpu_ops = {
+    .name = "cpu",
+    .step = cpu_step,
+    .destroy = cpu_destroy,
+};
+
+static float *falloc(size_t n) {
+    return aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64 + 64);
+}
+
+static int check_tensor(const eng_tensor *t, int64_t rows, int64_t cols, const char *what,
+                        int layer) {
+    if (!t->data || t->rows != rows || t->cols != cols ||
+        (t->dtype == ENG_Q8_0 && cols % 32 != 0)) {
+        D2_ERROR("cpu_backend: tensor %s (layer %d, name %s) missing or shaped %lldx%lld, "
+                 "want %lldx%lld",
+                 what, layer, t->name ? t->name : "?", (long long)t->rows, (long long)t->cols,
+                 (long long)rows, (long long)cols);
+        return D2_ESHAPE;
+    }
+    return D2_OK;
+}
+
+int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_config *cfg,
+                           eng_backend **out) {
+    const eng_model_config *c = &m->cfg;
+    const kvp_config *pc = kvp_get_config(pool);
+    if (!cfg || cfg->max_batch_tokens <= 0 || cfg->max_logit_rows <= 0 || c->n_kv_heads <= 0 ||
+        c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 ||
+        c->n_heads / c->n_kv_heads > 64) {
+        D2_ERROR("cpu_backend: bad config or model shape");
+        return D2_EINVAL;
+    }
+    if (pc->n_layers != c->n_layers || pc->n_kv_heads != c->n_kv_heads ||
+        pc->head_dim != c->head_dim) {
+        D2_ERROR("cpu_backend: kv pool shape (%d layers, %d kv heads, head_dim %d) does not "
+                 "match the model (%d, %d, %d)",
+                 pc->n_layers, pc->n_kv_heads, pc->head_dim, c->n_layers, c->n_kv_heads,
+                 c->head_dim);
+        return D2_ESHAPE;
+    }
+    int hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    int rc = check_tensor(&m->tok_embd, c->vocab_size, c->dim, "tok_embd", -1);
+    const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
+    if (!rc) rc = check_tensor(outw, c->vocab_size, c->dim, "output", -1);
+    if (!rc) rc = check_tensor(&m->out_norm, 1, c->dim, "out_norm", -1);
+    for (int l = 0; l < c->n_layers && !rc; l++) {
+        const eng_layer_weights *w = &m->layers[l];
+        rc = check_tensor(&w->attn_norm, 1, c->dim, "attn_norm", l);
+        if (!rc) rc = check_tensor(&w->wq, qd, c->dim, "wq", l);
+        if (!rc) rc = check_tensor(&w->wk, kvd, c->dim, "wk", l);
+        if (!rc) rc = check_tensor(&w->wv, kvd, c->dim, "wv", l);
+        if (!rc) rc = check_tensor(&w->wo, c->dim, qd, "wo", l);
+        if (!rc) rc = check_tensor(&w->ffn_norm, 1, c->dim, "ffn_norm", l);
+        if (!rc) rc = check_tensor(&w->w_gate, c->ffn_dim, c->dim, "w_gate", l);
+        if (!rc) rc = check_tensor(&w->w_up, c->ffn_dim, c->dim, "w_up", l);
+        if (!rc) rc = check_tensor(&w->w_down, c->dim, c->ffn_dim, "w_down", l);
+        if (!rc && w->bq.data) rc = check_tensor(&w->bq, 1, qd, "bq", l);
+        if (!rc && w->bk.data) rc = check_tensor(&w->bk, 1, kvd, "bk", l);
+        if (!rc && w->bv.data) rc = check_tensor(&w->bv, 1, kvd, "bv", l);
+    }
+    if (rc) return rc;
+
+    cpu_be *be = calloc(1, sizeof *be);
+    if (!be) return D2_ENOMEM;
+    be->base.ops = &cpu_ops;
+    be->base.model = m;
+    be->base.pool = pool;
+    int nt = cfg->n_threads;
+    if (nt <= 0) {
+        long on = sysconf(_SC_NPROCESSORS_ONLN);
+        nt = on > 0 ? (int)on : 1;
+    }
+    be->n_threads = nt;
+    be->max_t = cfg->max_batch_tokens;
+    be->max_rows = cfg->max_logit_rows;
+    be->max_seq = pc->max_seq_tokens;
+    be->dim = c->dim;
+    be->q_dim = qd;
+    be->kv_dim = kvd;
+    be->hd = hd;
+    be->n_heads = c->n_heads;
+    be->n_kv = c->n_kv_heads;
+    be->gs = c->n_heads / c->n_kv_heads;
+    be->ffn = c->ffn_dim;
+    be->vocab = c->vocab_size;
+    be->n_layers = c->n_layers;
+    be->pt = pc->page_tokens > 0 ? pc->page_tokens : 16;
+    be->eps = c->rms_eps;
+
+    size_t T = (size_t)be->max_t, L = (size_t)c->n_layers;
+    int64_t max_cols = c->dim;
+    if (c->ffn_dim > max_cols) max_cols = c->ffn_dim;
+    if (qd > max_cols) max_cols = qd;
+    be->x = falloc(T * (size_t)c->dim);
+    be->xb = falloc(T * (size_t)c->dim);
+    be->tmp = falloc(T * (size_t)c->dim);
+    be->q = falloc(T * (size_t)qd);
+    be->ao = falloc(T * (size_t)qd);
+    be->k = falloc(T * (size_t)kvd);
+    be->v = falloc(T * (size_t)kvd);
+    be->hb = falloc(T * (size_t)c->ffn_dim);
+    be->hb2 = falloc(T * (size_t)c->ffn_dim);
+    be->xf = falloc((size_t)be->max_rows * (size_t)c->dim);
+    be->out_rows = calloc((size_t)be->max_rows, sizeof(int32_t));
+    be->cosv = falloc(T * (size_t)(hd / 2));
+    be->sinv = falloc(T * (size_t)(hd / 2));
+    be->inv_freq = falloc((size_t)(hd / 2));
+    be->norm_f32 = falloc((L * 2 + 1) * (size_t)c->dim);
+    be->bias_f32 = falloc(L * (size_t)(qd + 2 * kvd));
+    be->mm_stride = (eng_mm_scratch_floats(max_cols) + 15) & ~(size_t)15;
+    be->mm_scratch = falloc((size_t)nt * be->mm_stride);
+    be->att_stride = ((size_t)be->gs * (size_t)be->max_seq + 15) & ~(size_t)15;
+    be->att_scratch = falloc((size_t)nt * be->att_stride);
+    be->tasks = calloc(T * (size_t)c->n_kv_heads, sizeof(att_task));
+    be->tables = calloc(T, sizeof(kvp_table));
+    if (!be->x || !be->xb || !be->tmp || !be->q || !be->ao || !be->k || !be->v || !be->hb ||
+        !be->hb2 || !be->xf || !be->out_rows || !be->cosv || !be->sinv || !be->inv_freq ||
+        !be->norm_f32 || !be->bias_f32 || !be->mm_scratch || !be->att_scratch || !be->tasks ||
+        !be->tables) {
+        D2_ERROR("cpu_backend: out of memory sizing scratch for %d tokens", be->max_t);
+        cpu_destroy(&be->base);
+        return D2_ENOMEM;
+    }
+    eng_rope_inv_freq(c, be->inv_freq);
+    for (int l = 0; l < c->n_layers; l++) {
+        const eng_layer_weights *w = &m->layers[l];
+        eng_mm_row_f32(&w->attn_norm, 0, be->norm_f32 + (size_t)(2 * l) * (size_t)c->dim);
+        eng_mm_row_f32(&w->ffn_norm, 0, be->norm_f32 + (size_t)(2 * l + 1) * (size_t)c->dim);
+        float *bias = be->bias_f32 + (size_t)l * (size_t)(qd + 2 * kvd);
+        memset(bias, 0, (size_t)(qd + 2 * kvd) * sizeof(float));
+        if (w->bq.data) eng_mm_row_f32(&w->bq, 0, bias);
+        if (w->bk.data) eng_mm_row_f32(&w->bk, 0, bias + qd);
+        if (w->bv.data) eng_mm_row_f32(&w->bv, 0, bias + qd + kvd);
+    }
+    eng_mm_row_f32(&m->out_norm, 0, be->norm_f32 + L * 2 * (size_t)c->dim);
+    rc = eng_tp_create(nt, &be->tp);
+    if (rc) {
+        D2_ERROR("cpu_backend: cannot start %d threads", nt);
+        cpu_destroy(&be->base);
+        return rc;
+    }
+    *out = &be->base;
+    return D2_OK;
+}
+
+/* ---- the step ------------------------------------------------------------------- */
+
+static int validate(const cpu_be *be, const eng_batch *b) {
+    if (b->n_tokens <= 0 || b->n_tokens > be->max_t || b->n_seqs <= 0 ||
+        b->n_seqs > b->n_tokens)
+        return D2_EINVAL;
+    int next = 0;
+    for (int i = 0; i < b->n_seqs; i++) {
+        const eng_batch_seq *s = &b->seqs[i];
+        if (s->start != next || s->n <= 0 || s->start + s->n > b->n_tokens) return D2_EINVAL;
+        next += s->n;
+    }
+    if (next != b->n_tokens) return D2_EINVAL;
+    for (int t = 0; t < b->n_tokens; t++)
+        if (b->tokens[t] < 0 || b->tokens[t] >= be->vocab || b->pos[t] < 0) return D2_EINVAL;
+    int rows = eng_batch_out_rows(b);
+    if (rows > be->max_rows || (rows > 0 && !b->logits)) return D2_EINVAL;
+    return D2_OK;
+}
+
+static int cpu_step(eng_backend *base, const eng_batch *b) {
+    cpu_be *be = (cpu_be *)base;
+    const eng_model *m = base->model;
+    kvp_pool *pool = base->pool;
+    int rc = validate(be, b);
+    if (rc) return rc;
+    int T = b->n_tokens, dim = be->dim, qd = be->q_dim, kvd = be->kv_dim, hd = be->hd;
+    int half = hd / 2, pt = be->pt;
+    be->b = b;
+
+    for (int t = 0; t < T; t++) {
+        eng_mm_row_f32(&m->tok_embd, b->tokens[t], be->x + (size_t)t * (size_t)dim);
+        float *cs = be->cosv + (size_t)t * (size_t)half, *sn = be->sinv + (size_t)t * (size_t)half;
+        for (int i = 0; i < half; i++) {
+            float a = (float)b->pos[t] * be->inv_freq[i];
+            cs[i] = cosf(a);
+            sn[i] = sinf(a);
+        }
+    }
+    /* Attention tasks are the same for every layer. */
+    int n_tasks = 0;
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        for (int g = 0; g < be->n_kv; g++) {
+            if (s->want_scores) {
+                be->tasks[n_tasks++] = (att_task){si, s->start, s->start + s->n, g};
+            } else {
+                for (int t = s->start; t < s->start + s->n; t++)
+                    be->tasks[n_tasks++] = (att_task){si, t, t + 1, g};
+            }
+        }
+    }
+    float *kbase = kvp_k_base(pool), *vbase = kvp_v_base(pool);
+    int32_t *pbase = kvp_pos_base(pool);
+    size_t stride = kvp_page_stride(pool);
+
+    for (int l = 0; l < be->n_layers; l++) {
+        const eng_layer_weights *w = &m->layers[l];
+        be->layer = l;
+        const float *an = be->norm_f32 + (size_t)(2 * l) * (size_t)dim;
+        const float *fn = an + dim;
+        for (int t = 0; t < T; t++)
+            rmsnorm_row(be->x + (size_t)t * (size_t)dim, an, be->xb + (size_t)t * (size_t)dim, dim,
+                        be->eps);
+        mm_add(be, &w->wq, be->xb, dim, T, be->q, qd);
+        mm_add(be, &w->wk, be->xb, dim, T, be->k, kvd);
+        mm_add(be, &w->wv, be->xb, dim, T, be->v, kvd);
+        mm_run(be);
+        const float *bias = be->bias_f32 + (size_t)l * (size_t)(qd + 2 * kvd);
+        bool has_bias = w->bq.data || w->bk.data || w->bv.data;
+        for (int t = 0; t < T; t++) {
+            float *q = be->q + (size_t)t * (size_t)qd, *k = be->k + (size_t)t * (size_t)kvd;
+            float *v = be->v + (size_t)t * (size_t)kvd;
+            if (has_bias) {
+                for (int i = 0; i < qd; i++) q[i] += bias[i];
+                for (int i = 0; i < kvd; i++) k[i] += bias[qd + i];
+                for (int i = 0; i < kvd; i++) v[i] += bias[qd + kvd + i];
+            }
+            const float *cs = be->cosv + (size_t)t * (size_t)half;
+            const float *sn = be->sinv + (size_t)t * (size_t)half;
+            for (int h = 0; h < be->n_heads; h++) eng_rope_apply(q + h * hd, hd, m->cfg.rope_neox, cs, sn);
+            for (int h = 0; h < be->n_kv; h++) eng_rope_apply(k + h * hd, hd, m->cfg.rope_neox, cs, sn);
+        }
+        /* K/V into the pool */
+        for (int si = 0; si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            rc = kvp_reserve(pool, s->seq, l, s->n);
+            if (rc) return rc;
+            int first = kvp_append(pool, s->seq, l, s->n);
+            if (first < 0) return first;
+            kvp_table tab = kvp_get_table(pool, s->seq, l);
+            for (int j = 0; j < s->n; j++) {
+                int32_t page;
+                int slot;
+                kvp_locate(&tab, pt, first + j, &page, &slot);
+                size_t off = (size_t)page * stride + (size_t)slot * (size_t)kvd;
+                int t = s->start + j;
+                memcpy(kbase + off, be->k + (size_t)t * (size_t)kvd, (size_t)kvd * sizeof(float));
+                memcpy(vbase + off, be->v + (size_t)t * (size_t)kvd, (size_t)kvd * sizeof(float));
+                pbase[(size_t)page * (size_t)pt + (size_t)slot] = b->pos[t];
+            }
+            be->tables[si] = tab;
+        }
+        eng_tp_run(be->tp, att_task_run, be, n_tasks);
+
+        mm_add(be, &w->wo, be->ao, qd, T, be->tmp, dim);
+        mm_run(be);
+        for (size_t i = 0; i < (size_t)T * (size_t)dim; i++) be->x[i] += be->tmp[i];
+
+        for (int t = 0; t < T; t++)
+            rmsnorm_row(be->x + (size_t)t * (size_t)dim, fn, be->xb + (size_t)t * (size_t)dim, dim,
+                        be->eps);
+        mm_add(be, &w->w_gate, be->xb, dim, T, be->hb, be->ffn);
+        mm_add(be, &w->w_up, be->xb, dim, T, be->hb2, be->ffn);
+        mm_run(be);
+        eng_tp_run(be->tp, swiglu_task, be, T);
+        mm_add(be, &w->w_down, be->hb, be->ffn, T, be->tmp, dim);
+        mm_run(be);
+        for (size_t i = 0; i < (size_t)T * (size_t)dim; i++) be->x[i] += be->tmp[i];
+    }
+
+    int rows = 0;
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        if (s->all_logits)
+            for (int j = 0; j < s->n; j++) be->out_rows[rows++] = s->start + j;
+        else if (s->want_logits)
+            be->out_rows[rows++] = s->start + s->n - 1;
+    }
+    if (rows > 0) {
+        const float *on = be->norm_f32 + (size_t)be->n_layers * 2 * (size_t)dim;
+        for (int r = 0; r < rows; r++)
+            rmsnorm_row(be->x + (size_t)be->out_rows[r] * (size_t)dim, on,
+                        be->xf + (size_t)r * (size_t)dim, dim, be->eps);
+        const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
+        mm_add(be, outw, be->xf, dim, rows, b->logits, be->vocab);
+        mm_run(be);
+    }
+    be->b = NULL;
+    return D2_OK;
+}
