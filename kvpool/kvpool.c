@@ -124,7 +124,9 @@ int kvp_create(const kvp_config *cfg, kvp_pool **out) {
     }
     int64_t max_table_pages = ((int64_t)cfg->max_seq_tokens + pt - 1) / pt;
     int64_t n_tables = (int64_t)cfg->max_seqs * cfg->n_layers;
-    if (n_tables > INT32_MAX || n_tables * max_table_pages > INT32_MAX) {
+    /* table sizes and slot counts of one table (pages * page_tokens) stay in int */
+    if (n_tables > INT32_MAX || n_tables * max_table_pages > INT32_MAX ||
+        max_table_pages * pt > INT32_MAX) {
         D2_ERROR("kvpool: kvp_create: block tables too large (%lld tables of %lld pages)",
                  (long long)n_tables, (long long)max_table_pages);
         return D2_EINVAL;
@@ -202,8 +204,8 @@ kvp_stats kvp_get_stats(const kvp_pool *p) {
     kvp_stats s = {0, 0, 0};
     if (!p) return s;
     s.pages_total = p->cfg.n_pages;
-    s.pages_free = atomic_load_explicit(&((kvp_pool *)p)->pages_free, memory_order_relaxed);
-    s.seqs_active = atomic_load_explicit(&((kvp_pool *)p)->seqs_active, memory_order_relaxed);
+    s.pages_free = atomic_load_explicit(&p->pages_free, memory_order_relaxed);
+    s.seqs_active = atomic_load_explicit(&p->seqs_active, memory_order_relaxed);
     return s;
 }
 
@@ -597,12 +599,12 @@ int kvp_check(const kvp_pool *p) {
             }
         }
     }
-    if (used != p->n_seqs_used || used != atomic_load(&((kvp_pool *)p)->seqs_active)) {
+    if (used != p->n_seqs_used || used != atomic_load(&p->seqs_active)) {
         D2_ERROR("kvpool: check: %d sequences in use, counter says %d", used, p->n_seqs_used);
         return D2_EINTERNAL;
     }
     if (p->n_free < 0 || p->n_free > np ||
-        p->n_free != atomic_load(&((kvp_pool *)p)->pages_free)) {
+        p->n_free != atomic_load(&p->pages_free)) {
         D2_ERROR("kvpool: check: free count %lld out of range or not published",
                  (long long)p->n_free);
         return D2_EINTERNAL;

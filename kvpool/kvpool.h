@@ -20,10 +20,19 @@
  *
  * Sharing: kvp_seq_fork() shares pages (refcount). A shared page is never
  * written in place: appending into a shared partial last page first copies
- * it (copy on write) — kvp_reserve does that.
+ * it (copy on write) — kvp_reserve does that; kvp_compact does the same for
+ * the pages it rewrites.
+ *
+ * Reservation: kvp_reserve may take pages beyond the live ones; the table
+ * holds them (they count as used in kvp_get_stats) until kvp_append fills
+ * them, or kvp_truncate / kvp_compact / kvp_seq_free give them back.
+ * Slots at or past n_tokens have no meaningful contents.
+ *
+ * Debug builds (-DD2_DEBUG=1) fill the k/v of freed pages with NaN when the
+ * pool owns its storage, so reads through stale page ids show up.
  *
  * Threading: only the engine thread calls the pool; no locks. Readers of
- * kvp_stats() from other threads get a consistent snapshot via atomics.
+ * kvp_get_stats() from other threads get each field atomically (relaxed).
  * Ownership: the pool owns all storage; pointers returned by accessors are
  * borrowed and valid until the next call that changes the same table.
  */
