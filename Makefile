@@ -27,7 +27,7 @@ WARN += -Werror
 endif
 
 ifeq ($(DEBUG),1)
-OPT := -O0 -g3 -DD2_DEBUG=1
+OPT := -O0 -g3 -DD2_DEBUG_BUILD=1
 BUILD ?= build/debug
 else
 OPT := -O3 -g $(ARCH_FLAGS) -DNDEBUG

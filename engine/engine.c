@@ -1,22 +1,14 @@
 /*
- * engine/engine.c — the engine object and its generation loops.
+ * engine/engine.c — the engine object (model + KV pool + backend + step
+ * buffers), eng_run() (the scheduler of sched.c driven in manual mode, used
+ * by `d2od generate`, the benchmarks and tests) and eng_score() (teacher-
+ * forced NLL for `d2od perplexity`).
  *
- * eng_run() is the continuous-batching loop used by `d2od generate`, the
- * benchmarks and (through the scheduler) the daemon: each step puts one
- * decode token for every running sequence first, then fills the rest of the
- * token budget with prefill chunks of admitted sequences, runs the backend
- * once, samples for every sequence that produced logits, and retires
- * finished sequences at once so their pages go back to the pool.
- *
- * Admission is by KV pages: a sequence is admitted only when the pool can
- * hold its longest possible length (prompt + max_tokens, capped by the
- * context) next to everything already admitted, so a step never runs out of
- * pages. (Preemption under pressure belongs to the daemon's scheduler.)
- *
- * Only the engine thread calls into this file. Step buffers are allocated
- * once in eng_engine_create; the loop allocates only per-run bookkeeping.
+ * Only the engine thread calls into this file. Every buffer a step needs is
+ * allocated in eng_engine_create.
  */
 #include "engine/engine.h"
+#include "engine/internal.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -28,26 +20,8 @@
 #include "engine/backend.h"
 #include "kvpool/kvpool.h"
 
-#define ENG_SCORE_CHUNK 64 /* rows of logits per step when scoring every token */
-
-struct eng_engine {
-    eng_engine_config cfg;
-    eng_model *model;
-    kvp_pool *pool;
-    eng_backend *be;
-    int ctx_len;
-    int max_batch_tokens;
-    int max_seqs;
-    int max_logit_rows;
-    /* step buffers, sized at create */
-    int32_t *tokens;      /* [max_batch_tokens] */
-    int32_t *pos;         /* [max_batch_tokens] */
-    eng_batch_seq *bseqs; /* [max_seqs] */
-    float *logits;        /* [max_logit_rows][vocab] */
-};
-
 static int64_t pages_for(int n_tokens, int page_tokens) {
-    return (n_tokens + page_tokens - 1) / page_tokens;
+    return eng__pages_for(n_tokens, page_tokens);
 }
 
 int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
@@ -146,9 +120,7 @@ eng_pool_stats eng_engine_pool_stats(const eng_engine *e) {
 
 int eng_engine_step(eng_engine *e, const eng_batch *b) { return e->be->ops->step(e->be, b); }
 
-/* Reserves room for n tokens of seq in every layer; D2_EKVFULL leaves the
- * layers already reserved as they are (reservation only grows capacity). */
-static int reserve_all_layers(eng_engine *e, int seq, int n) {
+int eng__reserve_all_layers(eng_engine *e, int seq, int n) {
     int n_layers = e->model->cfg.n_layers;
     for (int l = 0; l < n_layers; l++) {
         int rc = kvp_reserve(e->pool, seq, l, n);
@@ -157,193 +129,61 @@ static int reserve_all_layers(eng_engine *e, int seq, int n) {
     return D2_OK;
 }
 
-/* ---- eng_run ------------------------------------------------------------------ */
-
-typedef struct run_state {
-    int kv;          /* pool sequence id, -1 before admission / after retirement */
-    int n_fed;       /* tokens of the prompt fed so far */
-    int n_gen;       /* tokens generated */
-    int32_t last;    /* last generated token */
-    int64_t pages_claim; /* worst-case pages claimed at admission */
-    bool started, done;
-    eng_sampler sampler;
-} run_state;
-
-static bool is_eos(const eng_model_config *mc, int32_t t) {
-    for (int i = 0; i < mc->n_eos; i++)
-        if (mc->eos_ids[i] == t) return true;
-    return false;
+int64_t eng__pages_needed_all_layers(const eng_engine *e, int seq, int n) {
+    int64_t need = 0;
+    for (int l = 0; l < e->model->cfg.n_layers; l++) need += kvp_pages_needed(e->pool, seq, l, n);
+    return need;
 }
 
-static void retire(eng_engine *e, eng_gen_seq *s, run_state *st, eng_finish why, int status,
-                   double t0, int64_t *claimed) {
-    if (st->kv >= 0) kvp_seq_free(e->pool, st->kv);
-    st->kv = -1;
-    if (st->started) eng_sampler_free(&st->sampler);
-    st->done = true;
-    *claimed -= st->pages_claim;
-    st->pages_claim = 0;
-    s->finish = why;
-    s->status = status;
-    s->t_done = d2_now() - t0;
+/* ---- eng_run: the scheduler in manual mode ---------------------------------- */
+
+static int run_on_event(void *user, const eng_event *ev) {
+    eng_gen_seq *s = user;
+    if (ev->type == ENG_EV_TOKEN) {
+        if (s->out_tokens && s->n_out < s->max_tokens) s->out_tokens[s->n_out] = ev->token;
+        s->n_out++;
+        if (s->n_out == 1) s->t_first_token = ev->t_first_token;
+        return s->on_token ? s->on_token(s->user, ev->token, ev->res) : 0;
+    }
+    s->finish = ev->finish;
+    s->status = ev->status;
+    s->t_done = ev->t_done;
+    return 0;
 }
 
 int eng_run(eng_engine *e, eng_gen_seq *seqs, int n) {
-    const eng_model_config *mc = &e->model->cfg;
-    const int page_tokens = kvp_get_config(e->pool)->page_tokens;
-    const int64_t pool_pages = kvp_get_stats(e->pool).pages_total;
-    run_state *st = calloc((size_t)(n > 0 ? n : 1), sizeof *st);
-    if (!st) return D2_ENOMEM;
-    double t0 = d2_now();
-    int64_t claimed = 0;
-    int n_done = 0, next_admit = 0, n_active = 0;
+    eng_sched *s = NULL;
+    eng_sched_config sc = {.max_queue = n > 0 ? n : 1};
+    int rc = eng_sched_create(e, &sc, &s);
+    if (rc != D2_OK) return rc;
     for (int i = 0; i < n; i++) {
-        st[i].kv = -1;
-        seqs[i].n_out = 0;
-        seqs[i].finish = ENG_FINISH_NONE;
-        seqs[i].status = D2_OK;
-        seqs[i].t_first_token = seqs[i].t_done = 0;
-    }
-    int rc_run = D2_OK;
-    while (n_done < n) {
-        /* admit in order while the pool and the sequence slots allow */
-        while (next_admit < n && n_active < e->max_seqs) {
-            eng_gen_seq *s = &seqs[next_admit];
-            run_state *r = &st[next_admit];
-            const char *why = NULL;
-            if (s->n_prompt <= 0 || s->n_prompt > e->ctx_len) {
-                retire(e, s, r, ENG_FINISH_ERROR, s->n_prompt <= 0 ? D2_EINVAL : D2_ETOOLONG, t0,
-                       &claimed);
-                n_done++;
-                next_admit++;
-                continue;
-            }
-            if (eng_sample_params_validate(&s->sample, mc->vocab_size, &why) != D2_OK) {
-                D2_WARN("engine: sequence %d rejected: %s", next_admit, why);
-                retire(e, s, r, ENG_FINISH_ERROR, D2_EINVAL, t0, &claimed);
-                n_done++;
-                next_admit++;
-                continue;
-            }
-            int longest = s->n_prompt + (s->max_tokens > 0 ? s->max_tokens : 0);
-            if (longest > e->ctx_len) longest = e->ctx_len;
-            int64_t claim = (int64_t)mc->n_layers * pages_for(longest, page_tokens);
-            if (claim > pool_pages) {
-                retire(e, s, r, ENG_FINISH_ERROR, D2_EKVFULL, t0, &claimed);
-                n_done++;
-                next_admit++;
-                continue;
-            }
-            if (claimed + claim > pool_pages) break; /* wait for pages */
-            int rc = kvp_seq_new(e->pool, &r->kv);
-            if (rc != D2_OK) break;
-            rc = eng_sampler_init(&r->sampler, &s->sample, mc->vocab_size);
-            if (rc != D2_OK) {
-                kvp_seq_free(e->pool, r->kv);
-                r->kv = -1;
-                rc_run = rc;
-                goto out;
-            }
-            eng_sampler_add_prompt(&r->sampler, s->prompt, (size_t)s->n_prompt);
-            r->started = true;
-            r->pages_claim = claim;
-            claimed += claim;
-            n_active++;
-            next_admit++;
-            if (s->max_tokens <= 0) { /* nothing to generate */
-                retire(e, s, r, ENG_FINISH_LENGTH, D2_OK, t0, &claimed);
-                n_done++;
-                n_active--;
-            }
+        eng_gen_seq *g = &seqs[i];
+        g->n_out = 0;
+        g->finish = ENG_FINISH_NONE;
+        g->status = D2_OK;
+        g->t_first_token = g->t_done = 0;
+        if (g->max_tokens <= 0) {
+            g->finish = ENG_FINISH_LENGTH;
+            continue;
         }
-        if (n_active == 0) {
-            if (n_done < n) { rc_run = D2_EINTERNAL; goto out; }
-            break;
-        }
-
-        /* plan: decode tokens first, then prefill chunks */
-        int nt = 0, ns = 0;
-        for (int i = 0; i < n; i++) {
-            run_state *r = &st[i];
-            if (!r->started || r->done || r->n_fed < seqs[i].n_prompt) continue;
-            e->tokens[nt] = r->last;
-            e->pos[nt] = seqs[i].n_prompt + r->n_gen - 1;
-            e->bseqs[ns] = (eng_batch_seq){.seq = r->kv, .start = nt, .n = 1, .want_logits = true};
-            nt++;
-            ns++;
-        }
-        for (int i = 0; i < n && nt < e->max_batch_tokens; i++) {
-            run_state *r = &st[i];
-            if (!r->started || r->done || r->n_fed >= seqs[i].n_prompt) continue;
-            int take = seqs[i].n_prompt - r->n_fed;
-            if (take > e->max_batch_tokens - nt) take = e->max_batch_tokens - nt;
-            bool last_chunk = r->n_fed + take == seqs[i].n_prompt;
-            e->bseqs[ns] =
-                (eng_batch_seq){.seq = r->kv, .start = nt, .n = take, .want_logits = last_chunk};
-            for (int j = 0; j < take; j++) {
-                e->tokens[nt + j] = seqs[i].prompt[r->n_fed + j];
-                e->pos[nt + j] = r->n_fed + j;
-            }
-            nt += take;
-            ns++;
-        }
-        /* reserve pages (admission guarantees they exist) */
-        for (int k = 0; k < ns; k++) {
-            int rc = reserve_all_layers(e, e->bseqs[k].seq, e->bseqs[k].n);
-            if (rc != D2_OK) { rc_run = rc; goto out; }
-        }
-        eng_batch b = {.n_tokens = nt, .tokens = e->tokens, .pos = e->pos, .n_seqs = ns,
-                       .seqs = e->bseqs, .logits = e->logits};
-        int rc = e->be->ops->step(e->be, &b);
-        if (rc != D2_OK) { rc_run = rc; goto out; }
-
-        /* sample, in plan order (the logits rows follow it) */
-        int row = 0;
-        for (int k = 0; k < ns; k++) {
-            const eng_batch_seq *bs = &e->bseqs[k];
-            int i;
-            for (i = 0; i < n; i++)
-                if (st[i].kv == bs->seq && !st[i].done) break;
-            D2_ASSERT(i < n);
-            run_state *r = &st[i];
-            eng_gen_seq *s = &seqs[i];
-            if (r->n_fed < s->n_prompt) r->n_fed += bs->n;
-            if (!bs->want_logits) continue;
-            const float *lg = e->logits + (size_t)row * (size_t)mc->vocab_size;
-            row++;
-            eng_sample_result res;
-            rc = eng_sampler_sample(&r->sampler, lg, &res);
-            if (rc != D2_OK) {
-                retire(e, s, r, ENG_FINISH_ERROR, rc, t0, &claimed);
-                n_done++;
-                n_active--;
-                continue;
-            }
-            eng_sampler_accept(&r->sampler, res.token);
-            if (r->n_gen == 0) s->t_first_token = d2_now() - t0;
-            r->last = res.token;
-            if (s->out_tokens) s->out_tokens[r->n_gen] = res.token;
-            r->n_gen++;
-            s->n_out = r->n_gen;
-            int stop_cb = s->on_token ? s->on_token(s->user, res.token, &res) : 0;
-            eng_finish fin = ENG_FINISH_NONE;
-            if (stop_cb || (!s->ignore_eos && is_eos(mc, res.token))) fin = ENG_FINISH_STOP;
-            else if (r->n_gen >= s->max_tokens || s->n_prompt + r->n_gen >= e->ctx_len)
-                fin = ENG_FINISH_LENGTH;
-            if (fin != ENG_FINISH_NONE) {
-                retire(e, s, r, fin, D2_OK, t0, &claimed);
-                n_done++;
-                n_active--;
-            }
+        eng_request r = {.prompt = g->prompt, .n_prompt = g->n_prompt, .max_tokens = g->max_tokens,
+                         .sample = g->sample, .ignore_eos = g->ignore_eos,
+                         .on_event = run_on_event, .user = g};
+        uint64_t id;
+        const char *why = NULL;
+        int src = eng_sched_submit(s, &r, &id, &why);
+        if (src != D2_OK) {
+            g->finish = ENG_FINISH_ERROR;
+            g->status = src;
+            if (why) D2_WARN("engine: sequence %d rejected: %s", i, why);
         }
     }
-out:
-    for (int i = 0; i < n; i++) {
-        if (st[i].started && !st[i].done)
-            retire(e, &seqs[i], &st[i], ENG_FINISH_ERROR, rc_run, t0, &claimed);
+    for (;;) {
+        rc = eng_sched_step(s);
+        if (rc <= 0) break;
     }
-    free(st);
-    return rc_run;
+    eng_sched_destroy(s);
+    return rc < 0 ? rc : D2_OK;
 }
 
 /* ---- eng_score ---------------------------------------------------------------- */
@@ -372,7 +212,7 @@ int eng_score(eng_engine *e, const int32_t *ids, int n, double *nll, double *nll
         for (int c0 = 0; c0 < wn; c0 += chunk) {
             int cn = wn - c0 < chunk ? wn - c0 : chunk;
             /* rows whose next token exists */
-            rc = reserve_all_layers(e, seq, cn);
+            rc = eng__reserve_all_layers(e, seq, cn);
             if (rc != D2_OK) { kvp_seq_free(e->pool, seq); return rc; }
             for (int j = 0; j < cn; j++) {
                 e->tokens[j] = ids[w0 + c0 + j];

@@ -94,6 +94,83 @@ typedef struct eng_gen_seq {
  * error that stopped the whole run. */
 int eng_run(eng_engine *e, eng_gen_seq *seqs, int n);
 
+/* ---- scheduler: continuous batching for concurrent requests ------------------
+ *
+ * The scheduler owns the engine's step loop. Requests are submitted from any
+ * thread; the loop admits them by KV pages, runs steps that mix decode tokens
+ * with chunked prefill up to max_batch_tokens, and reports tokens through
+ * the request's callback on the engine thread. When the pool runs out of pages
+ * mid-decode, the newest running sequence is preempted (its pages freed) and
+ * later recomputed from its prompt plus the tokens it already produced; the
+ * client sees no difference. A cancelled request (client gone, timeout) is
+ * retired and its pages freed at the next step.
+ *
+ * Threaded mode: eng_sched_start() runs the loop on its own thread.
+ * Manual mode (eng_run, tests): the caller calls eng_sched_step() itself.
+ */
+typedef struct eng_sched eng_sched;
+
+typedef enum eng_event_type { ENG_EV_TOKEN = 1, ENG_EV_DONE = 2 } eng_event_type;
+
+typedef struct eng_event {
+    eng_event_type type;
+    uint64_t id;                   /* request id */
+    int32_t token;                 /* ENG_EV_TOKEN */
+    const eng_sample_result *res;  /* ENG_EV_TOKEN: borrowed for the call */
+    eng_finish finish;             /* ENG_EV_DONE */
+    int status;                    /* ENG_EV_DONE: D2_OK, D2_ECANCELED, D2_EKVFULL, ... */
+    int n_prompt, n_generated;
+    int n_preempted;               /* times this request was preempted */
+    double t_queued, t_first_token, t_done; /* seconds since submit (0 = not reached) */
+} eng_event;
+
+/* Return non-zero from ENG_EV_TOKEN to finish the request now (finish = STOP):
+ * the API layer does this when a stop string matched. Runs on the engine
+ * thread: must not block. */
+typedef int (*eng_event_fn)(void *user, const eng_event *ev);
+
+typedef struct eng_request {
+    const int32_t *prompt;  /* copied at submit */
+    int n_prompt;
+    int max_tokens;
+    eng_sample_params sample; /* logit_bias array copied at submit */
+    bool ignore_eos;
+    const int32_t *stop_ids;  /* extra stop token ids, copied; may be NULL */
+    int n_stop_ids;
+    eng_event_fn on_event;  /* required; called for every token and once with DONE */
+    void *user;
+} eng_request;
+
+typedef struct eng_sched_config {
+    int max_queue;          /* waiting requests beyond which submit returns D2_EQUEUEFULL */
+} eng_sched_config;
+
+typedef struct eng_sched_stats {
+    int running, waiting;
+    int64_t preemptions, prompt_tokens, generation_tokens, steps;
+    int64_t finished_stop, finished_length, finished_error, finished_canceled;
+} eng_sched_stats;
+
+int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out);
+/* Stops the thread if running (in-flight requests get DONE with ECANCELED)
+ * and frees everything. Accepts NULL. */
+void eng_sched_destroy(eng_sched *s);
+int eng_sched_start(eng_sched *s);     /* starts the engine thread */
+/* Thread-safe. Validates (D2_EINVAL with *why, D2_ETOOLONG when the prompt
+ * does not fit the context, D2_EKVFULL when it could never fit the pool),
+ * then queues; D2_EQUEUEFULL past max_queue. *id_out set on success. */
+int eng_sched_submit(eng_sched *s, const eng_request *r, uint64_t *id_out, const char **why);
+/* Thread-safe; unknown or finished ids are ignored. */
+void eng_sched_cancel(eng_sched *s, uint64_t id);
+/* Manual mode: one iteration (admit, plan, step, sample, retire). Returns the
+ * number of requests still in flight (>= 0) or an error. */
+int eng_sched_step(eng_sched *s);
+/* Thread-safe snapshot. */
+eng_sched_stats eng_sched_get_stats(eng_sched *s);
+/* Stops admitting new requests (submit returns D2_EAGAIN); in-flight ones
+ * continue. Thread-safe. */
+void eng_sched_close(eng_sched *s);
+
 /* Teacher-forced scoring: for ids[0..n), writes nll[i-1] = -log p(ids[i] |
  * ids[<i]) for i = 1..n-1 (nll has n-1 entries; may be NULL) and the sum.
  * Windows of the context length: each window starts with a fresh cache and

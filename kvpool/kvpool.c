@@ -19,10 +19,8 @@
  * refcount > 1 is never written: kvp_reserve and kvp_compact copy it first
  * (copy on write) and kvp_append refuses to write into one.
  */
-/* Debug builds pass -DD2_DEBUG=1, but common/log.h defines a D2_DEBUG(...)
- * logging macro, so "#ifdef D2_DEBUG" after that include is always true.
- * Decide here, before any include, whether freed pages get poisoned. */
-#ifdef D2_DEBUG
+/* Debug builds (make DEBUG=1 passes -DD2_DEBUG_BUILD=1) poison freed pages. */
+#ifdef D2_DEBUG_BUILD
 #define KVP_POISON 1
 #endif
 

@@ -28,7 +28,7 @@
  * them, or kvp_truncate / kvp_compact / kvp_seq_free give them back.
  * Slots at or past n_tokens have no meaningful contents.
  *
- * Debug builds (-DD2_DEBUG=1) fill the k/v of freed pages with NaN when the
+ * Debug builds (make DEBUG=1, -DD2_DEBUG_BUILD=1) fill the k/v of freed pages with NaN when the
  * pool owns its storage, so reads through stale page ids show up.
  *
  * Threading: only the engine thread calls the pool; no locks. Readers of

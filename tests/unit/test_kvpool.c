@@ -6,9 +6,8 @@
  * validation, external storage, debug poisoning, and a long randomised run
  * against a shadow model with kvp_check after every operation.
  */
-/* -DD2_DEBUG=1 marks debug builds; common/log.h reuses the name for a macro,
- * so look before including it. */
-#ifdef D2_DEBUG
+/* make DEBUG=1 passes -DD2_DEBUG_BUILD=1. */
+#ifdef D2_DEBUG_BUILD
 #define KVP_TEST_POISON 1
 #endif
 
@@ -662,7 +661,7 @@ TEST(external_storage_and_copy_fn) {
 
 TEST(debug_poisons_freed_pages) {
 #ifndef KVP_TEST_POISON
-    SKIP("poisoning is compiled only with D2_DEBUG (make DEBUG=1)");
+    SKIP("poisoning is compiled only with D2_DEBUG_BUILD (make DEBUG=1)");
 #else
     kvp_pool *p = make_pool(4);
     int s;

@@ -1,0 +1,488 @@
+/*
+ * engine/sched.c — the continuous-batching scheduler (contract in engine.h).
+ *
+ * Each iteration (eng_sched_step):
+ *   1. take newly submitted requests into the waiting queue (FIFO);
+ *   2. retire cancelled requests (their pages return to the pool at once);
+ *   3. admit waiting requests while a sequence slot is free and the pool
+ *      holds the request's known tokens (prompt plus anything generated
+ *      before a preemption) with a watermark left for running sequences to
+ *      decode one more page each;
+ *   4. plan the step: one decode token for every running sequence first,
+ *      then prefill chunks in admission order up to max_batch_tokens;
+ *   5. if the plan needs more pages than are free, preempt the newest
+ *      running sequence (free its pages, put it back at the head of the
+ *      queue; it will recompute its prompt plus the tokens it already
+ *      produced) and plan again;
+ *   6. reserve pages, run the backend, sample for every sequence whose chunk
+ *      reached its last known token, emit events, retire finished ones.
+ *
+ * A request's memory (its token buffer and sampler scratch) is allocated on
+ * the submitting thread, so the engine thread allocates nothing per step.
+ *
+ * Locking: `mu` guards the incoming list, the list of live requests (for
+ * cancel by id) and the closed/stop flags. Everything else belongs to the
+ * engine thread. Counters are atomics so stats can be read from any thread.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "engine/engine.h"
+#include "engine/internal.h"
+
+typedef struct sreq {
+    struct sreq *next, *prev;   /* incoming / waiting / running list links */
+    struct sreq *live_next, *live_prev; /* all live requests, for cancel */
+    uint64_t id;
+    int32_t *tokens;            /* [n_prompt + max_tokens]: prompt, then generated */
+    int n_prompt, max_tokens, n_gen;
+    int n_fed;                  /* tokens of `tokens` in the KV cache */
+    int kv;                     /* pool sequence, -1 when not admitted */
+    uint64_t admit_seq;         /* admission order (newest = largest) */
+    int n_preempt;
+    bool ignore_eos;
+    int32_t stop_ids[16];
+    int n_stop_ids;
+    eng_logit_bias *bias;       /* owned copy */
+    eng_sampler sampler;
+    eng_event_fn fn;
+    void *user;
+    atomic_int cancel;
+    double t_submit, t_first;
+} sreq;
+
+typedef struct rlist { sreq *head, *tail; int n; } rlist;
+
+static void rl_push_back(rlist *l, sreq *r) {
+    r->next = NULL;
+    r->prev = l->tail;
+    if (l->tail) l->tail->next = r; else l->head = r;
+    l->tail = r;
+    l->n++;
+}
+static void rl_push_front(rlist *l, sreq *r) {
+    r->prev = NULL;
+    r->next = l->head;
+    if (l->head) l->head->prev = r; else l->tail = r;
+    l->head = r;
+    l->n++;
+}
+static void rl_remove(rlist *l, sreq *r) {
+    if (r->prev) r->prev->next = r->next; else l->head = r->next;
+    if (r->next) r->next->prev = r->prev; else l->tail = r->prev;
+    r->next = r->prev = NULL;
+    l->n--;
+}
+
+struct eng_sched {
+    eng_engine *e;
+    eng_sched_config cfg;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t thread;
+    bool thread_started;
+    bool stop, closed;          /* under mu */
+    rlist incoming;             /* under mu */
+    sreq *live;                 /* under mu: every submitted, unretired request */
+    uint64_t next_id;           /* under mu */
+    /* engine thread only */
+    rlist waiting, running;
+    uint64_t admit_counter;
+    sreq **plan_req;            /* [max_seqs] request of each plan entry */
+    /* stats */
+    atomic_int n_running, n_waiting;
+    atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
+    atomic_llong fin_stop, fin_length, fin_error, fin_canceled;
+};
+
+int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out) {
+    *out = NULL;
+    eng_sched *s = calloc(1, sizeof *s);
+    if (!s) return D2_ENOMEM;
+    s->e = e;
+    s->cfg = *cfg;
+    s->next_id = 1;
+    s->plan_req = calloc((size_t)e->max_seqs, sizeof *s->plan_req);
+    if (!s->plan_req) { free(s); return D2_ENOMEM; }
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    *out = s;
+    return D2_OK;
+}
+
+static void sreq_free(sreq *r) {
+    if (!r) return;
+    eng_sampler_free(&r->sampler);
+    free(r->bias);
+    free(r->tokens);
+    free(r);
+}
+
+static double since(const sreq *r, double t) { return t > 0 ? t - r->t_submit : 0; }
+
+/* Ends a request: frees its pages, sends DONE, unlinks and frees it. The
+ * caller has already removed it from waiting/running. */
+static void retire(eng_sched *s, sreq *r, eng_finish fin, int status) {
+    if (r->kv >= 0) kvp_seq_free(s->e->pool, r->kv);
+    r->kv = -1;
+    double now = d2_now();
+    eng_event ev = {.type = ENG_EV_DONE, .id = r->id, .finish = fin, .status = status,
+                    .n_prompt = r->n_prompt, .n_generated = r->n_gen, .n_preempted = r->n_preempt,
+                    .t_first_token = since(r, r->t_first), .t_done = now - r->t_submit};
+    if (status == D2_ECANCELED) atomic_fetch_add(&s->fin_canceled, 1);
+    else if (fin == ENG_FINISH_STOP) atomic_fetch_add(&s->fin_stop, 1);
+    else if (fin == ENG_FINISH_LENGTH) atomic_fetch_add(&s->fin_length, 1);
+    else atomic_fetch_add(&s->fin_error, 1);
+    r->fn(r->user, &ev);
+    pthread_mutex_lock(&s->mu);
+    if (r->live_prev) r->live_prev->live_next = r->live_next; else s->live = r->live_next;
+    if (r->live_next) r->live_next->live_prev = r->live_prev;
+    pthread_mutex_unlock(&s->mu);
+    sreq_free(r);
+}
+
+int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const char **why) {
+    eng_engine *e = s->e;
+    const eng_model_config *mc = &e->model->cfg;
+    const char *dummy;
+    if (!why) why = &dummy;
+    *why = NULL;
+    if (!q->on_event) { *why = "no event callback"; return D2_EINVAL; }
+    if (q->n_prompt <= 0 || !q->prompt) { *why = "the prompt is empty"; return D2_EINVAL; }
+    if (q->max_tokens <= 0) { *why = "max_tokens must be at least 1"; return D2_EINVAL; }
+    if (q->n_prompt >= e->ctx_len) { *why = "the prompt does not fit the context"; return D2_ETOOLONG; }
+    for (int i = 0; i < q->n_prompt; i++) {
+        if (q->prompt[i] < 0 || q->prompt[i] >= mc->vocab_size) {
+            *why = "a prompt token id is out of the vocabulary";
+            return D2_EINVAL;
+        }
+    }
+    if (q->n_stop_ids < 0 || q->n_stop_ids > 16) { *why = "too many stop token ids"; return D2_EINVAL; }
+    if (eng_sample_params_validate(&q->sample, mc->vocab_size, why) != D2_OK) return D2_EINVAL;
+    int longest = q->n_prompt + q->max_tokens;
+    if (longest > e->ctx_len) longest = e->ctx_len;
+    const int page_tokens = kvp_get_config(e->pool)->page_tokens;
+    if ((int64_t)mc->n_layers * eng__pages_for(longest, page_tokens) > kvp_get_stats(e->pool).pages_total) {
+        *why = "the request can never fit the KV pool";
+        return D2_EKVFULL;
+    }
+
+    sreq *r = calloc(1, sizeof *r);
+    if (!r) return D2_ENOMEM;
+    r->tokens = malloc(sizeof(int32_t) * (size_t)(q->n_prompt + q->max_tokens));
+    if (!r->tokens) { free(r); return D2_ENOMEM; }
+    memcpy(r->tokens, q->prompt, sizeof(int32_t) * (size_t)q->n_prompt);
+    r->n_prompt = q->n_prompt;
+    r->max_tokens = q->max_tokens;
+    r->kv = -1;
+    r->ignore_eos = q->ignore_eos;
+    r->n_stop_ids = q->n_stop_ids;
+    if (q->n_stop_ids) memcpy(r->stop_ids, q->stop_ids, sizeof(int32_t) * (size_t)q->n_stop_ids);
+    eng_sample_params sp = q->sample;
+    if (sp.n_logit_bias > 0) {
+        r->bias = malloc(sizeof(eng_logit_bias) * (size_t)sp.n_logit_bias);
+        if (!r->bias) { sreq_free(r); return D2_ENOMEM; }
+        memcpy(r->bias, sp.logit_bias, sizeof(eng_logit_bias) * (size_t)sp.n_logit_bias);
+        sp.logit_bias = r->bias;
+    }
+    int rc = eng_sampler_init(&r->sampler, &sp, mc->vocab_size);
+    if (rc != D2_OK) { free(r->bias); free(r->tokens); free(r); return rc; }
+    eng_sampler_add_prompt(&r->sampler, q->prompt, (size_t)q->n_prompt);
+    r->fn = q->on_event;
+    r->user = q->user;
+    r->t_submit = d2_now();
+
+    pthread_mutex_lock(&s->mu);
+    if (s->closed || s->stop) {
+        pthread_mutex_unlock(&s->mu);
+        sreq_free(r);
+        *why = "the server is shutting down";
+        return D2_EAGAIN;
+    }
+    if (s->incoming.n + atomic_load(&s->n_waiting) >= s->cfg.max_queue) {
+        pthread_mutex_unlock(&s->mu);
+        sreq_free(r);
+        *why = "the request queue is full";
+        return D2_EQUEUEFULL;
+    }
+    r->id = s->next_id++;
+    rl_push_back(&s->incoming, r);
+    r->live_next = s->live;
+    if (s->live) s->live->live_prev = r;
+    s->live = r;
+    if (id_out) *id_out = r->id;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return D2_OK;
+}
+
+void eng_sched_cancel(eng_sched *s, uint64_t id) {
+    pthread_mutex_lock(&s->mu);
+    for (sreq *r = s->live; r; r = r->live_next) {
+        if (r->id == id) {
+            atomic_store(&r->cancel, 1);
+            break;
+        }
+    }
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+void eng_sched_close(eng_sched *s) {
+    pthread_mutex_lock(&s->mu);
+    s->closed = true;
+    pthread_mutex_unlock(&s->mu);
+}
+
+eng_sched_stats eng_sched_get_stats(eng_sched *s) {
+    eng_sched_stats st = {
+        .running = atomic_load(&s->n_running),
+        .waiting = atomic_load(&s->n_waiting),
+        .preemptions = atomic_load(&s->preemptions),
+        .prompt_tokens = atomic_load(&s->prompt_tokens),
+        .generation_tokens = atomic_load(&s->generation_tokens),
+        .steps = atomic_load(&s->steps),
+        .finished_stop = atomic_load(&s->fin_stop),
+        .finished_length = atomic_load(&s->fin_length),
+        .finished_error = atomic_load(&s->fin_error),
+        .finished_canceled = atomic_load(&s->fin_canceled),
+    };
+    return st;
+}
+
+static void publish_counts(eng_sched *s) {
+    atomic_store(&s->n_running, s->running.n);
+    atomic_store(&s->n_waiting, s->waiting.n);
+}
+
+/* Known tokens of r: what the cache must hold before the next sample. */
+static int known(const sreq *r) { return r->n_prompt + r->n_gen; }
+
+static void preempt(eng_sched *s, sreq *r) {
+    kvp_seq_free(s->e->pool, r->kv);
+    r->kv = -1;
+    r->n_fed = 0;
+    r->n_preempt++;
+    rl_remove(&s->running, r);
+    rl_push_front(&s->waiting, r);
+    atomic_fetch_add(&s->preemptions, 1);
+    D2_DEBUG("sched: preempted request %llu after %d tokens", (unsigned long long)r->id, r->n_gen);
+}
+
+static bool is_stop_token(const eng_model_config *mc, const sreq *r, int32_t t) {
+    if (!r->ignore_eos)
+        for (int i = 0; i < mc->n_eos; i++)
+            if (mc->eos_ids[i] == t) return true;
+    for (int i = 0; i < r->n_stop_ids; i++)
+        if (r->stop_ids[i] == t) return true;
+    return false;
+}
+
+int eng_sched_step(eng_sched *s) {
+    eng_engine *e = s->e;
+    const eng_model_config *mc = &e->model->cfg;
+    const int page_tokens = kvp_get_config(e->pool)->page_tokens;
+
+    /* 1. incoming -> waiting */
+    pthread_mutex_lock(&s->mu);
+    while (s->incoming.head) {
+        sreq *r = s->incoming.head;
+        rl_remove(&s->incoming, r);
+        rl_push_back(&s->waiting, r);
+    }
+    pthread_mutex_unlock(&s->mu);
+
+    /* 2. cancellations */
+    for (rlist *l = &s->waiting; l; l = l == &s->waiting ? &s->running : NULL) {
+        for (sreq *r = l->head, *nx; r; r = nx) {
+            nx = r->next;
+            if (atomic_load(&r->cancel)) {
+                rl_remove(l, r);
+                retire(s, r, ENG_FINISH_ERROR, D2_ECANCELED);
+            }
+        }
+    }
+
+    /* 3. admission */
+    while (s->waiting.head && s->running.n < e->max_seqs) {
+        sreq *r = s->waiting.head;
+        int64_t free_pages = kvp_get_stats(e->pool).pages_free;
+        int64_t need = (int64_t)mc->n_layers * eng__pages_for(known(r) + 1, page_tokens);
+        int64_t watermark = (int64_t)mc->n_layers * s->running.n;
+        if (need + watermark > free_pages && s->running.n > 0) break;
+        if (need > free_pages) break; /* nothing running: pages will not come back; wait */
+        int rc = kvp_seq_new(e->pool, &r->kv);
+        if (rc != D2_OK) break;
+        rl_remove(&s->waiting, r);
+        rl_push_back(&s->running, r);
+        r->admit_seq = ++s->admit_counter;
+        r->n_fed = 0;
+    }
+    if (s->running.n == 0 && s->waiting.head) {
+        /* Cannot happen with the submit-time check unless the pool leaked;
+         * fail the head request rather than spin. */
+        sreq *r = s->waiting.head;
+        rl_remove(&s->waiting, r);
+        D2_ERROR("sched: request %llu cannot be admitted into an idle pool", (unsigned long long)r->id);
+        retire(s, r, ENG_FINISH_ERROR, D2_EKVFULL);
+    }
+    publish_counts(s);
+    if (s->running.n == 0) return s->waiting.n;
+
+    /* 4-5. plan, preempting while the pool cannot hold it */
+    int nt, ns;
+    for (;;) {
+        nt = 0;
+        ns = 0;
+        int64_t need = 0;
+        for (int pass = 0; pass < 2; pass++) {
+            for (sreq *r = s->running.head; r; r = r->next) {
+                int todo = known(r) - r->n_fed;
+                bool decode = todo == 1;
+                if ((pass == 0) != decode || todo <= 0) continue;
+                int take = todo;
+                if (take > e->max_batch_tokens - nt) take = e->max_batch_tokens - nt;
+                if (take <= 0) continue;
+                e->bseqs[ns] = (eng_batch_seq){.seq = r->kv, .start = nt, .n = take,
+                                               .want_logits = r->n_fed + take == known(r)};
+                s->plan_req[ns] = r;
+                for (int j = 0; j < take; j++) {
+                    e->tokens[nt + j] = r->tokens[r->n_fed + j];
+                    e->pos[nt + j] = r->n_fed + j;
+                }
+                need += eng__pages_needed_all_layers(e, r->kv, take);
+                nt += take;
+                ns++;
+            }
+        }
+        if (need <= kvp_get_stats(e->pool).pages_free || s->running.n <= 1) break;
+        sreq *victim = s->running.head;
+        for (sreq *r = s->running.head; r; r = r->next)
+            if (r->admit_seq > victim->admit_seq) victim = r;
+        preempt(s, victim);
+    }
+    publish_counts(s);
+    for (int k = 0; k < ns; k++) {
+        int rc = eng__reserve_all_layers(e, e->bseqs[k].seq, e->bseqs[k].n);
+        if (rc != D2_OK) {
+            /* a lone sequence longer than the pool: it cannot continue */
+            sreq *r = s->plan_req[k];
+            rl_remove(&s->running, r);
+            retire(s, r, ENG_FINISH_ERROR, rc);
+            publish_counts(s);
+            return s->running.n + s->waiting.n;
+        }
+    }
+
+    /* 6. step, sample, retire */
+    eng_batch b = {.n_tokens = nt, .tokens = e->tokens, .pos = e->pos, .n_seqs = ns,
+                   .seqs = e->bseqs, .logits = e->logits};
+    int rc = e->be->ops->step(e->be, &b);
+    atomic_fetch_add(&s->steps, 1);
+    if (rc != D2_OK) {
+        D2_ERROR("sched: backend step failed: %s", d2_strerror(rc));
+        for (int k = 0; k < ns; k++) {
+            sreq *r = s->plan_req[k];
+            rl_remove(&s->running, r);
+            retire(s, r, ENG_FINISH_ERROR, rc);
+        }
+        publish_counts(s);
+        return rc;
+    }
+    int row = 0;
+    for (int k = 0; k < ns; k++) {
+        const eng_batch_seq *bs = &e->bseqs[k];
+        sreq *r = s->plan_req[k];
+        if (r->n_fed < r->n_prompt)
+            atomic_fetch_add(&s->prompt_tokens,
+                             (r->n_fed + bs->n < r->n_prompt ? bs->n : r->n_prompt - r->n_fed));
+        r->n_fed += bs->n;
+        if (!bs->want_logits) continue;
+        const float *lg = e->logits + (size_t)row * (size_t)mc->vocab_size;
+        row++;
+        eng_sample_result res;
+        rc = eng_sampler_sample(&r->sampler, lg, &res);
+        if (rc != D2_OK) {
+            rl_remove(&s->running, r);
+            retire(s, r, ENG_FINISH_ERROR, rc);
+            continue;
+        }
+        eng_sampler_accept(&r->sampler, res.token);
+        double now = d2_now();
+        if (r->n_gen == 0) r->t_first = now;
+        r->tokens[known(r)] = res.token;
+        r->n_gen++;
+        atomic_fetch_add(&s->generation_tokens, 1);
+        eng_event ev = {.type = ENG_EV_TOKEN, .id = r->id, .token = res.token, .res = &res,
+                        .n_prompt = r->n_prompt, .n_generated = r->n_gen,
+                        .n_preempted = r->n_preempt, .t_first_token = since(r, r->t_first),
+                        .t_done = 0};
+        int stop_cb = r->fn(r->user, &ev);
+        eng_finish fin = ENG_FINISH_NONE;
+        if (stop_cb || is_stop_token(mc, r, res.token)) fin = ENG_FINISH_STOP;
+        else if (r->n_gen >= r->max_tokens || known(r) >= e->ctx_len) fin = ENG_FINISH_LENGTH;
+        if (fin != ENG_FINISH_NONE) {
+            rl_remove(&s->running, r);
+            retire(s, r, fin, D2_OK);
+        }
+    }
+    publish_counts(s);
+    return s->running.n + s->waiting.n;
+}
+
+static void *sched_thread(void *arg) {
+    eng_sched *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->stop && !s->incoming.head && s->running.n == 0 && s->waiting.n == 0)
+            pthread_cond_wait(&s->cv, &s->mu);
+        bool stop = s->stop;
+        pthread_mutex_unlock(&s->mu);
+        if (stop) break;
+        int rc = eng_sched_step(s);
+        if (rc < 0) D2_ERROR("sched: step failed: %s", d2_strerror(rc));
+    }
+    return NULL;
+}
+
+int eng_sched_start(eng_sched *s) {
+    if (s->thread_started) return D2_EINVAL;
+    if (pthread_create(&s->thread, NULL, sched_thread, s) != 0) return D2_ENOMEM;
+    s->thread_started = true;
+    return D2_OK;
+}
+
+void eng_sched_destroy(eng_sched *s) {
+    if (!s) return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->thread_started) pthread_join(s->thread, NULL);
+    /* everything still in flight ends as cancelled */
+    pthread_mutex_lock(&s->mu);
+    while (s->incoming.head) {
+        sreq *r = s->incoming.head;
+        rl_remove(&s->incoming, r);
+        rl_push_back(&s->waiting, r);
+    }
+    pthread_mutex_unlock(&s->mu);
+    while (s->running.head) {
+        sreq *r = s->running.head;
+        rl_remove(&s->running, r);
+        retire(s, r, ENG_FINISH_ERROR, D2_ECANCELED);
+    }
+    while (s->waiting.head) {
+        sreq *r = s->waiting.head;
+        rl_remove(&s->waiting, r);
+        retire(s, r, ENG_FINISH_ERROR, D2_ECANCELED);
+    }
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s->plan_req);
+    free(s);
+}
