@@ -131,7 +131,11 @@ int eng__reserve_all_layers(eng_engine *e, int seq, int n) {
 
 int64_t eng__pages_needed_all_layers(const eng_engine *e, int seq, int n) {
     int64_t need = 0;
-    for (int l = 0; l < e->model->cfg.n_layers; l++) need += kvp_pages_needed(e->pool, seq, l, n);
+    for (int l = 0; l < e->model->cfg.n_layers; l++) {
+        int p = kvp_pages_needed(e->pool, seq, l, n);
+        if (p < 0) return INT64_MAX / 4; /* longer than a table can be: never fits */
+        need += p;
+    }
     return need;
 }
 

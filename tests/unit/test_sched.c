@@ -1,0 +1,245 @@
+/*
+ * tests/unit/test_sched.c — the continuous-batching scheduler on stories260K:
+ * preemption under a small pool gives the same greedy tokens as an ample
+ * pool; cancellation frees pages; queue limits; validation; a threaded run
+ * with several submitting threads; stop from the callback; close.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "engine/engine.h"
+#include "tests/test.h"
+
+#define MODEL "assets/models/stories260K/stories260K.gguf"
+
+static eng_engine *open_engine(int max_seqs, int64_t kv_pages) {
+    const char *path = test_shared_path(MODEL);
+    REQUIRE_FILE(path);
+    eng_engine_config ec = {.model_path = path, .n_threads = 2, .max_seqs = max_seqs,
+                            .kv_pages = kv_pages, .max_batch_tokens = 64};
+    eng_engine *e = NULL;
+    int rc = eng_engine_create(&ec, &e);
+    if (rc != D2_OK) FAIL_("eng_engine_create = %s", d2_status_name(rc));
+    return e;
+}
+
+static void fill_prompt(int32_t *p, int n, int salt) {
+    p[0] = 1;
+    for (int i = 1; i < n; i++) p[i] = 3 + (i * 37 + salt * 101) % 500;
+}
+
+static void run_batch(eng_engine *e, int n, int32_t out[][64], int max_tokens) {
+    int32_t prompts[16][40];
+    eng_gen_seq seqs[16];
+    memset(seqs, 0, sizeof seqs);
+    for (int i = 0; i < n; i++) {
+        fill_prompt(prompts[i], 20 + i, i);
+        seqs[i] = (eng_gen_seq){.prompt = prompts[i], .n_prompt = 20 + i, .max_tokens = max_tokens,
+                                .ignore_eos = true, .out_tokens = out[i]};
+        eng_sample_params_default(&seqs[i].sample);
+        seqs[i].sample.temperature = 0;
+    }
+    ASSERT_OK(eng_run(e, seqs, n));
+    for (int i = 0; i < n; i++) {
+        ASSERT_EQ(seqs[i].status, D2_OK);
+        ASSERT_EQ(seqs[i].n_out, max_tokens);
+    }
+}
+
+TEST(preemption_matches_ample_pool) {
+    static int32_t a[16][64], b[16][64];
+    eng_engine *big = open_engine(8, 0);
+    run_batch(big, 8, a, 60);
+    eng_engine_destroy(big);
+    /* 8 seqs x 5 layers x up to 6 pages each would need 240 pages; give 90 */
+    eng_engine *small = open_engine(8, 90);
+    run_batch(small, 8, b, 60);
+    eng_pool_stats ps = eng_engine_pool_stats(small);
+    ASSERT_EQ(ps.pages_free, ps.pages_total);
+    eng_engine_destroy(small);
+    for (int i = 0; i < 8; i++)
+        for (int k = 0; k < 60; k++)
+            if (a[i][k] != b[i][k]) FAIL_("seq %d token %d: %d vs %d", i, k, a[i][k], b[i][k]);
+}
+
+typedef struct rec {
+    atomic_int tokens, done;
+    atomic_int status, finish;
+    eng_sched *s;
+    uint64_t id;
+    int cancel_after;
+    int stop_after;
+} rec;
+
+static int rec_event(void *user, const eng_event *ev) {
+    rec *r = user;
+    if (ev->type == ENG_EV_TOKEN) {
+        int n = atomic_fetch_add(&r->tokens, 1) + 1;
+        if (r->cancel_after && n == r->cancel_after) eng_sched_cancel(r->s, ev->id);
+        return r->stop_after && n >= r->stop_after;
+    }
+    atomic_store(&r->status, ev->status);
+    atomic_store(&r->finish, (int)ev->finish);
+    atomic_store(&r->done, 1);
+    return 0;
+}
+
+static eng_request mk_req(const int32_t *p, int n, int max_tokens, rec *r) {
+    eng_request q = {.prompt = p, .n_prompt = n, .max_tokens = max_tokens, .ignore_eos = true,
+                     .on_event = rec_event, .user = r};
+    eng_sample_params_default(&q.sample);
+    q.sample.temperature = 0;
+    return q;
+}
+
+TEST(preemptions_are_counted) {
+    eng_engine *e = open_engine(8, 60);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 16};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[8][40];
+    rec r[8];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < 8; i++) {
+        fill_prompt(p[i], 30, i);
+        eng_request q = mk_req(p[i], 30, 90, &r[i]);
+        ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
+    }
+    int guard = 0;
+    while (eng_sched_step(s) > 0) ASSERT_LT(guard++, 100000);
+    eng_sched_stats st = eng_sched_get_stats(s);
+    ASSERT_GT(st.preemptions, 0);
+    ASSERT_EQ(st.finished_length, 8);
+    for (int i = 0; i < 8; i++) ASSERT_EQ(atomic_load(&r[i].tokens), 90);
+    eng_pool_stats ps = eng_engine_pool_stats(e);
+    ASSERT_EQ(ps.pages_free, ps.pages_total);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
+
+TEST(cancel_frees_pages) {
+    eng_engine *e = open_engine(4, 0);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 4};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[20];
+    fill_prompt(p, 20, 3);
+    rec r = {0};
+    r.s = s;
+    r.cancel_after = 5;
+    eng_request q = mk_req(p, 20, 200, &r);
+    ASSERT_OK(eng_sched_submit(s, &q, &r.id, NULL));
+    int guard = 0;
+    while (eng_sched_step(s) > 0) ASSERT_LT(guard++, 1000);
+    ASSERT_EQ(atomic_load(&r.done), 1);
+    ASSERT_EQ(atomic_load(&r.status), D2_ECANCELED);
+    ASSERT_LE(atomic_load(&r.tokens), 6);
+    eng_pool_stats ps = eng_engine_pool_stats(e);
+    ASSERT_EQ(ps.pages_free, ps.pages_total);
+    ASSERT_EQ(eng_sched_get_stats(s).finished_canceled, 1);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
+
+TEST(stop_from_callback) {
+    eng_engine *e = open_engine(2, 0);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 4};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[10];
+    fill_prompt(p, 10, 1);
+    rec r = {0};
+    r.stop_after = 7;
+    eng_request q = mk_req(p, 10, 100, &r);
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
+    while (eng_sched_step(s) > 0) {}
+    ASSERT_EQ(atomic_load(&r.tokens), 7);
+    ASSERT_EQ(atomic_load(&r.finish), ENG_FINISH_STOP);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
+
+TEST(queue_limit_and_validation) {
+    eng_engine *e = open_engine(2, 0);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 2};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[600];
+    fill_prompt(p, 600, 0);
+    rec r[4];
+    memset(r, 0, sizeof r);
+    const char *why = NULL;
+    eng_request q = mk_req(p, 10, 5, &r[0]);
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    q.user = &r[1];
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    q.user = &r[2];
+    ASSERT_EQ(eng_sched_submit(s, &q, NULL, &why), D2_EQUEUEFULL);
+    ASSERT(why != NULL);
+    eng_request bad = mk_req(p, 0, 5, &r[3]);
+    ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_EINVAL);
+    bad = mk_req(p, 600, 5, &r[3]); /* context is 512 */
+    ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_ETOOLONG);
+    bad = mk_req(p, 10, 5, &r[3]);
+    bad.sample.temperature = 5;
+    ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_EINVAL);
+    int32_t oov[3] = {1, 100000, 5};
+    bad = mk_req(oov, 3, 5, &r[3]);
+    ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_EINVAL);
+    while (eng_sched_step(s) > 0) {}
+    ASSERT_EQ(atomic_load(&r[0].tokens), 5);
+    ASSERT_EQ(atomic_load(&r[1].tokens), 5);
+    eng_sched_close(s);
+    q.user = &r[3];
+    ASSERT_EQ(eng_sched_submit(s, &q, NULL, &why), D2_EAGAIN);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
+
+typedef struct submitter { eng_sched *s; rec *recs; int base; } submitter;
+static int32_t g_prompts[32][24];
+
+static void *submit_thread(void *arg) {
+    submitter *t = arg;
+    for (int i = 0; i < 8; i++) {
+        int k = t->base + i;
+        eng_request q = mk_req(g_prompts[k], 24, 16 + k % 5, &t->recs[k]);
+        int rc;
+        while ((rc = eng_sched_submit(t->s, &q, NULL, NULL)) == D2_EQUEUEFULL) usleep(1000);
+        if (rc != D2_OK) atomic_store(&t->recs[k].status, rc);
+    }
+    return NULL;
+}
+
+TEST(threaded_many_submitters) {
+    eng_engine *e = open_engine(8, 0);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 6};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    ASSERT_OK(eng_sched_start(s));
+    static rec recs[32];
+    memset(recs, 0, sizeof recs);
+    for (int k = 0; k < 32; k++) fill_prompt(g_prompts[k], 24, k);
+    pthread_t th[4];
+    submitter sub[4];
+    for (int t = 0; t < 4; t++) {
+        sub[t] = (submitter){s, recs, t * 8};
+        pthread_create(&th[t], NULL, submit_thread, &sub[t]);
+    }
+    for (int t = 0; t < 4; t++) pthread_join(th[t], NULL);
+    for (int k = 0; k < 32; k++) {
+        int guard = 0;
+        while (!atomic_load(&recs[k].done)) {
+            usleep(2000);
+            ASSERT_LT(guard++, 20000);
+        }
+        ASSERT_EQ(atomic_load(&recs[k].status), D2_OK);
+        ASSERT_EQ(atomic_load(&recs[k].tokens), 16 + k % 5);
+    }
+    eng_sched_stats st = eng_sched_get_stats(s);
+    ASSERT_EQ(st.generation_tokens, 32 * 16 + (0 + 1 + 2 + 3 + 4) * 6 + (0 + 1));
+    eng_sched_destroy(s);
+    eng_pool_stats ps = eng_engine_pool_stats(e);
+    ASSERT_EQ(ps.pages_free, ps.pages_total);
+    eng_engine_destroy(e);
+}
