@@ -90,6 +90,12 @@ typedef struct eng_model {
     eng_tensor tok_embd;     /* [vocab][dim] */
     eng_tensor out_norm;     /* [dim] */
     eng_tensor output;       /* [vocab][dim]; == tok_embd when tied */
+    eng_tensor rope_freqs;   /* GGUF only: rope_freqs.weight [head_dim/2] F32, the
+                              * per-pair frequency divisors llama.cpp stores for
+                              * Llama 3.1 scaling (data NULL when absent). When
+                              * they match llama3 scaling with low 1 / high 4 /
+                              * original 8192, cfg.rope_scaling is set to it, so
+                              * backends may ignore this tensor. (additive) */
     eng_layer_weights *layers; /* [n_layers], owned */
     struct eng_tokenizer *tok; /* owned; NULL if the source has none */
     char *path;              /* owned copy of the path loaded */
@@ -106,6 +112,18 @@ typedef struct eng_model {
  * dtype), D2_ESHAPE, D2_ENOMEM. want_tokenizer=false skips the tokenizer. */
 int eng_model_load(const char *path, bool want_tokenizer, eng_model **out);
 void eng_model_free(eng_model *m); /* accepts NULL */
+
+/* Loads only the tokenizer (additive): from a GGUF file (its metadata; a
+ * vocab-only GGUF with no tensors is fine), an HF directory (tokenizer.json +
+ * optional tokenizer_config.json) or a tokenizer.json path (its sibling
+ * tokenizer_config.json is used when present). *out owned by the caller. */
+int eng_model_load_tokenizer(const char *path, struct eng_tokenizer **out);
+
+/* Loads a model from a GGUF image in memory (additive; used by tests and the
+ * fuzz target). The buffer is borrowed and must outlive the model; name is
+ * used in messages and as m->path. Same statuses as eng_model_load. */
+int eng_model_load_gguf_buffer(const uint8_t *data, size_t size, const char *name,
+                               bool want_tokenizer, eng_model **out);
 
 /* Number of parameters and bytes of weights (each tensor counted once; a
  * tied output is not counted twice). */
