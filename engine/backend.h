@@ -16,9 +16,24 @@
  *      into kvp score[slot][kv_head] — D2O's accumulated attention.
  * Logits are produced only for the rows listed in logit_rows.
  *
- * The caller must have checked (kvp_pages_needed) that the pool can hold
- * the step; a backend returns D2_EKVFULL without partial effects otherwise is
- * NOT guaranteed — reserve first.
+ * Pool room: a backend first sums kvp_pages_needed over every (seq, layer)
+ * of the plan and returns D2_EKVFULL (or D2_ETOOLONG / D2_EINVAL from the
+ * pool) with no effect on the pool when the step does not fit; then it
+ * reserves every (seq, layer) before computing anything. A sequence may
+ * appear at most once per plan. Sequences that share pages (kvp_seq_fork)
+ * must not both accumulate scores in the same step (the CPU backend adds into
+ * a slot's score from one thread per sequence).
+ *
+ * Plan checks: step returns D2_EINVAL without effect when the plan is
+ * malformed (sequences not contiguous from row 0 in order and covering all
+ * rows, a token outside the vocabulary, a negative position, more rows than
+ * max_batch_tokens, more logit rows than max_logit_rows, logits NULL while
+ * rows are wanted). Positions are the RoPE positions; a query attends to
+ * every live slot of its table whose recorded pos <= its own, so after
+ * compaction (kvp_compact) only the kept slots and their positions count.
+ *
+ * CPU backend specifics (engine/cpu_backend.c): weights of any eng_dtype;
+ * step() never allocates or logs; n_threads includes the calling thread.
  *
  * A CUDA backend (kernels/) implements the same interface over the same
  * plan and pool.
@@ -52,7 +67,8 @@ typedef struct eng_batch {
     float *logits;              /* [n_out_rows][vocab], caller-owned */
 } eng_batch;
 
-/* Rows of logits a plan produces. */
+/* Rows of logits a plan produces: per sequence n when all_logits, else 1
+ * when want_logits, else 0. Defined in engine/cpu_backend.c. */
 int eng_batch_out_rows(const eng_batch *b);
 
 typedef struct eng_backend eng_backend;

@@ -449,6 +449,21 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
             }
         }
     }
+    /* Reserve every (seq, layer) up front, after checking the pool can hold
+     * the whole step, so D2_EKVFULL / D2_ETOOLONG leave no effect. */
+    int64_t need = 0;
+    for (int si = 0; si < b->n_seqs; si++)
+        for (int l = 0; l < be->n_layers; l++) {
+            int pn = kvp_pages_needed(pool, b->seqs[si].seq, l, b->seqs[si].n);
+            if (pn < 0) return pn;
+            need += pn;
+        }
+    if (need > kvp_get_stats(pool).pages_free) return D2_EKVFULL;
+    for (int si = 0; si < b->n_seqs; si++)
+        for (int l = 0; l < be->n_layers; l++) {
+            rc = kvp_reserve(pool, b->seqs[si].seq, l, b->seqs[si].n);
+            if (rc) return rc;
+        }
     float *kbase = kvp_k_base(pool), *vbase = kvp_v_base(pool);
     int32_t *pbase = kvp_pos_base(pool);
     size_t stride = kvp_page_stride(pool);
@@ -483,8 +498,6 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
         /* K/V into the pool */
         for (int si = 0; si < b->n_seqs; si++) {
             const eng_batch_seq *s = &b->seqs[si];
-            rc = kvp_reserve(pool, s->seq, l, s->n);
-            if (rc) return rc;
             int first = kvp_append(pool, s->seq, l, s->n);
             if (first < 0) return first;
             kvp_table tab = kvp_get_table(pool, s->seq, l);

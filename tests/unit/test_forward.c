@@ -573,7 +573,17 @@ TEST(pool_full_reports_ekvfull) {
     float *lg = malloc(sizeof(float) * (size_t)sp.vocab);
     eng_batch_seq bs = {.seq = seq, .start = 0, .n = 12, .want_logits = true};
     eng_batch b = {.n_tokens = 12, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = &bs, .logits = lg};
+    int64_t free0 = kvp_get_stats(pool).pages_free;
     ASSERT_EQ(be->ops->step(be, &b), D2_EKVFULL);
+    /* no effect: nothing appended, no page taken */
+    ASSERT_EQ(kvp_get_stats(pool).pages_free, free0);
+    for (int l = 0; l < sp.n_layers; l++) ASSERT_EQ(kvp_get_table(pool, seq, l).n_tokens, 0);
+    ASSERT_EQ(kvp_check(pool), D2_OK);
+    /* a step that fits (one page per layer) still works */
+    bs.n = 4;
+    b.n_tokens = 4;
+    ASSERT_EQ(be->ops->step(be, &b), D2_OK);
+    ASSERT_EQ(kvp_get_table(pool, seq, 1).n_tokens, 4);
     free(lg);
     be->ops->destroy(be);
     kvp_destroy(pool);
