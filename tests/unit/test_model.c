@@ -644,3 +644,69 @@ TEST(safetensors_mutation_storm) {
     free(h.cfg);
     free(h.st);
 }
+
+/* ---- tokenizers ------------------------------------------------------------ */
+
+TEST(tokenizers_from_model_sources) {
+    const char *pg = test_shared_path(STORIES_GGUF), *ph = test_shared_path(STORIES_HF);
+    REQUIRE_FILE(pg);
+    REQUIRE_FILE(ph);
+    eng_model *g = NULL, *h = NULL;
+    ASSERT_EQ(eng_model_load(pg, true, &g), D2_OK);
+    ASSERT_EQ(eng_model_load(ph, true, &h), D2_OK);
+    ASSERT(g->tok && h->tok);
+    ASSERT_EQ(eng_tok_n_vocab(g->tok), 512);
+    ASSERT_EQ(eng_tok_n_vocab(h->tok), 512);
+    ASSERT_EQ(eng_tok_bos(g->tok), 1);
+    ASSERT_EQ(eng_tok_eos(h->tok), 2);
+    const char *text = "Once upon a time, there was a little dog.";
+    int32_t *a = NULL, *b = NULL;
+    size_t na = 0, nb = 0;
+    ASSERT_EQ(eng_tok_encode(g->tok, text, strlen(text), true, false, &a, &na), D2_OK);
+    ASSERT_EQ(eng_tok_encode(h->tok, text, strlen(text), true, false, &b, &nb), D2_OK);
+    ASSERT_EQ(na, nb);
+    ASSERT_GT(na, 3);
+    ASSERT_EQ(a[0], 1);
+    for (size_t i = 0; i < na; i++) ASSERT_EQ(a[i], b[i]);
+    free(a);
+    free(b);
+    eng_model_free(g);
+    eng_model_free(h);
+
+    const char *pt = test_shared_path(TINY_GGUF);
+    REQUIRE_FILE(pt);
+    eng_model *t = NULL;
+    ASSERT_EQ(eng_model_load(pt, true, &t), D2_OK);
+    ASSERT_EQ(eng_tok_n_vocab(t->tok), 32000);
+    eng_model_free(t);
+}
+
+TEST(load_tokenizer_only) {
+    eng_tokenizer *t = NULL;
+    const char *v = test_shared_path("assets/vocab-tests/ggml-vocab-llama-spm.gguf");
+    REQUIRE_FILE(v);
+    ASSERT_EQ(eng_model_load_tokenizer(v, &t), D2_OK);
+    ASSERT_EQ(eng_tok_n_vocab(t), 32000);
+    eng_tok_free(t);
+    /* A vocab-only GGUF is not a model. */
+    eng_model *m = NULL;
+    quiet();
+    ASSERT_LT(eng_model_load(v, false, &m), 0);
+    ASSERT(m == NULL);
+    d2_log_set_level(D2_LOG_WARN);
+    const char *g2 = test_shared_path("assets/vocab-tests/ggml-vocab-gpt-2.gguf");
+    REQUIRE_FILE(g2);
+    ASSERT_EQ(eng_model_load_tokenizer(g2, &t), D2_OK);
+    ASSERT_EQ(eng_tok_n_vocab(t), 50257);
+    eng_tok_free(t);
+    ASSERT_EQ(eng_model_load_tokenizer(test_shared_path(STORIES_HF), &t), D2_OK);
+    ASSERT_EQ(eng_tok_n_vocab(t), 512);
+    eng_tok_free(t);
+    ASSERT_EQ(eng_model_load_tokenizer(test_shared_path("assets/tokenizers/llama2-hf-phi3/tokenizer.json"), &t),
+              D2_OK);
+    ASSERT_GE(eng_tok_n_vocab(t), 32011);
+    eng_tok_free(t);
+    quiet();
+    ASSERT_EQ(eng_model_load_tokenizer("/nonexistent/tokenizer.json", &t), D2_ENOENT);
+    ASSERT_LT(eng_model_load_tokenizer("/tmp", &t), 0); /* no tokenizer.json */
+}
