@@ -618,6 +618,7 @@ static void stories_model(d2_mmap *mp, eng_model *m, eng_layer_weights *lw) {
     ASSERT(vocab > 0 && L <= 8);
     int hs = dim / nh, kvd = dim * nkv / nh;
     memset(m, 0, sizeof *m);
+    memset(lw, 0, sizeof(eng_layer_weights) * (size_t)L);
     eng_model_config *c = &m->cfg;
     c->n_layers = L;
     c->dim = dim;
