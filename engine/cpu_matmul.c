@@ -4,11 +4,12 @@
  *
  * Strategy: output rows are processed in blocks of 4. For few tokens (decode)
  * a fused kernel dequantises weights in registers and dots them against each
- * token; it is bound by memory bandwidth. For more tokens the 4 weight rows
- * are first converted to f32 scratch (F32 rows are used in place) and a
- * register-blocked micro-kernel computes a 4-row x NT-token tile, so every
- * weight element loaded from cache feeds NT FMAs and the weights stream from
- * memory once per call however many tokens there are.
+ * token; it is bound by memory bandwidth. For more tokens a register-blocked
+ * micro-kernel computes a 4-row x NT-token tile (NT = 3 with AVX2, 4 with
+ * AVX-512), widening F16/BF16 weights in registers; Q8_0 rows (and short tail
+ * blocks) are first converted to f32 scratch. Every weight vector loaded
+ * feeds NT FMAs and the weights stream from memory once per call however
+ * many tokens there are (the caller blocks tokens so x stays in L2).
  */
 #include "engine/cpu_matmul.h"
 
@@ -213,86 +214,98 @@ static float dot_row(const eng_tensor *t, const uint8_t *p, const float *x) {
     return 0.0f;
 }
 
-/* ---- register-blocked f32 micro-kernel ----------------------------------------
- * w[RB rows] (stride ldw) x x[NT tokens] (stride ldx) -> y[t*ldy + r]. */
+/* ---- register-blocked micro-kernels ------------------------------------------
+ * tile_<type>(w, ldw, nr, x, ldx, NT, n, y, ldy): MM_RB weight rows (stride ldw
+ * elements of the stored type) x NT tokens -> y[t*ldy + r] for r < nr. Half
+ * types are widened in registers, once per loaded vector, reused NT times. */
+static inline float sc_f32(const float *p, int64_t j) { return p[j]; }
+static inline float sc_bf16(const uint16_t *p, int64_t j) { return d2_bf16_to_f32(p[j]); }
+static inline float sc_f16(const uint16_t *p, int64_t j) { return d2_f16_to_f32(p[j]); }
+
 #if MM_AVX2 && defined(__AVX512F__)
-MM_INLINE float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
-MM_INLINE void tile(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx, int NT,
-                    int64_t n, float *y, int64_t ldy) {
-    __m512 acc[MM_RB][4];
-    for (int r = 0; r < MM_RB; r++)
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 xv[4];
-        for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + i);
-        for (int r = 0; r < MM_RB; r++) {
-            __m512 wv = _mm512_loadu_ps(w + r * ldw + i);
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < NT; t++) {
-            float s = hsum512(acc[r][t]);
-            for (int64_t j = i; j < n; j++) s += w[r * ldw + j] * x[t * ldx + j];
-            y[t * ldy + r] = s;
-        }
-}
 #define MM_NT 4
+#define MM_VL 16
+typedef __m512 vec_t;
+#define V_ZERO() _mm512_setzero_ps()
+#define V_LOADX(p) _mm512_loadu_ps(p)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_HSUM(v) _mm512_reduce_add_ps(v)
+#define LD_f32(p) _mm512_loadu_ps(p)
+#define LD_bf16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LD_f16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #elif MM_AVX2
-MM_INLINE void tile(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx, int NT,
-                    int64_t n, float *y, int64_t ldy) {
-    __m256 acc[MM_RB][3];
-    for (int r = 0; r < MM_RB; r++)
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 xv[3];
-        for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_ps(x + t * ldx + i);
-        for (int r = 0; r < MM_RB; r++) {
-            __m256 wv = _mm256_loadu_ps(w + r * ldw + i);
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < NT; t++) {
-            float s = hsum256(acc[r][t]);
-            for (int64_t j = i; j < n; j++) s += w[r * ldw + j] * x[t * ldx + j];
-            y[t * ldy + r] = s;
-        }
-}
 #define MM_NT 3
-#else
-MM_INLINE void tile(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx, int NT,
-                    int64_t n, float *y, int64_t ldy) {
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < NT; t++) {
-            float s = 0.0f;
-            for (int64_t j = 0; j < n; j++) s += w[r * ldw + j] * x[t * ldx + j];
-            y[t * ldy + r] = s;
-        }
-}
-#define MM_NT 1
+#define MM_VL 8
+typedef __m256 vec_t;
+#define V_ZERO() _mm256_setzero_ps()
+#define V_LOADX(p) _mm256_loadu_ps(p)
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_HSUM(v) hsum256(v)
+#define LD_f32(p) _mm256_loadu_ps(p)
+#define LD_bf16(p) load_bf16x8(p)
+#define LD_f16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #endif
 
-/* One block of up to MM_RB rows (rows beyond nr are valid memory but unused). */
-static void block_tokens(const float *w, int64_t ldw, int nr, const float *x, int64_t ldx,
-                         int n_tok, int64_t n, float *y, int64_t ldy) {
-    int t = 0;
-    for (; t + MM_NT <= n_tok; t += MM_NT) tile(w, ldw, nr, x + t * ldx, ldx, MM_NT, n, y + t * ldy, ldy);
-    switch (n_tok - t) {
-#if MM_NT > 3
-    case 3: tile(w, ldw, nr, x + t * ldx, ldx, 3, n, y + t * ldy, ldy); break;
-#endif
-#if MM_NT > 2
-    case 2: tile(w, ldw, nr, x + t * ldx, ldx, 2, n, y + t * ldy, ldy); break;
-#endif
-#if MM_NT > 1
-    case 1: tile(w, ldw, nr, x + t * ldx, ldx, 1, n, y + t * ldy, ldy); break;
-#endif
-    default: break;
+#ifdef MM_NT
+#define DEFINE_TILE(TY, WT)                                                                   \
+    MM_INLINE void tile_##TY(const WT *w, int64_t ldw, int nr, const float *x, int64_t ldx,  \
+                             int NT, int64_t n, float *y, int64_t ldy) {                      \
+        vec_t acc[MM_RB][MM_NT];                                                              \
+        for (int r = 0; r < MM_RB; r++)                                                       \
+            for (int t = 0; t < NT; t++) acc[r][t] = V_ZERO();                                \
+        int64_t i = 0;                                                                        \
+        for (; i + MM_VL <= n; i += MM_VL) {                                                  \
+            vec_t xv[MM_NT];                                                                  \
+            for (int t = 0; t < NT; t++) xv[t] = V_LOADX(x + t * ldx + i);                    \
+            for (int r = 0; r < MM_RB; r++) {                                                 \
+                vec_t wv = LD_##TY(w + r * ldw + i);                                          \
+                for (int t = 0; t < NT; t++) acc[r][t] = V_FMA(wv, xv[t], acc[r][t]);         \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < nr; r++)                                                          \
+            for (int t = 0; t < NT; t++) {                                                    \
+                float s = V_HSUM(acc[r][t]);                                                  \
+                for (int64_t j = i; j < n; j++) s += sc_##TY(w + r * ldw, j) * x[t * ldx + j]; \
+                y[t * ldy + r] = s;                                                           \
+            }                                                                                 \
     }
-}
+#else
+#define MM_NT 1
+#define DEFINE_TILE(TY, WT)                                                                   \
+    MM_INLINE void tile_##TY(const WT *w, int64_t ldw, int nr, const float *x, int64_t ldx,  \
+                             int NT, int64_t n, float *y, int64_t ldy) {                      \
+        for (int r = 0; r < nr; r++)                                                          \
+            for (int t = 0; t < NT; t++) {                                                    \
+                float s = 0.0f;                                                               \
+                for (int64_t j = 0; j < n; j++) s += sc_##TY(w + r * ldw, j) * x[t * ldx + j]; \
+                y[t * ldy + r] = s;                                                           \
+            }                                                                                 \
+    }
+#endif
+
+/* Runs the tile over n_tok tokens: full MM_NT tiles, then the remainder. */
+#define DEFINE_BLOCK(TY, WT)                                                                  \
+    DEFINE_TILE(TY, WT)                                                                       \
+    static void block_##TY(const WT *w, int64_t ldw, int nr, const float *x, int64_t ldx,    \
+                           int n_tok, int64_t n, float *y, int64_t ldy) {                     \
+        int t = 0;                                                                            \
+        for (; t + MM_NT <= n_tok; t += MM_NT)                                                \
+            tile_##TY(w, ldw, nr, x + t * ldx, ldx, MM_NT, n, y + t * ldy, ldy);              \
+        switch (n_tok - t) {                                                                  \
+        case 3: if (MM_NT > 3) tile_##TY(w, ldw, nr, x + t * ldx, ldx, 3, n, y + t * ldy, ldy); break; \
+        case 2: if (MM_NT > 2) tile_##TY(w, ldw, nr, x + t * ldx, ldx, 2, n, y + t * ldy, ldy); break; \
+        case 1: if (MM_NT > 1) tile_##TY(w, ldw, nr, x + t * ldx, ldx, 1, n, y + t * ldy, ldy); break; \
+        default: break;                                                                       \
+        }                                                                                     \
+    }
+
+DEFINE_BLOCK(f32, float)
+DEFINE_BLOCK(bf16, uint16_t)
+#if !MM_AVX2 || defined(__F16C__)
+DEFINE_BLOCK(f16, uint16_t)
+#define MM_HAVE_F16_TILE 1
+#endif
 
 void eng_mm_rows(const eng_tensor *w, const float *x, int64_t ldx, int n_tok, float *y,
                  int64_t ldy, int64_t r0, int64_t r1, float *scratch) {
@@ -307,16 +320,21 @@ void eng_mm_rows(const eng_tensor *w, const float *x, int64_t ldx, int n_tok, fl
     int64_t ldw = n;
     for (int64_t r = r0; r < r1; r += MM_RB) {
         int nr = (int)(r1 - r < MM_RB ? r1 - r : MM_RB);
-        const float *wb;
-        if (w->dtype == ENG_F32 && nr == MM_RB) {
-            wb = (const float *)row_ptr(w, r);
+        if (nr == MM_RB && w->dtype == ENG_F32) {
+            block_f32((const float *)row_ptr(w, r), ldw, nr, x, ldx, n_tok, n, y + r, ldy);
+        } else if (nr == MM_RB && w->dtype == ENG_BF16) {
+            block_bf16((const uint16_t *)row_ptr(w, r), ldw, nr, x, ldx, n_tok, n, y + r, ldy);
+#ifdef MM_HAVE_F16_TILE
+        } else if (nr == MM_RB && w->dtype == ENG_F16) {
+            block_f16((const uint16_t *)row_ptr(w, r), ldw, nr, x, ldx, n_tok, n, y + r, ldy);
+#endif
         } else {
-            /* Convert (or, for a short F32 tail block, copy) the rows; pad
-             * missing rows with the last one so the tile reads valid memory. */
+            /* Q8_0, and short tail blocks of any type: convert the rows to
+             * f32 scratch, padding missing rows with the last one so the tile
+             * reads valid memory. */
             for (int k = 0; k < MM_RB; k++)
                 eng_mm_row_f32(w, r + (k < nr ? k : nr - 1), scratch + (size_t)k * (size_t)ldw);
-            wb = scratch;
+            block_f32(scratch, ldw, nr, x, ldx, n_tok, n, y + r, ldy);
         }
-        block_tokens(wb, ldw, nr, x, ldx, n_tok, n, y + r, ldy);
     }
 }
