@@ -20,6 +20,7 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "engine/backend.h"
+#include "engine/cpu_matmul.h"
 #include "engine/ref_cpu.h"
 #include "kvpool/kvpool.h"
 #include "tests/test.h"
@@ -266,6 +267,25 @@ TEST(rope_llama3_inv_freq) {
     c.rope_scaling = (eng_rope_scaling){2, 4.0f, 0, 0, 0};
     eng_rope_inv_freq(&c, f);
     ASSERT_NEAR(f[1], 0.1 / 4, 1e-7);
+}
+
+/* The backend's vectorised row conversion agrees with the loader's
+ * reference dequantiser (eng_tensor_row_f32) bit for bit, for every dtype. */
+TEST(row_conversion_matches_loader) {
+    eng_dtype dts[4] = {ENG_F32, ENG_F16, ENG_BF16, ENG_Q8_0};
+    for (int k = 0; k < 4; k++) {
+        synth *s = calloc(1, sizeof *s);
+        s->rng = 42 + (uint64_t)k;
+        eng_tensor t;
+        mk(s, &t, 5, 96, dts[k], 0.1f, 3.0f);
+        float a[96], b[96];
+        for (int r = 0; r < 5; r++) {
+            eng_tensor_row_f32(&t, r, a);
+            eng_mm_row_f32(&t, r, b);
+            ASSERT_EQ(memcmp(a, b, sizeof a), 0);
+        }
+        synth_free(s);
+    }
 }
 
 TEST(prefill_one_chunk_matches_reference) {
