@@ -710,3 +710,177 @@ TEST(load_tokenizer_only) {
     ASSERT_EQ(eng_model_load_tokenizer("/nonexistent/tokenizer.json", &t), D2_ENOENT);
     ASSERT_LT(eng_model_load_tokenizer("/tmp", &t), 0); /* no tokenizer.json */
 }
+
+/* ---- tools/gen_model ------------------------------------------------------- */
+
+static const char *gen_bin(void) {
+    const char *b = getenv("D2_GEN_MODEL");
+    b = b && *b ? b : "build/tools/gen_model";
+    if (access(b, X_OK) != 0) SKIP("%s not built", b);
+    return b;
+}
+
+/* Runs gen_model with args into dir; fails the test if it fails. */
+static void gen(const char *dir, const char *args) {
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s --out %s %s >/dev/null", gen_bin(), dir, args);
+    if (system(cmd) != 0) FAIL_("failed: %s", cmd);
+}
+
+static char *mk_tmpdir(void) {
+    static char d[64];
+    snprintf(d, sizeof d, "/tmp/d2_test_gen_XXXXXX");
+    if (!mkdtemp(d)) FAIL_("mkdtemp");
+    return d;
+}
+
+static void rm_tree2(const char *root) {
+    /* root/<sub>/<files>, one level of subdirectories */
+    DIR *d = opendir(root);
+    if (!d) return;
+    struct dirent *e;
+    char p[1024];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(p, sizeof p, "%s/%s", root, e->d_name);
+        if (d2_is_dir(p)) rm_rf(p);
+        else unlink(p);
+    }
+    closedir(d);
+    rmdir(root);
+}
+
+TEST(gen_model_tiny_qwen2_sharded) {
+    const char *tok = test_shared_path(STORIES_HF "/tokenizer.json");
+    REQUIRE_FILE(tok);
+    char root[64], a[128], a2[128], q[128], s[128], l3[128], args[1024];
+    snprintf(root, sizeof root, "%s", mk_tmpdir());
+    snprintf(a, sizeof a, "%s/tiny", root);
+    snprintf(a2, sizeof a2, "%s/tiny2", root);
+    snprintf(q, sizeof q, "%s/qwen", root);
+    snprintf(s, sizeof s, "%s/shard", root);
+    snprintf(l3, sizeof l3, "%s/l3", root);
+    snprintf(args, sizeof args, "--shape tiny --seed 7 --tokenizer %s", tok);
+    gen(a, args);
+    gen(a2, args);
+    snprintf(args, sizeof args, "--shape tiny --seed 7 --arch qwen2 --dtype bf16 --tokenizer %s", tok);
+    gen(q, args);
+    snprintf(args, sizeof args, "--shape tiny --seed 7 --dtype f16 --shards 3 --tokenizer %s", tok);
+    gen(s, args);
+    gen(l3, "--shape llama3-8b --layers 1 --dim 64 --heads 4 --kv-heads 2 --ffn 96 --vocab 1000 "
+            "--tokenizer none --dtype bf16");
+
+    /* Deterministic: the same seed writes the same bytes. */
+    char p1[256], p2[256];
+    snprintf(p1, sizeof p1, "%s/model.safetensors", a);
+    snprintf(p2, sizeof p2, "%s/model.safetensors", a2);
+    uint8_t *b1, *b2;
+    size_t n1, n2;
+    read_all(p1, &b1, &n1);
+    read_all(p2, &b2, &n2);
+    ASSERT_EQ(n1, n2);
+    ASSERT(memcmp(b1, b2, n1) == 0);
+    free(b1);
+    free(b2);
+
+    eng_model *m = NULL, *mq = NULL, *ms = NULL, *m3 = NULL;
+    ASSERT_EQ(eng_model_load(a, true, &m), D2_OK);
+    const eng_model_config *c = &m->cfg;
+    ASSERT_EQ(c->arch, ENG_ARCH_LLAMA);
+    ASSERT_EQ(c->n_layers, 2);
+    ASSERT_EQ(c->dim, 64);
+    ASSERT_EQ(c->n_heads, 4);
+    ASSERT_EQ(c->n_kv_heads, 2);
+    ASSERT_EQ(c->head_dim, 16);
+    ASSERT_EQ(c->ffn_dim, 128);
+    ASSERT_EQ(c->vocab_size, 512);
+    ASSERT_EQ(c->max_ctx, 512);
+    ASSERT(c->rope_neox);
+    ASSERT(!c->tied_embeddings);
+    ASSERT(!c->qkv_bias);
+    ASSERT_EQ(c->bos_id, 1);
+    ASSERT_EQ(c->eos_ids[0], 2);
+    ASSERT(m->output.data && m->output.data != m->tok_embd.data);
+    ASSERT(m->tok != NULL);
+    ASSERT_EQ(eng_tok_n_vocab(m->tok), 512);
+    ASSERT_EQ(m->tok_embd.dtype, ENG_F32);
+    /* 512*64*2 + 2*(64*64*2 + 32*64*2 + 3*128*64 + 128) + 64 */
+    ASSERT_EQ(eng_model_n_params(m), 65536 + 2 * (8192 + 4096 + 24576 + 128) + 64);
+    float x[128], y[128];
+    row(&m->layers[1].ffn_norm, 0, x);
+    for (int i = 0; i < 64; i++) ASSERT(x[i] == 1.0f);
+    double sum = 0, sq = 0;
+    for (int r = 0; r < 512; r++) {
+        row(&m->tok_embd, r, x);
+        for (int i = 0; i < 64; i++) sum += x[i], sq += (double)x[i] * x[i];
+    }
+    double mean = sum / (512 * 64), sd = sqrt(sq / (512 * 64) - mean * mean);
+    ASSERT_NEAR(mean, 0.0, 1e-3);
+    ASSERT_NEAR(sd, 0.02, 1e-3);
+
+    ASSERT_EQ(eng_model_load(q, false, &mq), D2_OK);
+    ASSERT_EQ(mq->cfg.arch, ENG_ARCH_QWEN2);
+    ASSERT(mq->cfg.qkv_bias);
+    ASSERT(mq->cfg.tied_embeddings);
+    ASSERT(mq->output.data == mq->tok_embd.data);
+    ASSERT_NEAR(mq->cfg.rms_eps, 1e-6, 1e-12);
+    ASSERT_EQ(mq->cfg.sliding_window, 0);
+    ASSERT_EQ(mq->layers[1].wq.dtype, ENG_BF16);
+    ASSERT(mq->layers[1].bq.data && mq->layers[1].bk.data && mq->layers[1].bv.data);
+    ASSERT_EQ(mq->layers[1].bk.cols, 32);
+    /* Same seed, same tensor index (0 = embeddings): bf16 of the f32 values. */
+    row(&m->tok_embd, 3, x);
+    row(&mq->tok_embd, 3, y);
+    for (int i = 0; i < 64; i++) ASSERT(y[i] == d2_bf16_to_f32(d2_f32_to_bf16(x[i])));
+
+    ASSERT_EQ(eng_model_load(s, false, &ms), D2_OK);
+    ASSERT_EQ(ms->n_maps, 3);
+    ASSERT_EQ(ms->layers[1].w_down.dtype, ENG_F16);
+    for (int64_t r = 0; r < 64; r += 9) {
+        row(&m->layers[1].w_down, r, x);
+        row(&ms->layers[1].w_down, r, y);
+        for (int i = 0; i < 128; i++) ASSERT(y[i] == d2_f16_to_f32(d2_f32_to_f16(x[i])));
+    }
+    row(&m->output, 511, x);
+    row(&ms->output, 511, y);
+    for (int i = 0; i < 64; i++) ASSERT(y[i] == d2_f16_to_f32(d2_f32_to_f16(x[i])));
+
+    ASSERT_EQ(eng_model_load(l3, false, &m3), D2_OK);
+    ASSERT_EQ(m3->cfg.rope_scaling.type, 1);
+    ASSERT_NEAR(m3->cfg.rope_scaling.factor, 8.0, 0);
+    ASSERT_NEAR(m3->cfg.rope_scaling.high_freq_factor, 4.0, 0);
+    ASSERT_EQ(m3->cfg.rope_scaling.original_max_pos, 8192);
+    ASSERT_NEAR(m3->cfg.rope_theta, 500000.0, 0.1);
+    ASSERT_EQ(m3->cfg.vocab_size, 1000);
+    ASSERT(m3->tok == NULL);
+    eng_model_free(m);
+    eng_model_free(mq);
+    eng_model_free(ms);
+    eng_model_free(m3);
+
+    /* Sharded-index corruptions. */
+    quiet();
+    char ip[256], sp[256];
+    snprintf(ip, sizeof ip, "%s/model.safetensors.index.json", s);
+    uint8_t *idx;
+    size_t il;
+    read_all(ip, &idx, &il);
+    size_t nl;
+    char *bad = replace1((const char *)idx, il, "model-00002-of-00003", "model-00002-of-0000X", &nl);
+    write_file(ip, bad, nl);
+    ASSERT_EQ(eng_model_load(s, false, &ms), D2_ENOENT);
+    free(bad);
+    bad = replace1((const char *)idx, il, "\"model-00002-of-00003", "\"../el-00002-of-00003", &nl);
+    write_file(ip, bad, nl);
+    ASSERT_EQ(eng_model_load(s, false, &ms), D2_EFORMAT);
+    free(bad);
+    write_file(ip, "{\"weight_map\": 3}", 17);
+    ASSERT_EQ(eng_model_load(s, false, &ms), D2_EFORMAT);
+    write_file(ip, idx, il);
+    snprintf(sp, sizeof sp, "%s/model-00003-of-00003.safetensors", s);
+    ASSERT_EQ(truncate(sp, 1000), 0);
+    ASSERT_EQ(eng_model_load(s, false, &ms), D2_EFORMAT);
+    ASSERT(ms == NULL);
+    free(idx);
+    rm_tree2(root);
+}
