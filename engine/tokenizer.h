@@ -66,8 +66,11 @@ bool eng_tok_is_special(const eng_tokenizer *t, int id);
 /* Encodes len bytes of UTF-8 text. add_special: add BOS/EOS as the tokenizer
  * is configured to. parse_special: recognise special tokens' text.
  * On success *ids is malloc'd (caller frees) holding *n ids.
- * Returns D2_OK, D2_ENOMEM, D2_EUTF8 (invalid UTF-8 is replaced by U+FFFD as
- * HF does, so this is only for callers that ask; see implementation). */
+ * Returns D2_OK, D2_EINVAL or D2_ENOMEM. Invalid UTF-8 is not an error:
+ * each byte that does not start a valid sequence is replaced by U+FFFD
+ * before tokenizing (a JS/HF string cannot hold such bytes; this defines it).
+ * parse_special false: added tokens marked special are not recognised (plain
+ * added tokens still are). */
 int eng_tok_encode(const eng_tokenizer *t, const char *text, size_t len, bool add_special,
                    bool parse_special, int32_t **ids, size_t *n);
 
@@ -88,14 +91,20 @@ int eng_tok_decode(const eng_tokenizer *t, const int32_t *ids, size_t n, bool sk
 typedef struct eng_tok_stream {
     uint8_t pending[8];
     int n_pending;
-    int n_tokens;        /* tokens fed so far (first-token space rule) */
+    int n_tokens;        /* tokens fed so far */
     bool skip_special;
+    size_t n_bytes;      /* piece bytes produced so far (the SentencePiece
+                            leading-space strip applies while this is 0) */
 } eng_tok_stream;
 void eng_tok_stream_init(eng_tok_stream *s, bool skip_special);
 /* Appends the text that becomes complete after id to out (capacity cap,
  * NUL-terminated); returns the number of bytes written or a negative status
- * (D2_ERANGE if cap is too small: 64 bytes always suffice per token for
- * vocabularies whose pieces are at most 48 bytes; use eng_tok_max_piece_len). */
+ * (D2_EINVAL for an id out of range; D2_ERANGE, with the state unchanged,
+ * if cap is too small: 3 * eng_tok_max_piece_len(t) + 16 always suffices,
+ * since each invalid byte may become a 3-byte U+FFFD; 64 bytes suffice for
+ * valid text whose pieces are at most 48 bytes).
+ * Bytes that can never complete a sequence are emitted as U+FFFD at once;
+ * a valid but incomplete prefix (at most 3 bytes) is held in pending. */
 int eng_tok_stream_feed(const eng_tokenizer *t, eng_tok_stream *s, int id, char *out, size_t cap);
 int eng_tok_stream_finish(const eng_tokenizer *t, eng_tok_stream *s, char *out, size_t cap);
 size_t eng_tok_max_piece_len(const eng_tokenizer *t);
