@@ -1,18 +1,49 @@
 /*
  * engine/sample.h — token sampling (internal to engine/; re-exported by
- * engine/engine.h).
+ * engine/engine.h). Callers: the engine's decode loop (one eng_sampler per
+ * sequence) and tests. A sampler is not thread-safe; distinct samplers are
+ * independent (no global state besides the entropy counter used when a
+ * request has no seed).
  *
- * Pipeline, in vLLM's order: logit_bias -> repetition/presence/frequency
- * penalties over the sequence's tokens -> (temperature == 0: greedy argmax,
- * ties to the lowest id) -> temperature -> top-k -> top-p -> min-p -> draw
- * with the request's own RNG. Log-probabilities are reported from the
- * model's distribution after penalties and bias, before temperature and
- * truncation (as vLLM's default "raw" logprobs do not; we document ours:
- * log_softmax of the processed logits at temperature 1).
+ * Pipeline, in this order (vLLM v0's order):
+ *   1. logit_bias: logits[token] += bias (entries are applied one by one, so a
+ *      token listed twice gets both biases).
+ *   2. penalties over the tokens seen so far (only those tokens are touched):
+ *      repetition (HF/vLLM rule, prompt and generated tokens):
+ *          logit > 0 ? logit / repetition_penalty : logit * repetition_penalty
+ *      presence and frequency (OpenAI rule, generated tokens only, count = how
+ *      many times the token was generated):
+ *          logit -= presence_penalty * (count > 0) + frequency_penalty * count
+ *      Steps 1-2 are eng_sampler_process_logits.
+ *   3. temperature < 1e-5 (as vLLM): greedy argmax, ties to the lowest id.
+ *      Otherwise p ~ exp(logit / temperature), then
+ *   4. top-k: keep the k most likely tokens (0 or >= n_vocab: off),
+ *   5. top-p: of those, keep the smallest most-likely-first set whose mass is
+ *      >= top_p of their (renormalised) mass; always at least one token,
+ *   6. min-p: of those, keep tokens with p >= min_p * p_max,
+ *   7. draw one token from what is left with the request's own RNG.
+ *   "Most likely first" is the order (logit descending, token id ascending),
+ *   so ties are broken deterministically towards the lower id. vLLM v1 applies
+ *   min-p before top-k/top-p; the two orders differ only when top-p and min-p
+ *   are both set.
  *
- * The sampler keeps no global state: the RNG state lives in eng_sampler,
- * seeded per request, so the same seed gives the same output.
- * eng_sampler_sample does not allocate: scratch is supplied at init.
+ * Log-probabilities (eng_sample_result.logprob and .top) are taken from the
+ * distribution after steps 1-2 and before steps 3-7: log_softmax of the
+ * processed logits at temperature 1 over the whole vocabulary. This is what
+ * vLLM reports by default (its "raw" logprobs of the processed logits);
+ * temperature, top-k/top-p/min-p and the greedy choice do not change them, so
+ * a chosen token's logprob can be below the top entries' and the top list can
+ * hold tokens the sampler could not pick.
+ *
+ * Input logits must be finite or -inf (a -inf token is never picked); at least
+ * one must be finite. NaN or +inf makes eng_sampler_sample return D2_EINVAL.
+ * Tokens whose probability relative to the most likely one is below about
+ * exp(-86) are treated as probability 0.
+ *
+ * The RNG (xoshiro256**, seeded through splitmix64) lives in eng_sampler and
+ * is seeded per request, so the same seed and the same logits give the same
+ * tokens. eng_sampler_sample does not allocate: all scratch is made at init
+ * (about 23 bytes per vocabulary entry per sampler).
  */
 #ifndef D2_ENGINE_SAMPLE_H
 #define D2_ENGINE_SAMPLE_H
@@ -24,30 +55,34 @@
 typedef struct eng_logit_bias { int32_t token; float bias; } eng_logit_bias;
 
 typedef struct eng_sample_params {
-    float temperature;        /* 0 = greedy */
-    int top_k;                /* 0 = off */
-    float top_p;              /* 1 = off */
-    float min_p;              /* 0 = off */
-    float repetition_penalty; /* 1 = off (HF/vLLM rule: divide positive logits, multiply negative) */
-    float presence_penalty;   /* 0 = off (OpenAI rule) */
-    float frequency_penalty;  /* 0 = off */
+    float temperature;        /* [0, 2]; below 1e-5 = greedy */
+    int top_k;                /* >= 0; 0 = off (as is >= n_vocab) */
+    float top_p;              /* (0, 1]; 1 = off */
+    float min_p;              /* [0, 1]; 0 = off */
+    float repetition_penalty; /* (0, 10]; 1 = off (HF/vLLM rule: divide positive logits, multiply negative) */
+    float presence_penalty;   /* [-2, 2]; 0 = off (OpenAI rule) */
+    float frequency_penalty;  /* [-2, 2]; 0 = off */
     uint64_t seed;
-    bool has_seed;            /* false: seeded from a time/entropy source */
-    const eng_logit_bias *logit_bias; int n_logit_bias; /* borrowed for the sampler's life */
+    bool has_seed;            /* false: seeded from the clock and a process counter */
+    const eng_logit_bias *logit_bias; int n_logit_bias; /* borrowed for the sampler's life; bias in [-100, 100] */
     int n_top_logprobs;       /* 0..20 */
 } eng_sample_params;
 
+/* temperature 1, top_k 0, top_p 1, min_p 0, repetition 1, presence and
+ * frequency 0, no seed, no bias, no top logprobs (OpenAI's defaults). */
 void eng_sample_params_default(eng_sample_params *p);
-/* D2_OK or D2_EINVAL with *why set to a static message naming the field. */
+/* D2_OK or D2_EINVAL with *why set to a static message naming the field
+ * (e.g. "temperature must be between 0 and 2"); *why is untouched on success.
+ * why may be NULL. */
 int eng_sample_params_validate(const eng_sample_params *p, int n_vocab, const char **why);
 
 typedef struct eng_token_logprob { int32_t token; float logprob; } eng_token_logprob;
 
 typedef struct eng_sample_result {
     int32_t token;
-    float logprob;                    /* of the chosen token */
-    int n_top;
-    eng_token_logprob top[20];        /* most likely first */
+    float logprob;                    /* of the chosen token (see top of file) */
+    int n_top;                        /* min(n_top_logprobs, n_vocab) */
+    eng_token_logprob top[20];        /* most likely first, ties to the lower id */
 } eng_sample_result;
 
 typedef struct eng_sampler {
@@ -55,19 +90,37 @@ typedef struct eng_sampler {
     uint64_t rng[4];                  /* xoshiro256** state */
     int n_vocab;
     /* scratch, owned: allocated in init, freed in free */
-    float *work;                      /* [n_vocab] */
-    int32_t *idx;                     /* [n_vocab] */
-    int32_t *counts;                  /* [n_vocab] occurrences in prompt+output (penalties) */
-    uint8_t *seen_prompt;             /* [n_vocab] token occurred in the prompt (repetition penalty) */
+    float *work;                      /* [n_vocab] processed logits of the current sample */
+    float *prob;                      /* [n_vocab] exp((logit - max) / temperature) */
+    int32_t *idx;                     /* [n_vocab] candidate token ids */
+    uint16_t *bins;                   /* [n_vocab] histogram bin of each token */
+    int32_t *hist_cnt;                /* [ENG_SAMPLE_NBINS] tokens per bin */
+    double *hist_mass;                /* [ENG_SAMPLE_NBINS] probability mass per bin */
+    /* penalty state, kept across samples of one sequence */
+    int32_t *counts;                  /* [n_vocab] occurrences among generated tokens */
+    uint8_t *seen_prompt;             /* [n_vocab] token occurred in the prompt */
+    int32_t *seen_ids;                /* [n_vocab] distinct ids seen in prompt or output */
+    int n_seen;                       /* entries used in seen_ids */
 } eng_sampler;
 
+/* Histogram size used by top-k/top-p selection (internal; for the scratch). */
+#define ENG_SAMPLE_NBINS 1537
+
+/* Validates p (D2_EINVAL, logged), seeds the RNG, allocates the scratch
+ * (D2_ENOMEM). On failure *s is left zeroed, safe to eng_sampler_free. */
 int eng_sampler_init(eng_sampler *s, const eng_sample_params *p, int n_vocab);
+/* Frees the scratch; accepts a zeroed sampler. */
 void eng_sampler_free(eng_sampler *s);
 /* Records tokens for penalties: prompt tokens count for repetition penalty
- * only (as in vLLM); generated tokens count for all three. */
+ * only (as in vLLM); generated tokens count for all three. Ids outside
+ * [0, n_vocab) are ignored. */
 void eng_sampler_add_prompt(eng_sampler *s, const int32_t *ids, size_t n);
 void eng_sampler_accept(eng_sampler *s, int32_t token);
-/* Samples from logits[n_vocab] (not modified). */
+/* Steps 1-2 of the pipeline: out[n_vocab] = in[n_vocab] with the logit bias
+ * and the penalties applied. out may equal in. Exposed for tests. */
+void eng_sampler_process_logits(eng_sampler *s, const float *in, float *out);
+/* Samples from logits[n_vocab] (not modified). D2_OK, or D2_EINVAL for
+ * NaN/+inf logits or no finite logit (out->token is then -1). */
 int eng_sampler_sample(eng_sampler *s, const float *logits, eng_sample_result *out);
 
 #endif
