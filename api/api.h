@@ -1,0 +1,64 @@
+/*
+ * api/api.h — the public header of api/: the OpenAI-compatible HTTP API.
+ *
+ * Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+ * GET /health (503 until api_server_set_ready), GET /metrics (Prometheus
+ * text, `d2od:` prefix), POST /tokenize, POST /detokenize.
+ *
+ * HTTP runs on libmicrohttpd's own polling thread; a request waiting for the
+ * engine is suspended (no thread ever blocks on a client or on the engine).
+ * Engine events arrive on the engine thread, are formatted into the
+ * request's buffer under its lock, and resume the connection.
+ *
+ * Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+ *
+ * Ownership: api_server_create's *out belongs to the caller
+ * (api_server_destroy). The engine and scheduler are borrowed and must
+ * outlive the server. Threading: create/start/stop/destroy from the main
+ * thread; api_server_tick from the main loop; the rest is internal.
+ */
+#ifndef D2_API_API_H
+#define D2_API_API_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/engine.h"
+
+typedef struct api_config {
+    const char *host;              /* "127.0.0.1" */
+    int port;                      /* 0: any free port (see api_server_port) */
+    const char *api_key;           /* NULL or "": no authentication */
+    bool auth_health_metrics;      /* /health and /metrics need the key too */
+    const char *served_model_name; /* id reported by /v1/models and accepted in "model" */
+    size_t body_limit;             /* bytes; larger bodies get 413 */
+    int max_n;                     /* limit on "n" */
+    int max_tokens_limit;          /* limit on max_tokens */
+    int default_max_tokens;        /* when the request gives none */
+    double request_timeout_s;      /* 0: none */
+    bool log_requests;             /* one INFO line per request */
+    const char *chat_template;     /* overrides the model's; NULL: the model's, else ChatML */
+} api_config;
+
+typedef struct api_server api_server;
+
+int api_server_create(const api_config *cfg, eng_engine *e, eng_sched *s, api_server **out);
+/* Binds and starts serving; D2_EIO when the address cannot be bound. */
+int api_server_start(api_server *srv);
+int api_server_port(const api_server *srv);
+/* /health turns 200. */
+void api_server_set_ready(api_server *srv, bool ready);
+/* Stop accepting new generation requests (they get 503); in-flight ones
+ * continue. */
+void api_server_drain(api_server *srv);
+/* Requests still in flight. */
+int api_server_in_flight(const api_server *srv);
+/* Cancels requests past their deadline; call periodically (e.g. every 100 ms). */
+void api_server_tick(api_server *srv);
+/* Live-reloadable settings (log_requests, limits, timeout, api key). */
+void api_server_update_config(api_server *srv, const api_config *cfg);
+/* Stops the HTTP thread (connections closed) and frees. Accepts NULL. */
+void api_server_destroy(api_server *srv);
+
+#endif
