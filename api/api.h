@@ -56,6 +56,9 @@ void api_server_drain(api_server *srv);
 int api_server_in_flight(const api_server *srv);
 /* Cancels requests past their deadline; call periodically (e.g. every 100 ms). */
 void api_server_tick(api_server *srv);
+/* Cancels every in-flight generation (end of a drain that timed out); the
+ * clients get what was generated so far with finish_reason "abort". */
+void api_server_cancel_all(api_server *srv);
 /* Live-reloadable settings (log_requests, limits, timeout, api key). */
 void api_server_update_config(api_server *srv, const api_config *cfg);
 /* Stops the HTTP thread (connections closed) and frees. Accepts NULL. */

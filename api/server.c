@@ -143,6 +143,7 @@ typedef struct api_req {
     int32_t *prompt_len;    /* [n_prompts] tokens per prompt */
     int prompt_tokens;
     bool suspended;
+    bool gone;              /* the connection is closed: never resume it */
     bool responded;
     buf sse;                /* bytes queued for a stream */
     size_t sse_off;
@@ -248,7 +249,7 @@ static bool authorized(api_server *srv, struct MHD_Connection *c) {
 /* ---- engine events ------------------------------------------------------------- */
 
 static void resume_locked(api_req *r) {
-    if (r->suspended) {
+    if (r->suspended && !r->gone) {
         r->suspended = false;
         MHD_resume_connection(r->conn);
     }
@@ -509,6 +510,10 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     api_req *r = *con_cls;
     if (!r) return;
     *con_cls = NULL;
+    pthread_mutex_lock(&r->mu);
+    r->gone = true;
+    r->suspended = false;
+    pthread_mutex_unlock(&r->mu);
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) cancel_all(r); /* client gone: free its pages */
     req_unref(r);
 }
@@ -1072,6 +1077,12 @@ void api_server_tick(api_server *srv) {
             cancel_all(r);
         }
     }
+    pthread_mutex_unlock(&srv->active_mu);
+}
+
+void api_server_cancel_all(api_server *srv) {
+    pthread_mutex_lock(&srv->active_mu);
+    for (api_req *r = srv->active; r; r = r->next) cancel_all(r);
     pthread_mutex_unlock(&srv->active_mu);
 }
 

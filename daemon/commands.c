@@ -391,14 +391,3 @@ int d2_cmd_perplexity(int argc, char **argv) {
     eng_engine_destroy(e);
     return 0;
 }
-
-/* ---- serve ---------------------------------------------------------------------- */
-
-int d2_cmd_serve(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    fprintf(stderr,
-            "d2od serve: the HTTP daemon is not part of this build yet (tracked as the daemon "
-            "issue); use 'd2od generate' meanwhile\n");
-    return 1;
-}

@@ -165,6 +165,8 @@ void eng_sched_cancel(eng_sched *s, uint64_t id);
 /* Manual mode: one iteration (admit, plan, step, sample, retire). Returns the
  * number of requests still in flight (>= 0) or an error. */
 int eng_sched_step(eng_sched *s);
+/* Thread-safe: changes the queue limit (SIGHUP reload). */
+void eng_sched_set_max_queue(eng_sched *s, int max_queue);
 /* Thread-safe snapshot. */
 eng_sched_stats eng_sched_get_stats(eng_sched *s);
 /* Stops admitting new requests (submit returns D2_EAGAIN); in-flight ones

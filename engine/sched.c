@@ -232,6 +232,12 @@ void eng_sched_cancel(eng_sched *s, uint64_t id) {
     pthread_mutex_unlock(&s->mu);
 }
 
+void eng_sched_set_max_queue(eng_sched *s, int max_queue) {
+    pthread_mutex_lock(&s->mu);
+    s->cfg.max_queue = max_queue;
+    pthread_mutex_unlock(&s->mu);
+}
+
 void eng_sched_close(eng_sched *s) {
     pthread_mutex_lock(&s->mu);
     s->closed = true;

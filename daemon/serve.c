@@ -1,0 +1,301 @@
+/*
+ * daemon/serve.c — `d2od serve`: the daemon's life cycle on a libuv loop.
+ *
+ *   load config (file < environment < command line) -> load model, reserve
+ *   the KV pool -> start the scheduler thread -> start HTTP -> one warm-up
+ *   generation -> /health turns 200 and systemd gets READY=1.
+ *
+ * The libuv loop owns the process's signals and timers:
+ *   SIGTERM/SIGINT  STOPPING=1, stop accepting (new requests get 503), let
+ *                   in-flight requests finish up to drain_timeout_s, cancel
+ *                   the rest, then exit 0. A second signal exits at once.
+ *   SIGHUP          reload the live settings (log level, limits, API key,
+ *                   queue size, timeout) and warn about the ones that need a
+ *                   restart (RELOADING=1 ... READY=1).
+ *   timers          request deadlines (100 ms), systemd watchdog (half of
+ *                   WATCHDOG_USEC).
+ * HTTP runs on libmicrohttpd's thread and generation on the engine thread;
+ * this thread never blocks on either.
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "api/api.h"
+#include "common/log.h"
+#include "common/status.h"
+#include "common/util.h"
+#include "daemon/cli.h"
+#include "daemon/config.h"
+#include "daemon/notify.h"
+#include "engine/engine.h"
+
+typedef struct daemon_state {
+    dmn_config cfg;
+    int argc;
+    char **argv;
+    eng_engine *e;
+    eng_sched *sched;
+    api_server *srv;
+    uv_loop_t loop;
+    uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t tick, watchdog, drain;
+    bool draining;
+    double drain_deadline;
+    int exit_code;
+} daemon_state;
+
+static d2_log_level to_log_level(int l) {
+    switch (l) {
+    case DMN_LOG_DEBUG: return D2_LOG_DEBUG;
+    case DMN_LOG_WARN: return D2_LOG_WARN;
+    case DMN_LOG_ERROR: return D2_LOG_ERROR;
+    default: return D2_LOG_INFO;
+    }
+}
+
+static void api_config_from(const dmn_config *c, api_config *a) {
+    memset(a, 0, sizeof *a);
+    a->host = c->host;
+    a->port = c->port;
+    a->api_key = c->api_key[0] ? c->api_key : NULL;
+    a->auth_health_metrics = c->api_key_for_health_metrics;
+    a->served_model_name = c->served_model_name;
+    a->body_limit = (size_t)c->body_limit;
+    a->max_n = c->max_n;
+    a->max_tokens_limit = c->max_tokens_limit;
+    a->default_max_tokens = c->default_max_tokens;
+    a->request_timeout_s = c->request_timeout_s;
+    a->log_requests = c->log_requests;
+}
+
+/* ---- warm-up ---------------------------------------------------------------- */
+
+typedef struct warm { pthread_mutex_t mu; pthread_cond_t cv; bool done; int status; } warm;
+
+static int warm_event(void *user, const eng_event *ev) {
+    warm *w = user;
+    if (ev->type == ENG_EV_DONE) {
+        pthread_mutex_lock(&w->mu);
+        w->done = true;
+        w->status = ev->status;
+        pthread_cond_signal(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+    return 0;
+}
+
+/* One short generation through the whole path (pool, backend, sampler). */
+static int warm_up(daemon_state *d) {
+    const eng_tokenizer *tok = eng_engine_tokenizer(d->e);
+    int32_t prompt[2] = {eng_tok_bos(tok) >= 0 ? eng_tok_bos(tok) : 0, 0};
+    warm w = {.done = false};
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_cond_init(&w.cv, NULL);
+    eng_request q = {.prompt = prompt, .n_prompt = 2, .max_tokens = 2, .ignore_eos = true,
+                     .on_event = warm_event, .user = &w};
+    eng_sample_params_default(&q.sample);
+    q.sample.temperature = 0;
+    const char *why = NULL;
+    int rc = eng_sched_submit(d->sched, &q, NULL, &why);
+    if (rc == D2_OK) {
+        pthread_mutex_lock(&w.mu);
+        while (!w.done) pthread_cond_wait(&w.cv, &w.mu);
+        rc = w.status;
+        pthread_mutex_unlock(&w.mu);
+    } else if (why) {
+        D2_ERROR("serve: warm-up rejected: %s", why);
+    }
+    pthread_mutex_destroy(&w.mu);
+    pthread_cond_destroy(&w.cv);
+    return rc;
+}
+
+/* ---- loop callbacks ---------------------------------------------------------- */
+
+static void stop_loop(daemon_state *d) {
+    uv_timer_stop(&d->tick);
+    uv_timer_stop(&d->watchdog);
+    uv_timer_stop(&d->drain);
+    uv_signal_stop(&d->sig_term);
+    uv_signal_stop(&d->sig_int);
+    uv_signal_stop(&d->sig_hup);
+    uv_stop(&d->loop);
+}
+
+static void on_drain_tick(uv_timer_t *t) {
+    daemon_state *d = t->data;
+    int left = api_server_in_flight(d->srv);
+    if (left == 0) {
+        D2_INFO("serve: drained; exiting");
+        stop_loop(d);
+        return;
+    }
+    if (d2_now() > d->drain_deadline) {
+        D2_WARN("serve: drain timeout: cancelling %d in-flight request(s)", left);
+        api_server_cancel_all(d->srv);
+        d->drain_deadline = d2_now() + 5.0; /* cancellations finish within a step */
+    }
+}
+
+static void begin_shutdown(daemon_state *d, const char *why) {
+    if (d->draining) {
+        D2_WARN("serve: second %s: exiting now", why);
+        api_server_cancel_all(d->srv);
+        stop_loop(d);
+        return;
+    }
+    d->draining = true;
+    D2_INFO("serve: %s: draining %d in-flight request(s), up to %.0f s", why, api_server_in_flight(d->srv),
+            d->cfg.drain_timeout_s);
+    dmn_notify_stopping();
+    api_server_drain(d->srv);
+    eng_sched_close(d->sched);
+    d->drain_deadline = d2_now() + d->cfg.drain_timeout_s;
+    uv_timer_start(&d->drain, on_drain_tick, 0, 50);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+    daemon_state *d = s->data;
+    if (signum == SIGHUP) {
+        dmn_notify_reloading();
+        dmn_config next;
+        dmn_config_diff diff;
+        char err[512];
+        int rc = dmn_config_reload(&d->cfg, &next, d->argc, d->argv, &diff, err, sizeof err);
+        if (rc != D2_OK) {
+            D2_ERROR("serve: reload failed, keeping the current settings: %s", err);
+        } else {
+            d->cfg = next;
+            d2_log_set_level(to_log_level(d->cfg.log_level));
+            api_config ac;
+            api_config_from(&d->cfg, &ac);
+            api_server_update_config(d->srv, &ac);
+            eng_sched_set_max_queue(d->sched, d->cfg.max_queue);
+            for (int i = 0; i < diff.n_live; i++) D2_INFO("serve: reloaded %s", diff.live[i]);
+            for (int i = 0; i < diff.n_restart; i++) D2_WARN("serve: %s changed but needs a restart", diff.restart[i]);
+        }
+        dmn_notify_ready();
+        return;
+    }
+    begin_shutdown(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static void on_tick(uv_timer_t *t) {
+    daemon_state *d = t->data;
+    api_server_tick(d->srv);
+}
+
+static void on_watchdog(uv_timer_t *t) {
+    (void)t;
+    dmn_notify_watchdog();
+}
+
+/* ---- entry ---------------------------------------------------------------------- */
+
+int d2_cmd_serve(int argc, char **argv) {
+    daemon_state *d = calloc(1, sizeof *d);
+    if (!d) return 1;
+    d->argc = argc;
+    d->argv = argv;
+    char err[1024];
+    int rc = dmn_config_load(&d->cfg, NULL, argc, argv, err, sizeof err);
+    if (rc == DMN_CONFIG_HELP) {
+        printf("usage: d2od serve --model M [--host 127.0.0.1] [--port 8000] [--config FILE] [options]\n\n"
+               "Serves M over an OpenAI-compatible HTTP API. Every option is also a config-file\n"
+               "directive and a D2OD_* environment variable (command line > environment > file).\n\n");
+        dmn_config_print_help(stdout);
+        free(d);
+        return 0;
+    }
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od serve: %s\n", err);
+        free(d);
+        return 2;
+    }
+    d2_log_set_level(to_log_level(d->cfg.log_level));
+    signal(SIGPIPE, SIG_IGN);
+    dmn_notify_status("loading %s", d->cfg.model);
+    D2_INFO("serve: loading %s", d->cfg.model);
+    double t0 = d2_now();
+    eng_engine_config ec = {.model_path = d->cfg.model, .n_threads = d->cfg.threads,
+                            .page_tokens = d->cfg.page_tokens, .kv_mem_mb = d->cfg.kv_mem_mb,
+                            .max_seqs = d->cfg.max_seqs, .max_batch_tokens = d->cfg.max_batch_tokens,
+                            .ctx_len = d->cfg.ctx_len};
+    rc = eng_engine_create(&ec, &d->e);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od serve: cannot load %s: %s\n", d->cfg.model, d2_strerror(rc));
+        free(d);
+        return 1;
+    }
+    eng_pool_stats ps = eng_engine_pool_stats(d->e);
+    D2_INFO("serve: model loaded in %.2f s; context %d; KV pool %lld pages of %d tokens", d2_now() - t0,
+            eng_engine_ctx_len(d->e), (long long)ps.pages_total, ps.page_tokens);
+    eng_sched_config sc = {.max_queue = d->cfg.max_queue};
+    rc = eng_sched_create(d->e, &sc, &d->sched);
+    if (rc == D2_OK) rc = eng_sched_start(d->sched);
+    api_config ac;
+    api_config_from(&d->cfg, &ac);
+    if (rc == D2_OK) rc = api_server_create(&ac, d->e, d->sched, &d->srv);
+    if (rc == D2_OK) rc = api_server_start(d->srv);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od serve: cannot start: %s\n", d2_strerror(rc));
+        api_server_destroy(d->srv);
+        eng_sched_destroy(d->sched);
+        eng_engine_destroy(d->e);
+        free(d);
+        return 1;
+    }
+    rc = warm_up(d);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od serve: warm-up generation failed: %s\n", d2_strerror(rc));
+        api_server_destroy(d->srv);
+        eng_sched_destroy(d->sched);
+        eng_engine_destroy(d->e);
+        free(d);
+        return 1;
+    }
+    api_server_set_ready(d->srv, true);
+    D2_INFO("serve: listening on http://%s:%d (model '%s')", d->cfg.host, api_server_port(d->srv),
+            d->cfg.served_model_name);
+    dmn_notify_status("serving %s on %s:%d", d->cfg.served_model_name, d->cfg.host, api_server_port(d->srv));
+    dmn_notify_ready();
+
+    uv_loop_init(&d->loop);
+    uv_signal_init(&d->loop, &d->sig_term);
+    uv_signal_init(&d->loop, &d->sig_int);
+    uv_signal_init(&d->loop, &d->sig_hup);
+    d->sig_term.data = d->sig_int.data = d->sig_hup.data = d;
+    uv_signal_start(&d->sig_term, on_signal, SIGTERM);
+    uv_signal_start(&d->sig_int, on_signal, SIGINT);
+    uv_signal_start(&d->sig_hup, on_signal, SIGHUP);
+    uv_timer_init(&d->loop, &d->tick);
+    uv_timer_init(&d->loop, &d->watchdog);
+    uv_timer_init(&d->loop, &d->drain);
+    d->tick.data = d->watchdog.data = d->drain.data = d;
+    uv_timer_start(&d->tick, on_tick, 100, 100);
+    uint64_t wd = dmn_notify_watchdog_usec();
+    if (d->cfg.watchdog && wd > 0) uv_timer_start(&d->watchdog, on_watchdog, 0, wd / 2000 > 0 ? wd / 2000 : 1);
+    uv_run(&d->loop, UV_RUN_DEFAULT);
+
+    /* closing order: HTTP (nothing in flight any more), engine thread, engine */
+    uv_close((uv_handle_t *)&d->sig_term, NULL);
+    uv_close((uv_handle_t *)&d->sig_int, NULL);
+    uv_close((uv_handle_t *)&d->sig_hup, NULL);
+    uv_close((uv_handle_t *)&d->tick, NULL);
+    uv_close((uv_handle_t *)&d->watchdog, NULL);
+    uv_close((uv_handle_t *)&d->drain, NULL);
+    uv_run(&d->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&d->loop);
+    api_server_destroy(d->srv);
+    eng_sched_destroy(d->sched);
+    eng_engine_destroy(d->e);
+    int code = d->exit_code;
+    free(d);
+    D2_INFO("serve: stopped");
+    return code;
+}
