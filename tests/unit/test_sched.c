@@ -164,8 +164,8 @@ TEST(queue_limit_and_validation) {
     eng_sched *s;
     eng_sched_config sc = {.max_queue = 2};
     ASSERT_OK(eng_sched_create(e, &sc, &s));
-    int32_t p[600];
-    fill_prompt(p, 600, 0);
+    static int32_t p[4200];
+    fill_prompt(p, 4200, 0);
     rec r[4];
     memset(r, 0, sizeof r);
     const char *why = NULL;
@@ -178,7 +178,8 @@ TEST(queue_limit_and_validation) {
     ASSERT(why != NULL);
     eng_request bad = mk_req(p, 0, 5, &r[3]);
     ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_EINVAL);
-    bad = mk_req(p, 600, 5, &r[3]); /* context is 512 */
+    ASSERT_LT(eng_engine_ctx_len(e), 4200);
+    bad = mk_req(p, eng_engine_ctx_len(e), 5, &r[3]);
     ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_ETOOLONG);
     bad = mk_req(p, 10, 5, &r[3]);
     bad.sample.temperature = 5;
