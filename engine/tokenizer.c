@@ -85,6 +85,7 @@ struct eng_tokenizer {
     bool adds_bos, adds_eos;
     /* decoding */
     bool strip_space;      /* strip one leading ' ' of the decoded text */
+    bool dec_bytes;        /* <0xNN> pieces decode to their byte (ByteFallback decoder) */
 };
 
 /* GPT-2 bytes <-> unicode map. */
@@ -299,7 +300,7 @@ static int build_raw(eng_tokenizer *t) {
                 b.n = 0;
                 rc = buf_add(&b, p, n);
             }
-        } else if (t->kind != KIND_BYTELEVEL && !added && (bv = parse_byte_token(p, n)) >= 0 &&
+        } else if (t->kind != KIND_BYTELEVEL && !added && t->dec_bytes && (bv = parse_byte_token(p, n)) >= 0 &&
                    t->byte_tok[bv] == id) {
             char c = (char)bv;
             rc = buf_add(&b, &c, 1);
@@ -979,6 +980,8 @@ static void parse_decoder(eng_tokenizer *t, const json_t *d) {
         size_t i;
         const json_t *x;
         json_array_foreach(json_object_get(d, "decoders"), i, x) parse_decoder(t, x);
+    } else if (!strcmp(type, "ByteFallback")) {
+        t->dec_bytes = true;
     } else if (!strcmp(type, "Strip")) {
         const char *c = jstr(d, "content");
         const json_t *st = json_object_get(d, "start");
@@ -1317,6 +1320,7 @@ int eng_tok_load_gguf(const eng_tok_gguf_desc *d, eng_tokenizer **out) {
     if (spm) {
         t->kind = KIND_SPM_SCORE;
         t->byte_fallback = true;
+        t->dec_bytes = true;
         t->scores = malloc((size_t)d->n_vocab * sizeof(float));
         if (!t->scores) { rc = D2_ENOMEM; goto fail; }
         memcpy(t->scores, d->scores, (size_t)d->n_vocab * sizeof(float));
