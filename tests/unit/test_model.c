@@ -17,6 +17,15 @@
 #include "engine/tokenizer.h"
 #include "tests/test.h"
 
+/* The fuzz entry points, compiled in under other names so the corpus replay
+ * below keeps them building and exercised in every test run. */
+#define LLVMFuzzerTestOneInput fuzz_gguf_one
+#include "tests/fuzz/fuzz_gguf.c"
+#undef LLVMFuzzerTestOneInput
+#define LLVMFuzzerTestOneInput fuzz_safetensors_one
+#include "tests/fuzz/fuzz_safetensors.c"
+#undef LLVMFuzzerTestOneInput
+
 #define STORIES_GGUF "assets/models/stories260K/stories260K.gguf"
 #define STORIES_HF "assets/models/stories260K/hf"
 #define TINY_GGUF "assets/models/llama-2-tiny-random/llama-2-tiny-random.gguf"
@@ -883,4 +892,32 @@ TEST(gen_model_tiny_qwen2_sharded) {
     ASSERT(ms == NULL);
     free(idx);
     rm_tree2(root);
+}
+
+/* Replays the fuzz targets over the real files and deterministic
+ * truncations/mutations of them (a small built-in corpus). */
+TEST(fuzz_targets_replay) {
+    const char *files[] = {STORIES_GGUF, TINY_GGUF, "assets/vocab-tests/ggml-vocab-phi-3.gguf",
+                           STORIES_HF "/model.safetensors"};
+    rng_state = 4242;
+    for (size_t f = 0; f < sizeof files / sizeof files[0]; f++) {
+        const char *p = test_shared_path(files[f]);
+        REQUIRE_FILE(p);
+        uint8_t *buf;
+        size_t len;
+        read_all(p, &buf, &len);
+        bool st = f == 3;
+        for (int it = 0; it < 60; it++) {
+            size_t n = it == 0 ? len : (size_t)(rng() % len);
+            uint8_t *c = malloc(n ? n : 1);
+            ASSERT(c);
+            memcpy(c, buf, n);
+            if (it >= 30 && n > 64)
+                for (int k = 0; k < 4; k++) c[rng() % (n < 16384 ? n : 16384)] ^= (uint8_t)rng();
+            if (st) fuzz_safetensors_one(c, n);
+            else fuzz_gguf_one(c, n);
+            free(c);
+        }
+        free(buf);
+    }
 }
