@@ -22,6 +22,7 @@
  * The loaded tokenizer is immutable: encode/decode are thread-safe.
  */
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,22 +92,19 @@ struct eng_tokenizer {
 /* GPT-2 bytes <-> unicode map. */
 static uint32_t byte_to_cp[256];
 static int16_t cp_to_byte[324];
-static void bytemap_init_once(void) {
-    static int done;
-    if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return;
-    uint32_t tmp[256];
-    int16_t rev[324];
+static void bytemap_init(void) {
     int n = 0;
-    for (int b = 0; b < 256; b++) tmp[b] = 0;
-    for (int i = 0; i < 324; i++) rev[i] = -1;
+    for (int i = 0; i < 324; i++) cp_to_byte[i] = -1;
     for (int b = 0; b < 256; b++) {
         bool direct = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-        tmp[b] = direct ? (uint32_t)b : (uint32_t)(256 + n++);
+        byte_to_cp[b] = direct ? (uint32_t)b : (uint32_t)(256 + n++);
     }
-    for (int b = 0; b < 256; b++) rev[tmp[b]] = (int16_t)b;
-    memcpy(byte_to_cp, tmp, sizeof(tmp));
-    memcpy(cp_to_byte, rev, sizeof(rev));
-    __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
+    for (int b = 0; b < 256; b++) cp_to_byte[byte_to_cp[b]] = (int16_t)b;
+}
+
+static void bytemap_init_once(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, bytemap_init);
 }
 
 /* ------------------------------------------------------------------ utils */
@@ -1303,8 +1301,10 @@ int eng_tok_load_gguf(const eng_tok_gguf_desc *d, eng_tokenizer **out) {
         size_t l = d->token_lens ? d->token_lens[id] : strlen(d->tokens[id]);
         int type = d->token_types ? d->token_types[id] : 1;
         if ((rc = set_piece(t, id, d->tokens[id], l))) break;
-        if (type == 3 || type == 4) { /* control / user-defined: matched as added tokens */
-            if ((rc = push_added(t, t->piece[id], id, type == 3, false, false, false))) break;
+        if (type == 2 || type == 3 || type == 4) {
+            /* unknown / control / user-defined: matched in the text as added
+             * tokens (the first two only with parse_special, as llama.cpp) */
+            if ((rc = push_added(t, t->piece[id], id, type != 4, false, false, false))) break;
             continue;
         }
         rc = eng__tok_map_put(&t->vocab, t->piece[id], l, id, false);

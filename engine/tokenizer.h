@@ -11,7 +11,21 @@
  *    highest-scoring pair) and "gpt2" (byte-level BPE with merges).
  * Added/special tokens are matched in the text before pre-tokenisation (when
  * parse_special is set), honouring lstrip/rstrip as HF does.
- * Goal: ids identical to @huggingface/tokenizers on the same tokenizer.json.
+ * Goal: ids identical to @huggingface/tokenizers on the same tokenizer.json
+ * (checked by tests/unit/test_tokenizer.c against tests/fixtures/tok_oracle.json,
+ * which tests/js/tok_oracle.mjs makes; see engine/tokenizer.c for the few
+ * places where tokenizers.js and the Rust crate differ and which one we follow).
+ * Supported tokenizer.json parts: model BPE (dropout null, no subword
+ * prefix/suffix); normalizer null/NFC/Prepend/Replace(String)/Sequence;
+ * pre_tokenizer null, ByteLevel, Split with one of the three known regexes
+ * (Isolated), Metaspace, Sequence; post_processor TemplateProcessing (BOS/EOS
+ * from its "single" template) or, without one, tokenizer_config add_bos_token /
+ * add_eos_token; decoder ByteLevel, Metaspace, or Sequence of Replace,
+ * ByteFallback, Fuse, Strip. Anything else fails with D2_EUNSUPPORTED, logging
+ * the file. GGUF: token types 2/3 (unknown/control) are special added tokens
+ * (matched only with parse_special), 4 (user-defined) plain added tokens.
+ * Unicode tables: engine/tok_unicode_tables.h (Unicode 14, from Python's
+ * unicodedata via tools/gen_unicode_tables.py).
  *
  * Thread-safety: a loaded tokenizer is immutable; encode/decode may be called
  * from any thread concurrently. Ownership as stated per function.
@@ -58,7 +72,9 @@ int eng_tok_eos(const eng_tokenizer *t);  /* -1 when none */
  * the post-processor / GGUF flags). */
 bool eng_tok_adds_bos(const eng_tokenizer *t);
 bool eng_tok_adds_eos(const eng_tokenizer *t);
-/* Id of a token's exact text (added tokens included), or -1. */
+/* Id of a token's exact text as the vocabulary writes it (tokenizer.json /
+ * GGUF form, e.g. "Ġthe" for byte-level, "▁the" for SentencePiece; added
+ * tokens by content), or -1. */
 int eng_tok_find(const eng_tokenizer *t, const char *text);
 /* True for special/control tokens (skipped when decoding with skip_special). */
 bool eng_tok_is_special(const eng_tokenizer *t, int id);

@@ -14,6 +14,7 @@
 
 #include "common/status.h"
 #include "common/util.h"
+#include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "tests/test.h"
 
@@ -776,4 +777,21 @@ TEST(load_time_and_long_input) {
     free(ids);
     free(s);
     eng_tok_free(t);
+}
+
+/* The same vectors through the engine's own GGUF loader (engine/model.h);
+ * skips while that loader cannot read these vocab-only files. */
+TEST(vocab_tests_model_loader) {
+    static const char *sets[] = {"llama-spm", "phi-3", "gpt-2"};
+    for (size_t i = 0; i < 3; i++) {
+        char rel[256];
+        snprintf(rel, sizeof(rel), "assets/vocab-tests/ggml-vocab-%s.gguf", sets[i]);
+        const char *path = test_shared_path(rel);
+        REQUIRE_FILE(path);
+        eng_tokenizer *t = NULL;
+        int rc = eng_model_load_tokenizer(path, &t);
+        if (rc != D2_OK) SKIP("eng_model_load_tokenizer(%s) = %s", path, d2_status_name(rc));
+        run_vtests(t, sets[i]);
+        eng_tok_free(t);
+    }
 }
