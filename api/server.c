@@ -335,6 +335,8 @@ static void add_logprobs(buf *b, const api_req *r, const api_choice *ch, int fro
     buf_str(b, "]}");
 }
 
+static void log_request(api_server *srv, api_req *r, const char *outcome);
+
 static void sse_chunk_begin(api_req *r, buf *b) {
     buf_str(b, "data: {\"id\":\"");
     buf_str(b, r->id);
@@ -464,7 +466,10 @@ static int on_event(void *user, const eng_event *ev) {
         if (r->params.stream) {
             stream_delta(r, ch, ch->sent, ch->text.len, ch->finish_reason);
             ch->sent = ch->text.len;
-            if (r->n_done == r->n_choices) stream_close(r);
+            if (r->n_done == r->n_choices) {
+                stream_close(r);
+                log_request(srv, r, r->failed ? "error" : r->gone ? "disconnected" : "ok");
+            }
         }
         if (r->n_done == r->n_choices) resume_locked(r);
     }
@@ -773,7 +778,8 @@ static enum MHD_Result handle_generation(api_server *srv, api_req *r) {
             return send_error(srv, r->conn, &err);
         r->has_params = true;
         snprintf(r->id, sizeof r->id, "%s-%016llx", r->route == R_CHAT ? "chatcmpl" : "cmpl",
-                 (unsigned long long)atomic_fetch_add(&srv->next_req, 1) * 0x9e3779b97f4a7c15ULL);
+                 ((unsigned long long)atomic_fetch_add(&srv->next_req, 1) + 1) * 0x9e3779b97f4a7c15ULL ^
+                     (unsigned long long)time(NULL));
         r->created = (long)time(NULL);
         r->deadline = timeout > 0 ? r->t_start + timeout : 0;
         pthread_mutex_lock(&srv->active_mu);
