@@ -94,6 +94,65 @@ typedef struct eng_gen_seq {
  * error that stopped the whole run. */
 int eng_run(eng_engine *e, eng_gen_seq *seqs, int n);
 
+/* ---- KV compression (D2O and baselines) -------------------------------------
+ *
+ * Per request (and as a server default), the KV cache of each sequence can be
+ * compressed inside the paged pool. Methods:
+ *   full          keep everything (default)
+ *   d2o           per-layer budgets from the prompt's attention variance
+ *                 (L*rho*softmax(-v), clamped), sinks + heavy hitters by
+ *                 accumulated attention + recent window; evicted tokens merged
+ *                 into their most cosine-similar retained key when the
+ *                 similarity reaches the per-(sequence, layer) EMA threshold
+ *   h2o           sinks + heavy hitters + recent window, uniform budget, no merge
+ *   streamingllm  sinks + recent window, page-granular, no scores
+ *   snapkv        prefill-only: observation-window scores, pooled, top-k + window
+ *   pyramidkv     snapkv with budgets falling linearly with depth
+ * Compression runs at the end of prefill (pages are freed before decoding),
+ * and during decoding in page-sized batches (a whole page returns to the pool
+ * each time) unless `exact` asks for per-step eviction.
+ */
+typedef enum eng_kv_method {
+    ENG_KV_FULL = 0,
+    ENG_KV_D2O,
+    ENG_KV_H2O,
+    ENG_KV_STREAMINGLLM,
+    ENG_KV_SNAPKV,
+    ENG_KV_PYRAMIDKV,
+} eng_kv_method;
+
+typedef enum eng_kv_merge_rule {
+    ENG_KV_MERGE_NORMALISED = 0, /* softmax-like weights summing to 1, self weight e (paper) */
+    ENG_KV_MERGE_CODE = 1,       /* (k_c + sum m*k_e) / (1 + n), as the official code */
+} eng_kv_merge_rule;
+
+typedef struct eng_kv_config {
+    eng_kv_method method;
+    float budget_frac;     /* (0, 1]: budget as a fraction of the prompt; used when budget_tokens == 0 */
+    int budget_tokens;     /* > 0: budget as a token count per layer */
+    float heavy_share;     /* share of the budget for heavy hitters; 0.5 = 1:1, 0.75 = 3:1 */
+    int n_sink;            /* pinned first tokens (inside the heavy budget); 4 */
+    int window;            /* SnapKV/PyramidKV observation window; 32 */
+    float ema_beta;        /* D2O threshold EMA weight of the new statistic; 0.5 */
+    eng_kv_merge_rule merge_rule;
+    bool exact;            /* evict every step instead of a page at a time */
+    uint64_t keep_layers;  /* bit l set: layer l is never compressed (D2O default: 0, 1, L-1) */
+    bool keep_layers_set;  /* false: the method's default set */
+} eng_kv_config;
+
+/* Defaults for a method (budget 0.2, 1:1, 4 sinks, window 32, beta 0.5, normalised merge). */
+void eng_kv_config_default(eng_kv_config *c, eng_kv_method m);
+/* "full", "d2o", ...; -1 when unknown. */
+int eng_kv_method_parse(const char *name);
+const char *eng_kv_method_name(eng_kv_method m);
+/* D2_OK or D2_EINVAL with *why naming the field. */
+int eng_kv_config_validate(const eng_kv_config *c, const char **why);
+
+/* Pages (all layers) a request holds under its compression: right after
+ * prefill, and at its longest (prompt + max_tokens). Used for admission. */
+typedef struct eng_kv_estimate { int64_t pages_after_prefill, pages_peak, pages_longest; } eng_kv_estimate;
+eng_kv_estimate eng_kv_estimate_pages(const eng_engine *e, const eng_kv_config *c, int n_prompt, int max_tokens);
+
 /* ---- scheduler: continuous batching for concurrent requests ------------------
  *
  * The scheduler owns the engine's step loop. Requests are submitted from any
@@ -137,6 +196,7 @@ typedef struct eng_request {
     bool ignore_eos;
     const int32_t *stop_ids;  /* extra stop token ids, copied; may be NULL */
     int n_stop_ids;
+    eng_kv_config kv;       /* KV compression; zeroed = full cache */
     eng_event_fn on_event;  /* required; called for every token and once with DONE */
     void *user;
 } eng_request;
@@ -149,6 +209,7 @@ typedef struct eng_sched_stats {
     int running, waiting;
     int64_t preemptions, prompt_tokens, generation_tokens, steps;
     int64_t finished_stop, finished_length, finished_error, finished_canceled;
+    int64_t kv_tokens_evicted, kv_tokens_merged, kv_pages_freed; /* by compression */
 } eng_sched_stats;
 
 int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out);
@@ -178,6 +239,12 @@ void eng_sched_close(eng_sched *s);
  * Windows of the context length: each window starts with a fresh cache and
  * the last logits of a window score the first token of the next. */
 int eng_score(eng_engine *e, const int32_t *ids, int n, double *nll, double *nll_sum);
+/* The same while the cache is compressed exactly as during generation (the
+ * model sees only what the method kept): the prompt is fed token by token
+ * after an initial prefill of `prefill` tokens (0: the first window token only),
+ * compressing as generation would. kv NULL or full = eng_score. */
+int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *kv, int prefill,
+                 double *nll, double *nll_sum);
 
 /* One raw step over a caller-built plan (tests, benchmarks). */
 struct eng_batch;
