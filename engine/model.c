@@ -855,7 +855,10 @@ static int load_gguf(const char *path, bool want_tok, eng_model **out) {
 /* ------------------------------------------------------------------------ */
 /* Hugging Face directory.                                                    */
 
-static int read_json(const char *path, bool required, json_t **out) {
+/* flags: jansson decoding flags (tokenizer_config.json needs
+ * JSON_DECODE_INT_AS_REAL: real files hold integers beyond 64 bits, e.g.
+ * Llama 3's model_max_length 1e30). */
+static int read_json_flags(const char *path, bool required, size_t flags, json_t **out) {
     *out = NULL;
     char *buf = NULL;
     size_t len = 0;
@@ -866,7 +869,7 @@ static int read_json(const char *path, bool required, json_t **out) {
         return rc;
     }
     json_error_t e;
-    json_t *j = json_loadb(buf, len, 0, &e);
+    json_t *j = json_loadb(buf, len, flags, &e);
     free(buf);
     if (!j) {
         D2_ERROR("%s: invalid JSON: %s (line %d)", path, e.text, e.line);
@@ -879,6 +882,10 @@ static int read_json(const char *path, bool required, json_t **out) {
     }
     *out = j;
     return D2_OK;
+}
+
+static int read_json(const char *path, bool required, json_t **out) {
+    return read_json_flags(path, required, 0, out);
 }
 
 /* Integer member; null or absent gives def. */
@@ -1174,7 +1181,7 @@ static int hf_chat_template(const char *dir, char **out) {
     json_t *j = NULL;
     *out = NULL;
     if (d2_path_join(path, sizeof path, dir, "tokenizer_config.json")) return D2_ERANGE;
-    int rc = read_json(path, false, &j);
+    int rc = read_json_flags(path, false, JSON_DECODE_INT_AS_REAL, &j);
     if (rc) return rc;
     json_t *ct = j ? json_object_get(j, "chat_template") : NULL;
     const char *s = NULL;
