@@ -17,6 +17,7 @@
  * never precede its suspend.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -1074,6 +1075,23 @@ void api_server_set_ready(api_server *srv, bool ready) { atomic_store(&srv->read
 void api_server_drain(api_server *srv) { atomic_store(&srv->draining, true); }
 int api_server_in_flight(const api_server *srv) { return atomic_load(&((api_server *)srv)->in_flight); }
 
+/* True when the client of a suspended request has closed its connection.
+ * libmicrohttpd does not poll suspended connections, so without this a
+ * non-streamed request (or a stream waiting for its first token) whose client
+ * left would run to max_tokens holding its pages. A peek that reads 0 bytes
+ * is an orderly close; ECONNRESET and the like are gone too; data (a
+ * pipelined request) or EAGAIN mean the client is still there. The caller
+ * holds r->mu, so the connection cannot be freed meanwhile (on_completed sets
+ * r->gone under it first). */
+static bool client_left_locked(api_req *r) {
+    if (!r->suspended || r->gone) return false;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return false;
+    char c;
+    ssize_t n = recv(ci->connect_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 void api_server_tick(api_server *srv) {
     double t = now_s();
     pthread_mutex_lock(&srv->active_mu);
@@ -1081,7 +1099,12 @@ void api_server_tick(api_server *srv) {
         if (r->deadline > 0 && t > r->deadline) {
             r->deadline = 0;
             cancel_all(r);
+            continue;
         }
+        pthread_mutex_lock(&r->mu);
+        bool left = client_left_locked(r);
+        pthread_mutex_unlock(&r->mu);
+        if (left) cancel_all(r);
     }
     pthread_mutex_unlock(&srv->active_mu);
 }

@@ -628,10 +628,24 @@ def test_disconnect(d):
               got == 5 and in_use > 0 and ok, f"events {got}, in use before {in_use}, after {metric(m2, 'd2od:kv_pages_free')}"
               f"/{metric(m2, 'd2od:kv_pages_total')}")
         print(f"     (pages back {time.time() - t0:.2f} s after the disconnect)", flush=True)
+    # A non-streamed request whose client goes away while it waits for the engine.
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 7000, "ignore_eos": True}).encode()
+    c = socket.create_connection((HOST, d.port), timeout=10)
+    c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.3)
+    _, m1, _ = metrics(d)
+    in_use = metric(m1, "d2od:kv_pages_total") - metric(m1, "d2od:kv_pages_free")
+    c.close()
+    t0 = time.time()
+    ok, m2 = wait_pages_free(d, 2.0)
+    check("disconnect while waiting (non-streamed): kv_pages_free == kv_pages_total within 2 s", in_use > 0 and ok,
+          f"in use before {in_use}, after {metric(m2, 'd2od:kv_pages_free')}/{metric(m2, 'd2od:kv_pages_total')}")
+    print(f"     (pages back {time.time() - t0:.2f} s after the disconnect)", flush=True)
     _, m3, _ = metrics(d)
     check("disconnect: the generations were cancelled, not run to the end",
-          (metric(m3, "d2od:request_success_total", finished_reason="abort") or 0) >= aborted0 + 2
-          and (metric(m3, "d2od:generation_tokens_total") or 0) - gen0 < 2 * 7000,
+          (metric(m3, "d2od:request_success_total", finished_reason="abort") or 0) >= aborted0 + 3
+          and (metric(m3, "d2od:generation_tokens_total") or 0) - gen0 < 3 * 7000,
           (metric(m3, "d2od:request_success_total", finished_reason="abort"), metric(m3, "d2od:generation_tokens_total") - gen0))
 
 
