@@ -159,16 +159,23 @@ static size_t utf8_char_len(const char *s, size_t avail) {
     return l > 0 ? (size_t)l : 1;
 }
 
-/* Decodes one code point of valid UTF-8 at s. */
+/* Decodes one code point at s (U+FFFD and length 1 for an invalid byte). */
 static uint32_t utf8_cp(const char *s, size_t avail, size_t *l) {
-    uint32_t *c;
-    size_t n;
-    *l = utf8_char_len(s, avail);
-    if (*l == 1) return (uint8_t)s[0];
-    if (eng__tok_utf8_decode(s, *l, &c, &n) != D2_OK) return 0xFFFD;
-    uint32_t r = c[0];
-    free(c);
-    return r;
+    const uint8_t *u = (const uint8_t *)s;
+    int n = eng__tok_utf8_seq(u, avail);
+    if (n <= 0) {
+        *l = 1;
+        return 0xFFFD;
+    }
+    *l = (size_t)n;
+    switch (n) {
+    case 1: return u[0];
+    case 2: return ((uint32_t)(u[0] & 0x1F) << 6) | (u[1] & 0x3F);
+    case 3: return ((uint32_t)(u[0] & 0x0F) << 12) | ((uint32_t)(u[1] & 0x3F) << 6) | (u[2] & 0x3F);
+    default:
+        return ((uint32_t)(u[0] & 0x07) << 18) | ((uint32_t)(u[1] & 0x3F) << 12) |
+               ((uint32_t)(u[2] & 0x3F) << 6) | (u[3] & 0x3F);
+    }
 }
 
 /* Appends s[0..n) to b replacing invalid UTF-8 by U+FFFD, one per maximal
@@ -327,7 +334,7 @@ static int build_raw(eng_tokenizer *t) {
     return D2_OK;
 }
 
-static int added_cmp_len_desc(const void *a, const void *b, void *ctx);
+static int added_cmp_len_desc(const added_tok *x, const added_tok *y);
 
 /* Sorts added tokens into first-byte buckets, longest content first. */
 static int build_buckets(eng_tokenizer *t) {
@@ -356,7 +363,7 @@ static int build_buckets(eng_tokenizer *t) {
         for (int i = 1; i < t->n_bucket[fb]; i++) {
             int32_t v = bk[i];
             int j = i;
-            while (j > 0 && added_cmp_len_desc(&t->added[bk[j - 1]], &t->added[v], NULL) > 0) {
+            while (j > 0 && added_cmp_len_desc(&t->added[bk[j - 1]], &t->added[v]) > 0) {
                 bk[j] = bk[j - 1];
                 j--;
             }
@@ -366,9 +373,7 @@ static int build_buckets(eng_tokenizer *t) {
     return D2_OK;
 }
 
-static int added_cmp_len_desc(const void *a, const void *b, void *ctx) {
-    (void)ctx;
-    const added_tok *x = a, *y = b;
+static int added_cmp_len_desc(const added_tok *x, const added_tok *y) {
     size_t lx = x->norm ? x->norm_len : x->len, ly = y->norm ? y->norm_len : y->len;
     return lx < ly ? 1 : lx > ly ? -1 : 0;
 }
@@ -1331,7 +1336,10 @@ int eng_tok_load_gguf(const eng_tok_gguf_desc *d, eng_tokenizer **out) {
     } else {
         t->kind = KIND_BYTELEVEL;
         const char *pre = d->pre ? d->pre : "gpt-2";
-        if (!strcmp(pre, "llama-bpe") || !strcmp(pre, "llama3")) t->pat = ENG__TOK_PAT_LLAMA3;
+        if (!strcmp(pre, "llama-bpe") || !strcmp(pre, "llama3") || !strcmp(pre, "llama-v3")) {
+            t->pat = ENG__TOK_PAT_LLAMA3;
+            t->ignore_merges = true; /* as llama.cpp and the HF Llama-3 tokenizer.json */
+        }
         else if (!strcmp(pre, "qwen2") || !strcmp(pre, "deepseek-r1-qwen")) t->pat = ENG__TOK_PAT_QWEN2;
         else if (!strcmp(pre, "gpt-2") || !strcmp(pre, "default")) t->pat = ENG__TOK_PAT_GPT2;
         else {

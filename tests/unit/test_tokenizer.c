@@ -795,3 +795,69 @@ TEST(vocab_tests_model_loader) {
         eng_tok_free(t);
     }
 }
+
+/* The GGUF "gpt2" path with the Llama-3 and Qwen2 pre-tokenizers: no such
+ * vocab GGUF is in the assets (too large), so the descriptor is built from
+ * the tokenizer.json vocabulary and merges, as convert_hf_to_gguf would. */
+static void gguf_from_hf(const char *json_rel, const char *pre, const char *set) {
+    const char *path = test_shared_path(json_rel);
+    REQUIRE_FILE(path);
+    json_error_t err;
+    json_t *j = json_load_file(path, 0, &err);
+    if (!j) FAIL_("%s: %s", path, err.text);
+    const json_t *vocab = json_object_get(json_object_get(j, "model"), "vocab");
+    const json_t *merges = json_object_get(json_object_get(j, "model"), "merges");
+    const json_t *added = json_object_get(j, "added_tokens");
+    int n = 0;
+    const char *key;
+    json_t *val;
+    json_object_foreach((json_t *)vocab, key, val) if ((int)json_integer_value(val) >= n) n = (int)json_integer_value(val) + 1;
+    size_t i;
+    json_t *x;
+    json_array_foreach(added, i, x) if ((int)json_integer_value(json_object_get(x, "id")) >= n) n = (int)json_integer_value(json_object_get(x, "id")) + 1;
+    const char **toks = calloc((size_t)n, sizeof(char *));
+    int32_t *types = calloc((size_t)n, sizeof(int32_t));
+    json_object_foreach((json_t *)vocab, key, val) {
+        toks[json_integer_value(val)] = key;
+        types[json_integer_value(val)] = 1;
+    }
+    json_array_foreach(added, i, x) {
+        toks[json_integer_value(json_object_get(x, "id"))] = json_string_value(json_object_get(x, "content"));
+        types[json_integer_value(json_object_get(x, "id"))] = 3;
+    }
+    for (int k = 0; k < n; k++)
+        if (!toks[k]) {
+            toks[k] = "";
+            types[k] = 5;
+        }
+    size_t nm = json_array_size(merges);
+    char **ms = calloc(nm, sizeof(char *));
+    for (i = 0; i < nm; i++) {
+        const json_t *m = json_array_get(merges, i);
+        if (json_is_string(m)) {
+            ms[i] = strdup(json_string_value(m));
+        } else {
+            const char *a = json_string_value(json_array_get(m, 0)), *b = json_string_value(json_array_get(m, 1));
+            ms[i] = malloc(strlen(a) + strlen(b) + 2);
+            sprintf(ms[i], "%s %s", a, b);
+        }
+    }
+    eng_tok_gguf_desc d = {.model = "gpt2", .pre = pre, .n_vocab = n, .tokens = toks, .token_types = types,
+                           .n_merges = (int)nm, .merges = (const char *const *)ms, .bos_id = -1, .eos_id = -1,
+                           .unk_id = -1, .pad_id = -1, .add_bos = 0, .add_eos = 0, .add_space_prefix = -1};
+    eng_tokenizer *t = NULL;
+    ASSERT_OK(eng_tok_load_gguf(&d, &t));
+    for (i = 0; i < nm; i++) free(ms[i]);
+    free(ms);
+    free(toks);
+    free(types);
+    json_decref(j);
+    run_vtests(t, set);
+    eng_tok_free(t);
+}
+
+TEST(gguf_gpt2_path_llama3_qwen2) {
+    gguf_from_hf("assets/tokenizers/llama3/tokenizer.json", "llama-bpe", "llama-bpe");
+    gguf_from_hf("assets/tokenizers/qwen3/tokenizer.json", "qwen2", "qwen2");
+    gguf_from_hf("assets/tokenizers/qwen3/tokenizer.json", "deepseek-r1-qwen", "deepseek-r1-qwen");
+}
