@@ -821,7 +821,8 @@ void dmn_config_print_help(FILE *f) {
             fmt_num(d->max, hi, sizeof hi);
             snprintf(range, sizeof range, ", range %s..%s", lo, hi);
         }
-        fprintf(f, "  %-30s %s\n", left, d->help);
+        if (strlen(left) > 30) fprintf(f, "  %s\n  %-30s %s\n", left, "", d->help);
+        else fprintf(f, "  %-30s %s\n", left, d->help);
         fprintf(f, "  %-30s (%s, default %s%s%s)\n", "", en, *d->def ? d->def : "\"\"", range,
                 d->live ? ", reloadable" : "");
     }
