@@ -45,6 +45,7 @@ typedef struct daemon_state {
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t tick, watchdog, drain;
     bool draining;
+    bool drain_cancelled;       /* the drain timed out and cancel-all was sent */
     double drain_deadline;
     int exit_code;
 } daemon_state;
@@ -136,9 +137,19 @@ static void on_drain_tick(uv_timer_t *t) {
         return;
     }
     if (d2_now() > d->drain_deadline) {
+        if (d->drain_cancelled) {
+            /* Cancelled generations end within a step, so what is left are
+             * responses a client is not reading; closing the listener closes
+             * their connections. Waiting for them would let one stalled
+             * client hold the shutdown until the HTTP connection timeout. */
+            D2_WARN("serve: %d response(s) still undelivered after the drain; closing their connections", left);
+            stop_loop(d);
+            return;
+        }
         D2_WARN("serve: drain timeout: cancelling %d in-flight request(s)", left);
         api_server_cancel_all(d->srv);
-        d->drain_deadline = d2_now() + 5.0; /* cancellations finish within a step */
+        d->drain_cancelled = true;
+        d->drain_deadline = d2_now() + 2.0; /* cancellations finish within a step */
     }
 }
 
