@@ -152,6 +152,7 @@ typedef struct api_req {
     bool failed;
     int fail_status;
     double t_start, deadline;
+    atomic_bool timed_out;  /* cancelled by its deadline (not by a drain) */
     char id[48];
     long created;
     struct api_req *next, *prev; /* active list */
@@ -691,7 +692,9 @@ static enum MHD_Result send_final(api_server *srv, api_req *r) {
         return send_err(srv, r->conn, 500, "internal_error", NULL, NULL, d2_strerror(r->fail_status));
     }
     for (int i = 0; i < r->n_choices; i++) {
-        if (r->choices[i].status == D2_ECANCELED) /* timed out */
+        /* A deadline is an error; a drain's cancel-all (api.h) answers with
+         * what was generated, finish_reason "abort". */
+        if (r->choices[i].status == D2_ECANCELED && atomic_load(&r->timed_out))
             return send_err(srv, r->conn, 503, "timeout_error", "timeout", NULL, "the request timed out");
     }
     buf b = {0};
@@ -1098,6 +1101,7 @@ void api_server_tick(api_server *srv) {
     for (api_req *r = srv->active; r; r = r->next) {
         if (r->deadline > 0 && t > r->deadline) {
             r->deadline = 0;
+            atomic_store(&r->timed_out, true);
             cancel_all(r);
             continue;
         }

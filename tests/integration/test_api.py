@@ -723,9 +723,33 @@ def test_sigterm(d, drain_timeout):
     stuck.close()
     st, j = nonstream[0] or (None, None)
     print(f"     (long non-streamed request during the drain: {st} {str(j)[-160:]})", flush=True)
-    check("SIGTERM: long non-streamed request gets a complete answer",
-          st == 200 and j["choices"][0]["finish_reason"] in ("length", "abort") or st == 503 and is_openai_error(j),
-          (st, str(j)[:300]))
+    check("SIGTERM: long non-streamed request gets what was generated, finish_reason abort",
+          st == 200 and j["choices"][0]["finish_reason"] in ("length", "abort") and j["choices"][0]["text"]
+          and j["usage"]["completion_tokens"] > 0, (st, str(j)[:300]))
+
+
+def test_timeout(tmp):
+    """--request-timeout-s: a non-streamed request past it gets a 503 timeout
+    error, a stream ends with finish_reason "abort" and [DONE]; pages return."""
+    d = Daemon("timeout", ["--request-timeout-s", "1", "--ctx-len", "8192", "--kv-mem-mb", "64",
+                           "--max-tokens-limit", "8192"], tmp)
+    try:
+        t0 = time.time()
+        st, j = post(d, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8000, "ignore_eos": True})
+        el = time.time() - t0
+        check(f"timeout: non-streamed request -> 503 timeout_error after ~1 s ({el:.2f} s)",
+              st == 503 and is_openai_error(j) and j["error"]["type"] == "timeout_error" and el < 2.5, (st, j))
+        t0 = time.time()
+        s = Stream(d, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8000, "ignore_eos": True,
+                                          "stream": True}).read_all()
+        el = time.time() - t0
+        check(f"timeout: stream ends with finish_reason abort and [DONE] ({el:.2f} s)",
+              s.ok() and s.finish.get(0) == "abort" and s.texts.get(0) and el < 2.5, (s.error, s.finish))
+        ok, m = wait_pages_free(d, 1.0)
+        check("timeout: every page back in the pool", ok, m.get("d2od:kv_pages_free"))
+    finally:
+        rc = d.stop()
+    check("timeout: SIGTERM when idle exits 0", rc == 0, rc)
 
 
 def run_js(main, auth, queue, greedy_path):
@@ -795,6 +819,7 @@ def main():
             check("main: SIGTERM when idle exits 0", rc == 0, f"rc={rc} {main_d.log_text()[-500:]}")
             for x in (auth, queue):
                 x.stop()
+            test_timeout(tmp)
             drain = 3
             long_d = Daemon("long", ["--ctx-len", "8192", "--kv-mem-mb", "128", "--max-tokens-limit", "8192",
                                      "--drain-timeout-s", str(drain)], tmp, notify=True)
