@@ -807,6 +807,15 @@ def main():
             test_tokenize(main_d)
             test_bad_inputs(main_d)
             test_concurrent(main_d, 64)
+            r = subprocess.run([sys.executable, "loadtest/load.py", "--port", str(main_d.port), "-c", "8", "-n", "16",
+                                "--max-tokens", "64", "--time-limit", "60", "--json"], capture_output=True, timeout=90)
+            try:
+                rep = json.loads(r.stdout)
+            except ValueError:
+                rep = {}
+            check("loadtest/load.py runs (8 clients, 16 requests)", r.returncode == 0 and rep.get("requests") == 16
+                  and rep.get("output_tokens") == 16 * 64 and rep.get("ttft_p50_ms") is not None,
+                  r.stdout.decode()[-300:] + r.stderr.decode()[-300:])
             auth = test_auth(tmp)
             daemons.append(auth)
             queue = test_queue_limit(tmp)
