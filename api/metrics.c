@@ -127,9 +127,9 @@ char *api_metrics_render(api_metrics *m, const eng_sched_stats *ss, const eng_po
     COUNTER("d2od:num_preemptions_total", "Sequences preempted for lack of KV pages.", ss->preemptions);
     COUNTER("d2od:prompt_tokens_total", "Prompt tokens prefilled (recomputation after preemption included).", ss->prompt_tokens);
     COUNTER("d2od:generation_tokens_total", "Tokens generated.", ss->generation_tokens);
-    COUNTER("d2od:kv_tokens_evicted_total", "Tokens evicted by KV compression.", 0LL);
-    COUNTER("d2od:kv_tokens_merged_total", "Evicted tokens merged into retained ones by KV compression.", 0LL);
-    COUNTER("d2od:kv_pages_freed_by_compression_total", "KV pages returned to the pool by compression.", 0LL);
+    COUNTER("d2od:kv_tokens_evicted_total", "Tokens evicted by KV compression.", ss->kv_tokens_evicted);
+    COUNTER("d2od:kv_tokens_merged_total", "Evicted tokens merged into retained ones by KV compression.", ss->kv_tokens_merged);
+    COUNTER("d2od:kv_pages_freed_by_compression_total", "KV pages returned to the pool by compression.", ss->kv_pages_freed);
     sb_fmt(&b, "# HELP d2od:request_success_total Finished requests by reason.\n# TYPE d2od:request_success_total counter\n");
     sb_fmt(&b, "d2od:request_success_total{model_name=\"%s\",finished_reason=\"stop\"} %lld\n", model, m->fin_stop);
     sb_fmt(&b, "d2od:request_success_total{model_name=\"%s\",finished_reason=\"length\"} %lld\n", model, m->fin_length);
