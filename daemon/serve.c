@@ -8,7 +8,8 @@
  * The libuv loop owns the process's signals and timers:
  *   SIGTERM/SIGINT  STOPPING=1, stop accepting (new requests get 503), let
  *                   in-flight requests finish up to drain_timeout_s, cancel
- *                   the rest, then exit 0. A second signal exits at once.
+ *                   the rest, then exit 0. A second signal cancels every
+ *                   request at once and exits within about a second.
  *   SIGHUP          reload the live settings (log level, limits, API key,
  *                   queue size, timeout) and warn about the ones that need a
  *                   restart (RELOADING=1 ... READY=1).
@@ -155,17 +156,24 @@ static void on_drain_tick(uv_timer_t *t) {
 
 static void begin_shutdown(daemon_state *d, const char *why) {
     if (d->draining) {
-        D2_WARN("serve: second %s: exiting now", why);
+        /* Not stop_loop() here: requests waiting for the engine hold
+         * suspended connections, and libmicrohttpd aborts the process when
+         * stopped with any. The cancellations end them within a step; the
+         * drain tick then stops as soon as they are answered, or after 1 s. */
+        if (d->drain_cancelled && d->drain_deadline <= d2_now() + 1.0) return; /* already ending */
+        D2_WARN("serve: second %s: cancelling %d request(s) and exiting", why, api_server_in_flight(d->srv));
         api_server_cancel_all(d->srv);
-        stop_loop(d);
+        d->drain_cancelled = true;
+        d->drain_deadline = d2_now() + 1.0;
         return;
     }
     d->draining = true;
     D2_INFO("serve: %s: draining %d in-flight request(s), up to %.0f s", why, api_server_in_flight(d->srv),
             d->cfg.drain_timeout_s);
-    dmn_notify_stopping();
+    /* refuse new work first, so nothing is accepted after STOPPING=1 */
     api_server_drain(d->srv);
     eng_sched_close(d->sched);
+    dmn_notify_stopping();
     d->drain_deadline = d2_now() + d->cfg.drain_timeout_s;
     uv_timer_start(&d->drain, on_drain_tick, 0, 50);
 }

@@ -752,6 +752,89 @@ def test_timeout(tmp):
     check("timeout: SIGTERM when idle exits 0", rc == 0, rc)
 
 
+def test_double_sigterm(tmp):
+    """A second SIGTERM cancels everything at once: clients still get clean
+    answers (finish_reason abort, [DONE]) and the process exits 0 promptly
+    (it used to abort: libmicrohttpd refuses to stop with suspended connections)."""
+    d = Daemon("twice", ["--ctx-len", "8192", "--kv-mem-mb", "64", "--max-tokens-limit", "8192"], tmp)
+    body = {"prompt": "Once upon a time", "max_tokens": 7000, "ignore_eos": True}
+    answers, streams = [None] * 3, [None] * 2
+    started = threading.Semaphore(0)
+
+    def ns(i):
+        try:
+            answers[i] = post(d, "/v1/completions", body, timeout=30)
+        except Exception as ex:  # noqa: BLE001
+            answers[i] = (None, str(ex))
+
+    def st_(i):
+        try:
+            s = Stream(d, "/v1/completions", dict(body, stream=True), timeout=30)
+            streams[i] = s
+            s.read_one()
+            started.release()
+            s.read_all()
+        except Exception as ex:  # noqa: BLE001
+            started.release()
+            streams[i] = ex
+
+    th = [threading.Thread(target=ns, args=(i,)) for i in range(3)] + [threading.Thread(target=st_, args=(i,)) for i in range(2)]
+    for t in th:
+        t.start()
+    started.acquire(timeout=10)
+    started.acquire(timeout=10)
+    time.sleep(0.1)
+    t0 = time.time()
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = d.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        rc = None
+    el = time.time() - t0
+    for t in th:
+        t.join(20)
+    d.stop()
+    check(f"second SIGTERM: exit 0 within ~1 s ({el:.2f} s)", rc == 0 and el < 2.5, f"rc={rc} {d.log_text()[-600:]}")
+    check("second SIGTERM: non-streamed requests answered (200, finish_reason abort)",
+          all(a and a[0] == 200 and a[1]["choices"][0]["finish_reason"] == "abort" for a in answers), answers)
+    check("second SIGTERM: streams end cleanly (abort, [DONE])",
+          all(isinstance(s, Stream) and s.ok() and s.finish.get(0) == "abort" for s in streams),
+          [getattr(s, "error", s) for s in streams])
+
+
+def test_preemption(tmp):
+    """A KV pool too small for the batch: sequences are preempted and
+    recomputed, and every stream still equals its lone greedy text."""
+    d = Daemon("tight", ["--kv-mem-mb", "1"], tmp)
+    try:
+        want = {}
+        for p in PROMPTS:
+            st, j = completion(d, p, 160, ignore_eos=True)
+            want[p] = j["choices"][0]["text"] if st == 200 else None
+        streams = [None] * 16
+
+        def client(i):
+            streams[i] = Stream(d, "/v1/completions", {"prompt": PROMPTS[i % 8], "max_tokens": 160, "ignore_eos": True,
+                                                       "temperature": 0, "stream": True}, timeout=60).read_all()
+
+        th = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join(60)
+        bad = [i for i, s in enumerate(streams) if s is None or not s.ok() or s.texts.get(0) != want[PROMPTS[i % 8]]]
+        _, m, _ = metrics(d)
+        pre = metric(m, "d2od:num_preemptions_total") or 0
+        check(f"tiny KV pool: 16 streams preempted ({pre:.0f} preemptions) and still equal to lone greedy",
+              pre > 0 and not bad and None not in want.values(), f"bad {bad} pages {metric(m, 'd2od:kv_pages_total')}")
+        ok, m = wait_pages_free(d, 1.0)
+        check("tiny KV pool: every page back afterwards", ok, m.get("d2od:kv_pages_free"))
+    finally:
+        d.stop()
+
+
 def run_js(main, auth, queue, greedy_path):
     js = os.path.join("tests", "js", "openai_client.test.mjs")
     if not os.path.isdir(os.path.join("tests", "js", "node_modules", "openai")):
@@ -829,6 +912,8 @@ def main():
             for x in (auth, queue):
                 x.stop()
             test_timeout(tmp)
+            test_preemption(tmp)
+            test_double_sigterm(tmp)
             drain = 3
             long_d = Daemon("long", ["--ctx-len", "8192", "--kv-mem-mb", "128", "--max-tokens-limit", "8192",
                                      "--drain-timeout-s", str(drain)], tmp, notify=True)
