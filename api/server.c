@@ -673,6 +673,11 @@ static int start_generation(api_server *srv, api_req *r, api_error *err) {
             else api_error_set(err, 400, "invalid_request_error", NULL, "%s", why ? why : d2_strerror(src));
             /* choices already submitted get cancelled; their DONE events drop their refs */
             pthread_mutex_lock(&r->mu);
+            for (int k = c; k < r->n_choices; k++) { /* req_unref frees only the first n_choices */
+                free(r->choices[k].text.p);
+                free(r->choices[k].lps);
+                r->choices[k] = (api_choice){0};
+            }
             r->n_choices = c; /* only these exist for the engine */
             pthread_mutex_unlock(&r->mu);
             cancel_all(r);

@@ -658,7 +658,7 @@ def test_sigterm(d, drain_timeout):
     started = threading.Semaphore(0)
 
     def client(i):
-        n = 300 if i < shorts else 7000
+        n = 100 if i < shorts else 7000
         try:
             s = Stream(d, "/v1/completions", {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": n, "ignore_eos": True,
                                               "temperature": 0, "stream": True,
@@ -689,7 +689,7 @@ def test_sigterm(d, drain_timeout):
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect((HOST, d.port))
-    sbody = json.dumps({"prompt": "Once upon a time", "max_tokens": 7000, "ignore_eos": True, "n": 8,
+    sbody = json.dumps({"prompt": "Once upon a time", "max_tokens": 7000, "ignore_eos": True, "n": 4,
                         "stream": True, "logprobs": 20}).encode()
     stuck.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(sbody), sbody))
@@ -715,8 +715,8 @@ def test_sigterm(d, drain_timeout):
           f"rc={rc}\n{d.log_text()[-1500:]}")
     bad_short = [(i, getattr(s, "error", s), getattr(s, "finish", None)) for i, s in enumerate(streams[:shorts])
                  if not isinstance(s, Stream) or not s.ok() or s.finish.get(0) != "length"
-                 or (s.usage or {}).get("completion_tokens") != 300]
-    check("SIGTERM: short in-flight streams complete (300 tokens, finish length, [DONE])", not bad_short, bad_short)
+                 or (s.usage or {}).get("completion_tokens") != 100]
+    check("SIGTERM: short in-flight streams complete (100 tokens, finish length, [DONE])", not bad_short, bad_short)
     bad_long = [(i, getattr(s, "error", s), getattr(s, "finish", None)) for i, s in enumerate(streams[shorts:])
                 if not isinstance(s, Stream) or not s.ok() or s.finish.get(0) not in ("length", "abort")]
     check("SIGTERM: long streams end cleanly (finish_reason, [DONE])", not bad_long, bad_long)
@@ -832,7 +832,8 @@ def test_preemption(tmp):
         ok, m = wait_pages_free(d, 1.0)
         check("tiny KV pool: every page back afterwards", ok, m.get("d2od:kv_pages_free"))
     finally:
-        d.stop()
+        rc = d.stop()
+    check("tiny KV pool: SIGTERM exits 0", rc == 0, f"rc={rc} {d.log_text()[-800:]}")
 
 
 def run_js(main, auth, queue, greedy_path):
@@ -910,7 +911,8 @@ def main():
             rc = main_d.stop()
             check("main: SIGTERM when idle exits 0", rc == 0, f"rc={rc} {main_d.log_text()[-500:]}")
             for x in (auth, queue):
-                x.stop()
+                rc = x.stop()
+                check(f"{x.name}: SIGTERM exits 0", rc == 0, f"rc={rc} {x.log_text()[-800:]}")
             test_timeout(tmp)
             test_preemption(tmp)
             test_double_sigterm(tmp)
