@@ -9,7 +9,8 @@
 # both reports and a closing line
 #   bench concurrency: 1 client X tok/s, 32 clients Y tok/s, ratio R
 # then stops the daemon. Environment: D2_SHARED (default ../shared),
-# THREADS (engine threads, default 0 = every core), MAX_TOKENS (default 256).
+# THREADS (engine threads, default 0 = every core), MAX_TOKENS (default 256),
+# MODEL (default stories260K; `make bench` passes the generated 100M model).
 # The client runs on the same machine, so on a small box it competes with the
 # engine for CPU; the ratio is what batching buys end to end, not the engine
 # alone. Bounded: each load run has a 120 s limit.
@@ -17,11 +18,11 @@ set -u
 cd "$(dirname "$0")/.."
 D2OD=${1:-build/d2od}
 SHARED=${D2_SHARED:-../shared}
-MODEL=$SHARED/assets/models/stories260K/stories260K.gguf
+MODEL=${MODEL:-$SHARED/assets/models/stories260K/stories260K.gguf}
 THREADS=${THREADS:-0}
 MAX_TOKENS=${MAX_TOKENS:-256}
 [ -x "$D2OD" ] || { echo "bench concurrency: $D2OD not built (make build/d2od)"; exit 1; }
-[ -f "$MODEL" ] || { echo "bench concurrency: $MODEL missing"; exit 1; }
+[ -e "$MODEL" ] || { echo "bench concurrency: $MODEL missing"; exit 1; }
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 LOG=$(mktemp)
 "$D2OD" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" --threads "$THREADS" --log-requests false \

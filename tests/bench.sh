@@ -18,3 +18,7 @@ for dt in ${BENCH_DTYPES:-bf16 f32}; do
   "$BUILD/d2od" bench --model "$dir" --batches "${BENCH_BATCHES:-1,8,32}" --prompt 32 --gen "${BENCH_GEN:-48}"
   echo
 done
+# Through the HTTP daemon: aggregate output tokens/s at 32 concurrent streaming
+# clients vs 1 (the load generator runs on the same machine).
+echo "== HTTP serving, 100M bf16 model, 1 vs 32 concurrent streaming clients"
+MODEL=build/models/bench-100m-bf16 MAX_TOKENS=${BENCH_HTTP_TOKENS:-64} bash loadtest/bench_concurrency.sh "$BUILD/d2od" | tail -n 1
