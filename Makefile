@@ -101,7 +101,8 @@ run: deps
 	@$(MAKE) --no-print-directory $(BUILD)/d2od
 	$(BUILD)/d2od serve --model $(or $(MODEL),../shared/assets/models/stories260K/hf) --host 127.0.0.1 --port $(or $(PORT),8000)
 
-test: deps
+test:
+	@bash tools/install-deps.sh --test
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
 	@bash tests/run_all.sh
