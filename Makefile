@@ -118,6 +118,16 @@ test-san:
 bench: all
 	@bash tests/bench.sh $(BUILD)
 
+# Fuzz targets (tests/fuzz/fuzz_*.c) built with clang's libFuzzer + ASan/UBSan over the
+# library sources; run e.g. build/fuzz/fuzz_request -max_total_time=60.
+FUZZ_CC ?= clang
+FUZZ_FLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -I. -g -O1 -pthread \
+              -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS)
+fuzz: $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
+build/fuzz/%: tests/fuzz/%.c $(LIB_SRC)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) $< $(LIB_SRC) $(LDLIBS) -o $@
+
 clean:
 	rm -rf build
 
