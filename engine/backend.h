@@ -13,7 +13,9 @@
  *      reading K/V through the block table,
  *   4. when score accumulation is on for the sequence, adds each slot's
  *      attention probability (summed over the query heads of its GQA group)
- *      into kvp score[slot][kv_head] — D2O's accumulated attention.
+ *      into kvp score[slot][kv_head] — D2O's accumulated attention — and,
+ *      when colsum is set, each query head's probability into
+ *      colsum[layer][head][key pos] (no N x N matrix is ever held).
  * Logits are produced only for the rows listed in logit_rows.
  *
  * Pool room: a backend first sums kvp_pages_needed over every (seq, layer)
@@ -54,6 +56,14 @@ typedef struct eng_batch_seq {
     bool want_scores;   /* accumulate attention scores into the pool */
     bool want_logits;   /* produce logits for the last token of the chunk */
     bool all_logits;    /* produce logits for every token of the chunk (perplexity) */
+    /* Score options (KV compression, engine/kvcomp.c); zero = off / all. */
+    int score_from;     /* with want_scores: only queries at positions >= score_from
+                           accumulate (SnapKV's observation window); 0 = every query */
+    float *colsum;      /* optional, with want_scores: per-query-head column sums
+                           [n_layers][n_heads][colsum_len], indexed by the key's
+                           position (keys at positions >= colsum_len are skipped);
+                           D2O's layer statistic. Owned by the caller. */
+    int colsum_len;
 } eng_batch_seq;
 
 typedef struct eng_batch {

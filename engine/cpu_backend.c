@@ -172,6 +172,10 @@ static void att_task_run(void *ctx, int ti, int thread) {
     int pt = be->pt, hd = be->hd, gs = be->gs, g = tk->g, n = tab->n_tokens;
     int n_kv = be->n_kv;
     float scale = 1.0f / sqrtf((float)hd);
+    float *cs = sq->want_scores ? sq->colsum : NULL; /* this group's heads of this layer */
+    int cs_len = sq->colsum_len;
+    if (cs)
+        cs += ((size_t)be->layer * (size_t)be->n_heads + (size_t)g * (size_t)gs) * (size_t)cs_len;
     float *att = be->att_scratch + (size_t)thread * be->att_stride; /* [gs][n] */
 
     for (int t = tk->t0; t < tk->t1; t++) {
@@ -215,11 +219,14 @@ static void att_task_run(void *ctx, int ti, int thread) {
             memset(o + (size_t)h * (size_t)hd, 0, (size_t)hd * sizeof(float));
         }
         /* pass 3: weighted V sum (+ score accumulation) */
+        bool scoring = p >= sq->score_from;
         for (int pi = 0; pi < tab->n_pages; pi++) {
             int32_t page = tab->pages[pi];
             int s_end = n - pi * pt < pt ? n - pi * pt : pt;
             const float *vp = vb + (size_t)page * stride + (size_t)g * (size_t)hd;
-            float *scp = sc ? sc + (size_t)page * (size_t)pt * (size_t)n_kv + (size_t)g : NULL;
+            float *scp = sc && scoring ? sc + (size_t)page * (size_t)pt * (size_t)n_kv + (size_t)g
+                                       : NULL;
+            const int32_t *pp = pb + (size_t)page * (size_t)pt;
             for (int s = 0; s < s_end; s++) {
                 int i = pi * pt + s;
                 const float *vr = vp + (size_t)s * (size_t)n_kv * (size_t)hd;
@@ -230,6 +237,10 @@ static void att_task_run(void *ctx, int ti, int thread) {
                     tot += a;
                 }
                 if (scp) scp[(size_t)s * (size_t)n_kv] += tot;
+                if (cs && scoring && pp[s] >= 0 && pp[s] < cs_len)
+                    for (int h = 0; h < gs; h++)
+                        cs[(size_t)h * (size_t)cs_len + (size_t)pp[s]] +=
+                            att[(size_t)h * (size_t)n + (size_t)i];
             }
         }
     }

@@ -18,6 +18,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/backend.h"
+#include "engine/kvcomp.h"
 #include "kvpool/kvpool.h"
 
 static int64_t pages_for(int n_tokens, int page_tokens) {
@@ -83,6 +84,11 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
         eng_engine_destroy(e);
         return rc;
     }
+    rc = eng_kv_ws_create(e->pool, &e->kvws);
+    if (rc != D2_OK) {
+        eng_engine_destroy(e);
+        return rc;
+    }
     e->tokens = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
     e->pos = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
     e->bseqs = malloc(sizeof(eng_batch_seq) * (size_t)e->max_seqs);
@@ -98,6 +104,7 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
 void eng_engine_destroy(eng_engine *e) {
     if (!e) return;
     if (e->be) e->be->ops->destroy(e->be);
+    eng_kv_ws_free(e->kvws);
     kvp_destroy(e->pool);
     eng_model_free(e->model);
     free(e->tokens);
@@ -240,4 +247,86 @@ int eng_score(eng_engine *e, const int32_t *ids, int n, double *nll, double *nll
         kvp_seq_free(e->pool, seq);
     }
     return D2_OK;
+}
+
+/* ---- eng_score_kv ----------------------------------------------------------------
+ *
+ * One window of the context length at a time, each on a fresh sequence and a
+ * fresh compression state: the first `prefill` tokens of the window run as a
+ * chunked prefill (scores and D2O column sums accumulated as the scheduler
+ * would), the prompt compression runs, then every later token is one decode
+ * step followed by decode-time eviction — the model sees exactly what the
+ * method kept, as during generation. */
+
+#define ENG_SCORE_KV_PREFILL 64 /* default prefill when the caller passes 0 */
+
+static int score_kv_window(eng_engine *e, const int32_t *ids, int n, int w0, int wn,
+                           eng_kv_state *ks, int prefill, double *nll, double *nll_sum) {
+    const eng_model_config *mc = &e->model->cfg;
+    int chunk = e->max_logit_rows < e->max_batch_tokens ? e->max_logit_rows : e->max_batch_tokens;
+    int seq;
+    int rc = kvp_seq_new(e->pool, &seq);
+    if (rc != D2_OK) return rc;
+    eng_kv_state_reset(ks);
+    int p = prefill < wn ? prefill : wn;
+    for (int c0 = 0; c0 < wn; ) {
+        bool in_prefill = c0 < p;
+        int cn = in_prefill ? (p - c0 < chunk ? p - c0 : chunk) : 1;
+        rc = eng__reserve_all_layers(e, seq, cn);
+        if (rc != D2_OK) break;
+        for (int j = 0; j < cn; j++) {
+            e->tokens[j] = ids[w0 + c0 + j];
+            e->pos[j] = c0 + j;
+        }
+        e->bseqs[0] = (eng_batch_seq){.seq = seq, .start = 0, .n = cn, .want_logits = true,
+                                      .all_logits = true};
+        eng_kv_plan_seq(ks, p, &e->bseqs[0]);
+        eng_batch b = {.n_tokens = cn, .tokens = e->tokens, .pos = e->pos, .n_seqs = 1,
+                       .seqs = e->bseqs, .logits = e->logits};
+        rc = e->be->ops->step(e->be, &b);
+        if (rc != D2_OK) break;
+        for (int j = 0; j < cn; j++) {
+            int t = w0 + c0 + j; /* this row predicts ids[t+1] */
+            if (t + 1 >= n) break;
+            double lp = log_softmax_at(e->logits + (size_t)j * (size_t)mc->vocab_size,
+                                       mc->vocab_size, ids[t + 1]);
+            if (nll) nll[t] = -lp;
+            *nll_sum += -lp;
+        }
+        c0 += cn;
+        if (!ks->compressed && c0 >= p)
+            rc = eng_kv_compress_prompt(e->kvws, e->pool, seq, ks);
+        else if (ks->compressed)
+            rc = eng_kv_after_decode(e->kvws, e->pool, seq, ks);
+        if (rc == D2_EKVFULL) rc = D2_OK; /* cannot happen for an unshared sequence */
+        if (rc != D2_OK) break;
+    }
+    kvp_seq_free(e->pool, seq);
+    return rc;
+}
+
+int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *kv, int prefill,
+                 double *nll, double *nll_sum) {
+    if (!kv || kv->method == ENG_KV_FULL) return eng_score(e, ids, n, nll, nll_sum);
+    const eng_model_config *mc = &e->model->cfg;
+    const char *why = NULL;
+    *nll_sum = 0;
+    if (eng_kv_config_validate(kv, &why) != D2_OK) {
+        D2_ERROR("engine: eng_score_kv: %s", why ? why : "bad KV configuration");
+        return D2_EINVAL;
+    }
+    if (prefill < 0) return D2_EINVAL;
+    if (prefill == 0) prefill = ENG_SCORE_KV_PREFILL;
+    if (n < 2) return D2_OK;
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= mc->vocab_size) return D2_EINVAL;
+    eng_kv_state *ks = NULL;
+    int rc = eng_kv_state_create(kv, mc, e->ctx_len, &ks);
+    if (rc != D2_OK) return rc;
+    for (int w0 = 0; w0 < n - 1 && rc == D2_OK; w0 += e->ctx_len) {
+        int wn = n - w0 < e->ctx_len ? n - w0 : e->ctx_len;
+        rc = score_kv_window(e, ids, n, w0, wn, ks, prefill, nll, nll_sum);
+    }
+    eng_kv_state_free(ks);
+    return rc;
 }

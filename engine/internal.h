@@ -25,6 +25,7 @@ struct eng_engine {
     int32_t *pos;         /* [max_batch_tokens] */
     eng_batch_seq *bseqs; /* [max_seqs] */
     float *logits;        /* [max_logit_rows][vocab] */
+    struct eng_kv_ws *kvws; /* KV-compression scratch (engine/kvcomp.c) */
 };
 
 /* Pages of one layer that n tokens occupy. */

@@ -33,6 +33,7 @@
 #include "common/util.h"
 #include "engine/engine.h"
 #include "engine/internal.h"
+#include "engine/kvcomp.h"
 
 typedef struct sreq {
     struct sreq *next, *prev;   /* incoming / waiting / running list links */
@@ -53,6 +54,8 @@ typedef struct sreq {
     void *user;
     atomic_int cancel;
     double t_submit, t_first;
+    eng_kv_state *kvs;          /* KV compression state; NULL = full cache */
+    int prefill_end;            /* cache length at which the prompt compression runs */
 } sreq;
 
 typedef struct rlist { sreq *head, *tail; int n; } rlist;
@@ -97,6 +100,7 @@ struct eng_sched {
     atomic_int n_running, n_waiting;
     atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
     atomic_llong fin_stop, fin_length, fin_error, fin_canceled;
+    atomic_llong kv_evicted, kv_merged, kv_freed;
 };
 
 int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out) {
@@ -117,6 +121,7 @@ int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out
 static void sreq_free(sreq *r) {
     if (!r) return;
     eng_sampler_free(&r->sampler);
+    eng_kv_state_free(r->kvs);
     free(r->bias);
     free(r->tokens);
     free(r);
@@ -163,10 +168,12 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     }
     if (q->n_stop_ids < 0 || q->n_stop_ids > 16) { *why = "too many stop token ids"; return D2_EINVAL; }
     if (eng_sample_params_validate(&q->sample, mc->vocab_size, why) != D2_OK) return D2_EINVAL;
-    int longest = q->n_prompt + q->max_tokens;
-    if (longest > e->ctx_len) longest = e->ctx_len;
-    const int page_tokens = kvp_get_config(e->pool)->page_tokens;
-    if ((int64_t)mc->n_layers * eng__pages_for(longest, page_tokens) > kvp_get_stats(e->pool).pages_total) {
+    if (eng_kv_config_validate(&q->kv, why) != D2_OK) return D2_EINVAL;
+    /* The prompt is resident in full until it is compressed (peak); after
+     * that the sequence needs its compressed size at its longest. */
+    eng_kv_estimate est = eng_kv_estimate_pages(e, &q->kv, q->n_prompt, q->max_tokens);
+    int64_t need_max = est.pages_peak > est.pages_longest ? est.pages_peak : est.pages_longest;
+    if (need_max > kvp_get_stats(e->pool).pages_total) {
         *why = "the request can never fit the KV pool";
         return D2_EKVFULL;
     }
@@ -192,6 +199,12 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     int rc = eng_sampler_init(&r->sampler, &sp, mc->vocab_size);
     if (rc != D2_OK) { free(r->bias); free(r->tokens); free(r); return rc; }
     eng_sampler_add_prompt(&r->sampler, q->prompt, (size_t)q->n_prompt);
+    if (q->kv.method != ENG_KV_FULL) {
+        int cl = q->n_prompt + q->max_tokens;
+        if (cl > e->ctx_len) cl = e->ctx_len;
+        rc = eng_kv_state_create(&q->kv, mc, cl, &r->kvs);
+        if (rc != D2_OK) { sreq_free(r); return rc; }
+    }
     r->fn = q->on_event;
     r->user = q->user;
     r->t_submit = d2_now();
@@ -256,6 +269,9 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
         .finished_length = atomic_load(&s->fin_length),
         .finished_error = atomic_load(&s->fin_error),
         .finished_canceled = atomic_load(&s->fin_canceled),
+        .kv_tokens_evicted = atomic_load(&s->kv_evicted),
+        .kv_tokens_merged = atomic_load(&s->kv_merged),
+        .kv_pages_freed = atomic_load(&s->kv_freed),
     };
     return st;
 }
@@ -327,6 +343,8 @@ int eng_sched_step(eng_sched *s) {
         rl_push_back(&s->running, r);
         r->admit_seq = ++s->admit_counter;
         r->n_fed = 0;
+        r->prefill_end = known(r);
+        if (r->kvs) eng_kv_state_reset(r->kvs);
     }
     if (s->running.n == 0 && s->waiting.head) {
         /* Cannot happen with the submit-time check unless the pool leaked;
@@ -355,6 +373,7 @@ int eng_sched_step(eng_sched *s) {
                 if (take <= 0) continue;
                 e->bseqs[ns] = (eng_batch_seq){.seq = r->kv, .start = nt, .n = take,
                                                .want_logits = r->n_fed + take == known(r)};
+                if (r->kvs) eng_kv_plan_seq(r->kvs, r->prefill_end, &e->bseqs[ns]);
                 s->plan_req[ns] = r;
                 for (int j = 0; j < take; j++) {
                     e->tokens[nt + j] = r->tokens[r->n_fed + j];
@@ -398,6 +417,27 @@ int eng_sched_step(eng_sched *s) {
         }
         publish_counts(s);
         return rc;
+    }
+    /* KV compression: the prompt once its prefill is complete, then
+     * decode-time eviction after every step. A compression that finds no
+     * page for a copy on write leaves the cache as it is and retries next step. */
+    for (int k = 0; k < ns; k++) {
+        sreq *r = s->plan_req[k];
+        if (!r->kvs) continue;
+        eng_kv_state *ks = r->kvs;
+        int64_t ev0 = ks->n_evicted, mg0 = ks->n_merged, fr0 = ks->n_pages_freed;
+        int fed = r->n_fed + e->bseqs[k].n;
+        int crc = D2_OK;
+        if (!ks->compressed && fed >= r->prefill_end)
+            crc = eng_kv_compress_prompt(e->kvws, e->pool, r->kv, ks);
+        else if (ks->compressed)
+            crc = eng_kv_after_decode(e->kvws, e->pool, r->kv, ks);
+        if (crc != D2_OK && crc != D2_EKVFULL)
+            D2_ERROR("sched: KV compression of request %llu failed: %s",
+                     (unsigned long long)r->id, d2_strerror(crc));
+        atomic_fetch_add(&s->kv_evicted, ks->n_evicted - ev0);
+        atomic_fetch_add(&s->kv_merged, ks->n_merged - mg0);
+        atomic_fetch_add(&s->kv_freed, ks->n_pages_freed - fr0);
     }
     int row = 0;
     for (int k = 0; k < ns; k++) {

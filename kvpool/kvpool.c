@@ -547,6 +547,19 @@ int kvp_compact(kvp_pool *p, int seq, int layer, const uint8_t *keep) {
     return m;
 }
 
+int kvp_unshare(kvp_pool *p, int seq, int layer, int i) {
+    int rc = check_ids(p, seq, layer, "kvp_unshare");
+    if (rc) return rc;
+    kvp_tab *t = tab_at(p, seq, layer);
+    if (i < 0 || i >= t->n_tokens) return D2_EINVAL;
+    int q = i / p->pt;
+    if (p->refcount[t->pages[q]] == 1) return D2_OK;
+    if (p->n_free < 1) return D2_EKVFULL;
+    int live = t->n_tokens - q * p->pt < p->pt ? t->n_tokens - q * p->pt : p->pt;
+    page_cow(p, t, q, live);
+    return D2_OK;
+}
+
 /* ---- slot access ------------------------------------------------------------------ */
 
 float *kvp_k_base(kvp_pool *p) { return p->k; }

@@ -124,6 +124,11 @@ int kvp_append(kvp_pool *p, int seq, int layer, int n);
  * modified. Returns the new n_tokens, or D2_EKVFULL (nothing changed) when
  * those copies need more free pages than there are. Used by D2O eviction. */
 int kvp_compact(kvp_pool *p, int seq, int layer, const uint8_t *keep);
+/* Makes the page holding live slot i of (seq, layer) private to this table
+ * (copy on write when it is shared), so its slots may be written in place
+ * (D2O merges into retained slots). D2_EKVFULL (nothing changed) when a copy
+ * is needed and no page is free; D2_EINVAL for a bad slot. */
+int kvp_unshare(kvp_pool *p, int seq, int layer, int i);
 /* ceil(n_tokens / page_tokens): pages a table of n_tokens live slots holds.
  * D2_EINVAL for n_tokens < 0. */
 int kvp_pages_for_tokens(const kvp_pool *p, int n_tokens);

@@ -1,0 +1,107 @@
+/*
+ * engine/kvcomp.h — KV-cache compression inside the paged pool: D2O and the
+ * H2O / StreamingLLM / SnapKV / PyramidKV baselines (internal to engine/;
+ * the public configuration is eng_kv_config in engine/engine.h; the method
+ * spec is shared/design/d2o-spec.md).
+ *
+ * Granularity: layer-uniform selection (spec §9.1 option A). One kept set per
+ * (sequence, layer): a token's score is the sum over KV heads of the pool's
+ * accumulated attention (kvp score), and the similarity of two tokens is the
+ * mean over KV heads of the per-head cosine of their post-RoPE keys.
+ *
+ * Lifecycle of a compressed sequence (driven by sched.c and eng_score_kv):
+ *   eng_kv_state_create      at submit (all per-request memory allocated here)
+ *   eng_kv_state_reset       at (re)admission: forgets budgets, tau, colsums
+ *   eng_kv_plan_seq          per step: sets want_scores / score_from / colsum
+ *                            of the sequence's plan entry
+ *   eng_kv_compress_prompt   once the prefill is complete: per-layer budgets,
+ *                            then every compressed layer N -> C_l
+ *   eng_kv_after_decode      after every later step: a layer whose live tokens
+ *                            reach C_l + page_tokens is cut back to C_l (a page
+ *                            returns); `exact` cuts back every step
+ * The workspace (eng_kv_ws) is engine-wide scratch sized once from the pool's
+ * max_seq_tokens; nothing here allocates per step.
+ *
+ * Merges never write a page shared with another sequence: the target's page
+ * is made private first (kvp_unshare); kvp_compact copies shared pages it
+ * rewrites. When the pool has no page for such a copy the layer is left as it
+ * is (D2_EKVFULL is not an error here: the next step tries again).
+ *
+ * Threading: engine thread only.
+ */
+#ifndef D2_ENGINE_KVCOMP_H
+#define D2_ENGINE_KVCOMP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine/backend.h"
+#include "engine/engine.h"
+#include "kvpool/kvpool.h"
+
+typedef struct eng_kv_state {
+    eng_kv_config cfg;      /* keep_layers resolved to the method's default if unset */
+    int n_layers, n_heads, n_kv_heads;
+    bool compressed;        /* prompt compression done */
+    int prefill_len;        /* cache length the prompt compression saw */
+    int *heavy, *recent;    /* [n_layers] budget = heavy + recent; heavy includes sinks;
+                               -1 = layer never compressed */
+    float *v_layer;         /* [n_layers] D2O layer statistic (inspection, tests) */
+    float *tau;             /* [n_layers] D2O EMA threshold */
+    uint8_t *tau_set;       /* [n_layers] */
+    float *colsum;          /* D2O: [n_layers][n_heads][colsum_len] prefill column sums */
+    int colsum_len;
+    int64_t n_evicted, n_merged, n_pages_freed; /* cumulative since create */
+} eng_kv_state;
+
+typedef struct eng_kv_ws eng_kv_ws;
+
+/* Workspace for one pool (sized by its max_seq_tokens and KV shape). */
+int eng_kv_ws_create(const kvp_pool *pool, eng_kv_ws **out);
+void eng_kv_ws_free(eng_kv_ws *ws); /* accepts NULL */
+
+/* State for one request; c must validate. colsum_len: the longest prefill the
+ * sequence can have (D2O only; prompt + generated tokens after a preemption). */
+int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int colsum_len,
+                        eng_kv_state **out);
+void eng_kv_state_free(eng_kv_state *s); /* accepts NULL */
+void eng_kv_state_reset(eng_kv_state *s);
+
+/* Resolved keep-layer mask (method default when keep_layers_set is false). */
+uint64_t eng_kv_keep_layers(const eng_kv_config *c, int n_layers);
+/* True when the method needs accumulated scores at this stage. */
+bool eng_kv_wants_scores(const eng_kv_state *s);
+/* Fills the score fields of a plan entry; prefill_end is the cache length at
+ * which the prompt compression runs. */
+void eng_kv_plan_seq(const eng_kv_state *s, int prefill_end, eng_batch_seq *bs);
+
+/* D2O's layer statistic from per-query-head column sums colsum[h][len] over
+ * the first n keys: per head the unbiased variance over keys, min-max across
+ * the heads, mean. */
+float eng_kv_d2o_layer_stat(const float *colsum, int n_heads, int len, int n);
+/* Per-layer budgets for a cache of n tokens (spec §2.2 for D2O, §8 for
+ * PyramidKV, uniform otherwise). v: D2O statistics [n_layers] (else unused).
+ * heavy/recent [n_layers] receive the split; -1 for kept layers. */
+void eng_kv_budgets(const eng_kv_config *c, int n_layers, const float *v, int n, int *heavy,
+                    int *recent);
+/* Token selection over n slots in position order: the last `recent` slots,
+ * the first min(n_sink, heavy) of the others (sinks, inside the heavy
+ * budget), and the best heavy - sinks of the rest by score (ties: earlier
+ * slot first). keep[n] receives 1/0; returns the number kept. */
+int eng_kv_select(eng_kv_ws *ws, const float *score, int n, int n_sink, int heavy, int recent,
+                  uint8_t *keep);
+/* Pooled SnapKV scores: average over a window of 5 (clipped at the ends). */
+void eng_kv_pool_scores(const float *in, int n, float *out);
+
+/* Compresses (seq, layer) to heavy + recent tokens now (first = prompt
+ * compression: tau is initialised). Returns the number of evicted tokens
+ * (>= 0), D2_EKVFULL when a copy on write found no page (nothing changed),
+ * or another error. */
+int eng_kv_compress_layer(eng_kv_ws *ws, kvp_pool *pool, int seq, int layer, eng_kv_state *s,
+                          int heavy, int recent, bool first);
+/* Prompt compression of every compressed layer (sets s->compressed). */
+int eng_kv_compress_prompt(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s);
+/* Decode-time eviction after a step (no-op for prefill-only methods). */
+int eng_kv_after_decode(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s);
+
+#endif
