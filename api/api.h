@@ -39,6 +39,8 @@ typedef struct api_config {
     double request_timeout_s;      /* 0: none */
     bool log_requests;             /* one INFO line per request */
     const char *chat_template;     /* overrides the model's; NULL: the model's, else ChatML */
+    eng_kv_config kv_default;      /* KV compression of requests without "kv_compression";
+                                      zeroed = full cache; fixed at creation */
 } api_config;
 
 typedef struct api_server api_server;

@@ -59,6 +59,8 @@ typedef struct api_gen_params {
     bool stream;
     bool include_usage;
     bool ignore_eos;               /* extension (vLLM) */
+    bool has_kv;                   /* extension "kv_compression" given */
+    eng_kv_config kv;              /* valid when has_kv (already validated) */
     char *user;
 } api_gen_params;
 

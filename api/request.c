@@ -3,9 +3,17 @@
  * request bodies into api_gen_params, and stop-string matching.
  *
  * Pure functions over a buffer (no server state), so they are unit-tested
- * and fuzzed directly (tests/fuzz/fuzz_request.c). Unknown fields are
+ * (tests/unit/test_api_request.c) and fuzzed directly. Unknown fields are
  * ignored, as OpenAI does; a known field of the wrong type or out of range
  * is a 400 naming the field. Callable from any thread.
+ *
+ * Extension "kv_compression": {"method": "d2o", "budget": 0.2, "heavy_share":
+ * 0.75, "exact": false, "merge_rule": "normalised"|"code"} selects the
+ * request's KV compression (eng_request.kv). "method" is required; "budget"
+ * is a fraction of the prompt in (0, 1] (a JSON real) or a token count (a
+ * JSON integer >= 2; the integer 1 means the whole prompt, as in the config
+ * file's kv_budget). Unlike the top level, unknown keys inside the object
+ * are rejected: a misspelt option must not silently fall back to a default.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -103,6 +111,108 @@ static int get_bool(json_t *root, const char *key, bool *out, api_error *err) {
     }
     *out = json_is_true(v);
     return 1;
+}
+
+/* "kv_compression" -> p->kv. 0 (absent or valid) or -1 with *err. */
+static int parse_kv(json_t *root, api_gen_params *p, api_error *err) {
+    const char *P = "kv_compression";
+    json_t *o = json_object_get(root, P);
+    if (!o || json_is_null(o)) return 0;
+    if (!json_is_object(o)) {
+        api_error_set(err, 400, "invalid_request_error", P,
+                      "'kv_compression' must be an object like {\"method\": \"d2o\", \"budget\": 0.2}");
+        return -1;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(o, key, v) {
+        if (strcmp(key, "method") && strcmp(key, "budget") && strcmp(key, "heavy_share") &&
+            strcmp(key, "exact") && strcmp(key, "merge_rule")) {
+            api_error_set(err, 400, "invalid_request_error", P,
+                          "kv_compression: unknown key '%.64s' (known: method, budget, heavy_share, exact, merge_rule)",
+                          key);
+            return -1;
+        }
+    }
+    json_t *m = json_object_get(o, "method");
+    if (!json_is_string(m)) {
+        api_error_set(err, 400, "invalid_request_error", P,
+                      "kv_compression.method is required: one of full, d2o, h2o, streamingllm, snapkv, pyramidkv");
+        return -1;
+    }
+    int method = eng_kv_method_parse(json_string_value(m));
+    if (method < 0) {
+        api_error_set(err, 400, "invalid_request_error", P,
+                      "kv_compression.method '%.64s' is not one of full, d2o, h2o, streamingllm, snapkv, pyramidkv",
+                      json_string_value(m));
+        return -1;
+    }
+    eng_kv_config_default(&p->kv, (eng_kv_method)method);
+    json_t *b = json_object_get(o, "budget");
+    if (b && !json_is_null(b)) {
+        if (json_is_integer(b)) {
+            json_int_t x = json_integer_value(b);
+            if (x < 1 || x > (1 << 30)) {
+                api_error_set(err, 400, "invalid_request_error", P,
+                              "kv_compression.budget as a token count must be between 1 and %d, got %lld",
+                              1 << 30, (long long)x);
+                return -1;
+            }
+            if (x == 1) { /* the whole prompt, as kv_budget "1" in the config file */
+                p->kv.budget_frac = 1.0f;
+                p->kv.budget_tokens = 0;
+            } else {
+                p->kv.budget_tokens = (int)x;
+            }
+        } else if (json_is_real(b)) {
+            double x = json_real_value(b);
+            if (!(x > 0.0 && x <= 1.0)) {
+                api_error_set(err, 400, "invalid_request_error", P,
+                              "kv_compression.budget as a fraction must be in (0, 1], got %g", x);
+                return -1;
+            }
+            p->kv.budget_frac = (float)x;
+            p->kv.budget_tokens = 0;
+        } else {
+            api_error_set(err, 400, "invalid_request_error", P,
+                          "kv_compression.budget must be a fraction in (0, 1] or a token count");
+            return -1;
+        }
+    }
+    json_t *h = json_object_get(o, "heavy_share");
+    if (h && !json_is_null(h)) {
+        if (!json_is_number(h) || !(json_number_value(h) >= 0.0 && json_number_value(h) <= 1.0)) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.heavy_share must be a number in [0, 1]");
+            return -1;
+        }
+        p->kv.heavy_share = (float)json_number_value(h);
+    }
+    json_t *x = json_object_get(o, "exact");
+    if (x && !json_is_null(x)) {
+        if (!json_is_boolean(x)) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.exact must be a boolean");
+            return -1;
+        }
+        p->kv.exact = json_is_true(x);
+    }
+    json_t *mr = json_object_get(o, "merge_rule");
+    if (mr && !json_is_null(mr)) {
+        const char *r = json_is_string(mr) ? json_string_value(mr) : "";
+        if (!strcmp(r, "normalised") || !strcmp(r, "normalized")) p->kv.merge_rule = ENG_KV_MERGE_NORMALISED;
+        else if (!strcmp(r, "code")) p->kv.merge_rule = ENG_KV_MERGE_CODE;
+        else {
+            api_error_set(err, 400, "invalid_request_error", P,
+                          "kv_compression.merge_rule must be \"normalised\" or \"code\"");
+            return -1;
+        }
+    }
+    const char *why = NULL;
+    if (eng_kv_config_validate(&p->kv, &why) != D2_OK) {
+        api_error_set(err, 400, "invalid_request_error", P, "kv_compression: invalid %s", why ? why : "configuration");
+        return -1;
+    }
+    p->has_kv = true;
+    return 0;
 }
 
 static int32_t *ids_from_array(json_t *arr, int n_vocab, int *n_out) {
@@ -367,6 +477,7 @@ int api_parse_gen(const char *body, size_t len, api_kind kind, const api_limits 
     b = false;
     if (get_bool(root, "ignore_eos", &b, err) < 0) goto fail;
     p->ignore_eos = b;
+    if (parse_kv(root, p, err)) goto fail;
     json_t *user = json_object_get(root, "user");
     if (user && !json_is_null(user)) {
         if (!json_is_string(user)) BAD("user", "'user' must be a string");
