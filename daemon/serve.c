@@ -73,6 +73,15 @@ static void api_config_from(const dmn_config *c, api_config *a) {
     a->default_max_tokens = c->default_max_tokens;
     a->request_timeout_s = c->request_timeout_s;
     a->log_requests = c->log_requests;
+    /* the server's default KV compression (requests may override it) */
+    _Static_assert((int)DMN_KV_PYRAMIDKV == (int)ENG_KV_PYRAMIDKV, "kv_method numbering differs");
+    eng_kv_config_default(&a->kv_default, (eng_kv_method)c->kv_method);
+    if (c->kv_budget_tokens > 0) {
+        a->kv_default.budget_tokens = (int)c->kv_budget_tokens;
+    } else if (c->kv_budget_frac > 0) {
+        a->kv_default.budget_frac = (float)c->kv_budget_frac;
+        a->kv_default.budget_tokens = 0;
+    }
 }
 
 /* ---- warm-up ---------------------------------------------------------------- */
@@ -235,6 +244,17 @@ int d2_cmd_serve(int argc, char **argv) {
         fprintf(stderr, "d2od serve: %s\n", err);
         free(d);
         return 2;
+    }
+    {
+        api_config probe;
+        api_config_from(&d->cfg, &probe);
+        const char *why = NULL;
+        if (eng_kv_config_validate(&probe.kv_default, &why) != D2_OK) {
+            fprintf(stderr, "d2od serve: kv_method %s with kv_budget %s: invalid %s\n",
+                    dmn_kv_method_name(d->cfg.kv_method), d->cfg.kv_budget, why ? why : "configuration");
+            free(d);
+            return 2;
+        }
     }
     d2_log_set_level(to_log_level(d->cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
