@@ -6,6 +6,7 @@
  *   d2od tokenize    text on stdin -> JSON array of ids
  *   d2od perplexity  teacher-forced NLL of a file
  *   d2od bench       CPU throughput and roofline figures
+ *   d2od eval        KV-compression methods against the full cache
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,7 @@ static void usage(FILE *f) {
             "  tokenize    read text on stdin, print token ids as a JSON array\n"
             "  perplexity  score a text file teacher-forced; print tokens, nll_sum, ppl\n"
             "  bench       measure CPU decode throughput against the memory roofline\n"
+            "  eval        compare KV-compression methods with the full cache (ppl, agreement, passkey)\n"
             "\n"
             "Run 'd2od <command> --help' for a command's options.\n");
 }
@@ -47,6 +49,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "perplexity")) return d2_cmd_perplexity(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return d2_cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "serve")) return d2_cmd_serve(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return d2_cmd_eval(argc - 1, argv + 1);
     fprintf(stderr, "d2od: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 2;
