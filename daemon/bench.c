@@ -16,6 +16,14 @@
  *     roofline uses the larger of the two, so the fraction is conservative.
  * Reported: batch-1 tokens/s as a fraction of the roofline, and aggregate
  * tokens/s at batch B as a multiple of batch 1.
+ *  4. KV-compression cost (--kv-method, default d2o; "none" skips): one
+ *     sequence with a --kv-prompt token prompt through the scheduler (the
+ *     daemon's path), full cache against the method, best of 3 each. The
+ *     engine has no timer inside the compression, so its cost is measured as
+ *     the difference: (prefill with compression - prefill) / prefill (the
+ *     end-of-prefill compression as a share of the prefill), and (decode
+ *     step with compression - decode step) / decode step (eviction amortised
+ *     per step, net of the faster attention over a smaller cache).
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -117,6 +125,117 @@ static int64_t tensor_bytes(const eng_tensor *t) {
     return n * 4;
 }
 
+/* ---- KV-compression cost ---------------------------------------------------------- */
+
+typedef struct kv_probe { double t_first, t_done; int n, done, status; } kv_probe;
+
+static int kv_probe_event(void *user, const eng_event *ev) {
+    kv_probe *p = user;
+    if (ev->type == ENG_EV_TOKEN) {
+        p->n++;
+    } else {
+        p->t_first = ev->t_first_token;
+        p->t_done = ev->t_done;
+        p->status = ev->status;
+        p->done = 1;
+    }
+    return 0;
+}
+
+/* One sequence through the scheduler in manual mode; *prefill_s = time to the
+ * first token, *step_s = mean time of the later decode steps. */
+static int kv_run_once(eng_sched *s, const int32_t *prompt, int n_prompt, int gen, const eng_kv_config *kv,
+                       double *prefill_s, double *step_s) {
+    kv_probe p = {0};
+    eng_request q = {.prompt = prompt, .n_prompt = n_prompt, .max_tokens = gen, .ignore_eos = true,
+                     .on_event = kv_probe_event, .user = &p};
+    eng_sample_params_default(&q.sample);
+    q.sample.temperature = 0;
+    q.kv = *kv;
+    uint64_t id;
+    const char *why = NULL;
+    int rc = eng_sched_submit(s, &q, &id, &why);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od bench: kv submit: %s (%s)\n", d2_strerror(rc), why ? why : "");
+        return rc;
+    }
+    for (;;) {
+        int r = eng_sched_step(s);
+        if (r < 0) return r;
+        if (r == 0) break;
+    }
+    if (!p.done || p.status != D2_OK) return p.done ? p.status : D2_EINTERNAL;
+    *prefill_s = p.t_first;
+    *step_s = p.n > 1 ? (p.t_done - p.t_first) / (p.n - 1) : 0;
+    return D2_OK;
+}
+
+/* Section 4; appends its JSON object to json. */
+static int bench_kv(const char *model, int threads, int method, double budget, int n_prompt, int gen,
+                    char *json, size_t json_cap) {
+    eng_engine_config ec = {.model_path = model, .n_threads = threads, .max_seqs = 1,
+                            .ctx_len = n_prompt + gen + 1};
+    eng_engine *e = NULL;
+    int rc = eng_engine_create(&ec, &e);
+    if (rc != D2_OK) return rc;
+    eng_sched *s = NULL;
+    eng_sched_config sc = {.max_queue = 16};
+    rc = eng_sched_create(e, &sc, &s);
+    if (rc != D2_OK) { eng_engine_destroy(e); return rc; }
+    const eng_model *m = eng_engine_model(e);
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)n_prompt);
+    uint64_t rng = 777;
+    for (int t = 0; prompt && t < n_prompt; t++) {
+        rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        prompt[t] = (int32_t)((rng >> 33) % (uint64_t)m->cfg.vocab_size);
+    }
+    eng_kv_config full, kv;
+    eng_kv_config_default(&full, ENG_KV_FULL);
+    eng_kv_config_default(&kv, (eng_kv_method)method);
+    kv.budget_frac = (float)budget;
+    kv.budget_tokens = 0;
+    const char *why = NULL;
+    if (!prompt) rc = D2_ENOMEM;
+    else if (eng_kv_config_validate(&kv, &why) != D2_OK) {
+        fprintf(stderr, "d2od bench: --kv-method/--kv-budget: invalid %s\n", why ? why : "config");
+        rc = D2_EINVAL;
+    }
+    double pf_full = 1e30, st_full = 1e30, pf_kv = 1e30, st_kv = 1e30;
+    eng_sched_stats st0 = eng_sched_get_stats(s);
+    for (int rep = 0; rc == D2_OK && rep < 3; rep++) { /* interleaved, best of 3 */
+        double a, b;
+        rc = kv_run_once(s, prompt, n_prompt, gen, &full, &a, &b);
+        if (rc == D2_OK) { if (a < pf_full) pf_full = a; if (b < st_full) st_full = b; }
+        if (rc == D2_OK) rc = kv_run_once(s, prompt, n_prompt, gen, &kv, &a, &b);
+        if (rc == D2_OK) { if (a < pf_kv) pf_kv = a; if (b < st_kv) st_kv = b; }
+    }
+    eng_sched_stats st1 = eng_sched_get_stats(s);
+    if (rc == D2_OK) {
+        double pf_ratio = (pf_kv - pf_full) / pf_full, st_ratio = (st_kv - st_full) / st_full;
+        printf("\nKV compression cost: %s at budget %.2f, prompt %d tokens, %d generated, batch 1\n",
+               eng_kv_method_name(kv.method), budget, n_prompt, gen);
+        printf("  prefill      full %8.2f ms   %s %8.2f ms   compression = %+6.1f%% of the prefill (%.3f ms per prompt token)\n",
+               pf_full * 1e3, eng_kv_method_name(kv.method), pf_kv * 1e3, 100 * pf_ratio,
+               (pf_kv - pf_full) * 1e3 / n_prompt);
+        printf("  decode step  full %8.3f ms   %s %8.3f ms   eviction (amortised, net) = %+6.1f%% of a step\n",
+               st_full * 1e3, eng_kv_method_name(kv.method), st_kv * 1e3, 100 * st_ratio);
+        printf("  per run: %lld tokens evicted, %lld merged, %lld pages freed\n",
+               (long long)(st1.kv_tokens_evicted - st0.kv_tokens_evicted) / 3,
+               (long long)(st1.kv_tokens_merged - st0.kv_tokens_merged) / 3,
+               (long long)(st1.kv_pages_freed - st0.kv_pages_freed) / 3);
+        snprintf(json, json_cap,
+                 "{\"bench\":\"kv_compression\",\"method\":\"%s\",\"budget\":%.3f,\"prompt\":%d,\"gen\":%d,"
+                 "\"prefill_full_s\":%.6f,\"prefill_kv_s\":%.6f,\"prefill_overhead_frac\":%.4f,"
+                 "\"step_full_s\":%.6f,\"step_kv_s\":%.6f,\"step_overhead_frac\":%.4f}",
+                 eng_kv_method_name(kv.method), budget, n_prompt, gen, pf_full, pf_kv, pf_ratio, st_full, st_kv,
+                 st_ratio);
+    }
+    free(prompt);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+    return rc;
+}
+
 static int parse_batches(const char *s, int *out, int max) {
     int n = 0;
     while (*s && n < max) {
@@ -131,17 +250,20 @@ static int parse_batches(const char *s, int *out, int max) {
 }
 
 int d2_cmd_bench(int argc, char **argv) {
-    const char *model = NULL, *batches_s = "1,8,32";
-    long threads = 0, prompt_len = 32, gen = 64;
+    const char *model = NULL, *batches_s = "1,8,32", *kv_method_s = "d2o";
+    long threads = 0, prompt_len = 32, gen = 64, kv_prompt = 256, kv_gen = 32;
+    double kv_budget = 0.2;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: d2od bench --model M [--batches 1,8,32] [--prompt N] [--gen N] [--threads N]\n"
+                   "                  [--kv-method d2o|h2o|...|none] [--kv-budget F] [--kv-prompt N] [--kv-gen N]\n"
                    "\n"
                    "Measures copy bandwidth, the batch-1 decode roofline (weight bytes per token /\n"
-                   "bandwidth) and decode tokens/s at each batch size through the engine loop.\n"
-                   "Prints a table and one JSON line.\n");
+                   "bandwidth) and decode tokens/s at each batch size through the engine loop; then\n"
+                   "the cost of KV compression (default d2o at 0.2, prompt 256, 32 generated) as a\n"
+                   "share of the prefill and of a decode step. Prints tables and JSON lines.\n");
             return 0;
         } else if (!strcmp(a, "--model")) {
             if (!(model = d2_cli_value(argc, argv, &i))) return 2;
@@ -153,6 +275,14 @@ int d2_cmd_bench(int argc, char **argv) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 1, 1 << 20, &prompt_len)) return 2;
         } else if (!strcmp(a, "--gen")) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 20, &gen)) return 2;
+        } else if (!strcmp(a, "--kv-method")) {
+            if (!(kv_method_s = d2_cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--kv-budget")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_float(a, v, 1e-4, 1, &kv_budget)) return 2;
+        } else if (!strcmp(a, "--kv-prompt")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 8, 1 << 20, &kv_prompt)) return 2;
+        } else if (!strcmp(a, "--kv-gen")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 20, &kv_gen)) return 2;
         } else {
             fprintf(stderr, "d2od bench: unknown option '%s'\n", a);
             return 2;
@@ -161,6 +291,14 @@ int d2_cmd_bench(int argc, char **argv) {
     if (!model) {
         fprintf(stderr, "d2od bench: --model is required\n");
         return 2;
+    }
+    int kv_method = -1;
+    if (strcmp(kv_method_s, "none") != 0) {
+        kv_method = eng_kv_method_parse(kv_method_s);
+        if (kv_method < 0 || kv_method == ENG_KV_FULL) {
+            fprintf(stderr, "d2od bench: --kv-method: '%s' is not a compression method (or 'none')\n", kv_method_s);
+            return 2;
+        }
     }
     int batches[16];
     int nb = parse_batches(batches_s, batches, 16);
@@ -251,5 +389,13 @@ int d2_cmd_bench(int argc, char **argv) {
     printf("\nbatch-1 decode = %.1f%% of the memory roofline\n", 100.0 * tps1 / roofline);
     printf("%s\n", json);
     eng_engine_destroy(e);
+    if (kv_method >= 0) {
+        rc = bench_kv(model, (int)threads, kv_method, kv_budget, (int)kv_prompt, (int)kv_gen, json, sizeof json);
+        if (rc != D2_OK) {
+            fprintf(stderr, "d2od bench: KV-compression run failed: %s\n", d2_strerror(rc));
+            return 1;
+        }
+        printf("%s\n", json);
+    }
     return 0;
 }
