@@ -6,18 +6,22 @@
  * used by one thread at a time.
  *
  * How one sample avoids sorting the vocabulary (n_vocab up to ~152k):
- *   - one vectorisable pass computes the maximum logit, another
- *     e_i = exp((logit_i - max) / T) with a branch-free exp, their sum, and
- *     each token's histogram bin: floor(32 * (max - logit_i) / T), i.e. bins
- *     1/32 nat wide in log-probability, everything below exp(-48) in one
- *     overflow bin;
- *   - a scatter pass fills the histogram (token count and mass per bin);
- *   - top-k and top-p find their boundary bin from the histogram's prefix
- *     sums, gather only that bin's tokens and resolve the exact boundary with
- *     a quickselect (by count for top-k, by mass for top-p);
- *   - the kept set is then "ranks at or before a boundary token" (rank =
- *     logit descending, id ascending), plus the min-p test e_i >= min_p, so
- *     the draw is one masked sum and one early-exit scan, with no sort.
+ *   - vectorisable passes (bits-as-integer maximum, a branch-free exp with
+ *     16-lane sums) give the maximum logit and the softmax normalisers;
+ *   - top-k with k <= 1024, and top-p alone as a first guess, take the k (or
+ *     128) best tokens with a min-heap fed by a scan that skips 64-token
+ *     blocks holding nothing above the heap's root; top-p, min-p and the draw
+ *     then run on that short, sorted list. The guess is kept only when the
+ *     128 tokens hold at least top_p of the mass (typical for LLM outputs);
+ *   - otherwise (large k, wide nucleus) a histogram path: each token gets a
+ *     bin floor(32 * (max - logit) / T) (1/32-nat bins, everything below
+ *     exp(-48) in one overflow bin), one scatter pass counts tokens and mass
+ *     per bin, prefix sums find the bin holding the top-k / top-p boundary,
+ *     only that bin's tokens are gathered and resolved exactly by quickselect
+ *     (by count for top-k, by mass for top-p). The kept set is then "ranks at
+ *     or before the boundary token" (rank = logit descending, id ascending)
+ *     plus the min-p test, applied as a mask, and the draw walks 64-token
+ *     block sums.
  * Everything is O(n_vocab) with small constants; nothing allocates.
  */
 #include "engine/sample.h"
@@ -240,7 +244,9 @@ static inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, sizeof 
  * x < -86 (including -inf) gives exactly 0, which also keeps 2^n normal. */
 static inline float exp_nonpos(float x) {
     const float shifter = 12582912.0f;
-    float xc = x < EXP_FLOOR ? EXP_FLOOR : x;
+    /* Selects by bit masks rather than ?: so that plain SSE2 vectorises too. */
+    uint32_t keep = 0u - (uint32_t)(x >= EXP_FLOOR);
+    float xc = bits_to_f32((f32_to_bits(x) & keep) | (f32_to_bits(EXP_FLOOR) & ~keep));
     float t = xc * 1.44269504f + shifter;
     float n = t - shifter;
     uint32_t nbits = (f32_to_bits(t) - f32_to_bits(shifter)) << 23;
@@ -253,8 +259,7 @@ static inline float exp_nonpos(float x) {
     q = q * r + 0.5f;
     q = q * r + 1.0f;
     q = q * r + 1.0f;
-    float e = bits_to_f32(f32_to_bits(q) + nbits);
-    return x < EXP_FLOOR ? 0.0f : e;
+    return bits_to_f32((f32_to_bits(q) + nbits) & keep);
 }
 
 /* Maximum of w[0..n); D2_EINVAL when any value is NaN or +inf, or all are

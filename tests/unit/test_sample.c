@@ -240,7 +240,7 @@ TEST(top_k_restricts_support_and_renormalises) {
 
 /* Big vocabulary: the sampled ids are exactly the top-k set. */
 TEST(top_k_large_vocab_exact_support) {
-    enum { V = 100000, K = 40, N = 8000 };
+    enum { V = 50000, K = 40, N = 4000 };
     static float l[V];
     static long cnt[V];
     for (int i = 0; i < V; i++) l[i] = trng_gauss();
@@ -331,12 +331,12 @@ static int cmp_desc(const void *a, const void *b) {
 }
 
 TEST(top_p_large_vocab_exact_nucleus) {
-    enum { V = 128256, N = 6000 };
+    enum { V = 32000, N = 4000 };
     static float l[V];
     static long cnt[V];
     static double pr[V], sorted[V];
     const float temps[2] = {1.0f, 0.7f};
-    const float tps[2] = {0.9f, 0.6f};
+    const float tps[2] = {0.9f, 0.85f};
     for (int round = 0; round < 2; round++) {
         /* 60 plausible tokens on a sea of unlikely ones */
         for (int i = 0; i < V; i++) l[i] = trng_gauss() - 12.0f;
@@ -383,6 +383,110 @@ TEST(top_p_with_ties_keeps_lowest_ids) {
         if (i <= 500) ASSERT_GT(cnt[i], 0);
         else ASSERT_EQ(cnt[i], 0);
     }
+    eng_sampler_free(&s);
+}
+
+/* top-k above the heap limit (1024) goes through the histogram path. */
+TEST(top_k_large_k_histogram_path) {
+    enum { V = 6000, K = 2000, N = 15000 };
+    static float l[V];
+    static long cnt[V];
+    /* strictly decreasing by id, so the top K are ids 0..K-1 */
+    for (int i = 0; i < V; i++) l[i] = -0.0002f * (float)i;
+    eng_sample_params p = params_t(1.0f, 61);
+    p.top_k = K;
+    eng_sampler s;
+    ASSERT_OK(eng_sampler_init(&s, &p, V));
+    histogram(&s, l, V, N, cnt);
+    int maxid = 0;
+    for (int i = 0; i < V; i++)
+        if (cnt[i]) maxid = i;
+    ASSERT(maxid <= K - 1 && maxid >= K - 10); /* ~6 draws expected per token near the edge */
+    eng_sampler_free(&s);
+    /* ties: all equal, the K lowest ids */
+    for (int i = 0; i < V; i++) l[i] = 0.0f;
+    ASSERT_OK(eng_sampler_init(&s, &p, V));
+    histogram(&s, l, V, N, cnt);
+    maxid = 0;
+    for (int i = 0; i < V; i++)
+        if (cnt[i]) maxid = i;
+    ASSERT(maxid < K && maxid > K - 20);
+    eng_sampler_free(&s);
+}
+
+/* top-p with a nucleus far larger than the first guess (128 tokens): the
+ * histogram path, checked against a sorted brute force. */
+TEST(top_p_large_nucleus_histogram_path) {
+    enum { V = 128256, N = 1000 };
+    static float l[V];
+    static double pr[V], sorted[V];
+    for (int i = 0; i < V; i++) l[i] = trng_gauss();
+    softmax_d(l, V, 1.0, pr);
+    memcpy(sorted, pr, sizeof pr);
+    qsort(sorted, V, sizeof sorted[0], cmp_desc);
+    double cum = 0;
+    int nn = 0;
+    while (cum < 0.5) cum += sorted[nn++];
+    double pmin = sorted[nn - 1];
+    eng_sample_params p = params_t(1.0f, 71);
+    p.top_p = 0.5f;
+    eng_sampler s;
+    ASSERT_OK(eng_sampler_init(&s, &p, V));
+    int near = 0;
+    for (int i = 0; i < N; i++) {
+        int32_t t = sample_one(&s, l);
+        /* a one-ulp slack for float rounding at the boundary */
+        ASSERT(pr[t] >= pmin * (1 - 1e-6));
+        near += pr[t] < pmin * 1.05;
+    }
+    printf("  nucleus %d tokens; %d of %d draws within 5%% of the boundary\n", nn, near, N);
+    ASSERT_GT(near, 0);
+    eng_sampler_free(&s);
+}
+
+/* top-k (histogram path) then top-p, the nucleus boundary both inside the
+ * top-k boundary bin (ties) and before it. */
+TEST(top_k_then_top_p_histogram_path) {
+    enum { V = 3000, N = 15000 };
+    static float l[V];
+    static long cnt[V];
+    for (int i = 0; i < V; i++) l[i] = 0.0f;
+    eng_sample_params p = params_t(1.0f, 81);
+    p.top_k = 2000;
+    p.top_p = 0.50025f; /* 1001 of the 2000 equal tokens (mass 1000.5) */
+    eng_sampler s;
+    ASSERT_OK(eng_sampler_init(&s, &p, V));
+    histogram(&s, l, V, N, cnt);
+    for (int i = 0; i < V; i++) {
+        if (i <= 1000) ASSERT_GT(cnt[i], 0);
+        else ASSERT_EQ(cnt[i], 0);
+    }
+    eng_sampler_free(&s);
+    /* decreasing logits: top_k 2500 then top_p 0.3 of that, brute force */
+    for (int i = 0; i < V; i++) l[i] = -0.002f * (float)i;
+    double z = 0, run = 0;
+    for (int i = 0; i < 2500; i++) z += exp((double)l[i]);
+    int last = 0;
+    while (run < 0.3 * z) run += exp((double)l[last++]);
+    last--; /* the nucleus is ids 0..last */
+    p.top_k = 2500;
+    p.top_p = 0.3f;
+    p.min_p = 0.0f;
+    ASSERT_OK(eng_sampler_init(&s, &p, V));
+    histogram(&s, l, V, N, cnt);
+    int maxid = 0;
+    for (int i = 0; i < V; i++)
+        if (cnt[i]) maxid = i;
+    ASSERT(maxid <= last + 1 && maxid >= last - 10);
+    /* with min_p on top: ratio exp(-0.002 i) >= 0.8 -> i <= 111 */
+    eng_sampler_free(&s);
+    p.min_p = 0.8f;
+    ASSERT_OK(eng_sampler_init(&s, &p, V));
+    histogram(&s, l, V, N, cnt);
+    maxid = 0;
+    for (int i = 0; i < V; i++)
+        if (cnt[i]) maxid = i;
+    ASSERT(maxid <= 111 && maxid >= 100);
     eng_sampler_free(&s);
 }
 
@@ -787,7 +891,7 @@ TEST(tiny_vocabularies) {
     float l[17];
     for (int i = 0; i < 17; i++) l[i] = (float)(i % 5);
     p = params_t(1.0f, 2);
-    p.top_k = 4; /* the four 4.0s at ids 4, 9, 14 and the ... */
+    p.top_k = 4;
     ASSERT_OK(eng_sampler_init(&s, &p, 17));
     long cnt[17];
     histogram(&s, l, 17, 4000, cnt);
