@@ -597,7 +597,7 @@ static void draw_panel(dmn_canvas *c, int px, int py, int pw, int ph, const char
         int y = y0 + (int)lround((y1 - y0) * k / 4.0);
         dmn_canvas_line(c, x0, y, x1, y, 1, grey);
         char lab[32];
-        int dec = 0; /* enough decimals that the five labels differ */
+        int dec = 1; /* one decimal beyond the step's first significant digit */
         for (double step = (hi - lo) / 4; dec < 6 && step < 1.0; step *= 10) dec++;
         snprintf(lab, sizeof lab, "%.*f", dec, v);
         dmn_canvas_text(c, x0 - 6 - dmn_canvas_text_width(lab, 1), y - 3, lab, 1, black);
