@@ -266,6 +266,10 @@ static const char *finish_name(eng_finish f, int status) {
     }
 }
 
+/* JSON has no -inf: a token the model gives probability 0 reports -9999, as
+ * OpenAI does. */
+static double json_lp(float lp) { return lp < -9999.0f || lp != lp ? -9999.0 : (double)lp; }
+
 /* Token text for logprobs entries. */
 static void add_token_str(buf *b, const eng_tokenizer *tok, int32_t id) {
     size_t n = 0;
@@ -291,14 +295,14 @@ static void add_logprobs(buf *b, const api_req *r, const api_choice *ch, int fro
             const tok_lp *l = &ch->lps[i];
             buf_str(b, i > from ? ",{\"token\":" : "{\"token\":");
             add_token_str(b, tok, l->token);
-            buf_fmt(b, ",\"logprob\":%.6g,\"bytes\":", (double)l->logprob);
+            buf_fmt(b, ",\"logprob\":%.6g,\"bytes\":", json_lp(l->logprob));
             add_token_bytes(b, tok, l->token);
             buf_str(b, ",\"top_logprobs\":[");
             int nt = l->n_top < r->params.logprobs ? l->n_top : r->params.logprobs;
             for (int k = 0; k < nt; k++) {
                 buf_str(b, k ? ",{\"token\":" : "{\"token\":");
                 add_token_str(b, tok, l->top[k].token);
-                buf_fmt(b, ",\"logprob\":%.6g,\"bytes\":", (double)l->top[k].logprob);
+                buf_fmt(b, ",\"logprob\":%.6g,\"bytes\":", json_lp(l->top[k].logprob));
                 add_token_bytes(b, tok, l->top[k].token);
                 buf_str(b, "}");
             }
@@ -313,7 +317,7 @@ static void add_logprobs(buf *b, const api_req *r, const api_choice *ch, int fro
         add_token_str(b, tok, ch->lps[i].token);
     }
     buf_str(b, "],\"token_logprobs\":[");
-    for (int i = from; i < to; i++) buf_fmt(b, i > from ? ",%.6g" : "%.6g", (double)ch->lps[i].logprob);
+    for (int i = from; i < to; i++) buf_fmt(b, i > from ? ",%.6g" : "%.6g", json_lp(ch->lps[i].logprob));
     buf_str(b, "],\"top_logprobs\":[");
     for (int i = from; i < to; i++) {
         const tok_lp *l = &ch->lps[i];
@@ -322,7 +326,7 @@ static void add_logprobs(buf *b, const api_req *r, const api_choice *ch, int fro
         for (int k = 0; k < nt; k++) {
             if (k) buf_str(b, ",");
             add_token_str(b, tok, l->top[k].token);
-            buf_fmt(b, ":%.6g", (double)l->top[k].logprob);
+            buf_fmt(b, ":%.6g", json_lp(l->top[k].logprob));
         }
         buf_str(b, "}");
     }
