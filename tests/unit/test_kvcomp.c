@@ -578,3 +578,102 @@ TEST(merge_into_shared_page_copies_first) {
     eng_kv_state_free(s2);
     hpool_free(&h);
 }
+
+/* ---- H2O decode vs the reference forward with the same evictions ---------------------------- */
+
+/* Evicts from the reference every position of (seq, layer) that the pool no longer holds. */
+static void mirror_evictions(eng_engine *e, int seq, eng_ref_state *ref, uint8_t *alive, int ctx) {
+    int L = e->model->cfg.n_layers, pt = kvp_get_config(e->pool)->page_tokens;
+    uint8_t *now = calloc((size_t)ctx, 1);
+    for (int l = 0; l < L; l++) {
+        memset(now, 0, (size_t)ctx);
+        kvp_table t = kvp_get_table(e->pool, seq, l);
+        for (int i = 0; i < t.n_tokens; i++) {
+            int32_t pg;
+            int sl;
+            kvp_locate(&t, pt, i, &pg, &sl);
+            int p = kvp_pos_base(e->pool)[(size_t)pg * (size_t)pt + (size_t)sl];
+            ASSERT(p >= 0 && p < ctx);
+            now[p] = 1;
+        }
+        for (int p = 0; p < ctx; p++)
+            if (alive[l * ctx + p] && !now[p]) {
+                eng_ref_evict(ref, l, p);
+                alive[l * ctx + p] = 0;
+            }
+    }
+    free(now);
+}
+
+static void h2o_vs_reference(bool exact, eng_kv_method method) {
+    enum { CTX = 128, NP = 40, ND = 24 };
+    tmodel *t = tmodel_make(3, 32, 4, 2, 64, 64, 3.0f, 11);
+    eng_engine *e = tengine_make(&t->m, CTX, 256, 2, 64, 4, 2);
+    eng_kv_config c;
+    eng_kv_config_default(&c, method);
+    c.budget_tokens = getenv("D2_KVB") ? atoi(getenv("D2_KVB")) : 12;
+    c.n_sink = 2;
+    c.window = 6;
+    c.exact = exact;
+    eng_kv_state *ks;
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, CTX, &ks), D2_OK);
+    int32_t toks[NP + ND];
+    rand_tokens(toks, NP + ND, 64, 3);
+    int seq;
+    ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
+    prefill(e, seq, toks, NP, ks);
+    ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, seq, ks), D2_OK);
+    if (!getenv("D2_KVB")) ASSERT_EQ(kvp_get_table(e->pool, seq, 1).n_tokens, 12);
+
+    eng_ref_state *ref;
+    ASSERT_EQ(eng_ref_create(&t->m, CTX, &ref), D2_OK);
+    for (int p = 0; p < NP; p++) ASSERT_EQ(eng_ref_forward(ref, toks[p], p, NULL), D2_OK);
+    uint8_t *alive = malloc(3 * CTX);
+    memset(alive, 0, 3 * CTX);
+    for (int l = 0; l < 3; l++) memset(alive + l * CTX, 1, NP);
+    mirror_evictions(e, seq, ref, alive, CTX);
+    float *rl = malloc(sizeof(float) * 64);
+    double worst = 0;
+    for (int d = 0; d < ND; d++) {
+        int p = NP + d;
+        ASSERT_EQ(eng__reserve_all_layers(e, seq, 1), D2_OK);
+        e->tokens[0] = toks[p];
+        e->pos[0] = p;
+        e->bseqs[0] = (eng_batch_seq){.seq = seq, .start = 0, .n = 1, .want_logits = true};
+        eng_kv_plan_seq(ks, NP, &e->bseqs[0]);
+        eng_batch b = {.n_tokens = 1, .tokens = e->tokens, .pos = e->pos, .n_seqs = 1,
+                       .seqs = e->bseqs, .logits = e->logits};
+        ASSERT_EQ(e->be->ops->step(e->be, &b), D2_OK);
+        ASSERT_EQ(eng_ref_forward(ref, toks[p], p, rl), D2_OK);
+        for (int l = 0; l < 3; l++) alive[l * CTX + p] = 1;
+        double mx = 1.0, diff = 0.0;
+        for (int v = 0; v < 64; v++) {
+            if (fabs(rl[v]) > mx) mx = fabs(rl[v]);
+            double dd = fabs((double)rl[v] - e->logits[v]);
+            if (dd > diff) diff = dd;
+        }
+        if (diff / mx > worst) worst = diff / mx;
+        if (getenv("D2_KVCOMP_DEBUG")) fprintf(stderr, "step %d diff %g\n", d, diff / mx);
+        ASSERT_EQ(eng_kv_after_decode(e->kvws, e->pool, seq, ks), D2_OK);
+        int n1 = kvp_get_table(e->pool, seq, 1).n_tokens;
+        if (exact) ASSERT_EQ(n1, 12);
+        else ASSERT(n1 >= 12 && n1 < 12 + 4);
+        mirror_evictions(e, seq, ref, alive, CTX);
+    }
+    if (!(worst < 2e-4)) FAIL_("worst relative logit difference %g", worst);
+    ASSERT_GT(ks->n_evicted, NP - 12);
+    ASSERT_EQ(ks->n_merged, 0);
+    free(rl);
+    free(alive);
+    eng_ref_free(ref);
+    eng_kv_state_free(ks);
+    kvp_seq_free(e->pool, seq);
+    ASSERT_EQ(kvp_check(e->pool), D2_OK);
+    ASSERT_EQ(kvp_get_stats(e->pool).pages_free, 256);
+    tengine_free(e);
+    tmodel_free(t);
+}
+
+TEST(h2o_exact_decode_matches_reference) { h2o_vs_reference(true, ENG_KV_H2O); }
+TEST(h2o_paged_decode_matches_reference) { h2o_vs_reference(false, ENG_KV_H2O); }
+TEST(streamingllm_decode_matches_reference) { h2o_vs_reference(false, ENG_KV_STREAMINGLLM); }
