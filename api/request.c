@@ -208,7 +208,7 @@ static int parse_kv(json_t *root, api_gen_params *p, api_error *err) {
     }
     const char *why = NULL;
     if (eng_kv_config_validate(&p->kv, &why) != D2_OK) {
-        api_error_set(err, 400, "invalid_request_error", P, "kv_compression: invalid %s", why ? why : "configuration");
+        api_error_set(err, 400, "invalid_request_error", P, "kv_compression: %s", why ? why : "invalid configuration");
         return -1;
     }
     p->has_kv = true;
