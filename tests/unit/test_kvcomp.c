@@ -677,3 +677,124 @@ static void h2o_vs_reference(bool exact, eng_kv_method method) {
 TEST(h2o_exact_decode_matches_reference) { h2o_vs_reference(true, ENG_KV_H2O); }
 TEST(h2o_paged_decode_matches_reference) { h2o_vs_reference(false, ENG_KV_H2O); }
 TEST(streamingllm_decode_matches_reference) { h2o_vs_reference(false, ENG_KV_STREAMINGLLM); }
+
+/* ---- the 32-layer memory claim ---------------------------------------------------------------- */
+
+/* Copies the prompt KV of (src seq, every layer) of pool a into a new sequence of
+ * pool b: what prefilling the same prompt there would store. */
+static int copy_seq(kvp_pool *a, int src, kvp_pool *b, int L) {
+    int dst;
+    ASSERT_EQ(kvp_seq_new(b, &dst), D2_OK);
+    int pt = kvp_get_config(a)->page_tokens, nkv = kvp_get_config(a)->n_kv_heads;
+    size_t sf = (size_t)nkv * (size_t)kvp_get_config(a)->head_dim;
+    for (int l = 0; l < L; l++) {
+        kvp_table ts = kvp_get_table(a, src, l);
+        ASSERT_EQ(kvp_reserve(b, dst, l, ts.n_tokens), D2_OK);
+        ASSERT_EQ(kvp_append(b, dst, l, ts.n_tokens), 0);
+        kvp_table td = kvp_get_table(b, dst, l);
+        for (int i = 0; i < ts.n_tokens; i++) {
+            int32_t ps, pd;
+            int ss, sd;
+            kvp_locate(&ts, pt, i, &ps, &ss);
+            kvp_locate(&td, pt, i, &pd, &sd);
+            size_t is = (size_t)ps * (size_t)pt + (size_t)ss, id = (size_t)pd * (size_t)pt + (size_t)sd;
+            memcpy(kvp_k_base(b) + id * sf, kvp_k_base(a) + is * sf, sf * sizeof(float));
+            memcpy(kvp_v_base(b) + id * sf, kvp_v_base(a) + is * sf, sf * sizeof(float));
+            memcpy(kvp_score_base(b) + id * (size_t)nkv, kvp_score_base(a) + is * (size_t)nkv,
+                   (size_t)nkv * sizeof(float));
+            kvp_pos_base(b)[id] = kvp_pos_base(a)[is];
+        }
+    }
+    return dst;
+}
+
+/* 32 layers (Llama-3-8B depth, tiny width), a 2000-token prompt, budget 0.2.
+ * One real prefill (scores and column sums accumulated by the backend) gives
+ * the prompt's KV; sequences are then admitted into a pool sized for 8 full
+ * caches while the pool has room for their peak (the full prompt is resident
+ * until compressed, eng_kv_estimate_pages), each one a copy of that prefill
+ * (identical to prefilling the same prompt again), compressed for real. */
+TEST(d2o_32_layers_pool_holds_3x_full) {
+    enum { L = 32, N = 2000, CTX = 4096, PT = 16 };
+    tmodel *t = tmodel_make(L, 64, 4, 2, 512, 128, 1.0f, 1);
+    const int64_t F = (int64_t)L * ((N + PT - 1) / PT); /* pages of a full prompt */
+    eng_engine *e = tengine_make(&t->m, CTX, F + 64, 1, 512, PT, 0);
+    int32_t *toks = malloc(sizeof(int32_t) * N);
+    rand_tokens(toks, N, 512, 5);
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_D2O);
+    eng_kv_state *tmpl;
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &tmpl), D2_OK);
+    int seq;
+    ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
+    prefill(e, seq, toks, N, tmpl);
+    ASSERT_EQ(seq_pages(e, seq), F);
+
+    eng_kv_estimate est_full = eng_kv_estimate_pages(e, NULL, N, 1);
+    eng_kv_estimate est_d2o = eng_kv_estimate_pages(e, &c, N, 1);
+    ASSERT_EQ(est_full.pages_after_prefill, F);
+    ASSERT_EQ(est_d2o.pages_peak, F);
+    ASSERT_LT(est_d2o.pages_after_prefill, F * 32 / 100);
+
+    kvp_config pc = *kvp_get_config(e->pool);
+    pc.n_pages = 8 * F;
+    pc.max_seqs = 64;
+    kvp_pool *pool;
+    ASSERT_EQ(kvp_create(&pc, &pool), D2_OK);
+    eng_kv_ws *ws;
+    ASSERT_EQ(eng_kv_ws_create(pool, &ws), D2_OK);
+    int n_full = 0, n_d2o = 0;
+    while (kvp_get_stats(pool).pages_free >= est_full.pages_peak) {
+        copy_seq(e->pool, seq, pool, L);
+        n_full++;
+    }
+    ASSERT_EQ(kvp_check(pool), D2_OK);
+    for (int s = 0; s < n_full; s++) ASSERT_EQ(kvp_seq_free(pool, s), D2_OK);
+    ASSERT_EQ(kvp_get_stats(pool).seqs_active, 0);
+    ASSERT_EQ(kvp_get_stats(pool).pages_free, 8 * F);
+
+    eng_kv_state *ks[64];
+    int64_t first_pages = 0, evicted = 0, merged = 0;
+    while (n_d2o < 64 && kvp_get_stats(pool).pages_free >= est_d2o.pages_peak) {
+        int s = copy_seq(e->pool, seq, pool, L);
+        ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &ks[n_d2o]), D2_OK);
+        memcpy(ks[n_d2o]->colsum, tmpl->colsum, sizeof(float) * (size_t)L * 4 * N);
+        ASSERT_EQ(eng_kv_compress_prompt(ws, pool, s, ks[n_d2o]), D2_OK);
+        int64_t held = 0;
+        for (int l = 0; l < L; l++) held += kvp_get_table(pool, s, l).n_pages;
+        if (n_d2o == 0) first_pages = held;
+        ASSERT_LE(held, est_d2o.pages_after_prefill); /* the estimate is an upper bound */
+        evicted += ks[n_d2o]->n_evicted;
+        merged += ks[n_d2o]->n_merged;
+        n_d2o++;
+    }
+    ASSERT_EQ(kvp_check(pool), D2_OK);
+    double ratio_pages = (double)first_pages / (double)F;
+    fprintf(stderr,
+            "  d2o pages after prefill %lld of %lld (%.1f%%; estimate %lld); pool of %lld pages "
+            "holds %d full vs %d d2o sequences (%.2fx); %lld evicted, %lld merged per seq\n",
+            (long long)first_pages, (long long)F, 100.0 * ratio_pages,
+            (long long)est_d2o.pages_after_prefill, (long long)(8 * F), n_full, n_d2o,
+            (double)n_d2o / n_full, (long long)(evicted / n_d2o), (long long)(merged / n_d2o));
+    ASSERT(ratio_pages <= 0.30);
+    ASSERT_EQ(n_full, 8);
+    ASSERT_GE(n_d2o, 3 * n_full);
+    /* the statistic produced budgets that differ across layers and kept 0, 1, 31 */
+    ASSERT_EQ(ks[0]->heavy[0], -1);
+    ASSERT_EQ(ks[0]->heavy[31], -1);
+    int bmin = 1 << 30, bmax = 0;
+    for (int l = 2; l < 31; l++) {
+        int b = ks[0]->heavy[l] + ks[0]->recent[l];
+        if (b < bmin) bmin = b;
+        if (b > bmax) bmax = b;
+    }
+    ASSERT_LT(bmin, bmax);
+    ASSERT_GT(merged, 0);
+    for (int i = 0; i < n_d2o; i++) eng_kv_state_free(ks[i]);
+    eng_kv_ws_free(ws);
+    kvp_destroy(pool);
+    eng_kv_state_free(tmpl);
+    free(toks);
+    tengine_free(e);
+    tmodel_free(t);
+}
