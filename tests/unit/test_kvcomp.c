@@ -798,3 +798,162 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     tengine_free(e);
     tmodel_free(t);
 }
+
+/* ---- random scheduler workloads ---------------------------------------------------------------- */
+
+typedef struct wl_req {
+    int done, n_tok, status;
+    uint64_t id;
+} wl_req;
+
+static int wl_event(void *user, const eng_event *ev) {
+    wl_req *r = user;
+    if (ev->type == ENG_EV_TOKEN) r->n_tok++;
+    else {
+        r->done++;
+        r->status = ev->status;
+    }
+    return 0;
+}
+
+static uint64_t wl_rng;
+static int wl_rand(int n) {
+    wl_rng = wl_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (int)((wl_rng >> 33) % (uint64_t)n);
+}
+
+static void random_kv(eng_kv_config *c) {
+    eng_kv_config_default(c, (eng_kv_method)wl_rand(ENG_KV_PYRAMIDKV + 1));
+    if (wl_rand(2)) c->budget_tokens = 2 + wl_rand(40);
+    else c->budget_frac = 0.05f + 0.95f * (float)wl_rand(1000) / 1000.0f;
+    c->heavy_share = wl_rand(2) ? 0.5f : 0.75f;
+    c->n_sink = wl_rand(5);
+    c->window = 1 + wl_rand(16);
+    c->exact = wl_rand(3) == 0;
+    c->merge_rule = wl_rand(2) ? ENG_KV_MERGE_NORMALISED : ENG_KV_MERGE_CODE;
+    c->ema_beta = wl_rand(2) ? 0.5f : 0.7f;
+    if (wl_rand(4) == 0) {
+        c->keep_layers_set = true;
+        c->keep_layers = (uint64_t)wl_rand(16);
+    }
+}
+
+/* Thousands of compressed requests (random methods, budgets, prompt lengths,
+ * cancellations) through the scheduler on a pool small enough to preempt. */
+TEST(random_workload_through_scheduler) {
+    int n_req = getenv("D2_KVCOMP_N") ? atoi(getenv("D2_KVCOMP_N")) : 2000;
+    tmodel *t = tmodel_make(4, 32, 4, 2, 64, 64, 2.0f, 21);
+    eng_engine *e = tengine_make(&t->m, 256, 150, 8, 64, 4, 1);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = n_req + 1};
+    ASSERT_EQ(eng_sched_create(e, &sc, &s), D2_OK);
+    wl_rng = 99;
+    wl_req *rq = calloc((size_t)n_req, sizeof *rq);
+    int32_t prompt[128];
+    int n_sub = 0;
+    for (int i = 0; i < n_req; i++) {
+        int np = 1 + wl_rand(wl_rand(4) == 0 ? 120 : 40);
+        rand_tokens(prompt, np, 64, (uint64_t)i + 1);
+        eng_request q = {.prompt = prompt, .n_prompt = np, .max_tokens = 1 + wl_rand(24),
+                         .ignore_eos = true, .on_event = wl_event, .user = &rq[i]};
+        eng_sample_params_default(&q.sample);
+        random_kv(&q.kv);
+        const char *why;
+        ASSERT_EQ(eng_sched_submit(s, &q, &rq[i].id, &why), D2_OK);
+        n_sub++;
+    }
+    /* invalid configurations are refused at submit */
+    {
+        eng_request q = {.prompt = prompt, .n_prompt = 4, .max_tokens = 4,
+                         .on_event = wl_event, .user = &rq[0]};
+        eng_sample_params_default(&q.sample);
+        eng_kv_config_default(&q.kv, ENG_KV_D2O);
+        q.kv.budget_frac = 2.0f;
+        const char *why = NULL;
+        uint64_t id;
+        ASSERT_EQ(eng_sched_submit(s, &q, &id, &why), D2_EINVAL);
+        ASSERT(why != NULL);
+    }
+    int steps = 0, rc;
+    while ((rc = eng_sched_step(s)) > 0) {
+        ASSERT_OK(rc);
+        if (++steps % 16 == 0) ASSERT_EQ(kvp_check(e->pool), D2_OK);
+        if (steps % 7 == 0) eng_sched_cancel(s, rq[wl_rand(n_req)].id);
+        ASSERT_LT(steps, 200000);
+    }
+    ASSERT_OK(rc);
+    ASSERT_EQ(kvp_check(e->pool), D2_OK);
+    ASSERT_EQ(kvp_get_stats(e->pool).pages_free, 150);
+    ASSERT_EQ(kvp_get_stats(e->pool).seqs_active, 0);
+    eng_sched_stats st = eng_sched_get_stats(s);
+    int n_cancel = 0;
+    for (int i = 0; i < n_req; i++) {
+        ASSERT_EQ(rq[i].done, 1);
+        if (rq[i].status == D2_ECANCELED) n_cancel++;
+        else ASSERT_EQ(rq[i].status, D2_OK);
+    }
+    ASSERT_EQ(st.finished_canceled, n_cancel);
+    ASSERT_EQ(st.finished_error, 0);
+    ASSERT_EQ(st.finished_length + st.finished_canceled, n_sub);
+    ASSERT_GT(st.preemptions, 0);
+    ASSERT_GT(st.kv_tokens_evicted, 0);
+    ASSERT_GT(st.kv_tokens_merged, 0);
+    ASSERT_LE(st.kv_tokens_merged, st.kv_tokens_evicted);
+    ASSERT_GT(st.kv_pages_freed, 0);
+    ASSERT_LE(st.kv_pages_freed, st.kv_tokens_evicted);
+    fprintf(stderr, "  %d requests, %d steps, %lld preemptions, %lld evicted, %lld merged, %lld "
+            "pages freed\n", n_req, steps, (long long)st.preemptions,
+            (long long)st.kv_tokens_evicted, (long long)st.kv_tokens_merged,
+            (long long)st.kv_pages_freed);
+    eng_sched_destroy(s);
+    free(rq);
+    tengine_free(e);
+    tmodel_free(t);
+}
+
+/* Forked sequences compressed with different methods: sharing never breaks
+ * the pool and the parent keeps what it had. */
+TEST(random_forks_compressed) {
+    tmodel *t = tmodel_make(3, 32, 4, 2, 64, 64, 2.0f, 31);
+    eng_engine *e = tengine_make(&t->m, 256, 400, 16, 64, 4, 2);
+    wl_rng = 7;
+    for (int round = 0; round < 60; round++) {
+        int np = 8 + wl_rand(100);
+        int32_t toks[128];
+        rand_tokens(toks, np, 64, (uint64_t)round + 100);
+        eng_kv_config c0;
+        eng_kv_config_default(&c0, ENG_KV_D2O);
+        eng_kv_state *k0;
+        ASSERT_EQ(eng_kv_state_create(&c0, &t->m.cfg, np, &k0), D2_OK);
+        int parent;
+        ASSERT_EQ(kvp_seq_new(e->pool, &parent), D2_OK);
+        prefill(e, parent, toks, np, k0);
+        int64_t parent_pages = seq_pages(e, parent);
+        int kids[8], nk = 1 + wl_rand(6);
+        eng_kv_state *ks[8];
+        for (int i = 0; i < nk; i++) {
+            ASSERT_EQ(kvp_seq_fork(e->pool, parent, &kids[i]), D2_OK);
+            eng_kv_config c;
+            random_kv(&c);
+            ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, np, &ks[i]), D2_OK);
+            if (c.method == ENG_KV_D2O)
+                memcpy(ks[i]->colsum, k0->colsum, sizeof(float) * 3 * 4 * (size_t)np);
+            int rc = eng_kv_compress_prompt(e->kvws, e->pool, kids[i], ks[i]);
+            ASSERT(rc == D2_OK || rc == D2_EKVFULL);
+            ASSERT_EQ(kvp_check(e->pool), D2_OK);
+        }
+        ASSERT_EQ(seq_pages(e, parent), parent_pages);
+        for (int l = 0; l < 3; l++) ASSERT_EQ(kvp_get_table(e->pool, parent, l).n_tokens, np);
+        ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, parent, k0), D2_OK);
+        ASSERT_EQ(kvp_check(e->pool), D2_OK);
+        for (int i = 0; i < nk; i++) {
+            ASSERT_EQ(kvp_seq_free(e->pool, kids[i]), D2_OK);
+            eng_kv_state_free(ks[i]);
+        }
+        ASSERT_EQ(kvp_seq_free(e->pool, parent), D2_OK);
+        eng_kv_state_free(k0);
+        ASSERT_EQ(kvp_get_stats(e->pool).pages_free, 400);
+    }
+    tengine_free(e);
+    tmodel_free(t);
+}
