@@ -318,17 +318,26 @@ int d2_cmd_tokenize(int argc, char **argv) {
 /* ---- perplexity ----------------------------------------------------------------- */
 
 int d2_cmd_perplexity(int argc, char **argv) {
-    const char *model = NULL, *file = NULL;
-    long threads = 0, ctx = 0;
+    const char *model = NULL, *file = NULL, *kv_method = NULL, *kv_budget = NULL;
+    long threads = 0, ctx = 0, kv_prefill = 0;
+    bool kv_exact = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: d2od perplexity --model M --file F [--ctx N] [--threads N]\n"
+                   "         [--kv-method full|d2o|h2o|streamingllm|snapkv|pyramidkv]\n"
+                   "         [--kv-budget B] [--kv-prefill N] [--kv-exact]\n"
                    "\n"
                    "Tokenises F as the model does (with its BOS), scores every token after the\n"
                    "first teacher-forced in windows of the context, and prints one JSON line:\n"
-                   "{\"tokens\": N, \"predictions\": N-1, \"nll_sum\": X, \"ppl\": exp(X/(N-1))}\n");
+                   "{\"tokens\": N, \"predictions\": N-1, \"nll_sum\": X, \"ppl\": exp(X/(N-1))}\n"
+                   "\n"
+                   "With --kv-method the KV cache is compressed as during generation: the first\n"
+                   "--kv-prefill tokens of each window (default 64) are prefilled and compressed,\n"
+                   "then every later token is fed one at a time with decode-time eviction.\n"
+                   "--kv-budget: a fraction of the prefill (\"0.2\", default) or a token count\n"
+                   "per layer (\"128\"). --kv-exact evicts every step instead of a page at a time.\n");
             return 0;
         } else if (!strcmp(a, "--model")) {
             if (!(model = d2_cli_value(argc, argv, &i))) return 2;
@@ -338,6 +347,15 @@ int d2_cmd_perplexity(int argc, char **argv) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 0, 1024, &threads)) return 2;
         } else if (!strcmp(a, "--ctx")) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 24, &ctx)) return 2;
+        } else if (!strcmp(a, "--kv-method")) {
+            if (!(kv_method = d2_cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--kv-budget")) {
+            if (!(kv_budget = d2_cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--kv-prefill")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 1, 1 << 24, &kv_prefill))
+                return 2;
+        } else if (!strcmp(a, "--kv-exact")) {
+            kv_exact = true;
         } else {
             fprintf(stderr, "d2od perplexity: unknown option '%s'\n", a);
             return 2;
@@ -345,6 +363,34 @@ int d2_cmd_perplexity(int argc, char **argv) {
     }
     if (!model || !file) {
         fprintf(stderr, "d2od perplexity: --model and --file are required\n");
+        return 2;
+    }
+    eng_kv_config kv;
+    eng_kv_config_default(&kv, ENG_KV_FULL);
+    if (kv_method) {
+        int m = eng_kv_method_parse(kv_method);
+        if (m < 0) {
+            fprintf(stderr, "d2od perplexity: unknown --kv-method '%s' (full, d2o, h2o, "
+                            "streamingllm, snapkv, pyramidkv)\n", kv_method);
+            return 2;
+        }
+        eng_kv_config_default(&kv, (eng_kv_method)m);
+    }
+    if (kv_budget) {
+        if (strpbrk(kv_budget, ".eE")) {
+            double f;
+            if (d2_cli_float("--kv-budget", kv_budget, 1e-6, 1.0, &f)) return 2;
+            kv.budget_frac = (float)f;
+        } else {
+            long b;
+            if (d2_cli_int("--kv-budget", kv_budget, 1, 1 << 24, &b)) return 2;
+            kv.budget_tokens = (int)b;
+        }
+    }
+    kv.exact = kv_exact;
+    const char *why = NULL;
+    if (eng_kv_config_validate(&kv, &why) != D2_OK) {
+        fprintf(stderr, "d2od perplexity: %s\n", why ? why : "invalid KV compression options");
         return 2;
     }
     char *text = NULL;
@@ -376,7 +422,8 @@ int d2_cmd_perplexity(int argc, char **argv) {
     }
     double sum = 0;
     double t0 = d2_now();
-    rc = eng_score(e, ids, (int)n, NULL, &sum);
+    rc = kv.method == ENG_KV_FULL ? eng_score(e, ids, (int)n, NULL, &sum)
+                                  : eng_score_kv(e, ids, (int)n, &kv, (int)kv_prefill, NULL, &sum);
     double dt = d2_now() - t0;
     if (rc != D2_OK) {
         fprintf(stderr, "d2od perplexity: scoring failed: %s\n", d2_strerror(rc));
@@ -384,8 +431,14 @@ int d2_cmd_perplexity(int argc, char **argv) {
         eng_engine_destroy(e);
         return 1;
     }
-    printf("{\"tokens\": %zu, \"predictions\": %zu, \"nll_sum\": %.9f, \"ppl\": %.9f}\n", n, n - 1,
-           sum, exp(sum / (double)(n - 1)));
+    if (kv.method == ENG_KV_FULL)
+        printf("{\"tokens\": %zu, \"predictions\": %zu, \"nll_sum\": %.9f, \"ppl\": %.9f}\n", n,
+               n - 1, sum, exp(sum / (double)(n - 1)));
+    else
+        printf("{\"tokens\": %zu, \"predictions\": %zu, \"nll_sum\": %.9f, \"ppl\": %.9f, "
+               "\"kv_method\": \"%s\", \"kv_budget\": %g}\n",
+               n, n - 1, sum, exp(sum / (double)(n - 1)), eng_kv_method_name(kv.method),
+               kv.budget_tokens > 0 ? (double)kv.budget_tokens : (double)kv.budget_frac);
     fprintf(stderr, "[d2od] scored %zu tokens in %.3f s (%.1f tok/s)\n", n, dt, (double)n / dt);
     free(ids);
     eng_engine_destroy(e);
