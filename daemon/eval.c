@@ -887,7 +887,7 @@ done:
     eng_sched_destroy(s);
     if (texts) for (int t = 0; t < o.n_texts; t++) free(texts[t].ids);
     if (ref) for (int k = 0; k < o.agree_prompts; k++) free(ref[k]);
-    if (pk) for (int i = 0; i < n_pk; i++) free(pk[i].prompt.ids);
+    if (pk) for (int i = 0; i <= n_pk && i < n_pk_total + 1; i++) free(pk[i].prompt.ids); /* [n_pk]: a half-built case */
     free(texts);
     free(agree);
     free(ref);
