@@ -1274,7 +1274,7 @@ static int filter_ident(R *r, const jv *x, const char *name, env *e, jv *out) {
                 for (size_t i = 0; i < a->n; i++) res->v[i] = a->v[a->n - 1 - i];
                 res->n = a->n;
             } else if (IS("sort")) {
-                memcpy(res->v, a->v, a->n * sizeof(jv));
+                if (a->n) memcpy(res->v, a->v, a->n * sizeof(jv));
                 res->n = a->n;
                 sort_ctx c = {r, 0, 0, 0, NULL, 0, -1};
                 if (merge_sort(&c, res->v, res->n)) return JJ_ERR;

@@ -4,8 +4,8 @@
  * Replays tests/fixtures/jinja/expected.json (written by
  * tests/js/jinja_oracle.mjs): every chat template and language snippet is
  * rendered with the same context and compared byte for byte; cases where the
- * oracle raised must fail here too, with the same message when it came from
- * raise_exception(). Templates of the shared assets are read in place.
+ * oracle raised must fail here too, with the same message for runtime errors
+ * (raise_exception, type errors; syntax errors need only be rejected). Templates of the shared assets are read in place.
  * Also: limits (output cap, recursion, step budget) and error paths.
  */
 #include "tests/test.h"
