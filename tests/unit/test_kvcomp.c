@@ -957,3 +957,76 @@ TEST(random_forks_compressed) {
     tengine_free(e);
     tmodel_free(t);
 }
+
+/* ---- eng_score_kv ----------------------------------------------------------------------------- */
+
+static void check_score_kv(eng_engine *e, const int32_t *ids, int n) {
+    double full = 0, got = 0;
+    double *nll_a = calloc((size_t)n, sizeof(double)), *nll_b = calloc((size_t)n, sizeof(double));
+    ASSERT_EQ(eng_score(e, ids, n, nll_a, &full), D2_OK);
+    /* a budget that never evicts is the full cache, token for token */
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_H2O);
+    c.budget_tokens = n + 10;
+    ASSERT_EQ(eng_score_kv(e, ids, n, &c, 16, nll_b, &got), D2_OK);
+    ASSERT(fabs(got - full) <= 1e-4 * fabs(full) + 1e-4);
+    for (int i = 0; i < n - 1; i++) ASSERT(fabs(nll_a[i] - nll_b[i]) < 1e-3);
+    /* NULL / full config is eng_score */
+    ASSERT_EQ(eng_score_kv(e, ids, n, NULL, 0, NULL, &got), D2_OK);
+    ASSERT(fabs(got - full) < 1e-9);
+    /* every method runs, gives finite NLL and leaves the pool empty */
+    for (int m = ENG_KV_D2O; m <= ENG_KV_PYRAMIDKV; m++) {
+        eng_kv_config_default(&c, (eng_kv_method)m);
+        c.budget_frac = 0.25f;
+        c.window = 8;
+        ASSERT_EQ(eng_score_kv(e, ids, n, &c, 64, NULL, &got), D2_OK);
+        ASSERT(isfinite(got) && got > 0);
+        ASSERT_EQ(kvp_get_stats(e->pool).seqs_active, 0);
+        ASSERT_EQ(kvp_check(e->pool), D2_OK);
+    }
+    c.budget_frac = 3.0f;
+    ASSERT_EQ(eng_score_kv(e, ids, n, &c, 0, NULL, &got), D2_EINVAL);
+    free(nll_a);
+    free(nll_b);
+}
+
+TEST(score_kv_synthetic) {
+    tmodel *t = tmodel_make(3, 32, 4, 2, 64, 64, 2.0f, 41);
+    eng_engine *e = tengine_make(&t->m, 256, 300, 2, 64, 4, 1);
+    int32_t ids[200];
+    rand_tokens(ids, 200, 64, 77);
+    check_score_kv(e, ids, 200);
+    tengine_free(e);
+    tmodel_free(t);
+}
+
+TEST(score_kv_stories260k) {
+    const char *path = test_shared_path("assets/models/stories260K/hf");
+    char cfgp[1024];
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", path);
+    if (access(cfgp, R_OK) != 0) SKIP("%s missing", cfgp);
+    eng_engine_config ec = {.model_path = path, .n_threads = 1, .max_seqs = 1, .ctx_len = 256};
+    eng_engine *e;
+    ASSERT_EQ(eng_engine_create(&ec, &e), D2_OK);
+    const eng_tokenizer *tok = eng_engine_tokenizer(e);
+    ASSERT(tok);
+    const char *text = "Once upon a time, there was a little girl named Lily. She loved to play "
+                       "outside in the sunshine. One day, she saw a big red ball in the park. She "
+                       "ran to it and kicked it very hard. The ball went up high into the sky and "
+                       "landed in a tree. Lily was sad because she could not get her ball.";
+    int32_t *ids = NULL;
+    size_t n = 0;
+    ASSERT_EQ(eng_tok_encode(tok, text, strlen(text), true, false, &ids, &n), D2_OK);
+    ASSERT_GT(n, 64);
+    check_score_kv(e, ids, (int)n);
+    /* on a real model, D2O at half the budget stays close to the full cache */
+    double full = 0, d2o = 0;
+    ASSERT_EQ(eng_score(e, ids, (int)n, NULL, &full), D2_OK);
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_D2O);
+    c.budget_frac = 0.5f;
+    ASSERT_EQ(eng_score_kv(e, ids, (int)n, &c, 64, NULL, &d2o), D2_OK);
+    ASSERT(d2o < full * 1.25);
+    free(ids);
+    eng_engine_destroy(e);
+}
