@@ -241,7 +241,7 @@ void eng_sched_close(eng_sched *s);
 int eng_score(eng_engine *e, const int32_t *ids, int n, double *nll, double *nll_sum);
 /* The same while the cache is compressed exactly as during generation (the
  * model sees only what the method kept): the prompt is fed token by token
- * after an initial prefill of `prefill` tokens (0: the first window token only),
+ * after an initial prefill of `prefill` tokens of each context window (0: 64),
  * compressing as generation would. kv NULL or full = eng_score. */
 int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *kv, int prefill,
                  double *nll, double *nll_sum);
