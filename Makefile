@@ -62,7 +62,8 @@ CU_SRC := $(wildcard kernels/*.cu)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
 
 .PHONY: all run test test-unit test-san test-integration test-gpu bench deps cuda clean fuzz
-all: $(BUILD)/d2od $(TOOL_BIN) $(TEST_BIN) cuda
+FUZZ_REPLAY := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz-replay/%)
+all: $(BUILD)/d2od $(TOOL_BIN) $(TEST_BIN) $(FUZZ_REPLAY) cuda
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -82,6 +83,12 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libd2od.a tests/test.h
 $(BUILD)/tools/%: tools/%.c $(BUILD)/libd2od.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
+
+# Fuzz targets as plain replay programs (any compiler): run over seed corpora by
+# tests/integration/test_fuzz_replay.py.
+$(BUILD)/fuzz-replay/%: tests/fuzz/%.c tests/fuzz/replay.h $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DD2_FUZZ_STANDALONE -Wno-missing-prototypes $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
 
 # CUDA sources compile whenever nvcc exists (as in CI); nothing here needs a GPU.
 ifneq ($(NVCC),)
@@ -107,7 +114,7 @@ test:
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
 	@bash tests/run_all.sh
 
-test-unit-build: $(TEST_BIN) $(TOOL_BIN)
+test-unit-build: $(TEST_BIN) $(TOOL_BIN) $(FUZZ_REPLAY)
 
 test-unit: $(TEST_BIN)
 	@bash tests/run_unit.sh $(BUILD)/tests

@@ -431,7 +431,7 @@ static int case_map(R *r, jj_buf *b, const char *s, size_t n, int upper) {
                 if (put(r, b, s + i, (size_t)k)) return JJ_ERR;
             } else {
                 char u8[4];
-                if (put(r, b, u8, (size_t)jj_utf8_enc(m, u8))) return JJ_ERR;
+                if (put(r, b, u8, (size_t)d2_utf8_put(m, u8))) return JJ_ERR;
             }
         }
         i += (size_t)k;

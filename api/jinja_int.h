@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/utf8.h"
+
 /* ---- arena ---- */
 typedef struct jj_chunk jj_chunk;
 typedef struct jj_arena {
@@ -38,7 +40,6 @@ int jj_buf_put(jj_buf *b, const char *s, size_t n); /* 0 or -1 (memory/limit) */
 /* Decodes one code point at s[i] (len n); returns bytes used (>= 1). Invalid
  * bytes decode as themselves (one byte, code point = byte). */
 int jj_utf8_dec(const char *s, size_t n, size_t i, uint32_t *cp);
-int jj_utf8_enc(uint32_t cp, char *out); /* returns bytes written (1..4) */
 int jj_js_space(uint32_t cp);            /* JavaScript /\s/ */
 int jj_is_word(int c);                   /* JavaScript /\w/ (ASCII) */
 

@@ -105,26 +105,6 @@ int jj_utf8_dec(const char *s, size_t n, size_t i, uint32_t *cp) {
     return k;
 }
 
-int jj_utf8_enc(uint32_t cp, char *o) {
-    unsigned char *u = (unsigned char *)o;
-    if (cp < 0x80) { u[0] = (unsigned char)cp; return 1; }
-    if (cp < 0x800) {
-        u[0] = (unsigned char)(0xC0 | (cp >> 6));
-        u[1] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        u[0] = (unsigned char)(0xE0 | (cp >> 12));
-        u[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        u[2] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    u[0] = (unsigned char)(0xF0 | (cp >> 18));
-    u[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-    u[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-    u[3] = (unsigned char)(0x80 | (cp & 0x3F));
-    return 4;
-}
 
 int jj_js_space(uint32_t c) {
     return c == 9 || c == 10 || c == 11 || c == 12 || c == 13 || c == 32 || c == 0xA0 ||
@@ -346,7 +326,7 @@ static int lex_string(lexer *L, char q) {
                 }
                 L->pos += k;
                 char u8[4];
-                int m = jj_utf8_enc(v, u8);
+                int m = d2_utf8_put(v, u8);
                 if (jj_buf_put(&b, u8, (size_t)m)) return lex_fail(L, "out of memory");
                 continue;
             }

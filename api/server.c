@@ -35,6 +35,7 @@
 #include "api/metrics.h"
 #include "common/log.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "common/util.h"
 
 /* ChatML, used when neither the model nor the configuration gives a template
@@ -85,18 +86,8 @@ static void buf_json_str(buf *b, const char *s, size_t n) {
         else if (c < 0x20) { buf_fmt(b, "\\u%04x", c); i++; }
         else if (c < 0x80) { buf_add(b, (const char *)&s[i], 1); i++; }
         else {
-            int len = c >= 0xf0 && c < 0xf5 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
-            bool ok = len > 0 && i + (size_t)len <= n;
-            for (int k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + (size_t)k] & 0xc0) == 0x80;
-            if (ok && len == 3) {
-                unsigned char c1 = (unsigned char)s[i + 1];
-                if ((c == 0xe0 && c1 < 0xa0) || (c == 0xed && c1 >= 0xa0)) ok = false;
-            }
-            if (ok && len == 4) {
-                unsigned char c1 = (unsigned char)s[i + 1];
-                if ((c == 0xf0 && c1 < 0x90) || (c == 0xf4 && c1 >= 0x90)) ok = false;
-            }
-            if (ok) { buf_add(b, s + i, (size_t)len); i += (size_t)len; }
+            int len = d2_utf8_seq((const uint8_t *)s + i, n - i);
+            if (len > 0) { buf_add(b, s + i, (size_t)len); i += (size_t)len; }
             else { buf_add(b, "\xef\xbf\xbd", 3); i++; }
         }
     }

@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/utf8.h"
+
 /* ---- Unicode (tok_unicode.c) ---- */
 bool eng__tok_is_letter(uint32_t cp);  /* \p{L} */
 bool eng__tok_is_number(uint32_t cp);  /* \p{N} */
@@ -27,10 +29,8 @@ bool eng__tok_is_js_ws(uint32_t cp);
  * Returns D2_OK or D2_ENOMEM. */
 int eng__tok_utf8_decode(const char *text, size_t len, uint32_t **cps, size_t *n);
 /* Encodes cp as UTF-8 into out (>= 4 bytes); returns its length. */
-int eng__tok_utf8_put(uint32_t cp, char *out);
 /* Length of the valid UTF-8 sequence at s (avail bytes): 1..4; 0 when the
  * bytes are invalid there; -1 when they are a valid but incomplete prefix. */
-int eng__tok_utf8_seq(const uint8_t *s, size_t avail);
 
 /* NFC of cps[0..n) into a new malloc'd array (*out, *n_out). D2_OK/D2_ENOMEM. */
 int eng__tok_nfc(const uint32_t *cps, size_t n, uint32_t **out, size_t *n_out);

@@ -48,31 +48,6 @@ bool eng__tok_is_js_ws(uint32_t cp) {
 
 const char *eng__tok_unicode_version(void) { return ENG__TOK_UNICODE_VERSION; }
 
-int eng__tok_utf8_seq(const uint8_t *s, size_t avail) {
-    if (avail == 0) return -1;
-    uint8_t c = s[0];
-    if (c < 0x80) return 1;
-    int need;
-    uint8_t lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
-    if (c >= 0xC2 && c <= 0xDF) need = 2;
-    else if (c >= 0xE0 && c <= 0xEF) {
-        need = 3;
-        if (c == 0xE0) lo = 0xA0;      /* no overlongs */
-        if (c == 0xED) hi = 0x9F;      /* no surrogates */
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        need = 4;
-        if (c == 0xF0) lo = 0x90;
-        if (c == 0xF4) hi = 0x8F;      /* <= U+10FFFF */
-    } else {
-        return 0;
-    }
-    for (int k = 1; k < need; k++) {
-        if ((size_t)k >= avail) return -1;
-        uint8_t b = s[k];
-        if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return 0;
-    }
-    return need;
-}
 
 int eng__tok_utf8_decode(const char *text, size_t len, uint32_t **cps, size_t *n) {
     uint32_t *out = malloc((len + 1) * sizeof(uint32_t));
@@ -80,7 +55,7 @@ int eng__tok_utf8_decode(const char *text, size_t len, uint32_t **cps, size_t *n
     const uint8_t *s = (const uint8_t *)text;
     size_t k = 0, i = 0;
     while (i < len) {
-        int l = eng__tok_utf8_seq(s + i, len - i);
+        int l = d2_utf8_seq(s + i, len - i);
         if (l <= 0) {
             out[k++] = 0xFFFD;
             i++;
@@ -102,26 +77,6 @@ int eng__tok_utf8_decode(const char *text, size_t len, uint32_t **cps, size_t *n
     return D2_OK;
 }
 
-int eng__tok_utf8_put(uint32_t cp, char *o) {
-    unsigned char *u = (unsigned char *)o;
-    if (cp < 0x80) { u[0] = (unsigned char)cp; return 1; }
-    if (cp < 0x800) {
-        u[0] = (unsigned char)(0xC0 | (cp >> 6));
-        u[1] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        u[0] = (unsigned char)(0xE0 | (cp >> 12));
-        u[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        u[2] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    u[0] = (unsigned char)(0xF0 | (cp >> 18));
-    u[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-    u[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-    u[3] = (unsigned char)(0x80 | (cp & 0x3F));
-    return 4;
-}
 
 /* ---- NFC ---- */
 

@@ -155,14 +155,14 @@ static char *dupn(const char *s, size_t n) {
 }
 
 static size_t utf8_char_len(const char *s, size_t avail) {
-    int l = eng__tok_utf8_seq((const uint8_t *)s, avail);
+    int l = d2_utf8_seq((const uint8_t *)s, avail);
     return l > 0 ? (size_t)l : 1;
 }
 
 /* Decodes one code point at s (U+FFFD and length 1 for an invalid byte). */
 static uint32_t utf8_cp(const char *s, size_t avail, size_t *l) {
     const uint8_t *u = (const uint8_t *)s;
-    int n = eng__tok_utf8_seq(u, avail);
+    int n = d2_utf8_seq(u, avail);
     if (n <= 0) {
         *l = 1;
         return 0xFFFD;
@@ -183,7 +183,7 @@ static uint32_t utf8_cp(const char *s, size_t avail, size_t *l) {
 static int add_lossy(buf *b, const char *s, size_t n) {
     size_t i = 0;
     while (i < n) {
-        int l = eng__tok_utf8_seq((const uint8_t *)s + i, n - i);
+        int l = d2_utf8_seq((const uint8_t *)s + i, n - i);
         if (l > 0) {
             int rc = buf_add(b, s + i, (size_t)l);
             if (rc) return rc;
@@ -192,7 +192,7 @@ static int add_lossy(buf *b, const char *s, size_t n) {
         }
         /* maximal subpart: the longest valid prefix (at least one byte) */
         size_t k = 1;
-        while (i + k < n && k < 4 && eng__tok_utf8_seq((const uint8_t *)s + i, k + 1) == -1) k++;
+        while (i + k < n && k < 4 && d2_utf8_seq((const uint8_t *)s + i, k + 1) == -1) k++;
         if (l == -1) k = n - i;
         int rc = buf_add(b, "\xEF\xBF\xBD", 3);
         if (rc) return rc;
@@ -395,7 +395,7 @@ static int normalize(const eng_tokenizer *t, const char *s, size_t n, buf *out) 
             rc = rc ? rc : buf_add(&nx, "", 0);
             for (size_t i = 0; i < nn && rc == D2_OK; i++) {
                 char u[4];
-                int l = eng__tok_utf8_put(nf[i], u);
+                int l = d2_utf8_put(nf[i], u);
                 rc = buf_add(&nx, u, (size_t)l);
             }
             free(cps);
@@ -550,7 +550,7 @@ static int model_word(enc_ctx *c, const char *s, size_t n) {
         if ((rc = units_reserve(c, n))) return rc;
         for (size_t i = 0; i < n; i++) {
             char u[4];
-            int l = eng__tok_utf8_put(byte_to_cp[(uint8_t)s[i]], u);
+            int l = d2_utf8_put(byte_to_cp[(uint8_t)s[i]], u);
             c->ustart[nu++] = (uint32_t)c->word.n;
             if ((rc = buf_add(&c->word, u, (size_t)l))) return rc;
         }
@@ -677,7 +677,7 @@ int eng_tok_encode(const eng_tokenizer *t, const char *text, size_t len, bool ad
     if (rc == D2_OK) rc = buf_add(&clean, "", 0);
     for (size_t i = 0; i < nc && rc == D2_OK; i++) {
         char u[4];
-        int l = eng__tok_utf8_put(cps[i], u);
+        int l = d2_utf8_put(cps[i], u);
         rc = buf_add(&clean, u, (size_t)l);
     }
     if (add_special)
@@ -813,7 +813,7 @@ int eng_tok_stream_feed(const eng_tokenizer *t, eng_tok_stream *s, int id, char 
     /* First pass: size of the output and where the held tail starts. */
     size_t need = 0, i = 0, hold = total;
     while (i < total) {
-        int l = eng__tok_utf8_seq(w + i, total - i);
+        int l = d2_utf8_seq(w + i, total - i);
         if (l > 0) { need += (size_t)l; i += (size_t)l; }
         else if (l == -1) { hold = i; break; }
         else { need += 3; i++; }
@@ -824,7 +824,7 @@ int eng_tok_stream_feed(const eng_tokenizer *t, eng_tok_stream *s, int id, char 
     }
     size_t o = 0;
     for (i = 0; i < hold;) {
-        int l = eng__tok_utf8_seq(w + i, hold - i);
+        int l = d2_utf8_seq(w + i, hold - i);
         if (l > 0) {
             memcpy(out + o, w + i, (size_t)l);
             o += (size_t)l;

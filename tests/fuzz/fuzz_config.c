@@ -49,21 +49,4 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     return 0;
 }
 
-#ifdef D2_FUZZ_STANDALONE
-int main(int argc, char **argv) {
-    int failed = 0;
-    for (int i = 1; i < argc; i++) {
-        char *buf = NULL;
-        size_t len = 0;
-        if (d2_read_file(argv[i], &buf, &len) != D2_OK) {
-            fprintf(stderr, "fuzz_config: cannot read %s\n", argv[i]);
-            failed = 1;
-            continue;
-        }
-        LLVMFuzzerTestOneInput((const uint8_t *)buf, len);
-        free(buf);
-        printf("ok   %s\n", argv[i]);
-    }
-    return failed;
-}
-#endif
+#include "tests/fuzz/replay.h"

@@ -48,38 +48,4 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     return 0;
 }
 
-#ifdef D2_FUZZ_STANDALONE
-static const char *const SEEDS[] = {
-    "{% for m in messages %}{{ m.role|upper }}{{ m.content|trim }}{% endfor %}",
-    "{% set ns = namespace(x=0) %}{% for t in tools %}{{ t|tojson(indent=2) }}{% set ns.x = ns.x + 1 %}{% endfor %}{{ ns.x }}",
-    "{% macro m(a, b=2) %}{{ a ~ b ~ caller() }}{% endmacro %}{% call m(1) %}c{% endcall %}",
-    "{{ messages[::-1]|map(attribute='role')|join(',') }}{{ 'a b'.split()[1:] }}{{ raise_exception('x') }}",
-    "{{ ((((((1)))))) }}{{ [1,2][5] }}{{ x.y.z }}{% if %}",
-};
-
-int main(int argc, char **argv) {
-    if (argc < 2) {
-        for (size_t i = 0; i < sizeof SEEDS / sizeof SEEDS[0]; i++)
-            LLVMFuzzerTestOneInput((const uint8_t *)SEEDS[i], strlen(SEEDS[i]));
-        printf("fuzz_jinja: %zu seeds ok\n", sizeof SEEDS / sizeof SEEDS[0]);
-        return 0;
-    }
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        if (!f) {
-            perror(argv[i]);
-            return 1;
-        }
-        fseek(f, 0, SEEK_END);
-        long n = ftell(f);
-        fseek(f, 0, SEEK_SET);
-        uint8_t *buf = malloc(n > 0 ? (size_t)n : 1);
-        size_t got = buf ? fread(buf, 1, n > 0 ? (size_t)n : 0, f) : 0;
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, got);
-        free(buf);
-    }
-    printf("fuzz_jinja: %d files ok\n", argc - 1);
-    return 0;
-}
-#endif
+#include "tests/fuzz/replay.h"

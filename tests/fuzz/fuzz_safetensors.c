@@ -32,23 +32,4 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     return 0;
 }
 
-#ifdef D2_FUZZ_STANDALONE
-int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        char *buf = NULL;
-        size_t len = 0;
-        if (d2_read_file(argv[i], &buf, &len) != D2_OK) {
-            fprintf(stderr, "cannot read %s\n", argv[i]);
-            return 1;
-        }
-        uint8_t *copy = malloc(len ? len : 1);
-        if (!copy) return 1;
-        memcpy(copy, buf, len);
-        free(buf);
-        LLVMFuzzerTestOneInput(copy, len);
-        free(copy);
-        printf("ok %s\n", argv[i]);
-    }
-    return 0;
-}
-#endif
+#include "tests/fuzz/replay.h"

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "common/status.h"
+#include "common/utf8.h"
 #include "engine/engine.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -41,11 +42,8 @@ static void load_all(void) {
 
 static int utf8_valid(const char *s, size_t n) {
     for (size_t i = 0; i < n;) {
-        unsigned char c = (unsigned char)s[i];
-        int len = c < 0x80 ? 1 : c >= 0xc2 && c < 0xe0 ? 2 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xf0 && c < 0xf5 ? 4 : 0;
-        if (!len || i + (size_t)len > n) return 0;
-        for (int k = 1; k < len; k++)
-            if (((unsigned char)s[i + (size_t)k] & 0xc0) != 0x80) return 0;
+        int len = d2_utf8_seq((const uint8_t *)s + i, n - i);
+        if (len <= 0) return 0;
         i += (size_t)len;
     }
     return 1;
@@ -80,16 +78,4 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     return 0;
 }
 
-#ifdef D2_FUZZ_STANDALONE
-int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        if (!f) { perror(argv[i]); return 1; }
-        static uint8_t buf[1 << 20];
-        size_t n = fread(buf, 1, sizeof buf, f);
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, n);
-    }
-    return 0;
-}
-#endif
+#include "tests/fuzz/replay.h"
