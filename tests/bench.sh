@@ -3,7 +3,9 @@
 # Generates a deterministic ~100M-parameter Llama model (HF layout, bf16 and
 # f32) under build/models the first time, then runs `d2od bench` on each:
 # batch-1 decode tokens/s as a fraction of the memory roofline and aggregate
-# tokens/s at batch 8 and 32 as multiples of batch 1.
+# tokens/s at batch 8 and 32 as multiples of batch 1 (with the KV-compression
+# cost section), then the same model behind `d2od serve` with 1 and 32
+# concurrent streaming clients.
 set -euo pipefail
 BUILD=${1:-build}
 SHARED=${D2_SHARED:-../shared}
@@ -17,8 +19,9 @@ for dt in ${BENCH_DTYPES:-bf16 f32}; do
   echo "== CPU decode, 100M model, $dt weights"
   "$BUILD/d2od" bench --model "$dir" --batches "${BENCH_BATCHES:-1,8,32}" --prompt 32 --gen "${BENCH_GEN:-48}"
   echo
+  # Through the HTTP daemon: aggregate output tokens/s at 32 concurrent
+  # streaming clients vs 1 (the load generator shares the machine's cores).
+  echo "== HTTP serving, 100M model, $dt weights, 1 vs 32 concurrent streaming clients"
+  MODEL="$dir" MAX_TOKENS=${BENCH_HTTP_TOKENS:-64} bash loadtest/bench_concurrency.sh "$BUILD/d2od" | tail -n 1
+  echo
 done
-# Through the HTTP daemon: aggregate output tokens/s at 32 concurrent streaming
-# clients vs 1 (the load generator runs on the same machine).
-echo "== HTTP serving, 100M bf16 model, 1 vs 32 concurrent streaming clients"
-MODEL=build/models/bench-100m-bf16 MAX_TOKENS=${BENCH_HTTP_TOKENS:-64} bash loadtest/bench_concurrency.sh "$BUILD/d2od" | tail -n 1
