@@ -84,6 +84,18 @@ static void api_config_from(const dmn_config *c, api_config *a) {
     }
 }
 
+/* ---- load progress ------------------------------------------------------------ */
+
+static void load_progress(void *user, size_t done, size_t total) {
+    (void)user;
+    int width = 40;
+    int fill = total ? (int)((double)done / (double)total * width) : width;
+    fprintf(stderr, "\rloading weights [%.*s%*s] %3d%% %7.1f MB", fill, "########################################",
+            width - fill, "", total ? (int)(100.0 * (double)done / (double)total) : 100, (double)done / 1e6);
+    if (done >= total) fputc('\n', stderr);
+    fflush(stderr);
+}
+
 /* ---- warm-up ---------------------------------------------------------------- */
 
 typedef struct warm { pthread_mutex_t mu; pthread_cond_t cv; bool done; int status; } warm;
@@ -271,6 +283,9 @@ int d2_cmd_serve(int argc, char **argv) {
         free(d);
         return 1;
     }
+    /* Page the weights in now (with a progress bar on a terminal) so the first
+     * requests do not pay for page faults. */
+    eng_engine_prefault(d->e, isatty(STDERR_FILENO) ? load_progress : NULL, NULL);
     eng_pool_stats ps = eng_engine_pool_stats(d->e);
     D2_INFO("serve: model loaded in %.2f s; context %d; KV pool %lld pages of %d tokens", d2_now() - t0,
             eng_engine_ctx_len(d->e), (long long)ps.pages_total, ps.page_tokens);

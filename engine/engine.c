@@ -114,6 +114,26 @@ void eng_engine_destroy(eng_engine *e) {
     free(e);
 }
 
+void eng_engine_prefault(eng_engine *e, void (*progress)(void *user, size_t done, size_t total), void *user) {
+    const eng_model *m = e->model;
+    size_t total = 0, done = 0, next_report = 0;
+    for (int i = 0; i < m->n_maps; i++) total += m->maps[i].size;
+    volatile uint8_t sink = 0;
+    for (int i = 0; i < m->n_maps; i++) {
+        const uint8_t *p = m->maps[i].data;
+        for (size_t off = 0; off < m->maps[i].size; off += 4096) {
+            sink ^= p[off];
+            done += m->maps[i].size - off < 4096 ? m->maps[i].size - off : 4096;
+            if (progress && done >= next_report) {
+                progress(user, done, total);
+                next_report = done + total / 100 + 1;
+            }
+        }
+    }
+    (void)sink;
+    if (progress) progress(user, total, total);
+}
+
 const eng_model *eng_engine_model(const eng_engine *e) { return e->model; }
 const eng_tokenizer *eng_engine_tokenizer(const eng_engine *e) { return e->model->tok; }
 int eng_engine_ctx_len(const eng_engine *e) { return e->ctx_len; }

@@ -47,6 +47,11 @@ typedef struct eng_engine_config {
 int eng_engine_create(const eng_engine_config *cfg, eng_engine **out);
 void eng_engine_destroy(eng_engine *e); /* accepts NULL */
 
+/* Touches every page of the memory-mapped weights so the first requests do
+ * not wait on page faults. progress (may be NULL) is called with the bytes
+ * done and the total, at most about 100 times. */
+void eng_engine_prefault(eng_engine *e, void (*progress)(void *user, size_t done, size_t total), void *user);
+
 const eng_model *eng_engine_model(const eng_engine *e);
 const eng_tokenizer *eng_engine_tokenizer(const eng_engine *e); /* NULL if none */
 int eng_engine_ctx_len(const eng_engine *e);
