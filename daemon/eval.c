@@ -399,7 +399,7 @@ static int encode_str(const eng_tokenizer *tok, const char *s, ev_seq *out) {
  * needle after a random number of them. */
 static int build_passkey(const eng_tokenizer *tok, int target, uint64_t *rng, pk_case *c) {
     int key = 1000 + rng_below(rng, 9000);
-    snprintf(c->key, sizeof c->key, "%d", key);
+    snprintf(c->key, sizeof c->key, "%04d", key % 10000); /* 4 digits: fits key[8] */
     char needle[64];
     snprintf(needle, sizeof needle, " The secret number is %s.", c->key);
     const char *question = " What is the secret number? The secret number is";
