@@ -1,0 +1,252 @@
+/*
+ * kernels/kernels.h — the plain C interface of the CUDA kernels (public
+ * header of kernels/). Included from C11 (engine/) and from the .cu files.
+ *
+ * Every entry here is an extern "C" function defined in kernels/<op>.cu. The
+ * .cu file holds the static __global__ kernel(s), a static launcher that picks
+ * grid and block, and this entry. Entries:
+ *   - check their integer arguments on the host and return D2_EINVAL (nothing
+ *     launched) when a shape is out of the supported range;
+ *   - enqueue work on the given stream and return at once: they never
+ *     allocate, never synchronise and never log;
+ *   - check cudaGetLastError() after each launch and return D2_ECUDA when a
+ *     launch failed; kern_last_error() then names the failed statement. A
+ *     fault inside a kernel (illegal address) shows up later, at the caller's
+ *     next synchronising call, and poisons the context (see style-anchors
+ *     (b)4: log, abort, let systemd restart).
+ * Which thread: the engine thread, which owns the CUDA context and streams.
+ *
+ * Dtypes: weights and KV pages are bf16 (kern_bf16 = the raw 16 bits of a
+ * bfloat16, i.e. the top half of an IEEE float). Activations are fp32 unless
+ * a parameter says otherwise; every reduction accumulates in fp32.
+ * Shapes are written row-major, outermost first, as in kvpool/kvpool.h.
+ * All pointers are device pointers unless marked "host".
+ *
+ * Paged KV layout (the CUDA twin of the CPU pool, kvpool/kvpool.h):
+ *   k, v   : bf16  [n_pages][page_tokens][n_kv_heads][head_dim]
+ *   pos    : int32 [n_pages][page_tokens]            (-1 = empty slot)
+ *   score  : fp32  [n_pages][page_tokens][n_kv_heads] (D2O accumulated attention)
+ * A (seq, layer) block table lists page ids; logical slot i lives in page
+ * table[i / page_tokens], slot i % page_tokens; slots 0..len-1 are live.
+ * Keys are stored after RoPE, and a slot's pos is the position RoPE used.
+ */
+#ifndef D2_KERNELS_H
+#define D2_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A CUDA stream without including CUDA headers: cudaStream_t is
+ * `struct CUstream_st *`, so a cudaStream_t converts implicitly. NULL is the
+ * legacy default stream. */
+typedef struct CUstream_st *kern_stream;
+
+/* Raw bf16 bits. */
+typedef uint16_t kern_bf16;
+
+/* Output dtype of entries that can feed either fp32 code or a bf16 GEMM. */
+typedef enum kern_dtype { KERN_F32 = 0, KERN_BF16 = 1 } kern_dtype;
+
+/* Limits every entry checks (D2_EINVAL beyond them). */
+#define KERN_MAX_HEAD_DIM 256 /* head_dim must be even and <= this */
+#define KERN_MAX_GROUP 8      /* n_heads / n_kv_heads (GQA group) <= this */
+
+/* The last CUDA failure seen by an entry on this thread: the statement text,
+ * function, file, line and cudaGetErrorString() text. Borrowed, valid until
+ * the next failure on this thread; "" fields when there was none. The engine
+ * logs it after an entry returned D2_ECUDA. */
+typedef struct kern_error {
+    const char *stmt;
+    const char *func;
+    const char *file;
+    int line;
+    int code;          /* cudaError_t value */
+    const char *msg;
+} kern_error;
+kern_error kern_last_error(void);
+
+/* ---- elementwise ---- */
+
+/* Embedding lookup: row t of out = table[tokens[t]] converted to out_dtype.
+ *   out    : [n_tok][dim] fp32 or bf16 (out_dtype)
+ *   table  : bf16 [vocab][dim]
+ *   tokens : int32 [n_tok]
+ * An id outside [0, vocab) gives a row of zeros (the caller validates ids;
+ * the kernel only refuses to read out of bounds). */
+int kern_embed(void *out, kern_dtype out_dtype, const kern_bf16 *table,
+               const int32_t *tokens, int n_tok, int dim, int vocab, kern_stream s);
+
+/* RMSNorm per row: out[r][i] = x[r][i] / sqrt(mean_i(x[r]^2) + eps) * w[i],
+ * fp32 sum of squares (the same formula as engine/ref_cpu.c).
+ *   out : [n_rows][dim] fp32 or bf16 (out_dtype); may alias x when fp32
+ *   x   : fp32 [n_rows][dim]
+ *   w   : bf16 [dim] */
+int kern_rmsnorm(void *out, kern_dtype out_dtype, const float *x, const kern_bf16 *w,
+                 int n_rows, int dim, float eps, kern_stream s);
+
+/* RoPE in place on n_heads heads of every token. The angle of pair i of a
+ * token at position p is (float)p * inv_freq[i]; pairs are (x[i], x[i+hd/2])
+ * when neox (rotate-half, Hugging Face Llama) and (x[2i], x[2i+1]) otherwise
+ * (GGUF / Meta layout), rotated as
+ *   x_a' = x_a cos - x_b sin,  x_b' = x_a sin + x_b cos   (eng_rope_apply).
+ * inv_freq is built on the host once per model by eng_rope_inv_freq()
+ * (engine/ref_cpu.h): base theta, and for rope_scaling "llama3" the per-pair
+ * rescaling (low-frequency pairs / factor, smooth blend in between) is folded
+ * into the table, so the kernel knows nothing about scaling schemes.
+ *   x        : fp32 [n_tok][tok_stride floats]; head h of token t starts at
+ *              x + t*tok_stride + h*head_dim (tok_stride >= n_heads*head_dim,
+ *              so Q and K inside a fused QKV row can be rotated in place)
+ *   pos      : int32 [n_tok] absolute positions
+ *   inv_freq : fp32 [head_dim/2] */
+int kern_rope(float *x, const int32_t *pos, const float *inv_freq, int n_tok, int n_heads,
+              int head_dim, int tok_stride, int neox, kern_stream s);
+
+/* SwiGLU: out[r][i] = silu(gate[r][i]) * up[r][i], silu(g) = g / (1 + e^-g).
+ *   out  : [n_rows][ff] fp32 or bf16 (out_dtype); may alias gate when fp32
+ *   gate : fp32 [n_rows][row_stride], columns 0..ff-1 used
+ *   up   : fp32 [n_rows][row_stride], columns 0..ff-1 used
+ * row_stride >= ff lets gate and up be the two halves of one fused GEMM
+ * output (up = gate + ff, row_stride = 2*ff). out rows are dense (ff). */
+int kern_swiglu(void *out, kern_dtype out_dtype, const float *gate, const float *up,
+                int n_rows, int ff, int row_stride, kern_stream s);
+
+/* Residual add: x[i] += y[i] for i < n.
+ *   x : fp32 [n]   y : fp32 [n] (x and y do not overlap unless equal) */
+int kern_add(float *x, const float *y, int64_t n, kern_stream s);
+
+/* KV write: scatter the new K/V rows of n_tok tokens into their pages.
+ * Token t goes to page page_of[t], slot slot_of[t] (from kvp_append on the
+ * host, copied to the device with the step plan): its n_kv_heads*head_dim
+ * key and value floats are rounded to bf16, pos[page][slot] = tok_pos[t],
+ * and, when score is not NULL, score[page][slot][*] = 0 (a new slot starts
+ * with no accumulated attention, as kvp_append does on the CPU).
+ *   k_pages, v_pages : bf16 [n_pages][page_tokens][n_kv_heads][head_dim]
+ *   pos_pages        : int32 [n_pages][page_tokens]
+ *   score            : fp32 [n_pages][page_tokens][n_kv_heads] or NULL
+ *   k_new, v_new     : fp32 [n_tok][tok_stride floats], the n_kv_heads*head_dim
+ *                      floats of token t start at k_new + t*tok_stride
+ *                      (K after RoPE)
+ *   tok_pos, page_of, slot_of : int32 [n_tok]
+ * Two tokens must not name the same (page, slot) in one call. */
+int kern_kv_write(kern_bf16 *k_pages, kern_bf16 *v_pages, int32_t *pos_pages, float *score,
+                  const float *k_new, const float *v_new, int tok_stride,
+                  const int32_t *tok_pos, const int32_t *page_of, const int32_t *slot_of,
+                  int n_tok, int n_kv_heads, int head_dim, int page_tokens, kern_stream s);
+
+/* ---- attention ---- */
+
+/* One layer's view of the paged pool, passed by value. */
+typedef struct kern_kv_view {
+    const kern_bf16 *k;    /* bf16 [n_pages][page_tokens][n_kv_heads][head_dim] */
+    const kern_bf16 *v;    /* bf16 [n_pages][page_tokens][n_kv_heads][head_dim] */
+    const int32_t *pos;    /* int32 [n_pages][page_tokens] */
+    int page_tokens;
+    int n_kv_heads;
+    int head_dim;
+} kern_kv_view;
+
+/* Tokens of keys one decode split covers (flash-decoding): a CTA handles one
+ * (sequence, kv head, split of KERN_DECODE_SPLIT slots). */
+#define KERN_DECODE_SPLIT 256
+
+/* Bytes of device scratch kern_attn_decode needs for n_seq sequences whose
+ * live lengths are all <= max_len. */
+size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int head_dim, int max_len);
+
+/* Paged decode attention: one query token per sequence, GQA.
+ * For sequence b, query head h (kv head h / G, G = n_heads / n_kv_heads):
+ *   logit_j = scale * q[b][h] . k_j       for live slots j < len[b]
+ *   visible iff 0 <= pos_j <= q_pos[b]    (others get probability 0)
+ *   out[b][h] = sum_j softmax(logit)_j v_j  (zeros when nothing is visible)
+ * Method: pass 1, a CTA per (b, kv head, split) computes the G heads' logits
+ * of its KERN_DECODE_SPLIT slots (kept in the workspace), their local max,
+ * sum and unnormalised P.V; pass 2, a CTA per (b, h) merges the splits into
+ * out and the row's lse; pass 3 (only when score != NULL), a thread per
+ * (b, kv head, slot) adds sum_{h in group} exp(logit_{h,j} - lse_h) into
+ * score[page][slot][kv head] with atomicAdd (atomic because two forked
+ * sequences in one batch may share a page; the D2O decode score, d2o-spec
+ * §10.1/§10.2). Each pass reads only what the previous wrote.
+ *   out        : [n_seq][n_heads][head_dim] fp32 or bf16 (out_dtype)
+ *   q          : fp32 [n_seq][q_stride floats]; head h of sequence b starts
+ *                at q + b*q_stride + h*head_dim (already RoPE'd)
+ *   kv         : the layer's pages (the new token's K/V already written)
+ *   score      : fp32 [n_pages][page_tokens][n_kv_heads] or NULL
+ *   block_tab  : int32 [n_seq][tab_stride] page ids of each sequence's table
+ *   len        : int32 [n_seq] live slots of each (sequence, layer), <= max_len
+ *                (a larger value is clamped to max_len on the device)
+ *   q_pos      : int32 [n_seq] position of each query token
+ *   workspace  : kern_attn_decode_workspace_bytes(n_seq, n_heads, head_dim,
+ *                max_len) bytes, 16-byte aligned
+ *   max_len    : host bound on len[*] (sizes the grid); 0 writes zero outputs */
+int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
+                     kern_kv_view kv, float *score, const int32_t *block_tab, int tab_stride,
+                     const int32_t *len, const int32_t *q_pos, int n_seq, int n_heads,
+                     float scale, void *workspace, int max_len, kern_stream s);
+
+/* Prefill attention for a chunk of n_q queries of one sequence against the
+ * first n_kv live slots of its (layer) block table (which already holds the
+ * chunk's own keys). FlashAttention-style: tiles of queries and keys, online
+ * softmax, nothing of size n_q x n_kv in memory.
+ *   visible(i, j) iff 0 <= pos_j <= q_pos[i]   (causal by positions)
+ *   out[i][h] = sum_j softmax_j(scale q_i.k_j) v_j  (zeros when none visible)
+ *   lse[h][i] = log sum_j exp(scale q_i.k_j) over visible j (-inf when none)
+ *   out       : [n_q][n_heads][head_dim] fp32 or bf16 (out_dtype)
+ *   lse       : fp32 [n_heads][n_q] or NULL (needed by kern_attn_colsum)
+ *   q         : fp32 [n_q][q_stride floats], head h at q + i*q_stride + h*head_dim
+ *   block_tab : int32 [ceil(n_kv / page_tokens)] page ids
+ *   q_pos     : int32 [n_q] */
+int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, const float *q,
+                      int q_stride, kern_kv_view kv, const int32_t *block_tab, int n_kv,
+                      const int32_t *q_pos, int n_q, int n_heads, float scale, kern_stream s);
+
+/* D2O prefill column sums (d2o-spec §10.1), per query head, accumulated:
+ *   colsum[h][j] += sum_{i visible to j} exp(scale q_i.k_j - lse[h][i])
+ * for j < n_kv, with the lse rows kern_attn_prefill wrote for the same
+ * chunk. Chunked prefill calls this once per chunk; the sums add up exactly
+ * because each chunk's lse is final. A CTA owns a tile of keys of one head,
+ * so the += needs no atomics. No n_q x n_kv matrix is stored.
+ *   colsum    : fp32 [n_heads][colsum_stride], colsum_stride >= n_kv
+ *   q, q_stride, kv, block_tab, n_kv, q_pos, n_q, n_heads, scale: as in
+ *               kern_attn_prefill
+ *   lse       : fp32 [n_heads][n_q] */
+int kern_attn_colsum(float *colsum, int colsum_stride, const float *q, int q_stride,
+                     const float *lse, kern_kv_view kv, const int32_t *block_tab, int n_kv,
+                     const int32_t *q_pos, int n_q, int n_heads, float scale, kern_stream s);
+
+/* ---- sampling ---- */
+
+/* Greedy pick per row: out[r] = argmax_i logits[r][i], the lowest id among
+ * equal maxima; NaN entries never win (a row of only NaN gives 0).
+ *   out    : int32 [n_rows]
+ *   logits : fp32 [n_rows][row_stride], columns 0..vocab-1 used */
+int kern_argmax(int32_t *out, const float *logits, int n_rows, int vocab, int row_stride,
+                kern_stream s);
+
+/* Softmax per row with inverse temperature: out[r][i] = exp(t*x_i - M) / Z,
+ * M = max_i t*x_i. lse (may be NULL) gets M + log Z, the log normaliser of t*x.
+ *   out    : fp32 [n_rows][vocab] (may equal logits when row_stride == vocab)
+ *   logits : fp32 [n_rows][row_stride]
+ *   lse    : fp32 [n_rows] or NULL */
+int kern_softmax(float *out, float *lse, const float *logits, int n_rows, int vocab,
+                 int row_stride, float inv_temp, kern_stream s);
+
+/* Log-softmax per row (for logprobs): out[r][i] = x_i - lse_r.
+ *   out, lse, logits : as in kern_softmax (inverse temperature 1) */
+int kern_log_softmax(float *out, float *lse, const float *logits, int n_rows, int vocab,
+                     int row_stride, kern_stream s);
+
+/* ---- d2o ---- */
+
+/* (reserved for kernels/d2o.cu) */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
