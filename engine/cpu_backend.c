@@ -62,6 +62,7 @@ typedef struct cpu_be {
     eng_tp *tp;
     int n_threads, max_t, max_rows, max_seq;
     int dim, q_dim, kv_dim, hd, n_heads, n_kv, gs, ffn, vocab, n_layers, pt;
+    int sliding_window; /* > 0: a query sees keys with pos > its pos - sliding_window (Mistral) */
     float eps;
     /* activations, [max_t][width] */
     float *x, *xb, *q, *k, *v, *ao, *tmp, *hb, *hb2;
@@ -180,6 +181,8 @@ static void att_task_run(void *ctx, int ti, int thread) {
 
     for (int t = tk->t0; t < tk->t1; t++) {
         int32_t p = b->pos[t];
+        /* oldest visible position: everything under the sliding window */
+        int32_t lo = be->sliding_window > 0 ? p - be->sliding_window + 1 : INT32_MIN;
         const float *q = be->q + (size_t)t * (size_t)be->q_dim + (size_t)g * (size_t)gs * (size_t)hd;
         float *o = be->ao + (size_t)t * (size_t)be->q_dim + (size_t)g * (size_t)gs * (size_t)hd;
         float mx[64];
@@ -193,7 +196,7 @@ static void att_task_run(void *ctx, int ti, int thread) {
             for (int s = 0; s < s_end; s++) {
                 int i = pi * pt + s;
                 int32_t sp = pp[s];
-                if (sp < 0 || sp > p) {
+                if (sp < 0 || sp > p || sp < lo) {
                     for (int h = 0; h < gs; h++) att[(size_t)h * (size_t)n + (size_t)i] = -INFINITY;
                     continue;
                 }
@@ -351,6 +354,7 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
     be->n_layers = c->n_layers;
     be->pt = pc->page_tokens > 0 ? pc->page_tokens : 16;
     be->eps = c->rms_eps;
+    be->sliding_window = c->sliding_window;
 
     size_t T = (size_t)be->max_t, L = (size_t)c->n_layers;
     int64_t max_cols = c->dim;

@@ -77,7 +77,7 @@ typedef struct eng_model_config {
     bool rope_neox;
     bool tied_embeddings; /* output == tok_embd */
     bool qkv_bias;
-    int sliding_window;   /* 0 = none (Mistral: attention window, informational) */
+    int sliding_window;   /* 0 = none; > 0: a query at pos sees keys at pos-sliding_window+1..pos (Mistral) */
     int bos_id;           /* -1 when none */
     int eos_ids[8];       /* generation stop ids; n_eos of them */
     int n_eos;

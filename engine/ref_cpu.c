@@ -228,13 +228,15 @@ int eng_ref_forward(eng_ref_state *s, int token, int pos, float *logits) {
         for (int p = pos + 1; p < s->max_ctx; p++) al[p] = 0;
 
         float scale = 1.0f / sqrtf((float)hd);
+        /* Mistral's sliding window: keys older than sliding_window positions are not seen */
+        int lo = c->sliding_window > 0 ? pos - c->sliding_window + 1 : 0;
         for (int h = 0; h < c->n_heads; h++) {
             int g = h / gs;
             const float *qh = s->q + h * hd;
             float *att = s->att + ((size_t)l * (size_t)c->n_heads + (size_t)h) * mc;
             float mx = -INFINITY;
             for (int p = 0; p <= pos; p++) {
-                if (!al[p]) { att[p] = -INFINITY; continue; }
+                if (!al[p] || p < lo) { att[p] = -INFINITY; continue; }
                 const float *kp = kl + (size_t)p * (size_t)kvd + (size_t)g * (size_t)hd;
                 float d = 0.0f;
                 for (int i = 0; i < hd; i++) d += qh[i] * kp[i];
@@ -243,14 +245,14 @@ int eng_ref_forward(eng_ref_state *s, int token, int pos, float *logits) {
             }
             float sum = 0.0f;
             for (int p = 0; p <= pos; p++) {
-                att[p] = al[p] ? expf(att[p] - mx) : 0.0f;
+                att[p] = al[p] && p >= lo ? expf(att[p] - mx) : 0.0f;
                 sum += att[p];
             }
             for (int p = 0; p <= pos; p++) att[p] /= sum;
             float *o = s->att_out + h * hd;
             for (int i = 0; i < hd; i++) o[i] = 0.0f;
             for (int p = 0; p <= pos; p++) {
-                if (!al[p]) continue;
+                if (!al[p] || p < lo) continue;
                 const float *vp = vl + (size_t)p * (size_t)kvd + (size_t)g * (size_t)hd;
                 for (int i = 0; i < hd; i++) o[i] += att[p] * vp[i];
             }

@@ -312,6 +312,42 @@ TEST(prefill_one_chunk_matches_reference) {
     }
 }
 
+/* Mistral's sliding window: a window of 5 over 23 tokens, prefill in chunks
+ * of 7 then decode; the backend and the reference must agree, and must
+ * differ from the same model without the window (so the test can fail). */
+TEST(sliding_window_matches_reference) {
+    rig r = rig_make(&SPECS[0], 300, 2);
+    r.s->m.cfg.sliding_window = 5;
+    eng_backend *be2 = NULL;
+    /* the backend reads the window at create: rebuild it */
+    r.be->ops->destroy(r.be);
+    eng_cpu_config cc = {.n_threads = 2, .max_batch_tokens = 64, .max_logit_rows = 64};
+    ASSERT_OK(eng_cpu_backend_create(&r.s->m, r.pool, &cc, &be2));
+    r.be = be2;
+    int n = 23;
+    int32_t toks[64];
+    rand_tokens(31, toks, n, r.vocab);
+    float *ref = ref_logits(&r.s->m, toks, n);
+    float *got = malloc(sizeof(float) * (size_t)n * (size_t)r.vocab);
+    int seq;
+    ASSERT_EQ(kvp_seq_new(r.pool, &seq), D2_OK);
+    for (int p0 = 0; p0 < 14; p0 += 7)
+        ASSERT_EQ(step_one(&r, seq, toks, p0, 7, true, false, got + (size_t)p0 * (size_t)r.vocab), D2_OK);
+    for (int p0 = 14; p0 < n; p0++)
+        ASSERT_EQ(step_one(&r, seq, toks, p0, 1, true, false, got + (size_t)p0 * (size_t)r.vocab), D2_OK);
+    for (int p = 0; p < n; p++) {
+        double d = rel_diff(got + (size_t)p * (size_t)r.vocab, ref + (size_t)p * (size_t)r.vocab, r.vocab);
+        if (!(d < TOL)) FAIL_("pos %d: rel diff %g", p, d);
+    }
+    r.s->m.cfg.sliding_window = 0;
+    float *full = ref_logits(&r.s->m, toks, n);
+    ASSERT(rel_diff(full + (size_t)(n - 1) * (size_t)r.vocab, ref + (size_t)(n - 1) * (size_t)r.vocab, r.vocab) > 1e-3);
+    free(full);
+    free(ref);
+    free(got);
+    rig_free(&r);
+}
+
 TEST(chunked_prefill_then_decode_matches_reference) {
     for (int si = 0; si < N_SPECS; si++) {
         rig r = rig_make(&SPECS[si], 200 + (uint64_t)si, 2);
