@@ -106,7 +106,7 @@ deps:
 
 run: deps
 	@$(MAKE) --no-print-directory $(BUILD)/d2od
-	$(BUILD)/d2od serve --model $(or $(MODEL),../shared/assets/models/stories260K/hf) --host 127.0.0.1 --port $(or $(PORT),8000)
+	$(BUILD)/d2od serve --model $(or $(MODEL),../shared/assets/models/stories260K/hf) $(if $(MODEL),,--served-model-name stories260K) --host 127.0.0.1 --port $(or $(PORT),8000)
 
 test:
 	@bash tools/install-deps.sh --test
