@@ -96,9 +96,21 @@ cuda: $(CU_OBJ)
 $(BUILD)/obj/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall -c $< -o $@
+$(CU_OBJ): kernels/kernels.h $(wildcard kernels/*.cuh) common/status.h
+
+# GPU kernel tests: one nvcc program from tests/gpu/*.cu plus the kernel sources;
+# it compares every kernel with a CPU reference and skips (exit 0) without a device.
+GPU_TEST_SRC := $(wildcard tests/gpu/*.cu)
+$(BUILD)/tests-gpu/test_kernels: $(GPU_TEST_SRC) $(CU_SRC) kernels/kernels.h $(wildcard kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall $(GPU_TEST_SRC) $(CU_SRC) -o $@
+test-gpu: $(BUILD)/tests-gpu/test_kernels
+	$(BUILD)/tests-gpu/test_kernels
 else
 cuda:
 	@echo "nvcc not found: CUDA sources not compiled"
+test-gpu:
+	@echo "skip: nvcc not found"
 endif
 
 deps:

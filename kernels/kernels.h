@@ -36,6 +36,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* common/status.h is C11 and spells d2_assert_fail's attribute _Noreturn,
+ * which C++ lacks: .cu files (nvcc, C++17) get the C++ spelling. */
+#if defined(__cplusplus) && !defined(_Noreturn)
+#define _Noreturn [[noreturn]]
+#endif
 #include "common/status.h"
 
 #ifdef __cplusplus
@@ -243,7 +248,124 @@ int kern_log_softmax(float *out, float *lse, const float *logits, int n_rows, in
 
 /* ---- d2o ---- */
 
-/* (reserved for kernels/d2o.cu) */
+/* D2O compression of one (sequence, layer) table on the device, step by step
+ * as engine/kvcomp.c does it on the CPU (eng_kv_compress_layer; method in
+ * shared/design/d2o-spec.md §3-§4, §9.3). Layer-uniform: one kept set per
+ * table. Slot indices below are logical slots 0..n-1 of the table.
+ * Order of calls (all on one stream; none synchronises):
+ *   kern_d2o_plan_make   host only: the counts of eng_kv_select
+ *   kern_d2o_scores      score[i] = sum over kv heads (g = 0..n_kv-1 in order)
+ *                        of the pool's accumulated score; keep[i] = 1 for the
+ *                        pinned slots (sinks, recent window), else 0
+ *   kern_d2o_select      heavy hitters into keep, then rank / kept / ev lists
+ *   kern_d2o_match       nearest kept slot of every evicted slot (cosine)
+ *   kern_d2o_tau         mean similarity and the EMA threshold (device float)
+ *   kern_d2o_merge       merges of the evicted slots with sim >= tau
+ *   kern_d2o_compact     kept slots (k, v, pos, score) to the front, in order
+ * What stays on the host (kvpool's job, as kvp_compact / kvp_unshare do):
+ *   - before kern_d2o_merge / kern_d2o_compact: every page these write must
+ *     be private (refcount 1): the pages holding slots first_gap..n_kept-1
+ *     (first_gap = first evicted slot, counts[1]) and every merge target's
+ *     page. Without reading counts/tgt back, unshare every shared page among
+ *     the first ceil(n_kept / page_tokens) of the table.
+ *   - after kern_d2o_compact: n_tokens = n_kept, pages from
+ *     ceil(n_kept / page_tokens) on return to the free list (and the table).
+ * Scores are assumed finite (NaN scores order arbitrarily, as in qsort). */
+
+/* Mutable view of one layer's pages (layout at the top of this file). */
+typedef struct kern_d2o_pages {
+    kern_bf16 *k, *v;   /* bf16 [n_pages][page_tokens][n_kv_heads][head_dim] */
+    int32_t *pos;       /* int32 [n_pages][page_tokens]; NULL: not moved */
+    float *score;       /* fp32 [n_pages][page_tokens][n_kv_heads]; NULL only
+                           when kern_d2o_scores is not called (then not moved) */
+    int page_tokens;
+    int n_kv_heads;
+    int head_dim;       /* even, <= KERN_MAX_HEAD_DIM */
+} kern_d2o_pages;
+
+/* Counts of one selection (host), exactly as eng_kv_select computes them:
+ * recent window [lim, n), sinks [0, n_sink), heavy hitters: the best
+ * n_heavy of the n_cand candidates [n_sink, lim) by score (ties: lower slot). */
+typedef struct kern_d2o_plan {
+    int n;        /* live slots */
+    int lim;      /* n - recent (clamped) */
+    int n_sink;   /* min(n_sink, heavy, lim) */
+    int n_heavy;  /* heavy - n_sink, clamped to [0, n_cand] */
+    int n_cand;   /* lim - n_sink */
+    int n_kept;   /* (n - lim) + n_sink + n_heavy */
+    int n_evicted;
+} kern_d2o_plan;
+/* D2_EINVAL for n < 0. heavy includes the sinks (eng_kv_state's split). */
+int kern_d2o_plan_make(kern_d2o_plan *p, int n, int n_sink, int heavy, int recent);
+
+/* Device scratch of one compression, carved from one caller buffer. Arrays
+ * of cap entries unless noted; all written by the calls above and readable
+ * by the caller afterwards (e.g. for tests or inspection). */
+typedef struct kern_d2o_ws {
+    float *score;      /* token scores */
+    uint8_t *keep;     /* 1 = kept */
+    int32_t *rank;     /* rank[i] = kept slots before i (new index of a kept i) */
+    int32_t *kept;     /* [n_kept] kept slots in order */
+    int32_t *ev;       /* [n_evicted] evicted slots in order */
+    int32_t *tgt;      /* [n_evicted] target slot of ev[j] (-1: none kept) */
+    float *sim;        /* [n_evicted] mean over kv heads of the cosine to tgt */
+    int32_t *gcnt;     /* [cap] merge group sizes (zero after kern_d2o_merge) */
+    int32_t *gstart;   /* [cap + 1] merge group starts by kept rank */
+    int32_t *glist;    /* [cap] evicted list indices grouped by target */
+    int32_t *counts;   /* [4]: n_kept, first_gap, n_pass, n_evicted */
+    float *stat;       /* [2]: mean similarity s_t, tau used */
+    uint32_t *move;    /* [move_slots][slot words] compaction staging */
+    int cap, n_kv_heads, head_dim, move_slots;
+} kern_d2o_ws;
+
+/* Bytes of scratch for tables of up to cap slots; move_slots (>= 1) bounds
+ * the staging of one compaction batch (more = fewer launches; a slot takes
+ * 4*n_kv_heads*head_dim + 4 + 4*n_kv_heads bytes). 0 for bad arguments. */
+size_t kern_d2o_scratch_bytes(int cap, int n_kv_heads, int head_dim, int move_slots);
+/* Carves ws out of scratch (device memory, 256-byte aligned, bytes >=
+ * kern_d2o_scratch_bytes). Host only, nothing launched. D2_EINVAL. */
+int kern_d2o_ws_init(kern_d2o_ws *ws, void *scratch, size_t bytes, int cap, int n_kv_heads,
+                     int head_dim, int move_slots);
+
+/* Step 1. block_tab: int32 page ids of the table (ceil(n / page_tokens)). */
+int kern_d2o_scores(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *block_tab,
+                    const kern_d2o_plan *p, kern_stream s);
+/* Step 2. Heavy hitters by a single-CTA 4-pass 8-bit radix select over the
+ * candidates' scores (key order = descending score, -0 == +0), then the
+ * first k of the threshold-equal ones by slot order; then rank, kept, ev and
+ * counts[0..3] (n_pass = 0). */
+int kern_d2o_select(const kern_d2o_ws *ws, const kern_d2o_plan *p, kern_stream s);
+/* Step 3. For every evicted slot e, tgt = argmax over kept c of
+ * u(e, c) = (1/n_kv) sum_g cos(k_e[g], k_c[g]) (first maximum in kept order
+ * wins; a zero key head has cosine 0), on bf16 keys with fp32 math. Tiled on
+ * tensor cores (bf16 wmma, fp32 accumulate): a CTA holds 32 evicted rows and
+ * walks the kept slots 64 at a time; no n_evicted x n_kept matrix exists. */
+int kern_d2o_match(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *block_tab,
+                   const kern_d2o_plan *p, kern_stream s);
+/* Step 4. s_t = mean of sim (fp64 sum); *tau = first ? s_t :
+ * (1 - beta) * *tau + beta * s_t (no fused multiply-add, as the C code);
+ * stat = {s_t, tau}. tau: device float of this (seq, layer). */
+int kern_d2o_tau(const kern_d2o_ws *ws, const kern_d2o_plan *p, float *tau, int first,
+                 float beta, kern_stream s);
+
+#define KERN_D2O_MERGE_NORMALISED 0 /* w_c = e/D, w_e = exp(u_e)/D, D = e + sum exp(u_e) */
+#define KERN_D2O_MERGE_CODE 1       /* (k_c + sum u_e k_e) / (1 + n) */
+
+/* Step 5. Evicted ev[j] passes when tgt >= 0 and sim >= *tau; passed slots
+ * are grouped by target (counting sort; a group of up to 1024 is sorted by
+ * slot, so its sums run in the CPU's order and the result is deterministic;
+ * larger groups sum in arrival order) and each target's k and v become the
+ * rule's fp32 weighted sum, rounded to bf16. Slots that are no target are
+ * never written. counts[2] = passed slots. */
+int kern_d2o_merge(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *block_tab,
+                   const kern_d2o_plan *p, const float *tau, int rule, kern_stream s);
+/* Step 6. Kept slot kept[r] moves to slot r (k, v, and pos / score when not
+ * NULL) for r < n_kept, in batches of move_slots ranks: a batch is gathered
+ * into the staging buffer, then scattered (sources of later batches lie at
+ * or beyond their rank, so no copy overlaps). Slots already in place are not
+ * written. Then pos = -1 for slots n_kept.. of the last page. */
+int kern_d2o_compact(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *block_tab,
+                     const kern_d2o_plan *p, kern_stream s);
 
 #ifdef __cplusplus
 }
