@@ -98,14 +98,16 @@ $(BUILD)/obj/%.cu.o: %.cu
 	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall -c $< -o $@
 $(CU_OBJ): kernels/kernels.h $(wildcard kernels/*.cuh) common/status.h
 
-# GPU kernel tests: one nvcc program from tests/gpu/*.cu plus the kernel sources;
-# it compares every kernel with a CPU reference and skips (exit 0) without a device.
-GPU_TEST_SRC := $(wildcard tests/gpu/*.cu)
-$(BUILD)/tests-gpu/test_kernels: $(GPU_TEST_SRC) $(CU_SRC) kernels/kernels.h $(wildcard kernels/*.cuh)
+# GPU kernel tests: each tests/gpu/test_X.cu is its own nvcc program linked with the
+# kernel sources; each compares kernels with a CPU reference and skips (exit 0) without
+# a device. test-gpu runs them all and fails when any failed.
+GPU_TEST_SRC := $(wildcard tests/gpu/test_*.cu)
+GPU_TEST_BIN := $(GPU_TEST_SRC:tests/gpu/%.cu=$(BUILD)/tests-gpu/%)
+$(BUILD)/tests-gpu/%: tests/gpu/%.cu $(CU_SRC) kernels/kernels.h $(wildcard kernels/*.cuh)
 	@mkdir -p $(dir $@)
-	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall $(GPU_TEST_SRC) $(CU_SRC) -o $@
-test-gpu: $(BUILD)/tests-gpu/test_kernels
-	$(BUILD)/tests-gpu/test_kernels
+	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall $< $(CU_SRC) -o $@
+test-gpu: $(GPU_TEST_BIN)
+	@rc=0; for t in $(GPU_TEST_BIN); do echo "== $$t"; $$t || rc=1; done; exit $$rc
 else
 cuda:
 	@echo "nvcc not found: CUDA sources not compiled"
