@@ -119,8 +119,10 @@ int kern_d2o_ws_init(kern_d2o_ws *ws, void *scratch, size_t bytes, int cap, int 
 /* Checks shared by the entries: the plan fits the workspace and the view
  * matches the workspace's shape. */
 static bool d2o_args_ok(const kern_d2o_ws *ws, const kern_d2o_plan *p) {
-    return ws && p && p->n >= 0 && p->n <= ws->cap && p->n_kept >= 0 &&
-           p->n_kept <= p->n && p->n_evicted == p->n - p->n_kept;
+    return ws && p && p->n >= 0 && p->n <= ws->cap && p->n_sink >= 0 && p->lim >= p->n_sink &&
+           p->lim <= p->n && p->n_cand == p->lim - p->n_sink && p->n_heavy >= 0 &&
+           p->n_heavy <= p->n_cand && p->n_kept == p->n - p->lim + p->n_sink + p->n_heavy &&
+           p->n_evicted == p->n - p->n_kept;
 }
 
 static bool d2o_view_ok(const kern_d2o_ws *ws, const kern_d2o_pages *kv) {
