@@ -61,7 +61,7 @@ FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 CU_SRC := $(wildcard kernels/*.cu)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
 
-.PHONY: all run test test-unit test-san test-integration test-gpu bench deps cuda clean fuzz
+.PHONY: all run test test-unit test-san test-integration test-gpu gpu-test-build bench deps cuda clean fuzz
 FUZZ_REPLAY := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz-replay/%)
 all: $(BUILD)/d2od $(TOOL_BIN) $(TEST_BIN) $(FUZZ_REPLAY) cuda
 
@@ -106,6 +106,7 @@ GPU_TEST_BIN := $(GPU_TEST_SRC:tests/gpu/%.cu=$(BUILD)/tests-gpu/%)
 $(BUILD)/tests-gpu/%: tests/gpu/%.cu $(CU_SRC) kernels/kernels.h $(wildcard kernels/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall $< $(CU_SRC) -o $@
+gpu-test-build: $(GPU_TEST_BIN)
 test-gpu: $(GPU_TEST_BIN)
 	@rc=0; for t in $(GPU_TEST_BIN); do echo "== $$t"; $$t || rc=1; done; exit $$rc
 else
@@ -113,6 +114,7 @@ cuda:
 	@echo "nvcc not found: CUDA sources not compiled"
 test-gpu:
 	@echo "skip: nvcc not found"
+gpu-test-build:
 endif
 
 deps:
@@ -126,6 +128,7 @@ test:
 	@bash tools/install-deps.sh --test
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
+	@$(MAKE) --no-print-directory gpu-test-build
 	@bash tests/run_all.sh
 
 test-unit-build: $(TEST_BIN) $(TOOL_BIN) $(FUZZ_REPLAY)

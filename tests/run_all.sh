@@ -2,7 +2,8 @@
 # tests/run_all.sh — the whole CPU test suite, as `make test` runs it:
 #   1. unit tests (optimised build)        build/tests/test_*
 #   2. unit tests under ASan/UBSan          build/san/tests/test_*
-#   3. integration tests (the real binary)  tests/integration/*.py
+#   3. GPU kernel tests                     build/tests-gpu/test_* (skip without a GPU)
+#   4. integration tests (the real binary)  tests/integration/*.py
 # Prints each part's summary, then one closing "N passed, N failed" line.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +34,11 @@ if [ -d build/san/tests ]; then
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
     run_part "unit (ASan/UBSan)" bash tests/run_unit.sh build/san/tests
 fi
+# GPU kernel tests (built when nvcc exists): without a device each prints a skip line.
+for t in build/tests-gpu/test_*; do
+  [ -x "$t" ] || continue
+  run_part "gpu $(basename "$t")" "$t"
+done
 for t in tests/integration/*.py; do
   [ -f "$t" ] || continue
   run_part "integration $(basename "$t")" python3 "$t" build/d2od
