@@ -563,6 +563,47 @@ def test_auth(tmp):
         raise
 
 
+def test_sighup_reload(tmp):
+    """SIGHUP re-reads the config file: a live directive (api_key) takes effect
+    at once, RELOADING=1 then READY=1 reach systemd, a directive that needs a
+    restart (max_seqs) is reported and left as it was, and a broken file keeps the
+    old settings."""
+    conf = os.path.join(tmp, "reload.conf")
+    with open(conf, "w") as f:
+        f.write('api_key "first-key"\n')
+    d = Daemon("reload", ["--config", conf], tmp, notify=True)
+    try:
+        d.notify.wait_for("READY=1", 10)
+        body = {"prompt": "Once", "max_tokens": 2}
+        st, _, _ = req(d, "POST", "/v1/completions", body, headers={"Authorization": "Bearer first-key"})
+        check("reload: first key accepted", st == 200, st)
+        with open(conf, "w") as f:
+            f.write('api_key "second-key"\nmax_seqs 3\n')
+        d.notify.msgs.clear()
+        d.proc.send_signal(signal.SIGHUP)
+        got = d.notify.wait_for("RELOADING=1", 10)
+        check("reload: RELOADING=1 sent on SIGHUP", got, "no RELOADING=1")
+        check("reload: READY=1 after the reload", d.notify.wait_for("READY=1", 10), "no READY=1")
+        st1, _, _ = req(d, "POST", "/v1/completions", body, headers={"Authorization": "Bearer first-key"})
+        st2, _, _ = req(d, "POST", "/v1/completions", body, headers={"Authorization": "Bearer second-key"})
+        check("reload: api_key changed live (old 401, new 200)", st1 == 401 and st2 == 200, (st1, st2))
+        log = d.log_text()
+        check("reload: a restart-only change (max_seqs) is reported, not applied", "max_seqs changed but needs a restart" in log,
+              log[-600:])
+        with open(conf, "w") as f:
+            f.write('api_key "third-key"\nmax_queue -5\n')
+        d.notify.msgs.clear()
+        d.proc.send_signal(signal.SIGHUP)
+        d.notify.wait_for("READY=1", 10)
+        st3, _, _ = req(d, "POST", "/v1/completions", body, headers={"Authorization": "Bearer second-key"})
+        check("reload: a broken file keeps the old settings", st3 == 200 and "reload failed" in d.log_text(), st3)
+        rc = d.stop()
+        check("reload: SIGTERM exits 0", rc == 0, rc)
+    except Exception:
+        d.stop()
+        raise
+
+
 def test_queue_limit(tmp):
     d = Daemon("queue", ["--max-seqs", "1", "--max-queue", "1", "--ctx-len", "8192", "--kv-mem-mb", "64",
                          "--max-tokens-limit", "8192"], tmp)
@@ -913,6 +954,7 @@ def main():
             for x in (auth, queue):
                 rc = x.stop()
                 check(f"{x.name}: SIGTERM exits 0", rc == 0, f"rc={rc} {x.log_text()[-800:]}")
+            test_sighup_reload(tmp)
             test_timeout(tmp)
             test_preemption(tmp)
             test_double_sigterm(tmp)
