@@ -114,7 +114,7 @@ static int get_bool(json_t *root, const char *key, bool *out, api_error *err) {
 }
 
 /* "kv_compression" -> p->kv. 0 (absent or valid) or -1 with *err. */
-static int parse_kv(json_t *root, api_gen_params *p, api_error *err) {
+static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_error *err) {
     const char *P = "kv_compression";
     json_t *o = json_object_get(root, P);
     if (!o || json_is_null(o)) return 0;
@@ -127,9 +127,11 @@ static int parse_kv(json_t *root, api_gen_params *p, api_error *err) {
     json_t *v;
     json_object_foreach(o, key, v) {
         if (strcmp(key, "method") && strcmp(key, "budget") && strcmp(key, "heavy_share") &&
-            strcmp(key, "exact") && strcmp(key, "merge_rule")) {
+            strcmp(key, "exact") && strcmp(key, "merge_rule") && strcmp(key, "n_sink") &&
+            strcmp(key, "window") && strcmp(key, "ema_beta") && strcmp(key, "keep_layers")) {
             api_error_set(err, 400, "invalid_request_error", P,
-                          "kv_compression: unknown key '%.64s' (known: method, budget, heavy_share, exact, merge_rule)",
+                          "kv_compression: unknown key '%.64s' (known: method, budget, heavy_share, exact, "
+                          "merge_rule, n_sink, window, ema_beta, keep_layers)",
                           key);
             return -1;
         }
@@ -205,6 +207,55 @@ static int parse_kv(json_t *root, api_gen_params *p, api_error *err) {
                           "kv_compression.merge_rule must be \"normalised\" or \"code\"");
             return -1;
         }
+    }
+    json_t *ns = json_object_get(o, "n_sink");
+    if (ns && !json_is_null(ns)) {
+        if (!json_is_integer(ns) || json_integer_value(ns) < 0 || json_integer_value(ns) > 1024) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.n_sink must be an integer in [0, 1024]");
+            return -1;
+        }
+        p->kv.n_sink = (int)json_integer_value(ns);
+    }
+    json_t *w = json_object_get(o, "window");
+    if (w && !json_is_null(w)) {
+        if (!json_is_integer(w) || json_integer_value(w) < 1 || json_integer_value(w) > 65536) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.window must be an integer in [1, 65536]");
+            return -1;
+        }
+        p->kv.window = (int)json_integer_value(w);
+    }
+    json_t *eb = json_object_get(o, "ema_beta");
+    if (eb && !json_is_null(eb)) {
+        if (!json_is_number(eb) || !(json_number_value(eb) >= 0.0 && json_number_value(eb) <= 1.0)) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.ema_beta must be a number in [0, 1]");
+            return -1;
+        }
+        p->kv.ema_beta = (float)json_number_value(eb);
+    }
+    /* keep_layers: layers never compressed; negative indices count from the
+     * end (-1 = the last layer), as the official D2O code keeps 0, 1 and L-1. */
+    json_t *kl = json_object_get(o, "keep_layers");
+    if (kl && !json_is_null(kl)) {
+        int L = lim->n_layers > 0 && lim->n_layers <= 64 ? lim->n_layers : 64;
+        if (!json_is_array(kl)) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.keep_layers must be a list of layer indices");
+            return -1;
+        }
+        uint64_t mask = 0;
+        size_t i;
+        json_t *e;
+        json_array_foreach(kl, i, e) {
+            json_int_t li = json_is_integer(e) ? json_integer_value(e) : (json_int_t)1 << 40;
+            if (li < 0) li += L;
+            if (li < 0 || li >= L) {
+                api_error_set(err, 400, "invalid_request_error", P,
+                              "kv_compression.keep_layers entries must be integers in [-%d, %d)", L, L);
+                return -1;
+            }
+            mask |= (uint64_t)1 << li;
+        }
+        p->kv.keep_layers = mask;
+        p->kv.keep_layers_set = true;
     }
     const char *why = NULL;
     if (eng_kv_config_validate(&p->kv, &why) != D2_OK) {
@@ -477,7 +528,7 @@ int api_parse_gen(const char *body, size_t len, api_kind kind, const api_limits 
     b = false;
     if (get_bool(root, "ignore_eos", &b, err) < 0) goto fail;
     p->ignore_eos = b;
-    if (parse_kv(root, p, err)) goto fail;
+    if (parse_kv(root, lim, p, err)) goto fail;
     json_t *user = json_object_get(root, "user");
     if (user && !json_is_null(user)) {
         if (!json_is_string(user)) BAD("user", "'user' must be a string");

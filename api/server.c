@@ -774,7 +774,8 @@ static enum MHD_Result handle_generation(api_server *srv, api_req *r) {
             return send_err(srv, r->conn, 503, "service_unavailable", NULL, NULL, "the server is not accepting requests");
         const eng_model_config *mc = &eng_engine_model(srv->e)->cfg;
         pthread_mutex_lock(&srv->cfg_mu);
-        api_limits lim = {.max_n = srv->cfg.max_n, .max_tokens_limit = srv->cfg.max_tokens_limit, .n_vocab = mc->vocab_size};
+        api_limits lim = {.max_n = srv->cfg.max_n, .max_tokens_limit = srv->cfg.max_tokens_limit, .n_vocab = mc->vocab_size,
+                          .n_layers = mc->n_layers};
         double timeout = srv->cfg.request_timeout_s;
         pthread_mutex_unlock(&srv->cfg_mu);
         api_error err;

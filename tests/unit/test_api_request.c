@@ -10,7 +10,7 @@
 /* a condition that must hold (test.h has comparisons only) */
 #define ASSERT_YES(cond) ASSERT_NE((int)!!(cond), 0)
 
-static const api_limits LIM = {.max_n = 4, .max_tokens_limit = 1024, .n_vocab = 512};
+static const api_limits LIM = {.max_n = 4, .max_tokens_limit = 1024, .n_vocab = 512, .n_layers = 5};
 
 static int parse(const char *body, api_kind kind, api_gen_params *p, api_error *err) {
     memset(err, 0, sizeof *err);
@@ -113,6 +113,31 @@ TEST(kv_optional_keys) {
     ASSERT_EQ(p.kv.merge_rule, ENG_KV_MERGE_NORMALISED);
     ASSERT_YES(!p.kv.exact);
     api_gen_params_free(&p);
+}
+
+TEST(kv_layers_sinks_window_beta) {
+    api_gen_params p;
+    api_error err;
+    ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"keep_layers\": [0, 2, -1], \"n_sink\": 8, "
+                       "\"window\": 16, \"ema_beta\": 0.7}",
+                       &p, &err));
+    ASSERT_YES(p.kv.keep_layers_set);
+    ASSERT_EQ(p.kv.keep_layers, (1u << 0) | (1u << 2) | (1u << 4)); /* -1 = layer 4 of 5 */
+    ASSERT_EQ(p.kv.n_sink, 8);
+    ASSERT_EQ(p.kv.window, 16);
+    ASSERT_NEAR(p.kv.ema_beta, 0.7, 1e-6);
+    api_gen_params_free(&p);
+    ASSERT_OK(parse_kv("{\"method\": \"h2o\", \"keep_layers\": []}", &p, &err));
+    ASSERT_YES(p.kv.keep_layers_set);
+    ASSERT_EQ(p.kv.keep_layers, 0);
+    api_gen_params_free(&p);
+    expect_kv_error("{\"method\": \"d2o\", \"keep_layers\": [5]}");   /* 5 layers: 0..4 */
+    expect_kv_error("{\"method\": \"d2o\", \"keep_layers\": [-6]}");
+    expect_kv_error("{\"method\": \"d2o\", \"keep_layers\": 1}");
+    expect_kv_error("{\"method\": \"d2o\", \"keep_layers\": [\"0\"]}");
+    expect_kv_error("{\"method\": \"d2o\", \"n_sink\": -1}");
+    expect_kv_error("{\"method\": \"d2o\", \"window\": 0}");
+    expect_kv_error("{\"method\": \"d2o\", \"ema_beta\": 1.5}");
 }
 
 TEST(kv_invalid_is_400_naming_the_field) {
