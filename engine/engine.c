@@ -85,6 +85,7 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
         return rc;
     }
     rc = eng_kv_ws_create(e->pool, &e->kvws);
+    if (rc == D2_OK) rc = eng_sample_scratch_init(&e->sample_scratch, mc->vocab_size);
     if (rc != D2_OK) {
         eng_engine_destroy(e);
         return rc;
@@ -105,6 +106,7 @@ void eng_engine_destroy(eng_engine *e) {
     if (!e) return;
     if (e->be) e->be->ops->destroy(e->be);
     eng_kv_ws_free(e->kvws);
+    eng_sample_scratch_free(&e->sample_scratch);
     kvp_destroy(e->pool);
     eng_model_free(e->model);
     free(e->tokens);

@@ -26,6 +26,8 @@ struct eng_engine {
     eng_batch_seq *bseqs; /* [max_seqs] */
     float *logits;        /* [max_logit_rows][vocab] */
     struct eng_kv_ws *kvws; /* KV-compression scratch (engine/kvcomp.c) */
+    eng_sample_scratch sample_scratch; /* shared by every request's sampler: the
+                                          engine thread samples one at a time */
 };
 
 /* Pages of one layer that n tokens occupy. */

@@ -145,7 +145,39 @@ static uint64_t entropy_seed(void) {
 
 /* -------------------------------------------------------- init / state */
 
-int eng_sampler_init(eng_sampler *s, const eng_sample_params *p, int n_vocab) {
+int eng_sample_scratch_init(eng_sample_scratch *sc, int n_vocab) {
+    memset(sc, 0, sizeof *sc);
+    if (n_vocab <= 0) return D2_EINVAL;
+    size_t n = (size_t)n_vocab;
+    sc->n_vocab = n_vocab;
+    sc->work = malloc(n * sizeof *sc->work);
+    sc->prob = malloc(n * sizeof *sc->prob);
+    sc->idx = malloc(n * sizeof *sc->idx);
+    sc->bins = malloc(n * sizeof *sc->bins);
+    sc->hist_cnt = malloc(ENG_SAMPLE_NBINS * sizeof *sc->hist_cnt);
+    sc->hist_mass = malloc(ENG_SAMPLE_NBINS * sizeof *sc->hist_mass);
+    if (!sc->work || !sc->prob || !sc->idx || !sc->bins || !sc->hist_cnt || !sc->hist_mass) {
+        D2_ERROR("sample: out of memory for scratch (n_vocab %d)", n_vocab);
+        eng_sample_scratch_free(sc);
+        return D2_ENOMEM;
+    }
+    return D2_OK;
+}
+
+void eng_sample_scratch_free(eng_sample_scratch *sc) {
+    if (!sc) return;
+    free(sc->work);
+    free(sc->prob);
+    free(sc->idx);
+    free(sc->bins);
+    free(sc->hist_cnt);
+    free(sc->hist_mass);
+    memset(sc, 0, sizeof *sc);
+}
+
+/* Common part of the two initialisers: parameters, penalty state, RNG.
+ * The scratch pointers are set by the caller. */
+static int sampler_init_state(eng_sampler *s, const eng_sample_params *p, int n_vocab) {
     memset(s, 0, sizeof *s);
     const char *why = params_error(p, n_vocab);
     if (why) {
@@ -155,18 +187,11 @@ int eng_sampler_init(eng_sampler *s, const eng_sample_params *p, int n_vocab) {
     size_t n = (size_t)n_vocab;
     s->params = *p;
     s->n_vocab = n_vocab;
-    s->work = malloc(n * sizeof *s->work);
-    s->prob = malloc(n * sizeof *s->prob);
-    s->idx = malloc(n * sizeof *s->idx);
-    s->bins = malloc(n * sizeof *s->bins);
-    s->hist_cnt = malloc(ENG_SAMPLE_NBINS * sizeof *s->hist_cnt);
-    s->hist_mass = malloc(ENG_SAMPLE_NBINS * sizeof *s->hist_mass);
     s->counts = calloc(n, sizeof *s->counts);
     s->seen_prompt = calloc(n, sizeof *s->seen_prompt);
     s->seen_ids = malloc(n * sizeof *s->seen_ids);
-    if (!s->work || !s->prob || !s->idx || !s->bins || !s->hist_cnt || !s->hist_mass ||
-        !s->counts || !s->seen_prompt || !s->seen_ids) {
-        D2_ERROR("sample: out of memory for scratch (n_vocab %d)", n_vocab);
+    if (!s->counts || !s->seen_prompt || !s->seen_ids) {
+        D2_ERROR("sample: out of memory for penalty state (n_vocab %d)", n_vocab);
         eng_sampler_free(s);
         return D2_ENOMEM;
     }
@@ -174,14 +199,49 @@ int eng_sampler_init(eng_sampler *s, const eng_sample_params *p, int n_vocab) {
     return D2_OK;
 }
 
+static void sampler_borrow(eng_sampler *s, const eng_sample_scratch *sc) {
+    s->work = sc->work;
+    s->prob = sc->prob;
+    s->idx = sc->idx;
+    s->bins = sc->bins;
+    s->hist_cnt = sc->hist_cnt;
+    s->hist_mass = sc->hist_mass;
+}
+
+int eng_sampler_init(eng_sampler *s, const eng_sample_params *p, int n_vocab) {
+    int rc = sampler_init_state(s, p, n_vocab);
+    if (rc != D2_OK) return rc;
+    eng_sample_scratch sc;
+    rc = eng_sample_scratch_init(&sc, n_vocab);
+    if (rc != D2_OK) {
+        eng_sampler_free(s);
+        return rc;
+    }
+    sampler_borrow(s, &sc);
+    s->own_scratch = true;
+    return D2_OK;
+}
+
+int eng_sampler_init_shared(eng_sampler *s, const eng_sample_params *p, int n_vocab,
+                            eng_sample_scratch *sc) {
+    if (!sc || sc->n_vocab != n_vocab) return D2_EINVAL;
+    int rc = sampler_init_state(s, p, n_vocab);
+    if (rc != D2_OK) return rc;
+    sampler_borrow(s, sc);
+    s->own_scratch = false;
+    return D2_OK;
+}
+
 void eng_sampler_free(eng_sampler *s) {
     if (!s) return;
-    free(s->work);
-    free(s->prob);
-    free(s->idx);
-    free(s->bins);
-    free(s->hist_cnt);
-    free(s->hist_mass);
+    if (s->own_scratch) {
+        free(s->work);
+        free(s->prob);
+        free(s->idx);
+        free(s->bins);
+        free(s->hist_cnt);
+        free(s->hist_mass);
+    }
     free(s->counts);
     free(s->seen_prompt);
     free(s->seen_ids);

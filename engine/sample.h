@@ -101,7 +101,24 @@ typedef struct eng_sampler {
     uint8_t *seen_prompt;             /* [n_vocab] token occurred in the prompt */
     int32_t *seen_ids;                /* [n_vocab] distinct ids seen in prompt or output */
     int n_seen;                       /* entries used in seen_ids */
+    bool own_scratch;                 /* false: work..hist_mass borrowed from an eng_sample_scratch */
 } eng_sampler;
+
+/* Per-sample scratch (work, prob, idx, bins, histogram: about 14 bytes per
+ * vocabulary entry) that many samplers can share when they sample on one
+ * thread, one at a time — as the engine thread does for every running
+ * sequence. A sampler built with eng_sampler_init_shared then keeps only its
+ * penalty state (about 9 bytes per vocabulary entry). */
+typedef struct eng_sample_scratch {
+    int n_vocab;
+    float *work, *prob;
+    int32_t *idx;
+    uint16_t *bins;
+    int32_t *hist_cnt;
+    double *hist_mass;
+} eng_sample_scratch;
+int eng_sample_scratch_init(eng_sample_scratch *sc, int n_vocab);
+void eng_sample_scratch_free(eng_sample_scratch *sc); /* accepts a zeroed struct */
 
 /* Histogram size used by top-k/top-p selection (internal; for the scratch). */
 #define ENG_SAMPLE_NBINS 1537
@@ -109,6 +126,10 @@ typedef struct eng_sampler {
 /* Validates p (D2_EINVAL, logged), seeds the RNG, allocates the scratch
  * (D2_ENOMEM). On failure *s is left zeroed, safe to eng_sampler_free. */
 int eng_sampler_init(eng_sampler *s, const eng_sample_params *p, int n_vocab);
+/* The same, borrowing the per-sample scratch from sc (n_vocab must match; sc
+ * outlives the sampler; samplers sharing sc must not sample concurrently). */
+int eng_sampler_init_shared(eng_sampler *s, const eng_sample_params *p, int n_vocab,
+                            eng_sample_scratch *sc);
 /* Frees the scratch; accepts a zeroed sampler. */
 void eng_sampler_free(eng_sampler *s);
 /* Records tokens for penalties: prompt tokens count for repetition penalty

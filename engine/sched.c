@@ -196,7 +196,9 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
         memcpy(r->bias, sp.logit_bias, sizeof(eng_logit_bias) * (size_t)sp.n_logit_bias);
         sp.logit_bias = r->bias;
     }
-    int rc = eng_sampler_init(&r->sampler, &sp, mc->vocab_size);
+    /* The sampler borrows the engine's per-sample scratch: sampling happens
+     * only on the engine thread, one request at a time. */
+    int rc = eng_sampler_init_shared(&r->sampler, &sp, mc->vocab_size, &e->sample_scratch);
     if (rc != D2_OK) { free(r->bias); free(r->tokens); free(r); return rc; }
     eng_sampler_add_prompt(&r->sampler, q->prompt, (size_t)q->n_prompt);
     if (q->kv.method != ENG_KV_FULL) {

@@ -132,6 +132,7 @@ static eng_engine *tengine_make(eng_model *m, int ctx, int64_t n_pages, int max_
                          .max_logit_rows = e->max_logit_rows};
     ASSERT_EQ(eng_cpu_backend_create(m, e->pool, &cc, &e->be), D2_OK);
     ASSERT_EQ(eng_kv_ws_create(e->pool, &e->kvws), D2_OK);
+    ASSERT_EQ(eng_sample_scratch_init(&e->sample_scratch, m->cfg.vocab_size), D2_OK);
     e->tokens = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
     e->pos = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
     e->bseqs = malloc(sizeof(eng_batch_seq) * (size_t)e->max_seqs);
@@ -143,6 +144,7 @@ static eng_engine *tengine_make(eng_model *m, int ctx, int64_t n_pages, int max_
 static void tengine_free(eng_engine *e) {
     e->be->ops->destroy(e->be);
     eng_kv_ws_free(e->kvws);
+    eng_sample_scratch_free(&e->sample_scratch);
     kvp_destroy(e->pool);
     free(e->tokens);
     free(e->pos);

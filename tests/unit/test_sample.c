@@ -944,3 +944,46 @@ TEST(bench_sample_128k) {
         eng_sampler_free(&s);
     }
 }
+
+/* Samplers sharing one eng_sample_scratch (as the engine's do), interleaved
+ * sample by sample, give exactly what samplers with their own scratch give,
+ * with penalties and logprobs on; a size mismatch is refused. */
+TEST(shared_scratch_matches_own_scratch) {
+    enum { V = 3000, N = 400, K = 3 };
+    static float l[V];
+    for (int i = 0; i < V; i++) l[i] = 1.5f * trng_gauss();
+    eng_sample_scratch sc;
+    ASSERT_OK(eng_sample_scratch_init(&sc, V));
+    eng_sampler own[K], shared[K];
+    for (int k = 0; k < K; k++) {
+        eng_sample_params p = params_t(0.9f, 100 + (uint64_t)k);
+        p.top_p = k == 1 ? 0.8f : 1.0f;
+        p.top_k = k == 2 ? 40 : 0;
+        p.presence_penalty = 0.5f;
+        p.frequency_penalty = 0.2f;
+        p.repetition_penalty = 1.1f;
+        p.n_top_logprobs = 5;
+        ASSERT_OK(eng_sampler_init(&own[k], &p, V));
+        ASSERT_OK(eng_sampler_init_shared(&shared[k], &p, V, &sc));
+    }
+    for (int i = 0; i < N; i++) {
+        for (int k = 0; k < K; k++) {
+            eng_sample_result ra, rb;
+            ASSERT_OK(eng_sampler_sample(&own[k], l, &ra));
+            ASSERT_OK(eng_sampler_sample(&shared[k], l, &rb));
+            ASSERT_EQ(ra.token, rb.token);
+            ASSERT_EQ(ra.n_top, rb.n_top);
+            ASSERT(ra.logprob == rb.logprob);
+            eng_sampler_accept(&own[k], ra.token);
+            eng_sampler_accept(&shared[k], rb.token);
+        }
+    }
+    for (int k = 0; k < K; k++) {
+        eng_sampler_free(&own[k]);
+        eng_sampler_free(&shared[k]);
+    }
+    eng_sampler bad;
+    eng_sample_params p = params_t(1.0f, 1);
+    ASSERT_EQ(eng_sampler_init_shared(&bad, &p, V + 1, &sc), D2_EINVAL);
+    eng_sample_scratch_free(&sc);
+}
