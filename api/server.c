@@ -550,7 +550,6 @@ static int render_chat(api_server *srv, api_req *r, char **text, api_error *err)
 /* Tokenises, checks limits, submits every choice. 0 or -1 with *err. */
 static int start_generation(api_server *srv, api_req *r, api_error *err) {
     api_gen_params *p = &r->params;
-    const eng_model_config *mc = &eng_engine_model(srv->e)->cfg;
     int ctx = eng_engine_ctx_len(srv->e);
     if (p->model && strcmp(p->model, srv->model_name) != 0) {
         api_error_set(err, 404, "not_found_error", "model", "The model '%s' does not exist; this server serves '%s'",
@@ -683,7 +682,6 @@ static int start_generation(api_server *srv, api_req *r, api_error *err) {
         ch->submitted = true;
     }
     for (int i = 0; i < n_prompts; i++) if (owned[i]) free(ids[i]);
-    (void)mc;
     return rc;
 }
 

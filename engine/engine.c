@@ -21,20 +21,26 @@
 #include "engine/kvcomp.h"
 #include "kvpool/kvpool.h"
 
-static int64_t pages_for(int n_tokens, int page_tokens) {
-    return eng__pages_for(n_tokens, page_tokens);
-}
-
 int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
     *out = NULL;
+    eng_model *m = NULL;
+    int rc = eng_model_load(cfg_in->model_path, true, &m);
+    if (rc != D2_OK) return rc;
+    return eng__engine_create_for(m, true, cfg_in, out);
+}
+
+int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_config *cfg_in,
+                           eng_engine **out) {
+    *out = NULL;
     eng_engine *e = calloc(1, sizeof *e);
-    if (!e) return D2_ENOMEM;
-    e->cfg = *cfg_in;
-    int rc = eng_model_load(cfg_in->model_path, true, &e->model);
-    if (rc != D2_OK) {
-        free(e);
-        return rc;
+    if (!e) {
+        if (own_model) eng_model_free(model);
+        return D2_ENOMEM;
     }
+    e->cfg = *cfg_in;
+    e->model = model;
+    e->own_model = own_model;
+    int rc;
     const eng_model_config *mc = &e->model->cfg;
     e->ctx_len = cfg_in->ctx_len > 0 ? cfg_in->ctx_len : mc->max_ctx;
     if (e->ctx_len <= 0) e->ctx_len = 2048;
@@ -51,7 +57,7 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
         int64_t mb = cfg_in->kv_mem_mb;
         if (mb <= 0) {
             int64_t need = (int64_t)e->max_seqs * mc->n_layers *
-                           pages_for(e->ctx_len, page_tokens) * (int64_t)page_bytes;
+                           eng__pages_for(e->ctx_len, page_tokens) * (int64_t)page_bytes;
             mb = need / (1024 * 1024) + 1;
             if (mb > 4096) mb = 4096;
         }
@@ -108,7 +114,7 @@ void eng_engine_destroy(eng_engine *e) {
     eng_kv_ws_free(e->kvws);
     eng_sample_scratch_free(&e->sample_scratch);
     kvp_destroy(e->pool);
-    eng_model_free(e->model);
+    if (e->own_model) eng_model_free(e->model);
     free(e->tokens);
     free(e->pos);
     free(e->bseqs);

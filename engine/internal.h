@@ -14,6 +14,7 @@
 struct eng_engine {
     eng_engine_config cfg;
     eng_model *model;
+    bool own_model;       /* false: borrowed (tests building a model in memory) */
     kvp_pool *pool;
     eng_backend *be;
     int ctx_len;
@@ -29,6 +30,13 @@ struct eng_engine {
     eng_sample_scratch sample_scratch; /* shared by every request's sampler: the
                                           engine thread samples one at a time */
 };
+
+/* eng_engine_create over an already-loaded model: the pool, backend and every
+ * step buffer, exactly as the public constructor builds them. own_model:
+ * the engine frees the model (also on failure). Tests use it with synthetic
+ * in-memory models. */
+int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_config *cfg,
+                           eng_engine **out);
 
 /* Pages of one layer that n tokens occupy. */
 static inline int64_t eng__pages_for(int64_t n_tokens, int page_tokens) {

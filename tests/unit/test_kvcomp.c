@@ -114,44 +114,17 @@ static void tmodel_free(tmodel *t) {
     free(t);
 }
 
-/* An engine around a borrowed model, assembled as eng_engine_create would. */
+/* An engine around a borrowed model, built by the same code as eng_engine_create. */
 static eng_engine *tengine_make(eng_model *m, int ctx, int64_t n_pages, int max_seqs,
                                 int max_batch, int page_tokens, int n_threads) {
-    eng_engine *e = calloc(1, sizeof *e);
-    ASSERT(e);
-    e->model = m;
-    e->ctx_len = ctx;
-    e->max_seqs = max_seqs;
-    e->max_batch_tokens = max_batch < max_seqs ? max_seqs : max_batch;
-    e->max_logit_rows = max_seqs > ENG_SCORE_CHUNK ? max_seqs : ENG_SCORE_CHUNK;
-    kvp_config pc = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads,
-                     .head_dim = m->cfg.head_dim, .page_tokens = page_tokens, .n_pages = n_pages,
-                     .max_seqs = max_seqs, .max_seq_tokens = ctx};
-    ASSERT_EQ(kvp_create(&pc, &e->pool), D2_OK);
-    eng_cpu_config cc = {.n_threads = n_threads, .max_batch_tokens = e->max_batch_tokens,
-                         .max_logit_rows = e->max_logit_rows};
-    ASSERT_EQ(eng_cpu_backend_create(m, e->pool, &cc, &e->be), D2_OK);
-    ASSERT_EQ(eng_kv_ws_create(e->pool, &e->kvws), D2_OK);
-    ASSERT_EQ(eng_sample_scratch_init(&e->sample_scratch, m->cfg.vocab_size), D2_OK);
-    e->tokens = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
-    e->pos = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
-    e->bseqs = malloc(sizeof(eng_batch_seq) * (size_t)e->max_seqs);
-    e->logits = malloc(sizeof(float) * (size_t)e->max_logit_rows * (size_t)m->cfg.vocab_size);
-    ASSERT(e->tokens && e->pos && e->bseqs && e->logits);
+    eng_engine_config ec = {.n_threads = n_threads, .page_tokens = page_tokens, .kv_pages = n_pages,
+                            .max_seqs = max_seqs, .max_batch_tokens = max_batch, .ctx_len = ctx};
+    eng_engine *e = NULL;
+    ASSERT_EQ(eng__engine_create_for(m, false, &ec, &e), D2_OK);
     return e;
 }
 
-static void tengine_free(eng_engine *e) {
-    e->be->ops->destroy(e->be);
-    eng_kv_ws_free(e->kvws);
-    eng_sample_scratch_free(&e->sample_scratch);
-    kvp_destroy(e->pool);
-    free(e->tokens);
-    free(e->pos);
-    free(e->bseqs);
-    free(e->logits);
-    free(e);
-}
+static void tengine_free(eng_engine *e) { eng_engine_destroy(e); }
 
 /* Prefills toks[0..n) of seq (chunked, scores as the state's plan asks). */
 static void prefill(eng_engine *e, int seq, const int32_t *toks, int n, eng_kv_state *ks) {
