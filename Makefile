@@ -1,7 +1,8 @@
 # d2od — top-level Makefile.
 #
 #   make            build build/d2od and the tools
-#   make run        install missing packages, build, serve the default model
+#   make run        install missing packages, build, serve the default model (models/stories260K;
+#                   MODEL=... serves another, PORT=..., ARGS=... more serve options)
 #   make test       install missing packages, build, run unit + integration tests
 #   make test-san   unit tests under ASan/UBSan (also part of `make test`)
 #   make test-gpu   GPU tests (skip cleanly without a GPU)
@@ -120,9 +121,14 @@ endif
 deps:
 	@bash tools/install-deps.sh
 
+# The default model ships in the repository (models/stories260K, MIT); MODEL= serves another:
+# a GGUF file, a Hugging Face directory, or a hub id org/name[@revision] (Hugging Face cache).
+DEFAULT_MODEL := models/stories260K/stories260K.gguf
 run: deps
 	@$(MAKE) --no-print-directory $(BUILD)/d2od
-	$(BUILD)/d2od serve --model $(or $(MODEL),../shared/assets/models/stories260K/hf) $(if $(MODEL),,--served-model-name stories260K) --host 127.0.0.1 --port $(or $(PORT),8000)
+	@echo "make run: serving $(or $(MODEL),$(DEFAULT_MODEL)) on http://127.0.0.1:$(or $(PORT),8000)"
+	@echo "make run: to serve another model: make run MODEL=path/to/model.gguf | MODEL=path/to/hf-dir | MODEL=org/name [PORT=8000] [ARGS='--api-key K ...']"
+	$(BUILD)/d2od serve --model $(or $(MODEL),$(DEFAULT_MODEL)) $(if $(MODEL),,--served-model-name stories260K --ctx-len 512) --host 127.0.0.1 --port $(or $(PORT),8000) $(ARGS)
 
 test:
 	@bash tools/install-deps.sh --test
