@@ -10,8 +10,10 @@
 #
 # Options: DEBUG=1 (no optimisation, asserts, poisoning), SANITIZE=address,undefined,
 # WERROR=1 (set automatically when CI=true), ARCH_FLAGS (default -march=native).
-# Module folders: common/ kvpool/ engine/ api/ daemon/ kernels/ — every .c in them
-# is built; includes point one way: daemon -> api -> engine -> kvpool -> kernels.
+# Module folders: common/ kvpool/ engine/ api/ daemon/ kernels/ — every .c in them and
+# in their subfolders (engine/tok/, engine/model/, engine/cpu/, engine/ref/, api/jinja/)
+# is built; includes point one way: daemon -> api -> engine -> kvpool -> kernels
+# (`make check-layers`, docs/ARCHITECTURE.md).
 
 CC ?= cc
 NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc))
@@ -50,7 +52,7 @@ LDFLAGS += -pthread $(LDSAN)
 LDLIBS += $(PKG_LIBS) -lm
 
 LIB_DIRS := common kvpool engine api kernels
-LIB_SRC := $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c))
+LIB_SRC := $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c $(d)/*/*.c)))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 DAEMON_SRC := $(wildcard daemon/*.c)
 DAEMON_OBJ := $(DAEMON_SRC:%.c=$(BUILD)/obj/%.o)
@@ -62,7 +64,7 @@ FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 CU_SRC := $(wildcard kernels/*.cu)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
 
-.PHONY: all run test test-unit test-san test-integration test-gpu gpu-test-build bench deps cuda clean fuzz
+.PHONY: check-layers all run test test-unit test-san test-integration test-gpu gpu-test-build bench deps cuda clean fuzz
 FUZZ_REPLAY := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz-replay/%)
 all: $(BUILD)/d2od $(TOOL_BIN) $(TEST_BIN) $(FUZZ_REPLAY) cuda
 
@@ -121,6 +123,12 @@ endif
 deps:
 	@bash tools/install-deps.sh
 
+# Include direction (daemon -> api -> engine -> kvpool -> kernels; engine's subfolders in
+# the order tools/check_layers.py states).
+check-layers:
+	@python3 tools/check_layers.py
+
+
 # The default model ships in the repository (models/stories260K, MIT); MODEL= serves another:
 # a GGUF file or a Hugging Face directory.
 DEFAULT_MODEL := models/stories260K/stories260K.gguf
@@ -132,6 +140,7 @@ run: deps
 
 test:
 	@bash tools/install-deps.sh --test
+	@python3 tools/check_layers.py
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
 	@$(MAKE) --no-print-directory gpu-test-build

@@ -83,7 +83,7 @@ void api_gen_params_free(api_gen_params *p);
  * be held back while streaming). */
 long api_find_stop(const char *text, size_t len, char *const *stop, int n_stop, size_t *partial);
 
-/* Renders a chat template over messages (see api/jinja.h); result malloc'd. */
+/* Renders a chat template over messages (see api/jinja/jinja.h); result malloc'd. */
 int api_render_chat(const char *tmpl, const api_gen_params *p, const char *bos, const char *eos,
                     char **out, api_error *err);
 

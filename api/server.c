@@ -31,7 +31,7 @@
 #include <time.h>
 
 #include "api/internal.h"
-#include "api/jinja.h"
+#include "api/jinja/jinja.h"
 #include "api/metrics.h"
 #include "common/log.h"
 #include "common/status.h"

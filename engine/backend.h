@@ -34,7 +34,7 @@
  * every live slot of its table whose recorded pos <= its own, so after
  * compaction (kvp_compact) only the kept slots and their positions count.
  *
- * CPU backend specifics (engine/cpu_backend.c): weights of any eng_dtype;
+ * CPU backend specifics (engine/cpu/backend.c): weights of any eng_dtype;
  * step() never allocates or logs; n_threads includes the calling thread.
  *
  * A CUDA backend (kernels/) implements the same interface over the same
@@ -46,7 +46,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "engine/model.h"
+#include "engine/model/model.h"
 #include "kvpool/kvpool.h"
 
 typedef struct eng_batch_seq {
@@ -78,7 +78,7 @@ typedef struct eng_batch {
 } eng_batch;
 
 /* Rows of logits a plan produces: per sequence n when all_logits, else 1
- * when want_logits, else 0. Defined in engine/cpu_backend.c. */
+ * when want_logits, else 0. Defined in engine/cpu/backend.c. */
 int eng_batch_out_rows(const eng_batch *b);
 
 typedef struct eng_backend eng_backend;

@@ -8,8 +8,8 @@
  * prefill of new ones, up to a token budget; a sequence leaves the batch the
  * moment it finishes and its pages return to the pool.
  *
- * Re-exported: the tokenizer API (engine/tokenizer.h), the sampler
- * (engine/sample.h) and the model description (engine/model.h).
+ * Re-exported: the tokenizer API (engine/tok/tokenizer.h), the sampler
+ * (engine/sample.h) and the model description (engine/model/model.h).
  *
  * Threading: an engine is driven by one thread at a time (the engine thread).
  * The tokenizer is immutable and may be used from any thread.
@@ -25,9 +25,9 @@
 #include <stdint.h>
 
 #include "common/status.h"
-#include "engine/model.h"
+#include "engine/model/model.h"
 #include "engine/sample.h"
-#include "engine/tokenizer.h"
+#include "engine/tok/tokenizer.h"
 
 typedef struct eng_engine eng_engine;
 

@@ -29,7 +29,7 @@
 #include <string.h>
 
 #include "common/log.h"
-#include "engine/cpu_matmul.h"
+#include "engine/cpu/matmul.h"
 #include "engine/internal.h"
 
 #define KV_MIN_RATIO 0.01f

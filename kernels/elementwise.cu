@@ -8,7 +8,7 @@
  * extern "C" entry declared in kernels/kernels.h. Entries check shapes on the
  * host, never allocate, never synchronise, never log. Engine thread only.
  *
- * Numerics follow engine/ref_cpu.c and engine/cpu_backend.c: fp32 math, the
+ * Numerics follow engine/ref/ref_cpu.c and engine/cpu/backend.c: fp32 math, the
  * RMSNorm sum of squares in fp32 (here a tree sum, so it differs from the
  * CPU's serial sum in the last bits), silu as g / (1 + expf(-g)), RoPE angles
  * (float)pos * inv_freq[i] with accurate sincosf (no fast math).

@@ -88,7 +88,7 @@ int kern_embed(void *out, kern_dtype out_dtype, const kern_bf16 *table,
                const int32_t *tokens, int n_tok, int dim, int vocab, kern_stream s);
 
 /* RMSNorm per row: out[r][i] = x[r][i] / sqrt(mean_i(x[r]^2) + eps) * w[i],
- * fp32 sum of squares (the same formula as engine/ref_cpu.c).
+ * fp32 sum of squares (the same formula as engine/ref/ref_cpu.c).
  *   out : [n_rows][dim] fp32 or bf16 (out_dtype); may alias x when fp32
  *   x   : fp32 [n_rows][dim]
  *   w   : bf16 [dim] */
@@ -101,7 +101,7 @@ int kern_rmsnorm(void *out, kern_dtype out_dtype, const float *x, const kern_bf1
  * (GGUF / Meta layout), rotated as
  *   x_a' = x_a cos - x_b sin,  x_b' = x_a sin + x_b cos   (eng_rope_apply).
  * inv_freq is built on the host once per model by eng_rope_inv_freq()
- * (engine/ref_cpu.h): base theta, and for rope_scaling "llama3" the per-pair
+ * (engine/model/rope.h): base theta, and for rope_scaling "llama3" the per-pair
  * rescaling (low-frequency pairs / factor, smooth blend in between) is folded
  * into the table, so the kernel knows nothing about scaling schemes.
  *   x        : fp32 [n_tok][tok_stride floats]; head h of token t starts at

@@ -1,6 +1,6 @@
 /*
  * tests/fuzz/fuzz_gguf.c — libFuzzer target for the GGUF reader and the
- * model binder on top of it (engine/gguf.c, engine/model.c).
+ * model binder on top of it (engine/model/gguf.c, engine/model/model.c).
  *
  * Each input is parsed as a GGUF image; when the header parses, every
  * metadata value is read through the typed getters and the model is bound
@@ -17,8 +17,8 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "common/util.h"
-#include "engine/gguf.h"
-#include "engine/model.h"
+#include "engine/model/gguf.h"
+#include "engine/model/model.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

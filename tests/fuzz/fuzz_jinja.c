@@ -1,5 +1,5 @@
 /*
- * tests/fuzz/fuzz_jinja.c — fuzz target for api/jinja.h: arbitrary bytes as
+ * tests/fuzz/fuzz_jinja.c — fuzz target for api/jinja/jinja.h: arbitrary bytes as
  * template source, rendered against a fixed chat context. Must never crash,
  * hang or leak; errors are fine.
  *
@@ -16,7 +16,7 @@
 
 #include <jansson.h>
 
-#include "api/jinja.h"
+#include "api/jinja/jinja.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -1,6 +1,6 @@
 /*
  * tests/fuzz/fuzz_safetensors.c — libFuzzer target for the safetensors
- * reader (engine/safetensors.c): parse, then read the first and last byte of
+ * reader (engine/model/safetensors.c): parse, then read the first and last byte of
  * every tensor's data so a bad range shows up under ASan.
  * Build: see tests/fuzz/README. With -DD2_FUZZ_STANDALONE a main() replays
  * the files given as arguments (a corpus) instead of fuzzing.
@@ -13,7 +13,7 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "common/util.h"
-#include "engine/safetensors.h"
+#include "engine/model/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -1,6 +1,6 @@
 /*
- * tests/unit/test_forward.c — the batched CPU backend (engine/cpu_backend.c)
- * against the reference forward (engine/ref_cpu.c).
+ * tests/unit/test_forward.c — the batched CPU backend (engine/cpu/backend.c)
+ * against the reference forward (engine/ref/ref_cpu.c).
  *
  * Models are synthetic and built in memory (deterministic PRNG weights, the
  * eng_model struct filled by hand), so no loader or asset is needed. Shapes
@@ -20,8 +20,9 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "engine/backend.h"
-#include "engine/cpu_matmul.h"
-#include "engine/ref_cpu.h"
+#include "engine/cpu/matmul.h"
+#include "engine/model/rope.h"
+#include "engine/ref/ref_cpu.h"
 #include "kvpool/kvpool.h"
 #include "tests/test.h"
 

@@ -1,5 +1,5 @@
 /*
- * tests/unit/test_jinja.c — api/jinja.h against @huggingface/jinja.
+ * tests/unit/test_jinja.c — api/jinja/jinja.h against @huggingface/jinja.
  *
  * Replays tests/fixtures/jinja/expected.json (written by
  * tests/js/jinja_oracle.mjs): every chat template and language snippet is
@@ -12,7 +12,7 @@
 
 #include <jansson.h>
 
-#include "api/jinja.h"
+#include "api/jinja/jinja.h"
 #include "common/status.h"
 #include "common/util.h"
 

@@ -29,7 +29,7 @@
 #include "engine/engine.h"
 #include "engine/internal.h"
 #include "engine/kvcomp.h"
-#include "engine/ref_cpu.h"
+#include "engine/ref/ref_cpu.h"
 #include "kvpool/kvpool.h"
 #include "tests/test.h"
 

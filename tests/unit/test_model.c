@@ -11,10 +11,10 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "common/util.h"
-#include "engine/gguf.h"
-#include "engine/model.h"
-#include "engine/safetensors.h"
-#include "engine/tokenizer.h"
+#include "engine/model/gguf.h"
+#include "engine/model/model.h"
+#include "engine/model/safetensors.h"
+#include "engine/tok/tokenizer.h"
 #include "tests/test.h"
 
 /* The fuzz entry points, compiled in under other names so the corpus replay

@@ -1,5 +1,5 @@
 /*
- * tests/unit/test_tokenizer.c — engine/tokenizer.h against the committed
+ * tests/unit/test_tokenizer.c — engine/tok/tokenizer.h against the committed
  * oracle fixture (tests/fixtures/tok_oracle.json, made by
  * tests/js/tok_oracle.mjs with @huggingface/tokenizers), the llama.cpp
  * vocab-test vectors (.inp/.out) through tokenizer.json and through GGUF
@@ -14,8 +14,8 @@
 
 #include "common/status.h"
 #include "common/util.h"
-#include "engine/model.h"
-#include "engine/tokenizer.h"
+#include "engine/model/model.h"
+#include "engine/tok/tokenizer.h"
 #include "tests/test.h"
 
 #define FIXTURE "tests/fixtures/tok_oracle.json"
@@ -779,7 +779,7 @@ TEST(load_time_and_long_input) {
     eng_tok_free(t);
 }
 
-/* The same vectors through the engine's own GGUF loader (engine/model.h);
+/* The same vectors through the engine's own GGUF loader (engine/model/model.h);
  * skips while that loader cannot read these vocab-only files. */
 TEST(vocab_tests_model_loader) {
     static const char *sets[] = {"llama-spm", "phi-3", "gpt-2"};

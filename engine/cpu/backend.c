@@ -1,5 +1,5 @@
 /*
- * engine/cpu_backend.c — the CPU compute backend: one batched forward step
+ * engine/cpu/backend.c — the CPU compute backend: one batched forward step
  * over an eng_batch plan, K/V kept in the paged kvpool (see backend.h).
  *
  * Callers: the engine thread (step, destroy). Internally a persistent thread
@@ -31,9 +31,9 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "engine/backend.h"
-#include "engine/cpu_matmul.h"
-#include "engine/ref_cpu.h"
-#include "engine/threadpool.h"
+#include "engine/cpu/matmul.h"
+#include "engine/model/rope.h"
+#include "engine/cpu/threadpool.h"
 
 /* Weight bytes a GEMM task should keep hot while it walks its token blocks. */
 #define CHUNK_BYTES (192 * 1024)

@@ -1,5 +1,5 @@
 /*
- * engine/cpu_matmul.c — weight GEMM / dot kernels for the CPU backend (see
+ * engine/cpu/matmul.c — weight GEMM / dot kernels for the CPU backend (see
  * cpu_matmul.h).
  *
  * Strategy: output rows are processed in blocks of 4. For few tokens (decode)
@@ -11,7 +11,7 @@
  * feeds NT FMAs and the weights stream from memory once per call however
  * many tokens there are (the caller blocks tokens so x stays in L2).
  */
-#include "engine/cpu_matmul.h"
+#include "engine/cpu/matmul.h"
 
 #include <string.h>
 

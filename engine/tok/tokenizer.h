@@ -1,5 +1,5 @@
 /*
- * engine/tokenizer.h — exact tokenizers (internal to engine/; re-exported by
+ * engine/tok/tokenizer.h — exact tokenizers (internal to engine/; re-exported by
  * engine/engine.h).
  *
  * Kinds:
@@ -13,7 +13,7 @@
  * parse_special is set), honouring lstrip/rstrip as HF does.
  * Goal: ids identical to @huggingface/tokenizers on the same tokenizer.json
  * (checked by tests/unit/test_tokenizer.c against tests/fixtures/tok_oracle.json,
- * which tests/js/tok_oracle.mjs makes; see engine/tokenizer.c for the few
+ * which tests/js/tok_oracle.mjs makes; see engine/tok/tokenizer.c for the few
  * places where tokenizers.js and the Rust crate differ and which one we follow).
  * Supported tokenizer.json parts: model BPE (dropout null, no subword
  * prefix/suffix); normalizer null/NFC/Prepend/Replace(String)/Sequence;
@@ -24,7 +24,7 @@
  * ByteFallback, Fuse, Strip. Anything else fails with D2_EUNSUPPORTED, logging
  * the file. GGUF: token types 2/3 (unknown/control) are special added tokens
  * (matched only with parse_special), 4 (user-defined) plain added tokens.
- * Unicode tables: engine/tok_unicode_tables.h (Unicode 14, from Python's
+ * Unicode tables: engine/tok/tok_unicode_tables.h (Unicode 14, from Python's
  * unicodedata via tools/gen_unicode_tables.py).
  *
  * Thread-safety: a loaded tokenizer is immutable; encode/decode may be called

@@ -1,6 +1,6 @@
 /*
- * api/jinja_int.h — internals shared by api/jinja_lex.c, api/jinja_parse.c and
- * api/jinja_eval.c (the chat-template interpreter of api/jinja.h). Nothing
+ * api/jinja/jinja_int.h — internals shared by api/jinja/lex.c, api/jinja/parse.c and
+ * api/jinja/eval.c (the chat-template interpreter of api/jinja/jinja.h). Nothing
  * outside those three files may include it.
  *
  * Memory: everything of a compiled template (source copy, tokens, AST) lives

@@ -1,14 +1,14 @@
 /*
- * api/jinja_lex.c — arena, UTF-8 helpers and the lexer of the chat-template
- * interpreter (api/jinja.h). Called only by api/jinja_parse.c and
- * api/jinja_eval.c through api/jinja_int.h.
+ * api/jinja/lex.c — arena, UTF-8 helpers and the lexer of the chat-template
+ * interpreter (api/jinja/jinja.h). Called only by api/jinja/parse.c and
+ * api/jinja/eval.c through api/jinja/jinja_int.h.
  *
  * The lexer reproduces @huggingface/jinja's tokenizer, including its
  * preprocessing: one trailing newline dropped, lstrip_blocks and trim_blocks
  * applied as regular-expression rewrites of the source, and
  * {% generation %} / {% endgeneration %} tags removed.
  */
-#include "api/jinja_int.h"
+#include "api/jinja/jinja_int.h"
 
 #include <stdio.h>
 #include <stdlib.h>

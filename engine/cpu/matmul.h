@@ -1,5 +1,5 @@
 /*
- * engine/cpu_matmul.h — CPU dot/GEMM kernels over model weight tensors
+ * engine/cpu/matmul.h — CPU dot/GEMM kernels over model weight tensors
  * (internal to engine/; used by the CPU backend).
  *
  * All kernels read weights in their stored dtype (F32, F16, BF16, Q8_0) and
@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/model.h"
+#include "engine/model/model.h"
 
 /* Floats of per-thread scratch eng_mm_rows needs for tensors of up to
  * max_cols columns. */

@@ -1,6 +1,6 @@
 /*
- * api/jinja_eval.c — values, evaluator and public entry points of the
- * chat-template interpreter (api/jinja.h). Callers use api/jinja.h only.
+ * api/jinja/eval.c — values, evaluator and public entry points of the
+ * chat-template interpreter (api/jinja/jinja.h). Callers use api/jinja/jinja.h only.
  *
  * Semantics mirror @huggingface/jinja's runtime, including its JavaScript
  * flavour: numbers are doubles (integers are doubles with an "integer" tag),
@@ -12,8 +12,8 @@
  * (message stored in the render state), or JJ_BREAK / JJ_CONTINUE, which
  * propagate (also out of macro calls) to the nearest enclosing loop.
  */
-#include "api/jinja.h"
-#include "api/jinja_int.h"
+#include "api/jinja/jinja.h"
+#include "api/jinja/jinja_int.h"
 
 #include <math.h>
 #include <stdarg.h>

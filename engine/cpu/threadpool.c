@@ -1,12 +1,12 @@
 /*
- * engine/threadpool.c — persistent fork-join pool (see threadpool.h).
+ * engine/cpu/threadpool.c — persistent fork-join pool (see threadpool.h).
  *
  * A job is published by bumping `gen` (under the mutex, so sleepers cannot
  * miss it); workers notice either while spinning or when woken. Tasks are
  * claimed with an atomic counter. The caller waits for `done` to reach the
  * number of workers, spinning (jobs last microseconds to milliseconds).
  */
-#include "engine/threadpool.h"
+#include "engine/cpu/threadpool.h"
 
 #include <pthread.h>
 #include <stdatomic.h>

@@ -1,5 +1,5 @@
 /*
- * api/jinja.h — a small Jinja interpreter for Hugging Face chat templates.
+ * api/jinja/jinja.h — a small Jinja interpreter for Hugging Face chat templates.
  *
  * Renders chat templates (the "chat_template" string of tokenizer_config.json)
  * byte-identically to the npm package @huggingface/jinja (0.5.x), which is what

@@ -1,9 +1,9 @@
 /*
- * engine/tok_bpe.c — the tokenizer's data structures and merge loop: an
+ * engine/tok/tok_bpe.c — the tokenizer's data structures and merge loop: an
  * open-addressing hash map from byte strings to ids, a (left, right) -> merge
  * table, and BPE over one word with a binary heap and a linked list of
  * symbols (O(n log n) in the word length, so one 32k-token word is fine).
- * Callers: engine/tok*.c only (see engine/tok_internal.h). The tables are
+ * Callers: engine/tok*.c only (see engine/tok/tok_internal.h). The tables are
  * immutable after loading, so lookups are thread-safe; eng__tok_bpe keeps its
  * scratch on the heap per call.
  */
@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "common/status.h"
-#include "engine/tok_internal.h"
+#include "engine/tok/tok_internal.h"
 
 static uint32_t hash_bytes(const char *s, size_t n) {
     uint64_t h = 1469598103934665603ull;

@@ -1,7 +1,7 @@
 /*
- * engine/ref_cpu.h — the slow, obviously-correct reference forward pass
- * (internal to engine/; used by tests and by the CPU backend for the RoPE
- * frequency table).
+ * engine/ref/ref_cpu.h — the slow, obviously-correct reference forward pass
+ * (internal to engine/; used by tests; RoPE comes from engine/model/rope.h,
+ * whose tables the llama2.c golden transcripts check independently).
  *
  * One sequence, one token at a time, in the style of llama2.c: every weight
  * row is dequantised to f32 and dotted in plain sequential f32 order, and the
@@ -16,18 +16,7 @@
 
 #include <stdbool.h>
 
-#include "engine/model.h"
-
-/* Fills inv_freq[head_dim/2] with the RoPE inverse frequencies of the model,
- * rope scaling applied as Hugging Face computes it: llama3 rescales each
- * frequency by its wavelength; linear divides positions by factor, which is
- * folded in here as inv_freq / factor. The angle of pair i at position p is
- * (float)p * inv_freq[i]. Shared with the batched backends so both agree. */
-void eng_rope_inv_freq(const eng_model_config *c, float *inv_freq);
-
-/* Rotates one head vector x[head_dim] for the given cos/sin[head_dim/2]:
- * pairs (x[i], x[i+hd/2]) when neox, else (x[2i], x[2i+1]). */
-void eng_rope_apply(float *x, int head_dim, bool neox, const float *cosv, const float *sinv);
+#include "engine/model/model.h"
 
 typedef struct eng_ref_state eng_ref_state;
 

@@ -1,5 +1,5 @@
 /*
- * engine/model.h — model description and weight loading (internal to engine/;
+ * engine/model/model.h — model description and weight loading (internal to engine/;
  * the public face is engine/engine.h).
  *
  * A model is a plain struct of tensor views over memory-mapped files, so

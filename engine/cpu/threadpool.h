@@ -1,5 +1,5 @@
 /*
- * engine/threadpool.h — a persistent fork-join thread pool for the CPU
+ * engine/cpu/threadpool.h — a persistent fork-join thread pool for the CPU
  * backend (internal to engine/).
  *
  * eng_tp_run(fn, ctx, n_tasks) runs fn(ctx, task, thread) for every task in

@@ -1,11 +1,11 @@
 /*
- * engine/gguf.c — GGUF reader; see gguf.h for the contract.
+ * engine/model/gguf.c — GGUF reader; see gguf.h for the contract.
  *
  * All multi-byte fields are little-endian and may be unaligned in the
  * buffer, so every read goes through memcpy. The reader cursor never moves
  * past the end: each read checks the remaining length first.
  */
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 
 #include <inttypes.h>
 #include <stdlib.h>

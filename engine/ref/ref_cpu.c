@@ -1,12 +1,13 @@
 /*
- * engine/ref_cpu.c — reference single-sequence forward (see ref_cpu.h).
+ * engine/ref/ref_cpu.c — reference single-sequence forward (see ref_cpu.h).
  *
  * Deliberately plain: weights are dequantised one row at a time, every dot
  * product accumulates sequentially in f32, attention is two-pass softmax over
  * a contiguous cache. Speed is irrelevant; readability and obvious agreement
  * with the Llama / Qwen2 reference implementations is the point.
  */
-#include "engine/ref_cpu.h"
+#include "engine/model/rope.h"
+#include "engine/ref/ref_cpu.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -77,45 +78,6 @@ static void ref_rmsnorm(eng_ref_state *s, const eng_tensor *w, const float *x, f
     float inv = 1.0f / sqrtf(ss / (float)n + s->m->cfg.rms_eps);
     ref_row_f32(w, 0, s->row);
     for (int i = 0; i < n; i++) out[i] = x[i] * inv * s->row[i];
-}
-
-void eng_rope_inv_freq(const eng_model_config *c, float *inv_freq) {
-    int hd = c->head_dim;
-    const eng_rope_scaling *sc = &c->rope_scaling;
-    for (int i = 0; i < hd / 2; i++) {
-        double f = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / (double)hd);
-        if (sc->type == 1 && sc->factor > 0.0f) {
-            /* llama3: long wavelengths are divided by factor, short ones
-             * kept, and the band between interpolated smoothly. */
-            double old = (double)sc->original_max_pos;
-            double low_wl = old / (double)sc->low_freq_factor;
-            double high_wl = old / (double)sc->high_freq_factor;
-            double wl = 2.0 * M_PI / f;
-            if (wl < high_wl) {
-                /* keep */
-            } else if (wl > low_wl) {
-                f = f / (double)sc->factor;
-            } else {
-                double smooth = (old / wl - (double)sc->low_freq_factor) /
-                                ((double)sc->high_freq_factor - (double)sc->low_freq_factor);
-                f = (1.0 - smooth) * f / (double)sc->factor + smooth * f;
-            }
-        } else if (sc->type == 2 && sc->factor > 0.0f) {
-            f = f / (double)sc->factor;
-        }
-        inv_freq[i] = (float)f;
-    }
-}
-
-void eng_rope_apply(float *x, int head_dim, bool neox, const float *cosv, const float *sinv) {
-    int half = head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        int a = neox ? i : 2 * i;
-        int b = neox ? i + half : 2 * i + 1;
-        float x0 = x[a], x1 = x[b];
-        x[a] = x0 * cosv[i] - x1 * sinv[i];
-        x[b] = x0 * sinv[i] + x1 * cosv[i];
-    }
 }
 
 int eng_ref_create(const eng_model *m, int max_ctx, eng_ref_state **out) {

@@ -1,6 +1,6 @@
 /*
- * engine/gguf.h — GGUF v2/v3 reader over a memory buffer (internal to
- * engine/; used by engine/model.c and tests/fuzz/fuzz_gguf.c).
+ * engine/model/gguf.h — GGUF v2/v3 reader over a memory buffer (internal to
+ * engine/; used by engine/model/model.c and tests/fuzz/fuzz_gguf.c).
  *
  * gguf_parse() validates the whole header in one pass: every metadata value
  * (arrays and strings included) lies inside the buffer, nested arrays are

@@ -1,9 +1,9 @@
 /*
- * engine/tokenizer.c — loading (tokenizer.json + tokenizer_config.json, or
+ * engine/tok/tokenizer.c — loading (tokenizer.json + tokenizer_config.json, or
  * GGUF metadata), encoding, decoding and streaming detokenisation; the
- * contract is engine/tokenizer.h. Helpers live in engine/tok_bpe.c (maps,
- * merge loop), engine/tok_pretok.c (regex pre-tokenizers) and
- * engine/tok_unicode.c (categories, UTF-8, NFC).
+ * contract is engine/tok/tokenizer.h. Helpers live in engine/tok/tok_bpe.c (maps,
+ * merge loop), engine/tok/tok_pretok.c (regex pre-tokenizers) and
+ * engine/tok/tok_unicode.c (categories, UTF-8, NFC).
  *
  * Reference behaviour: @huggingface/tokenizers (tokenizers.js) 0.2.0 on the
  * same files, which itself follows the Rust `tokenizers` crate. Where the two
@@ -29,8 +29,8 @@
 
 #include "common/log.h"
 #include "common/status.h"
-#include "engine/tok_internal.h"
-#include "engine/tokenizer.h"
+#include "engine/tok/tok_internal.h"
+#include "engine/tok/tokenizer.h"
 
 enum { KIND_BYTELEVEL = 0, KIND_BPE = 1, KIND_SPM_SCORE = 2 };
 enum { NORM_NFC = 0, NORM_PREPEND = 1, NORM_REPLACE = 2 };

@@ -1,12 +1,12 @@
 /*
- * engine/safetensors.c — safetensors reader; see safetensors.h.
+ * engine/model/safetensors.c — safetensors reader; see safetensors.h.
  *
  * The JSON header is parsed with jansson (duplicate keys rejected). Tensor
  * entries are copied into a flat array, then sorted by offset to detect
  * overlaps; st_find is a linear scan (models have at most a few thousand
  * tensors and lookups happen once per load).
  */
-#include "engine/safetensors.h"
+#include "engine/model/safetensors.h"
 
 #include <inttypes.h>
 #include <jansson.h>
@@ -15,7 +15,7 @@
 
 #include "common/log.h"
 #include "common/status.h"
-#include "engine/model.h"
+#include "engine/model/model.h"
 
 #define ST_MAX_HEADER (100u * 1024u * 1024u)
 

@@ -1,15 +1,15 @@
 /*
- * engine/tok_pretok.c — hand-written matchers for the pre-tokenizer regexes
+ * engine/tok/tok_pretok.c — hand-written matchers for the pre-tokenizer regexes
  * that tokenizer.json files and GGUF "tokenizer.ggml.pre" use (GPT-2,
  * Llama-3, Qwen2). Each matcher returns the length of the leftmost match at a
  * position, choosing among the alternatives in order and backtracking exactly
  * as a backtracking regex engine (Oniguruma, JS) does for these patterns.
  * Every code point is covered by some alternative, so the matches tile the
- * text. Callers: engine/tokenizer.c only. Pure, thread-safe.
+ * text. Callers: engine/tok/tokenizer.c only. Pure, thread-safe.
  */
 #include <string.h>
 
-#include "engine/tok_internal.h"
+#include "engine/tok/tok_internal.h"
 
 static const char RE_GPT2[] =
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";

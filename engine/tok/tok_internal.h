@@ -1,8 +1,8 @@
 /*
- * engine/tok_internal.h — private pieces shared by the tokenizer sources
- * (engine/tokenizer.c, tok_unicode.c, tok_pretok.c, tok_bpe.c). Nothing
+ * engine/tok/tok_internal.h — private pieces shared by the tokenizer sources
+ * (engine/tok/tokenizer.c, tok_unicode.c, tok_pretok.c, tok_bpe.c). Nothing
  * outside engine/tok*.c may include it; the public contract is
- * engine/tokenizer.h. All names are prefixed eng__tok_.
+ * engine/tok/tokenizer.h. All names are prefixed eng__tok_.
  */
 #ifndef D2_ENGINE_TOK_INTERNAL_H
 #define D2_ENGINE_TOK_INTERNAL_H

@@ -1,7 +1,7 @@
 /*
- * api/jinja_parse.c — recursive-descent parser of the chat-template
- * interpreter (api/jinja.h). Called only by api/jinja_eval.c through
- * api/jinja_int.h.
+ * api/jinja/parse.c — recursive-descent parser of the chat-template
+ * interpreter (api/jinja/jinja.h). Called only by api/jinja/eval.c through
+ * api/jinja/jinja_int.h.
  *
  * The grammar and its precedence follow @huggingface/jinja's parser exactly
  * (e.g. filters bind tighter than unary minus's operand chain, `is` tests sit
@@ -9,7 +9,7 @@
  * the same templates parse and the same ones are rejected. Nesting depth is
  * bounded by JJ_MAX_DEPTH.
  */
-#include "api/jinja_int.h"
+#include "api/jinja/jinja_int.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /*
- * engine/safetensors.h — safetensors reader over a memory buffer (internal
- * to engine/; used by engine/model.c and tests/fuzz/fuzz_safetensors.c).
+ * engine/model/safetensors.h — safetensors reader over a memory buffer (internal
+ * to engine/; used by engine/model/model.c and tests/fuzz/fuzz_safetensors.c).
  *
  * Layout: u64 little-endian header length N, N bytes of JSON
  * {"name": {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}, ...,

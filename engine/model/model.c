@@ -1,5 +1,5 @@
 /*
- * engine/model.c — model loading from GGUF files and Hugging Face
+ * engine/model/model.c — model loading from GGUF files and Hugging Face
  * directories (see model.h for the contract; engine/ is the only caller).
  *
  * Both sources go through the same binder: a "source" answers "where is the
@@ -9,15 +9,15 @@
  * load costs O(metadata) and the OS pages weights in on first use.
  *
  * Sources:
- *   GGUF  — engine/gguf.c parses the header; dims are fastest-first, so a
+ *   GGUF  — engine/model/gguf.c parses the header; dims are fastest-first, so a
  *           [ne0, ne1] tensor is rows = ne1, cols = ne0. rope_neox is false
  *           for arch "llama" (llama.cpp permutes Q/K rows on export) and true
  *           for "qwen2".
  *   HF    — config.json (+ generation_config.json), model.safetensors or the
  *           shards named by model.safetensors.index.json, parsed by
- *           engine/safetensors.c. rope_neox is true.
+ *           engine/model/safetensors.c. rope_neox is true.
  */
-#include "engine/model.h"
+#include "engine/model/model.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -31,9 +31,9 @@
 
 #include "common/log.h"
 #include "common/status.h"
-#include "engine/gguf.h"
-#include "engine/safetensors.h"
-#include "engine/tokenizer.h"
+#include "engine/model/gguf.h"
+#include "engine/model/safetensors.h"
+#include "engine/tok/tokenizer.h"
 
 /* Sanity limits on config values: they bound every allocation and keep all
  * products of dimensions far inside int64. */
