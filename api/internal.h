@@ -68,7 +68,7 @@ typedef struct api_limits {
     int max_n;
     int max_tokens_limit;
     int n_vocab;
-    int n_layers;  /* for kv_compression.keep_layers; 0 = unknown (64) */
+    int n_layers;  /* for kv_compression.keep_layers; 0 = unknown (ENG_MODEL_MAX_LAYERS) */
 } api_limits;
 
 /* Parses and validates a request body. On failure fills *err (400 with the

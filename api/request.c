@@ -236,12 +236,13 @@ static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_
      * end (-1 = the last layer), as the official D2O code keeps 0, 1 and L-1. */
     json_t *kl = json_object_get(o, "keep_layers");
     if (kl && !json_is_null(kl)) {
-        int L = lim->n_layers > 0 && lim->n_layers <= 64 ? lim->n_layers : 64;
+        int L = lim->n_layers > 0 && lim->n_layers <= ENG_MODEL_MAX_LAYERS ? lim->n_layers
+                                                                           : ENG_MODEL_MAX_LAYERS;
         if (!json_is_array(kl)) {
             api_error_set(err, 400, "invalid_request_error", P, "kv_compression.keep_layers must be a list of layer indices");
             return -1;
         }
-        uint64_t mask = 0;
+        eng_kv_keep_layers_clear(&p->kv); /* [] = compress every layer */
         size_t i;
         json_t *e;
         json_array_foreach(kl, i, e) {
@@ -252,10 +253,8 @@ static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_
                               "kv_compression.keep_layers entries must be integers in [-%d, %d)", L, L);
                 return -1;
             }
-            mask |= (uint64_t)1 << li;
+            eng_kv_keep_layer_add(&p->kv, (int)li);
         }
-        p->kv.keep_layers = mask;
-        p->kv.keep_layers_set = true;
     }
     const char *why = NULL;
     if (eng_kv_config_validate(&p->kv, &why) != D2_OK) {

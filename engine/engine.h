@@ -141,9 +141,21 @@ typedef struct eng_kv_config {
     float ema_beta;        /* D2O threshold EMA weight of the new statistic; 0.5 */
     eng_kv_merge_rule merge_rule;
     bool exact;            /* evict every step instead of a page at a time */
-    uint64_t keep_layers;  /* bit l set: layer l is never compressed (D2O default: 0, 1, L-1) */
-    bool keep_layers_set;  /* false: the method's default set */
+    /* Layers never compressed, a bitset over every layer a model can have
+     * (word l / 64, bit l % 64; eng_kv_keep_layer_add / eng_kv_layer_kept).
+     * Only read when keep_layers_set; otherwise the method's default
+     * (D2O: 0, 1 and L-1; the others: none). */
+    uint64_t keep_layers[ENG_MODEL_MAX_LAYERS / 64];
+    bool keep_layers_set;
 } eng_kv_config;
+
+/* Adds layer l (0 <= l < ENG_MODEL_MAX_LAYERS) to c's kept layers and marks
+ * the set as explicit; eng_kv_keep_layers_clear makes it explicit and empty. */
+void eng_kv_keep_layer_add(eng_kv_config *c, int l);
+void eng_kv_keep_layers_clear(eng_kv_config *c);
+/* Whether layer l of an n_layers model is never compressed under c (the
+ * method's default when c has no explicit set). */
+bool eng_kv_layer_kept(const eng_kv_config *c, int n_layers, int l);
 
 /* Defaults for a method (budget 0.2, 1:1, 4 sinks, window 32, beta 0.5, normalised merge). */
 void eng_kv_config_default(eng_kv_config *c, eng_kv_method m);

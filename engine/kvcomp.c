@@ -65,8 +65,7 @@ void eng_kv_config_default(eng_kv_config *c, eng_kv_method m) {
     c->ema_beta = 0.5f;
     c->merge_rule = ENG_KV_MERGE_NORMALISED;
     c->exact = false;
-    c->keep_layers = 0;
-    c->keep_layers_set = false;
+    /* keep_layers: none explicit (memset): the method's default */
 }
 
 int eng_kv_method_parse(const char *name) {
@@ -117,17 +116,31 @@ int eng_kv_config_validate(const eng_kv_config *c, const char **why) {
     return D2_OK;
 }
 
-uint64_t eng_kv_keep_layers(const eng_kv_config *c, int n_layers) {
-    if (c->keep_layers_set) return c->keep_layers;
-    if (c->method != ENG_KV_D2O) return 0;
-    uint64_t m = 0;
-    if (n_layers > 0) m |= 1ull;
-    if (n_layers > 1) m |= 2ull;
-    if (n_layers > 2 && n_layers <= 64) m |= 1ull << (n_layers - 1);
-    return m;
+void eng_kv_keep_layers_clear(eng_kv_config *c) {
+    memset(c->keep_layers, 0, sizeof c->keep_layers);
+    c->keep_layers_set = true;
 }
 
-static bool layer_kept(uint64_t mask, int l) { return l < 64 && (mask >> l) & 1ull; }
+void eng_kv_keep_layer_add(eng_kv_config *c, int l) {
+    if (!c->keep_layers_set) eng_kv_keep_layers_clear(c);
+    if (l < 0 || l >= ENG_MODEL_MAX_LAYERS) return;
+    c->keep_layers[l / 64] |= 1ull << (l % 64);
+}
+
+bool eng_kv_layer_kept(const eng_kv_config *c, int n_layers, int l) {
+    if (l < 0 || l >= n_layers || l >= ENG_MODEL_MAX_LAYERS) return false;
+    if (c->keep_layers_set) return (c->keep_layers[l / 64] >> (l % 64)) & 1ull;
+    /* method defaults: the official D2O code never compresses 0, 1 and L-1 */
+    return c->method == ENG_KV_D2O && (l == 0 || l == 1 || l == n_layers - 1);
+}
+
+void eng_kv_keep_layers_resolve(eng_kv_config *c, int n_layers) {
+    eng_kv_config r = *c;
+    eng_kv_keep_layers_clear(&r);
+    for (int l = 0; l < n_layers && l < ENG_MODEL_MAX_LAYERS; l++)
+        if (eng_kv_layer_kept(c, n_layers, l)) eng_kv_keep_layer_add(&r, l);
+    *c = r;
+}
 
 /* ---- budgets ------------------------------------------------------------------- */
 
@@ -146,7 +159,6 @@ static int uniform_budget(const eng_kv_config *c, int n) {
 
 void eng_kv_budgets(const eng_kv_config *c, int n_layers, const float *v, int n, int *heavy,
                     int *recent) {
-    uint64_t keep = eng_kv_keep_layers(c, n_layers);
     int C = uniform_budget(c, n);
     float rho = rho_of(c, n);
     /* D2O softmax(-v) over all layers (kept ones included: their share is not renormalised) */
@@ -160,7 +172,7 @@ void eng_kv_budgets(const eng_kv_config *c, int n_layers, const float *v, int n,
     float pb = (float)(C - pw), pmin = pb / PYRAMID_BETA, pmax = 2.0f * pb - pmin;
     for (int l = 0; l < n_layers; l++) {
         int hh = -1, rec = -1;
-        if (c->method == ENG_KV_FULL || layer_kept(keep, l)) {
+        if (c->method == ENG_KV_FULL || eng_kv_layer_kept(c, n_layers, l)) {
             heavy[l] = recent[l] = -1;
             continue;
         }
@@ -289,8 +301,7 @@ int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int 
     eng_kv_state *s = calloc(1, sizeof *s);
     if (!s) return D2_ENOMEM;
     s->cfg = *c;
-    s->cfg.keep_layers = eng_kv_keep_layers(c, mc->n_layers);
-    s->cfg.keep_layers_set = true;
+    eng_kv_keep_layers_resolve(&s->cfg, mc->n_layers);
     s->n_layers = mc->n_layers;
     s->n_heads = mc->n_heads;
     s->n_kv_heads = mc->n_kv_heads;
@@ -614,9 +625,8 @@ eng_kv_estimate eng_kv_estimate_pages(const eng_engine *e, const eng_kv_config *
         est.pages_longest = full_longest;
         return est;
     }
-    uint64_t keep = eng_kv_keep_layers(c, L);
     int nk = 0;
-    for (int l = 0; l < L; l++) nk += layer_kept(keep, l);
+    for (int l = 0; l < L; l++) nk += eng_kv_layer_kept(c, L, l);
     int nc = L - nk;
     /* tokens all compressed layers keep together right after the prompt compression */
     int64_t tok_c;

@@ -67,8 +67,9 @@ int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int 
 void eng_kv_state_free(eng_kv_state *s); /* accepts NULL */
 void eng_kv_state_reset(eng_kv_state *s);
 
-/* Resolved keep-layer mask (method default when keep_layers_set is false). */
-uint64_t eng_kv_keep_layers(const eng_kv_config *c, int n_layers);
+/* Makes c's kept layers explicit for an n_layers model (the method default
+ * when c has no explicit set). */
+void eng_kv_keep_layers_resolve(eng_kv_config *c, int n_layers);
 /* True when the method needs accumulated scores at this stage. */
 bool eng_kv_wants_scores(const eng_kv_state *s);
 /* Fills the score fields of a plan entry; prefill_end is the cache length at

@@ -37,7 +37,7 @@
 
 /* Sanity limits on config values: they bound every allocation and keep all
  * products of dimensions far inside int64. */
-#define LIM_LAYERS 4096
+#define LIM_LAYERS ENG_MODEL_MAX_LAYERS
 #define LIM_DIM (1 << 17)
 #define LIM_HEADS 4096
 #define LIM_HEAD_DIM 4096

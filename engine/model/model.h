@@ -57,6 +57,10 @@ typedef struct eng_layer_weights {
     eng_tensor w_down;         /* [dim][ffn] */
 } eng_layer_weights;
 
+/* Most layers a model may have (the loaders refuse more); per-layer sets such
+ * as eng_kv_config.keep_layers are sized by it. */
+#define ENG_MODEL_MAX_LAYERS 4096
+
 typedef enum eng_arch { ENG_ARCH_LLAMA = 0, ENG_ARCH_MISTRAL = 1, ENG_ARCH_QWEN2 = 2 } eng_arch;
 
 typedef struct eng_rope_scaling {

@@ -115,6 +115,20 @@ TEST(kv_optional_keys) {
     api_gen_params_free(&p);
 }
 
+/* An 80-layer model: -1 names layer 79 and 70 is accepted (a 64-bit mask
+ * capped the API at 64 layers, so -1 named layer 63 and 70 was refused). */
+TEST(kv_keep_layers_80) {
+    static const api_limits L80 = {.max_n = 4, .max_tokens_limit = 1024, .n_vocab = 512, .n_layers = 80};
+    const char *body = "{\"prompt\": \"Once\", \"max_tokens\": 4, \"kv_compression\": "
+                       "{\"method\": \"d2o\", \"keep_layers\": [-1, 70]}}";
+    api_gen_params p;
+    api_error err;
+    memset(&err, 0, sizeof err);
+    ASSERT_OK(api_parse_gen(body, strlen(body), API_COMPLETIONS, &L80, &p, &err));
+    for (int l = 0; l < 80; l++) ASSERT_EQ(eng_kv_layer_kept(&p.kv, 80, l), l == 70 || l == 79);
+    api_gen_params_free(&p);
+}
+
 TEST(kv_layers_sinks_window_beta) {
     api_gen_params p;
     api_error err;
@@ -122,14 +136,15 @@ TEST(kv_layers_sinks_window_beta) {
                        "\"window\": 16, \"ema_beta\": 0.7}",
                        &p, &err));
     ASSERT_YES(p.kv.keep_layers_set);
-    ASSERT_EQ(p.kv.keep_layers, (1u << 0) | (1u << 2) | (1u << 4)); /* -1 = layer 4 of 5 */
+    for (int l = 0; l < 5; l++) /* -1 = layer 4 of 5 */
+        ASSERT_EQ(eng_kv_layer_kept(&p.kv, 5, l), l == 0 || l == 2 || l == 4);
     ASSERT_EQ(p.kv.n_sink, 8);
     ASSERT_EQ(p.kv.window, 16);
     ASSERT_NEAR(p.kv.ema_beta, 0.7, 1e-6);
     api_gen_params_free(&p);
     ASSERT_OK(parse_kv("{\"method\": \"h2o\", \"keep_layers\": []}", &p, &err));
     ASSERT_YES(p.kv.keep_layers_set);
-    ASSERT_EQ(p.kv.keep_layers, 0);
+    for (int l = 0; l < 5; l++) ASSERT_YES(!eng_kv_layer_kept(&p.kv, 5, l));
     api_gen_params_free(&p);
     expect_kv_error("{\"method\": \"d2o\", \"keep_layers\": [5]}");   /* 5 layers: 0..4 */
     expect_kv_error("{\"method\": \"d2o\", \"keep_layers\": [-6]}");

@@ -226,13 +226,59 @@ TEST(config_defaults_names_validate) {
     b = c; b.method = (eng_kv_method)42;
     ASSERT_EQ(eng_kv_config_validate(&b, &why), D2_EINVAL);
     /* default keep layers: d2o 0, 1, L-1; others none; explicit set wins */
-    ASSERT_EQ(eng_kv_keep_layers(&c, 32), (1ull | 2ull | (1ull << 31)));
+    for (int l = 0; l < 32; l++)
+        ASSERT_EQ(eng_kv_layer_kept(&c, 32, l), l == 0 || l == 1 || l == 31);
     eng_kv_config h;
     eng_kv_config_default(&h, ENG_KV_H2O);
-    ASSERT_EQ(eng_kv_keep_layers(&h, 32), 0);
-    h.keep_layers = 5;
-    h.keep_layers_set = true;
-    ASSERT_EQ(eng_kv_keep_layers(&h, 32), 5);
+    for (int l = 0; l < 32; l++) ASSERT(!eng_kv_layer_kept(&h, 32, l));
+    eng_kv_keep_layer_add(&h, 0);
+    eng_kv_keep_layer_add(&h, 2);
+    ASSERT(h.keep_layers_set);
+    for (int l = 0; l < 32; l++) ASSERT_EQ(eng_kv_layer_kept(&h, 32, l), l == 0 || l == 2);
+    eng_kv_keep_layers_clear(&c); /* explicit and empty: every layer compressed */
+    for (int l = 0; l < 32; l++) ASSERT(!eng_kv_layer_kept(&c, 32, l));
+}
+
+/* Models deeper than 64 layers: the default keeps the last layer, and an
+ * explicit set names any layer (the set was one 64-bit word). */
+TEST(keep_layers_beyond_64) {
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_D2O);
+    for (int l = 0; l < 80; l++)
+        ASSERT_EQ(eng_kv_layer_kept(&c, 80, l), l == 0 || l == 1 || l == 79);
+    ASSERT(eng_kv_layer_kept(&c, ENG_MODEL_MAX_LAYERS, ENG_MODEL_MAX_LAYERS - 1));
+    eng_kv_config k;
+    eng_kv_config_default(&k, ENG_KV_H2O);
+    eng_kv_keep_layer_add(&k, 70);
+    eng_kv_keep_layer_add(&k, 130);
+    for (int l = 0; l < 200; l++) ASSERT_EQ(eng_kv_layer_kept(&k, 200, l), l == 70 || l == 130);
+    float v[80] = {0};
+    int hh[80], rec[80];
+    eng_kv_budgets(&c, 80, v, 1000, hh, rec);
+    for (int l = 0; l < 80; l++) ASSERT_EQ(hh[l] < 0, l == 0 || l == 1 || l == 79);
+    eng_kv_budgets(&k, 80, v, 1000, hh, rec);
+    for (int l = 0; l < 80; l++) ASSERT_EQ(hh[l] < 0, l == 70);
+
+    /* end to end on an 80-layer model: D2O's default leaves 0, 1 and 79 whole */
+    enum { L = 80, N = 96, PT = 16 };
+    tmodel *t = tmodel_make(L, 16, 2, 1, 64, 32, 1.0f, 3);
+    eng_engine *e = tengine_make(&t->m, 256, (int64_t)L * 16, 1, 128, PT, 1);
+    int32_t toks[N];
+    rand_tokens(toks, N, 64, 9);
+    eng_kv_state *ks;
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &ks), D2_OK);
+    int seq;
+    ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
+    prefill(e, seq, toks, N, ks);
+    ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, seq, ks), D2_OK);
+    for (int l = 0; l < L; l++) {
+        int n = kvp_get_table(e->pool, seq, l).n_tokens;
+        if (l == 0 || l == 1 || l == L - 1) ASSERT_EQ(n, N);
+        else ASSERT_LT(n, N);
+    }
+    eng_kv_state_free(ks);
+    tengine_free(e);
+    tmodel_free(t);
 }
 
 /* ---- selection, statistics, budgets (hand-computed) --------------------------------------- */
@@ -292,8 +338,7 @@ TEST(d2o_layer_stat_and_budgets) {
     ASSERT_EQ(hh[2], (int)(1000 * (float)r2 * 0.5f));
     ASSERT_EQ(rec[2], (int)(1000 * (float)r2 * 0.5f));
     /* all layers compressed, 3:1 split; clamps: a huge budget saturates at 1.0 */
-    c.keep_layers_set = true;
-    c.keep_layers = 0;
+    eng_kv_keep_layers_clear(&c);
     c.heavy_share = 0.75f;
     c.budget_frac = 1.0f;
     float vz[4] = {1.0f, 1.0f, 1.0f, 0.0f};
@@ -411,8 +456,7 @@ static eng_kv_state *d2o_state_1layer(eng_kv_merge_rule rule) {
     eng_kv_config_default(&c, ENG_KV_D2O);
     c.n_sink = 1;
     c.merge_rule = rule;
-    c.keep_layers_set = true;
-    c.keep_layers = 0;
+    eng_kv_keep_layers_clear(&c);
     eng_model_config mc = {.n_layers = 1, .n_heads = 1, .n_kv_heads = 1, .head_dim = 2};
     eng_kv_state *s;
     ASSERT_EQ(eng_kv_state_create(&c, &mc, 8, &s), D2_OK);
@@ -814,8 +858,9 @@ static void random_kv(eng_kv_config *c) {
     c->merge_rule = wl_rand(2) ? ENG_KV_MERGE_NORMALISED : ENG_KV_MERGE_CODE;
     c->ema_beta = wl_rand(2) ? 0.5f : 0.7f;
     if (wl_rand(4) == 0) {
-        c->keep_layers_set = true;
-        c->keep_layers = (uint64_t)wl_rand(16);
+        eng_kv_keep_layers_clear(c);
+        for (int l = 0; l < 4; l++)
+            if (wl_rand(2)) eng_kv_keep_layer_add(c, l);
     }
 }
 
