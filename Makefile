@@ -10,10 +10,11 @@
 #
 # Options: DEBUG=1 (no optimisation, asserts, poisoning), SANITIZE=address,undefined,
 # WERROR=1 (set automatically when CI=true), ARCH_FLAGS (default -march=native).
-# Module folders: common/ kvpool/ engine/ api/ daemon/ kernels/ — every .c in them and
+# Module folders: common/ kvpool/ engine/ api/ daemon/ kernels/ hub/ — every .c in them and
 # in their subfolders (engine/tok/, engine/model/, engine/cpu/, engine/ref/, api/jinja/)
 # is built; includes point one way: daemon -> api -> engine -> kvpool -> kernels
-# (`make check-layers`, docs/ARCHITECTURE.md).
+# (`make check-layers`, docs/ARCHITECTURE.md); hub/ (models by hub id) is a leaf
+# beside them that only daemon/ calls.
 
 CC ?= cc
 NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc))
@@ -43,15 +44,15 @@ BUILD ?= build/san
 endif
 BUILD ?= build
 
-PKG_CFLAGS := $(shell pkg-config --cflags jansson libmicrohttpd libuv 2>/dev/null)
-PKG_LIBS := $(shell pkg-config --libs jansson libmicrohttpd libuv 2>/dev/null || echo -ljansson -lmicrohttpd -luv)
+PKG_CFLAGS := $(shell pkg-config --cflags jansson libmicrohttpd libuv libcurl libcrypto 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs jansson libmicrohttpd libuv libcurl libcrypto 2>/dev/null || echo -ljansson -lmicrohttpd -luv -lcurl -lcrypto)
 
 CFLAGS ?=
 CFLAGS += -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) $(OPT) -pthread -MMD -MP -I. $(PKG_CFLAGS)
 LDFLAGS += -pthread $(LDSAN)
 LDLIBS += $(PKG_LIBS) -lm
 
-LIB_DIRS := common kvpool engine api kernels
+LIB_DIRS := common kvpool engine api kernels hub
 LIB_SRC := $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c $(d)/*/*.c)))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 DAEMON_SRC := $(wildcard daemon/*.c)

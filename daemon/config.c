@@ -21,8 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include "common/status.h"
 #include "common/util.h"
+#include "hub/hub.h"
 
 /* ---- the table ---------------------------------------------------------- */
 
@@ -60,7 +63,9 @@ static int check_kv_budget(const char *v, char *why, size_t n);
 
 static const cfg_directive g_dirs[] = {
     {"model", CT_STRING, STR(model), "", 0, 0, NULL, 0, NULL, "PATH",
-     "GGUF file or Hugging Face model directory to serve (required)"},
+     "GGUF file, Hugging Face model directory, or hub id org/name[@rev] to serve (required)"},
+    {"gguf_file", CT_STRING, STR(gguf_file), "", 0, 0, NULL, 0, NULL, "NAME",
+     "hub id with several GGUF files: the file name or quant name to take (e.g. Q8_0)"},
     {"served_model_name", CT_STRING, STR(served_model_name), "", 0, 0, NULL, 0, NULL, "NAME",
      "model id shown by /v1/models and accepted in requests (default: model's base name)"},
     {"host", CT_STRING, STR(host), "127.0.0.1", 0, 0, NULL, 0, check_host, "ADDR",
@@ -622,6 +627,14 @@ int dmn_config_finalize(dmn_config *cfg, char *err, size_t errlen) {
     if (!cfg->model[0]) {
         set_err(err, errlen, "model: required; set 'model' in the config file, D2OD_MODEL or --model");
         return D2_ECONFIG;
+    }
+    if (!cfg->served_model_name[0] && hub_is_repo_id(cfg->model) && access(cfg->model, F_OK) != 0) {
+        /* A hub id (not a local path): served as "org/name", as vLLM does. */
+        size_t n = strcspn(cfg->model, "@");
+        if (n >= sizeof cfg->served_model_name) n = sizeof cfg->served_model_name - 1;
+        memcpy(cfg->served_model_name, cfg->model, n);
+        cfg->served_model_name[n] = '\0';
+        cfg->source[dir_index("served_model_name")] = DMN_SRC_DERIVED;
     }
     if (!cfg->served_model_name[0]) {
         /* Base name of the model path, without trailing slashes or ".gguf". */

@@ -68,7 +68,8 @@ enum dmn_config_source { DMN_SRC_DEFAULT = 0, DMN_SRC_FILE, DMN_SRC_ENV, DMN_SRC
 
 typedef struct dmn_config {
     /* model and API */
-    char model[DMN_CONFIG_PATH_MAX];                /* GGUF file or HF directory; required */
+    char model[DMN_CONFIG_PATH_MAX];                /* GGUF file, HF directory or hub id; required */
+    char gguf_file[DMN_CONFIG_STR_MAX];             /* hub id: which GGUF ("" = the only one) */
     char served_model_name[DMN_CONFIG_STR_MAX];     /* "" in the table: derived from model */
     char host[DMN_CONFIG_STR_MAX];
     int port;

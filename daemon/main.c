@@ -44,6 +44,7 @@ int main(int argc, char **argv) {
         usage(stdout);
         return 0;
     }
+    if (strcmp(cmd, "serve") && d2_cli_resolve_model(&argc, argv)) return 1;
     if (!strcmp(cmd, "generate")) return d2_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return d2_cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "perplexity")) return d2_cmd_perplexity(argc - 1, argv + 1);

@@ -270,16 +270,24 @@ int d2_cmd_serve(int argc, char **argv) {
     }
     d2_log_set_level(to_log_level(d->cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
-    dmn_notify_status("loading %s", d->cfg.model);
-    D2_INFO("serve: loading %s", d->cfg.model);
+    /* A hub id resolves to a snapshot in the Hugging Face cache (downloading
+     * what is missing) before the engine sees a path. */
+    static char model_path[4096];
+    dmn_notify_status("resolving %s", d->cfg.model);
+    if (d2_model_resolve(d->cfg.model, d->cfg.gguf_file, model_path, sizeof model_path) != D2_OK) {
+        free(d);
+        return 1;
+    }
+    dmn_notify_status("loading %s", model_path);
+    D2_INFO("serve: loading %s", model_path);
     double t0 = d2_now();
-    eng_engine_config ec = {.model_path = d->cfg.model, .n_threads = d->cfg.threads,
+    eng_engine_config ec = {.model_path = model_path, .n_threads = d->cfg.threads,
                             .page_tokens = d->cfg.page_tokens, .kv_mem_mb = d->cfg.kv_mem_mb,
                             .max_seqs = d->cfg.max_seqs, .max_batch_tokens = d->cfg.max_batch_tokens,
                             .ctx_len = d->cfg.ctx_len};
     rc = eng_engine_create(&ec, &d->e);
     if (rc != D2_OK) {
-        fprintf(stderr, "d2od serve: cannot load %s: %s\n", d->cfg.model, d2_strerror(rc));
+        fprintf(stderr, "d2od serve: cannot load %s: %s\n", model_path, d2_strerror(rc));
         free(d);
         return 1;
     }

@@ -6,6 +6,7 @@ A file may include project headers of its own folder or of a strictly lower laye
 
     0 common/          status, log, util, utf8 — below everything
     1 kernels/         CUDA kernels (kernels.h is C11)
+    1 hub/             models by hub id: HF cache + downloads (leaf over common; daemon/ calls it)
     2 kvpool/          the paged pool's bookkeeping
     3 engine/tok/      tokenizers (leaf over common + jansson)
     4 engine/model/    model description, GGUF/safetensors loaders, RoPE tables
@@ -23,7 +24,7 @@ import re
 import sys
 
 SEAM = {"engine/backend.h", "engine/sample.h", "engine/sample.c"}
-RANKS = [("common/", 0), ("kernels/", 1), ("kvpool/", 2), ("engine/tok/", 3),
+RANKS = [("common/", 0), ("kernels/", 1), ("hub/", 1), ("kvpool/", 2), ("engine/tok/", 3),
          ("engine/model/", 4), ("engine/cpu/", 6), ("engine/ref/", 6), ("engine/cuda/", 6),
          ("engine/", 7), ("api/jinja/", 8), ("api/", 9), ("daemon/", 10)]
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
@@ -43,7 +44,7 @@ def main():
     root = sys.argv[1] if len(sys.argv) > 1 else "."
     bad = []
     n_edges = 0
-    for top in ("common", "kernels", "kvpool", "engine", "api", "daemon"):
+    for top in ("common", "kernels", "hub", "kvpool", "engine", "api", "daemon"):
         for dirpath, _, names in os.walk(os.path.join(root, top)):
             for name in sorted(names):
                 if not name.endswith((".c", ".h", ".cu", ".cuh")):

@@ -2,7 +2,7 @@
 # tools/install-deps.sh — installs the Debian packages and npm test clients
 # d2od needs, only when something is missing. Called by `make run`/`make test`.
 set -euo pipefail
-pkgs=(build-essential pkg-config libjansson-dev libmicrohttpd-dev libuv1-dev python3 nodejs npm)
+pkgs=(build-essential pkg-config libjansson-dev libmicrohttpd-dev libuv1-dev libcurl4-openssl-dev libssl-dev python3 nodejs npm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
