@@ -73,6 +73,9 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
+# api/ui.c embeds the page with .incbin: rebuild it when the page changes.
+$(BUILD)/obj/api/ui.o: api/ui.html
+
 $(BUILD)/libd2od.a: $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^

@@ -87,4 +87,9 @@ long api_find_stop(const char *text, size_t len, char *const *stop, int n_stop, 
 int api_render_chat(const char *tmpl, const api_gen_params *p, const char *bos, const char *eos,
                     char **out, api_error *err);
 
+/* api/ui.c: the built-in page (GET /), static; and the /status JSON (malloc'd,
+ * NULL when out of memory) with events numbered above `since`. */
+const char *api_ui_page(size_t *len);
+char *api_status_json(eng_engine *e, eng_sched *s, const char *model_name, uint64_t since);
+
 #endif

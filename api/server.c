@@ -96,7 +96,7 @@ static void buf_json_str(buf *b, const char *s, size_t n) {
 
 /* ---- request state ------------------------------------------------------------ */
 
-enum route { R_NONE, R_COMPLETIONS, R_CHAT, R_MODELS, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE };
+enum route { R_NONE, R_COMPLETIONS, R_CHAT, R_MODELS, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE, R_UI, R_STATUS };
 
 typedef struct tok_lp { int32_t token; float logprob; int n_top; eng_token_logprob top[20]; } tok_lp;
 
@@ -916,6 +916,7 @@ static enum route route_of(const char *url, const char *method, bool *method_ok)
         {"/v1/models", "GET", R_MODELS},           {"/health", "GET", R_HEALTH},
         {"/metrics", "GET", R_METRICS},            {"/tokenize", "POST", R_TOKENIZE},
         {"/detokenize", "POST", R_DETOKENIZE},
+        {"/", "GET", R_UI},                         {"/status", "GET", R_STATUS}, /* api/ui.c */
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         if (strcmp(url, table[i].url) == 0) {
@@ -948,7 +949,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (!method_ok)
             return send_err(srv, c, 405, "invalid_request_error", "method_not_allowed", NULL, "method not allowed for this route");
         pthread_mutex_lock(&srv->cfg_mu);
-        bool open_route = (r->route == R_HEALTH || r->route == R_METRICS) && !srv->cfg.auth_health_metrics;
+        /* The page itself holds no data (a browser cannot send a bearer header
+         * when it navigates); everything it shows comes from guarded routes. */
+        bool open_route = ((r->route == R_HEALTH || r->route == R_METRICS) && !srv->cfg.auth_health_metrics) ||
+                          r->route == R_UI;
         size_t limit = srv->cfg.body_limit;
         pthread_mutex_unlock(&srv->cfg_mu);
         if (!open_route && !authorized(srv, c)) {
@@ -991,6 +995,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     case R_METRICS: return handle_metrics(srv, c);
     case R_TOKENIZE: return handle_tokenize(srv, r, false);
     case R_DETOKENIZE: return handle_tokenize(srv, r, true);
+    case R_UI: {
+        size_t len = 0;
+        const char *page = api_ui_page(&len);
+        return send_text(c, 200, "text/html; charset=utf-8", page, len);
+    }
+    case R_STATUS: {
+        const char *since = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "since");
+        char *j = api_status_json(srv->e, srv->sched, srv->model_name, since ? strtoull(since, NULL, 10) : 0);
+        if (!j) return send_err(srv, c, 500, "internal_error", NULL, NULL, "out of memory");
+        enum MHD_Result res = send_text(c, 200, "application/json", j, strlen(j));
+        free(j);
+        return res;
+    }
     default: return MHD_NO;
     }
 }

@@ -251,6 +251,49 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s);
  * continue. Thread-safe. */
 void eng_sched_close(eng_sched *s);
 
+/* ---- live view: what the web page's pool view shows ---------------------------
+ *
+ * At the end of every step the engine thread records each running sequence's
+ * pages and tokens per layer; a finishing sequence's final shape is kept in a
+ * ring of the last ENG_VIEW_RECENT finished ones; every compression that changed a cache is
+ * appended to a ring of the last ENG_VIEW_EVENTS events (numbered from 1).
+ * eng_sched_view_get copies both (any thread; takes a short lock the engine
+ * thread also takes once per step); free the copy with eng_sched_view_free.
+ */
+#define ENG_VIEW_EVENTS 256
+#define ENG_VIEW_RECENT 8
+enum { ENG_KV_EVENT_PREFILL = 0, ENG_KV_EVENT_DECODE = 1 };
+
+typedef struct eng_kv_event {
+    uint64_t seq;           /* event number, 1, 2, ... */
+    uint64_t id;            /* request id */
+    double t;               /* d2_now() when it happened */
+    int phase;              /* ENG_KV_EVENT_PREFILL (prompt compression) or _DECODE */
+    int64_t evicted, merged, pages_freed;
+} eng_kv_event;
+
+typedef struct eng_seq_view {
+    uint64_t id;
+    eng_kv_config kv;       /* method and budget (zeroed = full cache) */
+    bool compressed;        /* the prompt compression has run */
+    bool finished;          /* from the finished ring: its shape just before its pages were freed */
+    int n_prompt, n_generated, n_fed;
+    int32_t *pages, *tokens; /* [n_layers] block-table pages and live tokens per layer */
+} eng_seq_view;
+
+typedef struct eng_sched_view {
+    int n_layers, n_seqs, n_events;
+    eng_seq_view *seqs;      /* running sequences in admission order, then the recently
+                                finished ones, newest first */
+    eng_kv_event *events;    /* events numbered > since still in the ring, oldest first */
+    uint64_t last_event;     /* number of the newest event (0: none yet) */
+    int32_t *ints_;          /* storage of the seqs' arrays (internal) */
+} eng_sched_view;
+
+/* D2_OK or D2_ENOMEM. Events numbered <= since are left out. */
+int eng_sched_view_get(eng_sched *s, uint64_t since, eng_sched_view *out);
+void eng_sched_view_free(eng_sched_view *v); /* accepts a zeroed view */
+
 /* Teacher-forced scoring: for ids[0..n), writes nll[i-1] = -log p(ids[i] |
  * ids[<i]) for i = 1..n-1 (nll has n-1 entries; may be NULL) and the sum.
  * Windows of the context length: each window starts with a fresh cache and

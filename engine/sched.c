@@ -23,6 +23,10 @@
  * Locking: `mu` guards the incoming list, the list of live requests (for
  * cancel by id) and the closed/stop flags. Everything else belongs to the
  * engine thread. Counters are atomics so stats can be read from any thread.
+ * `view_mu` guards the live view (eng_sched_view_get): the engine thread
+ * copies each running sequence's pages per layer into preallocated arrays at
+ * the end of every step and appends compression events to a fixed ring, so
+ * the view costs a few integer copies per step and never allocates.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -101,6 +105,15 @@ struct eng_sched {
     atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
     atomic_llong fin_stop, fin_length, fin_error, fin_canceled;
     atomic_llong kv_evicted, kv_merged, kv_freed;
+    /* live view (under view_mu) */
+    pthread_mutex_t view_mu;
+    int view_layers, view_n;
+    eng_seq_view *view_seqs;     /* [max_seqs + ENG_VIEW_RECENT]: running, then the
+                                    recently finished ring; pages/tokens point into view_ints */
+    int32_t *view_ints;          /* [max_seqs + ENG_VIEW_RECENT][2][n_layers] */
+    uint64_t n_recent;           /* sequences ever put in the finished ring */
+    eng_kv_event events[ENG_VIEW_EVENTS]; /* ring: event k at events[(k - 1) % N] */
+    uint64_t n_events;
 };
 
 int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out) {
@@ -111,7 +124,22 @@ int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out
     s->cfg = *cfg;
     s->next_id = 1;
     s->plan_req = calloc((size_t)e->max_seqs, sizeof *s->plan_req);
-    if (!s->plan_req) { free(s); return D2_ENOMEM; }
+    s->view_layers = e->model->cfg.n_layers;
+    size_t nv = (size_t)e->max_seqs + ENG_VIEW_RECENT;
+    s->view_seqs = calloc(nv, sizeof *s->view_seqs);
+    s->view_ints = calloc(nv * 2 * (size_t)s->view_layers, sizeof *s->view_ints);
+    if (!s->plan_req || !s->view_seqs || !s->view_ints) {
+        free(s->plan_req);
+        free(s->view_seqs);
+        free(s->view_ints);
+        free(s);
+        return D2_ENOMEM;
+    }
+    for (size_t i = 0; i < nv; i++) {
+        s->view_seqs[i].pages = s->view_ints + (size_t)i * 2 * (size_t)s->view_layers;
+        s->view_seqs[i].tokens = s->view_seqs[i].pages + s->view_layers;
+    }
+    pthread_mutex_init(&s->view_mu, NULL);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     *out = s;
@@ -131,7 +159,10 @@ static double since(const sreq *r, double t) { return t > 0 ? t - r->t_submit : 
 
 /* Ends a request: frees its pages, sends DONE, unlinks and frees it. The
  * caller has already removed it from waiting/running. */
+static void view_retire(eng_sched *s, const sreq *r);
+
 static void retire(eng_sched *s, sreq *r, eng_finish fin, int status) {
+    if (r->kv >= 0) view_retire(s, r);
     if (r->kv >= 0) kvp_seq_free(s->e->pool, r->kv);
     r->kv = -1;
     double now = d2_now();
@@ -283,6 +314,99 @@ static void publish_counts(eng_sched *s) {
     atomic_store(&s->n_waiting, s->waiting.n);
 }
 
+/* Engine thread, under view_mu: one sequence's block-table sizes into v. */
+static void view_fill(eng_sched *s, const sreq *r, eng_seq_view *v, bool finished) {
+    const kvp_pool *pool = s->e->pool;
+    v->id = r->id;
+    v->finished = finished;
+    v->n_prompt = r->n_prompt;
+    v->n_generated = r->n_gen;
+    v->n_fed = r->n_fed;
+    if (r->kvs) {
+        v->kv = r->kvs->cfg;
+        v->compressed = r->kvs->compressed;
+    } else {
+        memset(&v->kv, 0, sizeof v->kv);
+        v->compressed = false;
+    }
+    for (int l = 0; l < s->view_layers; l++) {
+        kvp_table t = kvp_get_table(pool, r->kv, l);
+        v->pages[l] = t.n_pages;
+        v->tokens[l] = t.n_tokens;
+    }
+}
+
+/* Engine thread: copies the running sequences' block-table sizes into the view. */
+static void publish_view(eng_sched *s) {
+    pthread_mutex_lock(&s->view_mu);
+    int n = 0;
+    for (sreq *r = s->running.head; r && n < s->e->max_seqs; r = r->next)
+        if (r->kv >= 0) view_fill(s, r, &s->view_seqs[n++], false);
+    s->view_n = n;
+    pthread_mutex_unlock(&s->view_mu);
+}
+
+/* Engine thread, before a retiring sequence's pages are freed: keeps its final
+ * shape in the ring of recently finished sequences (a short request can start
+ * and end between two looks at the view). */
+static void view_retire(eng_sched *s, const sreq *r) {
+    pthread_mutex_lock(&s->view_mu);
+    uint64_t k = s->n_recent++;
+    view_fill(s, r, &s->view_seqs[s->e->max_seqs + (int)(k % ENG_VIEW_RECENT)], true);
+    pthread_mutex_unlock(&s->view_mu);
+}
+
+static void record_event(eng_sched *s, uint64_t id, int phase, int64_t ev, int64_t mg, int64_t fr) {
+    if (ev == 0 && mg == 0 && fr == 0) return;
+    pthread_mutex_lock(&s->view_mu);
+    uint64_t k = ++s->n_events;
+    s->events[(k - 1) % ENG_VIEW_EVENTS] = (eng_kv_event){.seq = k, .id = id, .t = d2_now(), .phase = phase,
+                                                         .evicted = ev, .merged = mg, .pages_freed = fr};
+    pthread_mutex_unlock(&s->view_mu);
+}
+
+int eng_sched_view_get(eng_sched *s, uint64_t since, eng_sched_view *out) {
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&s->view_mu);
+    int L = s->view_layers, n_run = s->view_n;
+    int n_fin = s->n_recent < ENG_VIEW_RECENT ? (int)s->n_recent : ENG_VIEW_RECENT;
+    int n = n_run + n_fin;
+    uint64_t first = s->n_events > ENG_VIEW_EVENTS ? s->n_events - ENG_VIEW_EVENTS + 1 : 1;
+    if (since + 1 > first) first = since + 1;
+    int ne = s->n_events >= first ? (int)(s->n_events - first + 1) : 0;
+    out->seqs = calloc((size_t)(n ? n : 1), sizeof *out->seqs);
+    out->ints_ = calloc((size_t)(n ? n : 1) * 2 * (size_t)L, sizeof *out->ints_);
+    out->events = calloc((size_t)(ne ? ne : 1), sizeof *out->events);
+    if (!out->seqs || !out->ints_ || !out->events) {
+        pthread_mutex_unlock(&s->view_mu);
+        eng_sched_view_free(out);
+        return D2_ENOMEM;
+    }
+    out->n_layers = L;
+    out->n_seqs = n;
+    for (int i = 0; i < n; i++) {
+        /* running ones first, then the finished ring newest first */
+        int src = i < n_run ? i : s->e->max_seqs + (int)((s->n_recent - 1 - (uint64_t)(i - n_run)) % ENG_VIEW_RECENT);
+        out->seqs[i] = s->view_seqs[src];
+        out->seqs[i].pages = out->ints_ + (size_t)i * 2 * (size_t)L;
+        out->seqs[i].tokens = out->seqs[i].pages + L;
+        memcpy(out->seqs[i].pages, s->view_seqs[src].pages, sizeof(int32_t) * 2 * (size_t)L);
+    }
+    for (int i = 0; i < ne; i++) out->events[i] = s->events[(first + (uint64_t)i - 1) % ENG_VIEW_EVENTS];
+    out->n_events = ne;
+    out->last_event = s->n_events;
+    pthread_mutex_unlock(&s->view_mu);
+    return D2_OK;
+}
+
+void eng_sched_view_free(eng_sched_view *v) {
+    if (!v) return;
+    free(v->seqs);
+    free(v->ints_);
+    free(v->events);
+    memset(v, 0, sizeof *v);
+}
+
 /* Known tokens of r: what the cache must hold before the next sample. */
 static int known(const sreq *r) { return r->n_prompt + r->n_gen; }
 
@@ -357,7 +481,10 @@ int eng_sched_step(eng_sched *s) {
         retire(s, r, ENG_FINISH_ERROR, D2_EKVFULL);
     }
     publish_counts(s);
-    if (s->running.n == 0) return s->waiting.n;
+    if (s->running.n == 0) {
+        publish_view(s);
+        return s->waiting.n;
+    }
 
     /* 4-5. plan, preempting while the pool cannot hold it */
     int nt, ns;
@@ -430,10 +557,12 @@ int eng_sched_step(eng_sched *s) {
         int64_t ev0 = ks->n_evicted, mg0 = ks->n_merged, fr0 = ks->n_pages_freed;
         int fed = r->n_fed + e->bseqs[k].n;
         int crc = D2_OK;
+        int phase = ks->compressed ? ENG_KV_EVENT_DECODE : ENG_KV_EVENT_PREFILL;
         if (!ks->compressed && fed >= r->prefill_end)
             crc = eng_kv_compress_prompt(e->kvws, e->pool, r->kv, ks);
         else if (ks->compressed)
             crc = eng_kv_after_decode(e->kvws, e->pool, r->kv, ks);
+        record_event(s, r->id, phase, ks->n_evicted - ev0, ks->n_merged - mg0, ks->n_pages_freed - fr0);
         if (crc != D2_OK && crc != D2_EKVFULL)
             D2_ERROR("sched: KV compression of request %llu failed: %s",
                      (unsigned long long)r->id, d2_strerror(crc));
@@ -479,6 +608,7 @@ int eng_sched_step(eng_sched *s) {
         }
     }
     publish_counts(s);
+    publish_view(s);
     return s->running.n + s->waiting.n;
 }
 
@@ -531,6 +661,9 @@ void eng_sched_destroy(eng_sched *s) {
     }
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->view_mu);
     free(s->plan_req);
+    free(s->view_seqs);
+    free(s->view_ints);
     free(s);
 }

@@ -3,6 +3,9 @@
 # d2od needs, only when something is missing. Called by `make run`/`make test`.
 set -euo pipefail
 pkgs=(build-essential pkg-config libjansson-dev libmicrohttpd-dev libuv1-dev libcurl4-openssl-dev libssl-dev python3 nodejs npm)
+# The web page's end-to-end test drives Debian's Chromium (tests/integration/test_ui.py);
+# only the tests need it.
+[ "${1:-}" = "--test" ] && pkgs+=(chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,9 +21,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
-# JavaScript test clients (the HF tokenizer oracle and the OpenAI client), pinned in tests/js;
+# JavaScript test clients (the HF tokenizer oracle, the OpenAI client, playwright-core), pinned in tests/js;
 # only for the tests (`make test` passes --test).
-if [ "${1:-}" = "--test" ] && [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules ]; then
+# (again whenever the lock file is newer than the last install, e.g. a package was added)
+if [ "${1:-}" = "--test" ] && [ -f tests/js/package.json ] && { [ ! -d tests/js/node_modules ] ||
+     [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; }; then
   echo "install-deps: npm install in tests/js"
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error) \
     || echo "install-deps: npm install failed; the JavaScript client tests will be skipped"

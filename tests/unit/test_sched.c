@@ -244,3 +244,69 @@ TEST(threaded_many_submitters) {
     ASSERT_EQ(ps.pages_free, ps.pages_total);
     eng_engine_destroy(e);
 }
+
+/* The live view (eng_sched_view_get): while a compressed request runs it lists
+ * the sequence with its pages per layer; when it ends the finished ring keeps
+ * its final shape (compressed middle layers below the kept first layer); the
+ * compression events carry the evicted/merged/freed deltas, add up to the
+ * scheduler's counters, and `since` leaves out the ones already seen. */
+TEST(live_view_and_events) {
+    eng_engine *e = open_engine(4, 0);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 4};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[120];
+    fill_prompt(p, 120, 9);
+    rec r = {0};
+    eng_request q = mk_req(p, 120, 100, &r);
+    eng_kv_config_default(&q.kv, ENG_KV_D2O);
+    q.kv.budget_frac = 0.2f;
+    uint64_t id;
+    ASSERT_OK(eng_sched_submit(s, &q, &id, NULL));
+    eng_sched_view v;
+    bool seen_running = false;
+    int guard = 0;
+    while (eng_sched_step(s) > 0) {
+        ASSERT_LT(guard++, 10000);
+        ASSERT_OK(eng_sched_view_get(s, 0, &v));
+        if (v.n_seqs >= 1 && !v.seqs[0].finished) {
+            ASSERT_EQ(v.seqs[0].id, id);
+            ASSERT_EQ(v.seqs[0].kv.method, ENG_KV_D2O);
+            ASSERT_EQ(v.n_layers, 5);
+            ASSERT_GT(v.seqs[0].pages[0], 0);
+            seen_running = true;
+        }
+        eng_sched_view_free(&v);
+    }
+    ASSERT(seen_running);
+    ASSERT_OK(eng_sched_view_get(s, 0, &v));
+    ASSERT_EQ(v.n_seqs, 1);
+    ASSERT(v.seqs[0].finished);
+    ASSERT(v.seqs[0].compressed);
+    ASSERT_EQ(v.seqs[0].n_generated, 100);
+    ASSERT_LT(v.seqs[0].pages[2], v.seqs[0].pages[0]); /* layer 2 compressed, layer 0 kept */
+    ASSERT_LT(v.seqs[0].tokens[2], v.seqs[0].tokens[0]);
+    ASSERT_GT(v.n_events, 1);
+    ASSERT_EQ(v.events[0].phase, ENG_KV_EVENT_PREFILL);
+    int64_t ev = 0, mg = 0, fr = 0;
+    for (int i = 0; i < v.n_events; i++) {
+        ASSERT_EQ(v.events[i].seq, (uint64_t)i + 1);
+        ASSERT_EQ(v.events[i].id, id);
+        ev += v.events[i].evicted;
+        mg += v.events[i].merged;
+        fr += v.events[i].pages_freed;
+    }
+    eng_sched_stats st = eng_sched_get_stats(s);
+    ASSERT_EQ(ev, st.kv_tokens_evicted);
+    ASSERT_EQ(mg, st.kv_tokens_merged);
+    ASSERT_EQ(fr, st.kv_pages_freed);
+    ASSERT_GT(ev, 0);
+    uint64_t last = v.last_event;
+    eng_sched_view_free(&v);
+    ASSERT_OK(eng_sched_view_get(s, last - 1, &v));
+    ASSERT_EQ(v.n_events, 1);
+    ASSERT_EQ(v.events[0].seq, last);
+    eng_sched_view_free(&v);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
