@@ -3,7 +3,9 @@
  *
  * Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
  * GET /health (503 until api_server_set_ready), GET /metrics (Prometheus
- * text, `d2od:` prefix), POST /tokenize, POST /detokenize.
+ * text, `d2od:` prefix), POST /tokenize, POST /detokenize, GET / (the
+ * built-in web page, open like /health) and GET /status (the KV pool view as
+ * JSON, behind the API key; api/ui.c).
  *
  * HTTP runs on libmicrohttpd's own polling thread; a request waiting for the
  * engine is suspended (no thread ever blocks on a client or on the engine).
@@ -65,5 +67,32 @@ void api_server_cancel_all(api_server *srv);
 void api_server_update_config(api_server *srv, const api_config *cfg);
 /* Stops the HTTP thread (connections closed) and frees. Accepts NULL. */
 void api_server_destroy(api_server *srv);
+
+/* ---- batch files (api/batch.c) --------------------------------------------------
+ *
+ * Runs an OpenAI batch input file (JSONL of {custom_id, method, url, body})
+ * through the scheduler and appends one result line per request to output
+ * ({id, custom_id, response: {status_code, request_id, body}, error}).
+ * custom_ids already in output are skipped (resume). The scheduler must be
+ * started (eng_sched_start). Blocks until every request is written. */
+typedef struct api_batch_config {
+    const char *model_name;     /* "model" in the result bodies */
+    int max_n, max_tokens_limit, default_max_tokens;
+    eng_kv_config kv_default;   /* for requests without "kv_compression" */
+    const char *chat_template;  /* NULL: the model's, else ChatML */
+    int max_in_flight;          /* requests submitted at once; 0: 256 */
+    bool progress;              /* progress bar on stderr (a terminal) */
+} api_batch_config;
+
+typedef struct api_batch_report {
+    int64_t total, ok, failed, skipped; /* requests: results 200 / errors / already in the output */
+    int64_t prompt_tokens, completion_tokens;
+    double seconds;
+} api_batch_report;
+
+/* D2_OK when the files could be read and written (requests may still have
+ * failed: see the report); else an error with err (size errlen) filled. */
+int api_batch_run(const api_batch_config *cfg, eng_engine *e, eng_sched *s, const char *input, const char *output,
+                  api_batch_report *rep, char *err, size_t errlen);
 
 #endif

@@ -13,6 +13,7 @@ int d2_cmd_perplexity(int argc, char **argv);
 int d2_cmd_bench(int argc, char **argv);
 int d2_cmd_serve(int argc, char **argv);
 int d2_cmd_eval(int argc, char **argv);
+int d2_cmd_batch(int argc, char **argv);
 
 /* Shared option parsing: returns the value of --name (advancing *i), or NULL
  * and prints an error when the value is missing. */

@@ -7,6 +7,7 @@
  *   d2od perplexity  teacher-forced NLL of a file
  *   d2od bench       CPU throughput and roofline figures
  *   d2od eval        KV-compression methods against the full cache
+ *   d2od batch       an OpenAI batch file through the engine (no HTTP)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,7 @@ static void usage(FILE *f) {
             "  perplexity  score a text file teacher-forced; print tokens, nll_sum, ppl\n"
             "  bench       measure CPU decode throughput against the memory roofline\n"
             "  eval        compare KV-compression methods with the full cache (ppl, agreement, passkey)\n"
+            "  batch       run an OpenAI batch file (JSONL) through the engine, resumable\n"
             "\n"
             "Run 'd2od <command> --help' for a command's options.\n");
 }
@@ -51,6 +53,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "bench")) return d2_cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "serve")) return d2_cmd_serve(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return d2_cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "batch")) return d2_cmd_batch(argc - 1, argv + 1);
     fprintf(stderr, "d2od: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 2;
