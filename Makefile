@@ -44,8 +44,8 @@ BUILD ?= build/san
 endif
 BUILD ?= build
 
-PKG_CFLAGS := $(shell pkg-config --cflags jansson libmicrohttpd libuv libcurl libcrypto 2>/dev/null)
-PKG_LIBS := $(shell pkg-config --libs jansson libmicrohttpd libuv libcurl libcrypto 2>/dev/null || echo -ljansson -lmicrohttpd -luv -lcurl -lcrypto)
+PKG_CFLAGS := $(shell pkg-config --cflags jansson libmicrohttpd libuv libcurl libcrypto cairo 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs jansson libmicrohttpd libuv libcurl libcrypto cairo 2>/dev/null || echo -ljansson -lmicrohttpd -luv -lcurl -lcrypto -lcairo)
 
 CFLAGS ?=
 CFLAGS += -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) $(OPT) -pthread -MMD -MP -I. $(PKG_CFLAGS)

@@ -27,10 +27,14 @@
  * opening following after a BOS, until the window is full. They are
  * therefore in-distribution for the model; --text scores a real file.
  *
- * Output: a table on stdout, optionally a JSON file and a PNG plot (three
- * panels: perplexity, agreement, passkey against the budget).
+ * Output: a table on stdout, optionally a JSON file and a plot drawn with
+ * cairo as PNG (--out-png) and/or SVG (--out-svg): three panels, perplexity,
+ * agreement and passkey accuracy against the budget, axes labelled, a legend.
  */
+#include <cairo-svg.h>
+#include <cairo.h>
 #include <jansson.h>
+#include <stdbool.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +44,6 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "daemon/cli.h"
-#include "daemon/png.h"
 #include "engine/engine.h"
 
 #define EV_MAX_METHODS 8
@@ -48,7 +51,7 @@
 #define EV_MAX_LENGTHS 8
 
 typedef struct ev_opts {
-    const char *model, *text_file, *out_png, *json_file;
+    const char *model, *text_file, *out_png, *out_svg, *json_file;
     int methods[EV_MAX_METHODS];
     int n_methods;
     double budgets[EV_MAX_BUDGETS];
@@ -88,7 +91,7 @@ static void eval_help(FILE *f) {
             "\n"
             "Compares KV-compression methods with the full cache: perplexity over long text,\n"
             "agreement of greedy generations with the full cache's, and passkey retrieval.\n"
-            "Prints a table; --json and --out-png write the results and a plot.\n"
+            "Prints a table; --json writes the results, --out-png / --out-svg a plot.\n"
             "\n"
             "  --model M              GGUF file or Hugging Face model directory (required)\n"
             "  --methods LIST         default full,d2o,h2o,streamingllm,snapkv,pyramidkv\n"
@@ -101,7 +104,8 @@ static void eval_help(FILE *f) {
             "  --agree-tokens N       greedy tokens per prompt (default 64)\n"
             "  --passkey-lengths LIST prompt lengths in tokens (default: 1/4, 1/2, 7/8 of ctx)\n"
             "  --passkey-trials N     trials per length (default 5)\n"
-            "  --out-png FILE         plot of the three measures against the budget\n"
+            "  --out-png FILE         plot of the three measures against the budget (PNG)\n"
+            "  --out-svg FILE         the same plot as SVG\n"
             "  --json FILE            every figure as JSON\n"
             "  --threads N            CPU threads (default: all cores)\n"
             "  --max-ctx N            cap the context length (default: the model's)\n"
@@ -146,6 +150,7 @@ static int parse_opts(int argc, char **argv, ev_opts *o) {
         else if (!strcmp(a, "--budgets")) { VAL(); budgets = s; }
         else if (!strcmp(a, "--text")) { VAL(); o->text_file = s; }
         else if (!strcmp(a, "--out-png")) { VAL(); o->out_png = s; }
+        else if (!strcmp(a, "--out-svg")) { VAL(); o->out_svg = s; }
         else if (!strcmp(a, "--json")) { VAL(); o->json_file = s; }
         else if (!strcmp(a, "--passkey-lengths")) { VAL(); lengths = s; }
         else if (!strcmp(a, "--threads")) { VAL(); if (d2_cli_int(a, s, 0, 1024, &v)) return 2; o->threads = (int)v; }
@@ -559,25 +564,37 @@ static int measure(eng_engine *e, eng_sched *s, const ev_opts *o, const eng_kv_c
     return rc;
 }
 
-/* ---- plot ------------------------------------------------------------------------------ */
+/* ---- plot (cairo: PNG and SVG from the same drawing code) ---------------------------- */
 
-static const dmn_rgb COLOURS[] = {{0, 0, 0}, {214, 39, 40}, {31, 119, 180}, {44, 160, 44},
-                                  {255, 127, 14}, {148, 103, 189}, {140, 86, 75}, {227, 119, 194}};
+typedef struct ev_col { double r, g, b; } ev_col;
+static const ev_col COLOURS[] = {{0, 0, 0},           {0.84, 0.15, 0.16}, {0.12, 0.47, 0.71}, {0.17, 0.63, 0.17},
+                                 {1.00, 0.50, 0.05}, {0.58, 0.40, 0.74}, {0.55, 0.34, 0.29}, {0.89, 0.47, 0.76}};
 
 typedef double (*metric_fn)(const ev_result *r);
 static double m_ppl(const ev_result *r) { return r->ppl; }
 static double m_agree(const ev_result *r) { return r->agree_prefix; }
 static double m_pk(const ev_result *r) { return r->pk_n_all ? (double)r->pk_pass_all / r->pk_n_all : NAN; }
 
-static int plot_x(double b, int x0, int x1) { return x0 + (int)lround(b * (x1 - x0)); }
+static ev_col method_colour(const ev_opts *o, int mi) {
+    return o->methods[mi] == ENG_KV_FULL ? COLOURS[0] : COLOURS[(mi % 7) + 1];
+}
 
-/* One panel: x = budget in [0, 1], y = metric; one line per method, the full
- * cache as a horizontal line. */
-static void draw_panel(dmn_canvas *c, int px, int py, int pw, int ph, const char *title, metric_fn f,
-                       const ev_result *res, int n_res, const ev_opts *o, double ylo_fixed,
+static void set_col(cairo_t *cr, ev_col c) { cairo_set_source_rgb(cr, c.r, c.g, c.b); }
+
+/* Text anchored at (x, y): ax/ay 0 = left/top, 0.5 = centre, 1 = right/bottom. */
+static void text_at(cairo_t *cr, double x, double y, double ax, double ay, const char *s) {
+    cairo_text_extents_t te;
+    cairo_text_extents(cr, s, &te);
+    cairo_move_to(cr, x - te.x_bearing - te.width * ax, y - te.y_bearing - te.height * ay);
+    cairo_show_text(cr, s);
+}
+
+/* One panel in the box (px, py, pw, ph): x = KV budget in [0, 1], y = metric;
+ * one line per method with markers, the full cache as a dashed line. */
+static void draw_panel(cairo_t *cr, double px, double py, double pw, double ph, const char *title, const char *ylabel,
+                       metric_fn f, const ev_result *res, int n_res, const ev_opts *o, double ylo_fixed,
                        double yhi_fixed) {
-    const dmn_rgb black = {0, 0, 0}, grey = {200, 200, 200};
-    int x0 = px + 60, x1 = px + pw - 15, y0 = py + ph - 45, y1 = py + 30;
+    double x0 = px + 78, x1 = px + pw - 18, y0 = py + ph - 58, y1 = py + 40;
     double lo = ylo_fixed, hi = yhi_fixed;
     if (!(hi > lo)) { /* auto range */
         lo = INFINITY;
@@ -591,75 +608,154 @@ static void draw_panel(dmn_canvas *c, int px, int py, int pw, int ph, const char
         lo -= pad;
         hi += pad;
     }
-    dmn_canvas_text(c, px + (pw - dmn_canvas_text_width(title, 2)) / 2, py + 6, title, 2, black);
+#define XPIX(b) (x0 + (b) * (x1 - x0))
+#define YPIX(v) (y0 + (y1 - y0) * ((v) - lo) / (hi - lo))
+    cairo_select_font_face(cr, "DejaVu Sans", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_BOLD);
+    cairo_set_font_size(cr, 16);
+    set_col(cr, COLOURS[0]);
+    text_at(cr, (x0 + x1) / 2, py + 12, 0.5, 0, title);
+    cairo_select_font_face(cr, "DejaVu Sans", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+    cairo_set_font_size(cr, 12);
+    cairo_set_line_width(cr, 1);
+    int dec = 1; /* one decimal beyond the step's first significant digit */
+    for (double step = (hi - lo) / 4; dec < 6 && step < 1.0; step *= 10) dec++;
     for (int k = 0; k <= 4; k++) { /* y grid and labels */
-        double v = lo + (hi - lo) * k / 4.0;
-        int y = y0 + (int)lround((y1 - y0) * k / 4.0);
-        dmn_canvas_line(c, x0, y, x1, y, 1, grey);
+        double v = lo + (hi - lo) * k / 4.0, y = YPIX(v);
+        cairo_set_source_rgb(cr, 0.85, 0.85, 0.85);
+        cairo_move_to(cr, x0, y);
+        cairo_line_to(cr, x1, y);
+        cairo_stroke(cr);
         char lab[32];
-        int dec = 1; /* one decimal beyond the step's first significant digit */
-        for (double step = (hi - lo) / 4; dec < 6 && step < 1.0; step *= 10) dec++;
         snprintf(lab, sizeof lab, "%.*f", dec, v);
-        dmn_canvas_text(c, x0 - 6 - dmn_canvas_text_width(lab, 1), y - 3, lab, 1, black);
+        set_col(cr, COLOURS[0]);
+        text_at(cr, x0 - 7, y, 1, 0.5, lab);
     }
     for (int k = 0; k <= 10; k += 2) { /* x grid: budget */
-        int x = plot_x(k / 10.0, x0, x1);
-        dmn_canvas_line(c, x, y0, x, y1, 1, grey);
+        double x = XPIX(k / 10.0);
+        cairo_set_source_rgb(cr, 0.85, 0.85, 0.85);
+        cairo_move_to(cr, x, y0);
+        cairo_line_to(cr, x, y1);
+        cairo_stroke(cr);
         char lab[16];
         snprintf(lab, sizeof lab, "%d%%", k * 10);
-        dmn_canvas_text(c, x - dmn_canvas_text_width(lab, 1) / 2, y0 + 6, lab, 1, black);
+        set_col(cr, COLOURS[0]);
+        text_at(cr, x, y0 + 7, 0.5, 0, lab);
     }
-    dmn_canvas_text(c, (x0 + x1 - dmn_canvas_text_width("kv budget", 1)) / 2, y0 + 20, "kv budget", 1, black);
-    dmn_canvas_line(c, x0, y0, x1, y0, 2, black);
-    dmn_canvas_line(c, x0, y0, x0, y1, 2, black);
-#define YPIX(v) (y0 + (int)lround((double)(y1 - y0) * ((v) - lo) / (hi - lo)))
+    cairo_set_font_size(cr, 13);
+    text_at(cr, (x0 + x1) / 2, y0 + 28, 0.5, 0, "KV budget (share of the prompt kept)");
+    cairo_save(cr); /* y-axis label, rotated */
+    cairo_translate(cr, px + 16, (y0 + y1) / 2);
+    cairo_rotate(cr, -M_PI / 2);
+    text_at(cr, 0, 0, 0.5, 0.5, ylabel);
+    cairo_restore(cr);
+    cairo_set_line_width(cr, 1.5);
+    cairo_move_to(cr, x0, y1);
+    cairo_line_to(cr, x0, y0);
+    cairo_line_to(cr, x1, y0);
+    cairo_stroke(cr);
+    cairo_save(cr);
+    cairo_rectangle(cr, x0 - 6, y1 - 6, x1 - x0 + 12, y0 - y1 + 12);
+    cairo_clip(cr);
     for (int i = 0; i < n_res; i++) { /* full cache: dashed line across */
         if (res[i].method != ENG_KV_FULL || !isfinite(f(&res[i]))) continue;
-        int y = YPIX(f(&res[i]));
-        for (int x = x0; x < x1; x += 10) dmn_canvas_line(c, x, y, x + 5 < x1 ? x + 5 : x1, y, 2, COLOURS[0]);
-        dmn_canvas_rect(c, plot_x(1.0, x0, x1) - 3, y - 3, plot_x(1.0, x0, x1) + 3, y + 3, COLOURS[0]);
+        double y = YPIX(f(&res[i])), dash[] = {6, 4};
+        set_col(cr, COLOURS[0]);
+        cairo_set_line_width(cr, 2);
+        cairo_set_dash(cr, dash, 2, 0);
+        cairo_move_to(cr, x0, y);
+        cairo_line_to(cr, x1, y);
+        cairo_stroke(cr);
+        cairo_set_dash(cr, NULL, 0, 0);
     }
     for (int mi = 0; mi < o->n_methods; mi++) {
         if (o->methods[mi] == ENG_KV_FULL) continue;
-        dmn_rgb col = COLOURS[(mi % 7) + 1];
-        int prev_x = -1, prev_y = -1;
+        set_col(cr, method_colour(o, mi));
+        cairo_set_line_width(cr, 2.2);
+        bool first = true;
         for (int i = 0; i < n_res; i++) {
             if ((int)res[i].method != o->methods[mi] || !isfinite(f(&res[i]))) continue;
-            int x = plot_x(res[i].budget, x0, x1), y = YPIX(f(&res[i]));
-            if (prev_x >= 0) dmn_canvas_line(c, prev_x, prev_y, x, y, 2, col);
-            dmn_canvas_rect(c, x - 3, y - 3, x + 3, y + 3, col);
-            prev_x = x;
-            prev_y = y;
+            double x = XPIX(res[i].budget), y = YPIX(f(&res[i]));
+            if (first) cairo_move_to(cr, x, y); else cairo_line_to(cr, x, y);
+            first = false;
+        }
+        cairo_stroke(cr);
+        for (int i = 0; i < n_res; i++) {
+            if ((int)res[i].method != o->methods[mi] || !isfinite(f(&res[i]))) continue;
+            cairo_arc(cr, XPIX(res[i].budget), YPIX(f(&res[i])), 3.6, 0, 2 * M_PI);
+            cairo_fill(cr);
         }
     }
+    cairo_restore(cr);
+#undef XPIX
 #undef YPIX
 }
 
-static int write_plot(const char *path, const ev_result *res, int n_res, const ev_opts *o, const char *model) {
-    const int pw = 460, ph = 380, legend_h = 56;
-    dmn_canvas c;
-    int rc = dmn_canvas_init(&c, 3 * pw, ph + legend_h, (dmn_rgb){255, 255, 255});
-    if (rc != D2_OK) return rc;
-    draw_panel(&c, 0, 0, pw, ph, "perplexity", m_ppl, res, n_res, o, 0, 0);
-    draw_panel(&c, pw, 0, pw, ph, "greedy agreement", m_agree, res, n_res, o, 0, 1.0);
-    draw_panel(&c, 2 * pw, 0, pw, ph, "passkey accuracy", m_pk, res, n_res, o, 0, 1.0);
-    int lx = 60, ly = ph + 6;
+static void draw_plot(cairo_t *cr, double w, double h, const ev_result *res, int n_res, const ev_opts *o,
+                      const char *model) {
+    const double pw = w / 3, ph = h - 70;
+    cairo_set_source_rgb(cr, 1, 1, 1);
+    cairo_paint(cr);
+    draw_panel(cr, 0, 0, pw, ph, "Perplexity (lower is better)", "perplexity", m_ppl, res, n_res, o, 0, 0);
+    draw_panel(cr, pw, 0, pw, ph, "Greedy agreement", "share of tokens equal to the full cache", m_agree, res, n_res,
+               o, 0, 1.0);
+    draw_panel(cr, 2 * pw, 0, pw, ph, "Passkey retrieval", "accuracy", m_pk, res, n_res, o, 0, 1.0);
+    /* legend: a line with a marker (or dashes for the full cache) and the name */
+    cairo_select_font_face(cr, "DejaVu Sans", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+    cairo_set_font_size(cr, 14);
+    double lx = 78, ly = ph + 14;
     for (int mi = 0; mi < o->n_methods; mi++) {
-        dmn_rgb col = o->methods[mi] == ENG_KV_FULL ? COLOURS[0] : COLOURS[(mi % 7) + 1];
-        const char *name = eng_kv_method_name((eng_kv_method)o->methods[mi]);
-        dmn_canvas_rect(&c, lx, ly + 3, lx + 24, ly + 8, col);
-        lx += 32;
-        lx += dmn_canvas_text(&c, lx, ly, name, 2, (dmn_rgb){0, 0, 0}) + 28;
+        set_col(cr, method_colour(o, mi));
+        cairo_set_line_width(cr, o->methods[mi] == ENG_KV_FULL ? 2 : 2.2);
+        if (o->methods[mi] == ENG_KV_FULL) {
+            double dash[] = {6, 4};
+            cairo_set_dash(cr, dash, 2, 0);
+        }
+        cairo_move_to(cr, lx, ly + 8);
+        cairo_line_to(cr, lx + 30, ly + 8);
+        cairo_stroke(cr);
+        cairo_set_dash(cr, NULL, 0, 0);
+        if (o->methods[mi] != ENG_KV_FULL) {
+            cairo_arc(cr, lx + 15, ly + 8, 3.6, 0, 2 * M_PI);
+            cairo_fill(cr);
+        }
+        const char *name = o->methods[mi] == ENG_KV_FULL ? "full cache" : eng_kv_method_name((eng_kv_method)o->methods[mi]);
+        set_col(cr, COLOURS[0]);
+        text_at(cr, lx + 38, ly + 8, 0, 0.5, name);
+        cairo_text_extents_t te;
+        cairo_text_extents(cr, name, &te);
+        lx += 38 + te.x_advance + 30;
     }
-    char cap[256];
+    char cap[512];
     /* the last two path components name the model (".../stories260K/hf") */
     const char *base = model + strlen(model);
     for (int slashes = 0; base > model; base--)
         if (base[-1] == '/' && base[1] && ++slashes == 2) break;
-    snprintf(cap, sizeof cap, "model %s - budget = fraction of the prompt kept - full cache dashed", base);
-    dmn_canvas_text(&c, 60, ph + 34, cap, 1, (dmn_rgb){80, 80, 80});
-    rc = dmn_png_write(path, c.rgb, c.w, c.h);
-    dmn_canvas_free(&c);
+    snprintf(cap, sizeof cap, "model %s — x: KV budget = share of the prompt kept per layer; dashed: full cache", base);
+    cairo_set_font_size(cr, 12);
+    cairo_set_source_rgb(cr, 0.35, 0.35, 0.35);
+    text_at(cr, 78, ly + 30, 0, 0, cap);
+}
+
+#define PLOT_W 1440
+#define PLOT_H 480
+
+/* Writes the plot as PNG or SVG. */
+static int write_plot(const char *path, bool svg, const ev_result *res, int n_res, const ev_opts *o,
+                      const char *model) {
+    cairo_surface_t *sf = svg ? cairo_svg_surface_create(path, PLOT_W, PLOT_H)
+                              : cairo_image_surface_create(CAIRO_FORMAT_RGB24, PLOT_W, PLOT_H);
+    if (cairo_surface_status(sf) != CAIRO_STATUS_SUCCESS) {
+        cairo_surface_destroy(sf);
+        return D2_EIO;
+    }
+    cairo_t *cr = cairo_create(sf);
+    draw_plot(cr, PLOT_W, PLOT_H, res, n_res, o, model);
+    int rc = cairo_status(cr) == CAIRO_STATUS_SUCCESS ? D2_OK : D2_EIO;
+    cairo_destroy(cr);
+    if (rc == D2_OK && !svg && cairo_surface_write_to_png(sf, path) != CAIRO_STATUS_SUCCESS) rc = D2_EIO;
+    cairo_surface_finish(sf);
+    if (cairo_surface_status(sf) != CAIRO_STATUS_SUCCESS) rc = D2_EIO;
+    cairo_surface_destroy(sf);
     return rc;
 }
 
@@ -878,8 +974,12 @@ int d2_cmd_eval(int argc, char **argv) {
     exit_code = 0;
     if (o.json_file && write_json(o.json_file, res, n_res, &o, ctx, prefill, n_texts, (int)text_tokens, pk, n_pk) != D2_OK)
         exit_code = 1;
-    if (o.out_png && write_plot(o.out_png, res, n_res, &o, o.model) != D2_OK) {
+    if (o.out_png && write_plot(o.out_png, false, res, n_res, &o, o.model) != D2_OK) {
         fprintf(stderr, "d2od eval: cannot write %s\n", o.out_png);
+        exit_code = 1;
+    }
+    if (o.out_svg && write_plot(o.out_svg, true, res, n_res, &o, o.model) != D2_OK) {
+        fprintf(stderr, "d2od eval: cannot write %s\n", o.out_svg);
         exit_code = 1;
     }
 done:

@@ -2,7 +2,7 @@
 # tools/install-deps.sh — installs the Debian packages and npm test clients
 # d2od needs, only when something is missing. Called by `make run`/`make test`.
 set -euo pipefail
-pkgs=(build-essential pkg-config libjansson-dev libmicrohttpd-dev libuv1-dev libcurl4-openssl-dev libssl-dev python3 nodejs npm)
+pkgs=(build-essential pkg-config libjansson-dev libmicrohttpd-dev libuv1-dev libcurl4-openssl-dev libssl-dev libcairo2-dev fonts-dejavu-core python3 nodejs npm)
 # The web page's end-to-end test drives Debian's Chromium (tests/integration/test_ui.py);
 # only the tests need it.
 [ "${1:-}" = "--test" ] && pkgs+=(chromium)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """tests/integration/test_eval.py — drives `d2od eval` on stories260K with a
 small configuration (short context, few prompts) and checks that the table,
-the JSON and the PNG are produced and sane: the full cache agrees with itself
+the JSON and the plot (PNG and SVG, drawn with cairo) are produced and sane: the full cache agrees with itself
 (1.0), perplexities are finite and plausible, compressed runs really evict,
 the same seed gives the same figures, --text works, bad options are usage
-errors. The PNG is decoded here with zlib (chunk CRCs, Adler-32, filter
-bytes, size) to check the hand-written encoder. Then `d2od serve` with a
+errors. The PNG is decoded here with zlib (chunk CRCs, Adler-32, the five
+row filters, size) and checked for every method's colour; the SVG is parsed. Then `d2od serve` with a
 kv_method/kv_budget default: the "kv_compression" request field (200 and
 evictions counted in /metrics; every invalid form a 400 naming the field).
 
@@ -53,7 +53,8 @@ def run(args, timeout=300):
 
 
 def read_png(path):
-    """Returns (width, height, rgb bytes) after checking every chunk's CRC."""
+    """Returns (width, height, rgb bytes) after checking every chunk's CRC; undoes
+    the five PNG row filters (cairo writes through libpng, which picks them)."""
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "signature"
     pos, idat, ihdr, names = 8, b"", None, []
@@ -71,12 +72,36 @@ def read_png(path):
         pos += 12 + n
     assert names[0] == b"IHDR" and names[-1] == b"IEND", names
     w, h, depth, ctype, _, _, interlace = ihdr
-    assert depth == 8 and ctype == 2 and interlace == 0, ihdr
+    assert depth == 8 and ctype in (2, 6) and interlace == 0, ihdr
+    bpp = 3 if ctype == 2 else 4
+    stride = bpp * w
     raw = zlib.decompress(idat)  # checks the Adler-32 too
-    assert len(raw) == h * (1 + 3 * w), "size"
-    rows = [raw[y * (1 + 3 * w):(y + 1) * (1 + 3 * w)] for y in range(h)]
-    assert all(r[0] == 0 for r in rows), "filter bytes"
-    return w, h, b"".join(r[1:] for r in rows)
+    assert len(raw) == h * (1 + stride), "size"
+    prev, out = bytearray(stride), bytearray()
+    for y in range(h):
+        ft = raw[y * (1 + stride)]
+        cur = bytearray(raw[y * (1 + stride) + 1:(y + 1) * (1 + stride)])
+        assert ft <= 4, f"filter type {ft}"
+        for i in range(stride):
+            a = cur[i - bpp] if i >= bpp else 0
+            b = prev[i]
+            c = prev[i - bpp] if i >= bpp else 0
+            if ft == 1:
+                cur[i] = (cur[i] + a) & 255
+            elif ft == 2:
+                cur[i] = (cur[i] + b) & 255
+            elif ft == 3:
+                cur[i] = (cur[i] + (a + b) // 2) & 255
+            elif ft == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                cur[i] = (cur[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        if bpp == 4:
+            out += b"".join(bytes(cur[i:i + 3]) for i in range(0, stride, 4))
+        else:
+            out += cur
+        prev = cur
+    return w, h, bytes(out)
 
 
 def free_port():
@@ -179,8 +204,8 @@ def main():
         print("eval: 0 passed, 0 failed, 1 skipped")
         return 0
     tmp = tempfile.mkdtemp(prefix="d2od_eval_")
-    js, png = os.path.join(tmp, "e.json"), os.path.join(tmp, "e.png")
-    r = run(["--model", HF, "--json", js, "--out-png", png] + SMALL)
+    js, png, svg = os.path.join(tmp, "e.json"), os.path.join(tmp, "e.png"), os.path.join(tmp, "e.svg")
+    r = run(["--model", HF, "--json", js, "--out-png", png, "--out-svg", svg] + SMALL)
     out = r.stdout.decode("utf-8", "replace")
     check("eval exits 0", r.returncode == 0, r.stderr.decode()[-800:])
     if r.returncode != 0:
@@ -221,8 +246,21 @@ def main():
         colours = {pix[i:i + 3] for i in range(0, len(pix), 3 * 7)}
         check("png decodes (CRC, Adler-32, filters, size)", w >= 600 and h >= 200, (w, h))
         check("png has axes and coloured lines", len(colours) >= 5, len(colours))
+        # each method's colour is drawn (lines and legend): h2o, streamingllm, d2o
+        want = [(31, 119, 180), (44, 160, 44), (255, 127, 13)]
+        seen = {pix[i:i + 3] for i in range(0, len(pix), 3)}
+        check("png has every method's colour", all(any(max(abs(a - b) for a, b in zip(c, bytes(t))) <= 3 for c in seen)
+                                                   for t in want), [t for t in want])
     except Exception as ex:  # noqa: BLE001 - any decoding failure is a test failure
         check("png decodes (CRC, Adler-32, filters, size)", False, repr(ex))
+    try:
+        import xml.etree.ElementTree as ET
+        root = ET.parse(svg).getroot()
+        check("svg parses, 1440x480 view box, with glyphs and paths",
+              root.tag.endswith("svg") and root.get("viewBox") == "0 0 1440 480"
+              and len(root.findall(".//{http://www.w3.org/2000/svg}path")) > 50, root.attrib)
+    except Exception as ex:  # noqa: BLE001 - any parse failure is a test failure
+        check("svg parses, 1440x480 view box, with glyphs and paths", False, repr(ex))
 
     js2 = os.path.join(tmp, "e2.json")
     r2 = run(["--model", HF, "--json", js2] + SMALL)
