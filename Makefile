@@ -134,12 +134,12 @@ check-layers:
 
 
 # The default model ships in the repository (models/stories260K, MIT); MODEL= serves another:
-# a GGUF file or a Hugging Face directory.
+# a GGUF file, a Hugging Face directory, or a hub id org/name[@revision] (Hugging Face cache).
 DEFAULT_MODEL := models/stories260K/stories260K.gguf
 run: deps
 	@$(MAKE) --no-print-directory $(BUILD)/d2od
 	@echo "make run: serving $(or $(MODEL),$(DEFAULT_MODEL)) on http://127.0.0.1:$(or $(PORT),8000)"
-	@echo "make run: to serve another model: make run MODEL=path/to/model.gguf | MODEL=path/to/hf-dir [PORT=8000] [ARGS='--api-key K ...']"
+	@echo "make run: web page http://127.0.0.1:$(or $(PORT),8000)/ ; to serve another model: make run MODEL=path/to/model.gguf | MODEL=path/to/hf-dir | MODEL=org/name[@rev] [PORT=8000] [ARGS='--api-key K ...']"
 	$(BUILD)/d2od serve --model $(or $(MODEL),$(DEFAULT_MODEL)) $(if $(MODEL),,--served-model-name stories260K --ctx-len 512) --host 127.0.0.1 --port $(or $(PORT),8000) $(ARGS)
 
 test:
