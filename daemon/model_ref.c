@@ -5,6 +5,7 @@
  * cache by hub/ (downloading what is missing). Callers: daemon/ (main.c for
  * every command's --model, serve.c for the configured model).
  */
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -13,8 +14,21 @@
 #include "daemon/cli.h"
 #include "hub/hub.h"
 
+/* A hub id, not a path: has the id's shape, does not exist locally, and its
+ * first component is not a local directory either ("models/x.gguf" with a
+ * typo stays a path, so the error is "no such file", not a download). */
+static bool is_hub_ref(const char *arg) {
+    if (!arg || access(arg, F_OK) == 0 || !hub_is_repo_id(arg)) return false;
+    char org[256];
+    size_t k = strcspn(arg, "/");
+    if (k >= sizeof org) return true;
+    memcpy(org, arg, k);
+    org[k] = '\0';
+    return access(org, F_OK) != 0;
+}
+
 int d2_model_resolve(const char *arg, const char *gguf_file, char *out, size_t n) {
-    if (!arg || access(arg, F_OK) == 0 || !hub_is_repo_id(arg)) {
+    if (!is_hub_ref(arg)) {
         if (!arg || snprintf(out, n, "%s", arg) >= (int)n) return D2_ERANGE;
         return D2_OK;
     }
@@ -45,7 +59,7 @@ int d2_cli_resolve_model(int *argc, char **argv) {
         bool eq = false;
         if (!strcmp(argv[i], "--model") && i + 1 < *argc) v = argv[i + 1];
         else if (!strncmp(argv[i], "--model=", 8)) { v = argv[i] + 8; eq = true; }
-        if (!v || access(v, F_OK) == 0 || !hub_is_repo_id(v)) continue;
+        if (!is_hub_ref(v)) continue;
         if (d2_model_resolve(v, gguf, resolved, sizeof resolved) != D2_OK) return 1;
         if (eq) {
             static char flag[4096 + 16];

@@ -388,6 +388,11 @@ def main():
         check("unknown repository: clear error", rc != 0 and "test-org/missing" in err, err[-300:])
         hub.take_log()
 
+        # a typo in a local path (its first folder exists) is a missing file, not a download
+        rc, out, err = run(GEN + ["--model", "models/no-such-model.gguf"], env_for(hub, c7))
+        check("a missing local path is not taken for a hub id", rc != 0 and "no such file" in err and not hub.take_log(),
+              err[-300:])
+
         # 11. serve by hub id (offline, from the filled cache); the served name is org/name
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
