@@ -51,7 +51,7 @@ typedef struct cfg_directive {
 static const char *const log_level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const kv_method_names[] = {"full",   "d2o",    "h2o",      "streamingllm",
                                               "snapkv", "pyramidkv", NULL};
-static const char *const device_names[] = {"cpu", "cuda", NULL};
+static const char *const device_names[] = {"cpu", "cuda", "auto", NULL};
 
 static int check_host(const char *v, char *why, size_t n);
 static int check_api_key(const char *v, char *why, size_t n);
@@ -92,7 +92,7 @@ static const cfg_directive g_dirs[] = {
     {"kv_budget", CT_STRING, STR(kv_budget), "1.0", 0, 0, NULL, 0, check_kv_budget, "B",
      "KV-cache budget per sequence: fraction in (0,1] or a token count"},
     {"device", CT_ENUM, NUM(device), "cpu", 0, 0, device_names, 0, NULL, NULL,
-     "compute device"},
+     "compute backend: cpu, cuda (not in this build yet: refused at startup) or auto (best available)"},
     {"max_queue", CT_INT, NUM(max_queue), "256", 0, 100000, NULL, 1, NULL, "N",
      "requests that may wait for a slot; more are refused with 429"},
     {"max_tokens_limit", CT_INT, NUM(max_tokens_limit), "4096", 1, 1048576, NULL, 1, NULL, "N",

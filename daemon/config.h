@@ -61,7 +61,8 @@ enum dmn_kv_method {
     DMN_KV_PYRAMIDKV,
 };
 
-enum dmn_device { DMN_DEVICE_CPU = 0, DMN_DEVICE_CUDA };
+/* Same numbering as eng_device in engine/engine.h (serve.c checks it). */
+enum dmn_device { DMN_DEVICE_CPU = 0, DMN_DEVICE_CUDA, DMN_DEVICE_AUTO };
 
 /* Where a directive's current value came from (for the startup dump). */
 enum dmn_config_source { DMN_SRC_DEFAULT = 0, DMN_SRC_FILE, DMN_SRC_ENV, DMN_SRC_CLI, DMN_SRC_DERIVED };

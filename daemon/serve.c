@@ -281,11 +281,19 @@ int d2_cmd_serve(int argc, char **argv) {
     dmn_notify_status("loading %s", model_path);
     D2_INFO("serve: loading %s", model_path);
     double t0 = d2_now();
-    eng_engine_config ec = {.model_path = model_path, .n_threads = d->cfg.threads,
+    _Static_assert((int)ENG_DEVICE_CUDA == DMN_DEVICE_CUDA && (int)ENG_DEVICE_AUTO == DMN_DEVICE_AUTO,
+                   "dmn_device and eng_device share their numbering");
+    eng_engine_config ec = {.model_path = model_path, .device = (eng_device)d->cfg.device,
+                            .n_threads = d->cfg.threads,
                             .page_tokens = d->cfg.page_tokens, .kv_mem_mb = d->cfg.kv_mem_mb,
                             .max_seqs = d->cfg.max_seqs, .max_batch_tokens = d->cfg.max_batch_tokens,
                             .ctx_len = d->cfg.ctx_len};
     rc = eng_engine_create(&ec, &d->e);
+    if (rc == D2_EUNSUPPORTED && ec.device == ENG_DEVICE_CUDA) {
+        fprintf(stderr, "d2od serve: device cuda: this build has no CUDA backend yet (use --device cpu or auto)\n");
+        free(d);
+        return 1;
+    }
     if (rc != D2_OK) {
         fprintf(stderr, "d2od serve: cannot load %s: %s\n", model_path, d2_strerror(rc));
         free(d);

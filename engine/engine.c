@@ -21,10 +21,21 @@
 #include "engine/kvcomp.h"
 #include "kvpool/kvpool.h"
 
+/* The backend a config asks for, checked before anything is loaded. Only the
+ * CPU backend exists so far: AUTO resolves to it and CUDA is refused. */
+static int check_device(const eng_engine_config *cfg) {
+    if (cfg->device == ENG_DEVICE_CPU || cfg->device == ENG_DEVICE_AUTO) return D2_OK;
+    if (cfg->device != ENG_DEVICE_CUDA) return D2_EINVAL;
+    D2_ERROR("engine: device cuda: this build has no CUDA backend yet (use --device cpu or auto)");
+    return D2_EUNSUPPORTED;
+}
+
 int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
     *out = NULL;
+    int rc = check_device(cfg_in);
+    if (rc != D2_OK) return rc;
     eng_model *m = NULL;
-    int rc = eng_model_load(cfg_in->model_path, true, &m);
+    rc = eng_model_load(cfg_in->model_path, true, &m);
     if (rc != D2_OK) return rc;
     return eng__engine_create_for(m, true, cfg_in, out);
 }
@@ -32,15 +43,15 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
 int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_config *cfg_in,
                            eng_engine **out) {
     *out = NULL;
-    eng_engine *e = calloc(1, sizeof *e);
+    int rc = check_device(cfg_in);
+    eng_engine *e = rc == D2_OK ? calloc(1, sizeof *e) : NULL;
     if (!e) {
         if (own_model) eng_model_free(model);
-        return D2_ENOMEM;
+        return rc != D2_OK ? rc : D2_ENOMEM;
     }
     e->cfg = *cfg_in;
     e->model = model;
     e->own_model = own_model;
-    int rc;
     const eng_model_config *mc = &e->model->cfg;
     e->ctx_len = cfg_in->ctx_len > 0 ? cfg_in->ctx_len : mc->max_ctx;
     if (e->ctx_len <= 0) e->ctx_len = 2048;

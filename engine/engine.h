@@ -31,8 +31,15 @@
 
 typedef struct eng_engine eng_engine;
 
+/* Where the engine computes. CPU is 0 so a zeroed config keeps meaning the
+ * CPU backend. AUTO picks the best backend this build has (the CPU today);
+ * CUDA asks for the CUDA backend, which this build does not have yet:
+ * eng_engine_create then fails with D2_EUNSUPPORTED before loading anything. */
+typedef enum eng_device { ENG_DEVICE_CPU = 0, ENG_DEVICE_CUDA, ENG_DEVICE_AUTO } eng_device;
+
 typedef struct eng_engine_config {
     const char *model_path;   /* GGUF file or HF directory */
+    eng_device device;        /* ENG_DEVICE_CPU (0), _CUDA or _AUTO */
     int n_threads;            /* 0: all online CPUs */
     int page_tokens;          /* KV page size in tokens; 0: 16 */
     int64_t kv_pages;         /* pool size in pages; 0: derived from kv_mem_mb */

@@ -8,9 +8,13 @@ Prints one line per check and a closing "N passed, N failed" line.
 """
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 D2OD = sys.argv[1] if len(sys.argv) > 1 else "build/d2od"
 SHARED = os.environ.get("D2_SHARED", "../shared")
@@ -31,6 +35,39 @@ def check(name, cond, detail=""):
     else:
         results["failed"] += 1
         print(f"FAIL {name} {detail}")
+
+
+def free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def serve_comes_up(extra):
+    """Starts `d2od serve` with extra options; True when /health answered 200
+    within 30 s and SIGTERM then stopped it with status 0. Retries a taken port."""
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([D2OD, "serve", "--model", GGUF, "--host", "127.0.0.1", "--port", str(port),
+                                 "--threads", "1"] + extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        end, up = time.time() + 30, False
+        while time.time() < end and proc.poll() is None and not up:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    up = resp.status == 200
+            except OSError:
+                time.sleep(0.05)
+        if up:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout=30) == 0
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                return False
+        proc.kill()
+        proc.wait()
+    return False
 
 
 def main():
@@ -102,6 +139,15 @@ def main():
     os.unlink(trunc)
     check("truncated GGUF fails cleanly naming the file", r.returncode == 1 and os.path.basename(trunc).encode() in r.stderr,
           r.stderr.decode()[-300:])
+    # --device: cuda is refused at startup while the build has no CUDA backend; auto runs on the CPU
+    r = run(["serve", "--model", GGUF, "--port", str(free_port()), "--device", "cuda"], timeout=60)
+    check("serve --device cuda exits 1 saying there is no CUDA backend",
+          r.returncode == 1 and b"no CUDA backend yet" in r.stderr, f"rc={r.returncode} {r.stderr.decode()[-300:]}")
+    r = run(["serve", "--model", GGUF, "--device", "tpu"])
+    check("serve --device tpu exits 2 naming the option", r.returncode == 2 and b"device" in r.stderr,
+          r.stderr.decode()[-300:])
+    check("serve --device auto serves /health and stops on SIGTERM", serve_comes_up(["--device", "auto"]))
+
     r = run(["frobnicate"])
     check("unknown command exits 2", r.returncode == 2)
 

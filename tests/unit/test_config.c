@@ -92,6 +92,7 @@ TEST(defaults) {
     ASSERT_STREQ(dmn_kv_method_name(DMN_KV_PYRAMIDKV), "pyramidkv");
     ASSERT_STREQ(dmn_kv_method_name(99), "?");
     ASSERT_STREQ(dmn_device_name(DMN_DEVICE_CUDA), "cuda");
+    ASSERT_STREQ(dmn_device_name(DMN_DEVICE_AUTO), "auto");
     ASSERT_STREQ(dmn_log_level_name(DMN_LOG_WARN), "warn");
 }
 
