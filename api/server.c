@@ -656,6 +656,7 @@ static int start_generation(api_server *srv, api_req *r, api_error *err) {
         q.sample.logit_bias = p->logit_bias;
         q.sample.n_logit_bias = p->n_logit_bias;
         q.sample.n_top_logprobs = p->logprobs > 0 ? p->logprobs : 0;
+        q.want_logprobs = p->logprobs >= 0;
         q.kv = p->has_kv ? p->kv : srv->cfg.kv_default; /* kv_default is never reloaded */
         const char *why = NULL;
         atomic_fetch_add(&r->refs, 1);

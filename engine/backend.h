@@ -1,68 +1,87 @@
 /*
- * engine/backend.h — the compute-backend interface and the step's batch plan
- * (internal to engine/).
+ * engine/backend.h — the seam between the engine runtime and a compute backend:
+ * the step's batch plan, the backend interface (vtable), its creation config,
+ * and the KV-compression operations. Internal to engine/: the runtime (engine.c,
+ * step.c, sched.c, run.c, kvcomp.c) calls it; engine/cpu/ (and engine/cuda/)
+ * implement it. Layer: the seam (tools/check_layers.py) — it may include only
+ * engine/model/ and below.
+ *
+ * Division of labour
+ *   - The runtime owns policy and bookkeeping: it plans each step, reserves and
+ *     appends every (seq, layer) of the plan in the pool (kvp_reserve_all_layers,
+ *     kvp_append) and writes the new slots' positions BEFORE calling step, so
+ *     a backend never reserves anything; it decides when and how much to
+ *     compress (engine/kvcomp.c) and samples.
+ *   - The backend owns the weights it computes with (converted or uploaded once
+ *     at creation), every activation buffer, and the KV payload: K/V in its own
+ *     dtype and placement plus the fp32 score per (slot, KV head). It sizes the
+ *     payload for the pool's pages at kv_attach and installs the pool's payload
+ *     hook, so copy on write and compaction move its bytes in one call each.
  *
  * One step runs prefill chunks and decode tokens of many sequences together.
  * The plan lists the step's tokens grouped by sequence (each sequence's tokens
- * contiguous and in increasing position). For every layer the backend
- *   1. computes Q/K/V for all tokens, applies RoPE,
- *   2. reserves + appends the new K/V into the sequence's (seq, layer) table
- *      (kvp_reserve/kvp_append; positions recorded),
- *   3. attends each query over the table's live slots whose pos <= its own
- *      pos (so a prefill chunk is causal and earlier cache is always seen),
- *      reading K/V through the block table,
- *   4. when score accumulation is on for the sequence, adds each slot's
- *      attention probability (summed over the query heads of its GQA group)
- *      into kvp score[slot][kv_head] — D2O's accumulated attention — and,
- *      when colsum is set, each query head's probability into
+ * contiguous and in increasing position); the last n slots of every (seq,
+ * layer) table are the step's new slots (appended by the runtime, positions
+ * set, payload undefined). For every layer the backend
+ *   1. computes Q/K/V for all tokens, applies RoPE, writes K/V into the new
+ *      slots and zeroes their scores,
+ *   2. attends each query over the table's live slots whose pos <= its own
+ *      pos (and > pos - sliding_window for Mistral), reading K/V through the
+ *      block table,
+ *   3. when want_scores is set for the sequence, adds each slot's attention
+ *      probability (summed over the query heads of its GQA group) into the
+ *      slot's score for that KV head — D2O's accumulated attention — and, when
+ *      colsum is set, each query head's probability into
  *      colsum[layer][head][key pos] (no N x N matrix is ever held).
- * Logits are produced only for the rows listed in logit_rows.
+ * Logits are produced only for the rows the plan asks for; they stay where the
+ * backend computed them until the runtime asks for host rows (logits) or for
+ * greedy tokens chosen where the logits are (argmax).
  *
- * Pool room: a backend first sums kvp_pages_needed over every (seq, layer)
- * of the plan and returns D2_EKVFULL (or D2_ETOOLONG / D2_EINVAL from the
- * pool) with no effect on the pool when the step does not fit; then it
- * reserves every (seq, layer) before computing anything. A sequence may
- * appear at most once per plan. Sequences that share pages (kvp_seq_fork)
- * must not both accumulate scores in the same step (the CPU backend adds into
- * a slot's score from one thread per sequence).
+ * Sequences that share pages (kvp_seq_fork) must not both accumulate scores in
+ * the same step. A sequence may appear at most once per plan.
  *
  * Plan checks: step returns D2_EINVAL without effect when the plan is
  * malformed (sequences not contiguous from row 0 in order and covering all
  * rows, a token outside the vocabulary, a negative position, more rows than
- * max_batch_tokens, more logit rows than max_logit_rows, logits NULL while
- * rows are wanted). Positions are the RoPE positions; a query attends to
- * every live slot of its table whose recorded pos <= its own, so after
- * compaction (kvp_compact) only the kept slots and their positions count.
+ * max_batch_tokens, more logit rows than max_logit_rows, a table with fewer
+ * live slots than the sequence's tokens in the plan).
  *
- * CPU backend specifics (engine/cpu/backend.c): weights of any eng_dtype;
- * step() never allocates or logs; n_threads includes the calling thread.
+ * Errors: every operation returns a status; after a failure last_error names
+ * the failing call and why (a device backend: the CUDA/cuBLAS call, file and
+ * line). A backend whose device state is lost returns D2_ECUDA from then on.
  *
- * A CUDA backend (kernels/) implements the same interface over the same
- * plan and pool.
+ * Threading: a backend belongs to one thread, the engine thread. The creating
+ * thread may differ (the daemon loads on the main thread): the engine thread
+ * calls attach_thread once before anything else (a CUDA backend makes its
+ * device and context current there). No operation blocks on other threads.
+ * Ownership: the backend borrows the model and the pool; both outlive it.
  */
 #ifndef D2_ENGINE_BACKEND_H
 #define D2_ENGINE_BACKEND_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "engine/model/model.h"
 #include "kvpool/kvpool.h"
 
+/* ---- the plan ----------------------------------------------------------------- */
+
 typedef struct eng_batch_seq {
     int seq;            /* kvpool sequence id */
     int start;          /* first row of this sequence's tokens in the batch */
     int n;              /* number of tokens (prefill chunk length, or 1 for decode) */
-    bool want_scores;   /* accumulate attention scores into the pool */
+    bool want_scores;   /* accumulate attention scores into the payload */
     bool want_logits;   /* produce logits for the last token of the chunk */
     bool all_logits;    /* produce logits for every token of the chunk (perplexity) */
     /* Score options (KV compression, engine/kvcomp.c); zero = off / all. */
     int score_from;     /* with want_scores: only queries at positions >= score_from
                            accumulate (SnapKV's observation window); 0 = every query */
     float *colsum;      /* optional, with want_scores: per-query-head column sums
-                           [n_layers][n_heads][colsum_len], indexed by the key's
-                           position (keys at positions >= colsum_len are skipped);
-                           D2O's layer statistic. Owned by the caller. */
+                           [n_layers][n_heads][colsum_len] in host memory, indexed by
+                           the key's position (keys at positions >= colsum_len are
+                           skipped); D2O's layer statistic. Owned by the caller. */
     int colsum_len;
 } eng_batch_seq;
 
@@ -72,40 +91,116 @@ typedef struct eng_batch {
     const int32_t *pos;         /* [n_tokens] positions */
     int n_seqs;
     const eng_batch_seq *seqs;  /* [n_seqs] */
-    /* Output: logits rows in order — for each seq with want_logits, one row
-     * (or n rows if all_logits). logits has room for that many rows. */
-    float *logits;              /* [n_out_rows][vocab], caller-owned */
 } eng_batch;
 
-/* Rows of logits a plan produces: per sequence n when all_logits, else 1
- * when want_logits, else 0. Defined in engine/cpu/backend.c. */
+/* Rows of logits a plan produces, in plan order: per sequence n when
+ * all_logits, else 1 when want_logits, else 0. */
 int eng_batch_out_rows(const eng_batch *b);
+
+/* ---- KV compression operations ------------------------------------------------------ */
+
+/* One compression of a (seq, layer) table down to heavy + recent slots. The
+ * runtime (kvcomp.c) decides the numbers; the backend runs the mechanism where
+ * the payload lives, in this order so a failure leaves the table untouched:
+ *   1. score reduction: a token's score is the sum over KV heads of its
+ *      accumulated attention; `pooled` smooths it with a 5-wide average
+ *      (SnapKV/PyramidKV, eng_kv_pool_scores);
+ *   2. selection (eng_kv_select over those scores): the last `recent`, the
+ *      first min(n_sink, heavy) of the rest, the best of the remainder;
+ *   3. with `merge`, matching (read-only): every evicted token's most similar
+ *      kept token by the mean over KV heads of the per-head cosine of the
+ *      post-RoPE keys; threshold(user, mean similarity) returns the merge
+ *      threshold tau (D2O's EMA, policy kept by the caller);
+ *   4. every page steps 5-6 write is made private (kvp_unshare) — the only
+ *      step that can fail (D2_EKVFULL), before anything is modified;
+ *   5. merging in fp32 of the evicted tokens whose similarity reaches tau into
+ *      their targets (merge_code_rule: (k_c + sum s_e k_e) / (1 + n), as the
+ *      official code; else the normalised rule with self weight e);
+ *   6. compaction (kvp_compact): kept slots move to the front, emptied pages
+ *      return to the pool at once (the payload moves in one hook call).
+ * A merge never adds the evicted token's score to its target (as the code). */
+typedef struct eng_kv_compress_req {
+    int seq, layer;
+    int heavy, recent, n_sink;
+    bool pooled;
+    bool merge;
+    bool merge_code_rule;
+    float (*threshold)(void *user, float mean_sim); /* required with merge */
+    void *user;
+} eng_kv_compress_req;
+
+typedef struct eng_kv_compress_res {
+    int n_evicted, n_merged, pages_freed;
+    float tau;              /* with merge: the threshold used */
+} eng_kv_compress_res;
+
+/* ---- the backend ------------------------------------------------------------------- */
+
+typedef enum eng_kv_dtype { ENG_KV_DT_F32 = 0, ENG_KV_DT_BF16, ENG_KV_DT_F16 } eng_kv_dtype;
+
+typedef struct eng_backend_caps {
+    const char *name;          /* "cpu", "cuda" */
+    eng_kv_dtype kv_dtype;     /* dtype of stored K/V */
+    bool kv_on_device;         /* false: the payload is host memory */
+    size_t kv_bytes_per_slot;  /* payload bytes of one slot (K + V + scores, all KV heads) */
+    int64_t kv_bytes_avail;    /* bytes left for the payload after weights and activations;
+                                  0 = no limit of the backend's own (host memory) */
+    bool argmax_on_device;     /* argmax runs where the logits are (no vocabulary copy) */
+} eng_backend_caps;
 
 typedef struct eng_backend eng_backend;
 
 typedef struct eng_backend_ops {
-    const char *name;
-    /* Runs one step. Returns D2_OK or an error (then the pool state of the
-     * sequences in the batch is unspecified and they must be dropped). */
+    /* Once, on the thread that will call everything else, before it does. */
+    int (*attach_thread)(eng_backend *be);
+    void (*caps)(const eng_backend *be, eng_backend_caps *out);
+    /* Reserves the payload for the pool's n_pages and installs the pool's
+     * payload hook. Once, before the first step. */
+    int (*kv_attach)(eng_backend *be, kvp_pool *pool);
+    /* Runs one step (see the top of this file). On an error the payload of the
+     * plan's new slots is unspecified (the runtime drops those sequences). */
     int (*step)(eng_backend *be, const eng_batch *b);
+    /* Host copies of logit rows [row0, row0 + n) of the last step
+     * ([n][vocab] f32, borrowed until the next step). */
+    int (*logits)(eng_backend *be, int row0, int n, const float **out);
+    /* Greedy tokens (lowest id on ties) of the listed logit rows of the last
+     * step, chosen where the logits are: out[i] for rows[i]. */
+    int (*argmax)(eng_backend *be, const int *rows, int n, int32_t *out);
+    int (*kv_compress)(eng_backend *be, const eng_kv_compress_req *req, eng_kv_compress_res *res);
+    /* Inspection and tests (slow, copies): the per-KV-head scores [n_kv] and
+     * the K and V [n_kv * head_dim] of live slot i of (seq, layer), as f32;
+     * any pointer may be NULL. write_slot is the inverse (tests build caches). */
+    int (*read_slot)(eng_backend *be, int seq, int layer, int i, float *k, float *v, float *score);
+    int (*write_slot)(eng_backend *be, int seq, int layer, int i, const float *k, const float *v,
+                      const float *score);
+    /* Waits for queued work (no-op for a synchronous backend). */
+    int (*sync)(eng_backend *be);
+    /* The failing call and reason of the last error; "" when none. Borrowed. */
+    const char *(*last_error)(const eng_backend *be);
     void (*destroy)(eng_backend *be);
 } eng_backend_ops;
 
 struct eng_backend {
     const eng_backend_ops *ops;
     const eng_model *model; /* borrowed */
-    kvp_pool *pool;         /* borrowed */
+    kvp_pool *pool;         /* borrowed; set by kv_attach */
 };
 
-typedef struct eng_cpu_config {
-    int n_threads;       /* 0 = number of online CPUs */
-    int max_batch_tokens;/* largest n_tokens a step may have (buffers sized at create) */
-    int max_logit_rows;  /* largest number of logits rows per step */
-} eng_cpu_config;
+/* What every backend is created with. */
+typedef struct eng_backend_config {
+    int n_threads;        /* CPU worker threads (cpu backend); 0 = the CPUs this process may use */
+    int max_batch_tokens; /* largest n_tokens a step may have (buffers sized at create) */
+    int max_logit_rows;   /* largest number of logits rows per step */
+    int max_seq_tokens;   /* longest table (attention scratch) */
+    int page_tokens;      /* the pool's page size */
+    /* Weight preparation progress (conversion, upload): called with bytes done
+     * and total, at most about 100 times; may be NULL. */
+    void (*progress)(void *user, size_t done, size_t total);
+    void *progress_user;
+} eng_backend_config;
 
-/* Creates the CPU backend. All scratch memory is allocated here; step()
- * never allocates. *out owned by caller; free with be->ops->destroy(be). */
-int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_config *cfg,
-                           eng_backend **out);
+/* The CPU backend (engine/cpu/backend.c): weights of any eng_dtype used in
+ * place, f32 K/V payload in host memory, step() never allocates or logs. */
+int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg, eng_backend **out);
 
 #endif

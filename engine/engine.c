@@ -1,16 +1,15 @@
 /*
- * engine/engine.c — the engine object (model + KV pool + backend + step
- * buffers), eng_run() (the scheduler of sched.c driven in manual mode, used
- * by `d2od generate`, the benchmarks and tests) and eng_score() (teacher-
- * forced NLL for `d2od perplexity`).
+ * engine/engine.c — the engine object: model + compute backend + KV pool (and
+ * the backend's payload for it) + the shared sampler scratch, created in the
+ * order the backend needs (engine/internal.h), and its getters. The drivers
+ * (eng_run, eng_score) are in run.c, the step mechanism in step.c.
  *
- * Only the engine thread calls into this file. Every buffer a step needs is
- * allocated in eng_engine_create.
+ * Callers: create/destroy on any one thread (the daemon's main thread); the
+ * getters from any thread (they read fields fixed at creation).
  */
 #include "engine/engine.h"
 #include "engine/internal.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -18,7 +17,6 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/backend.h"
-#include "engine/kvcomp.h"
 #include "kvpool/kvpool.h"
 
 /* The backend a config asks for, checked before anything is loaded. Only the
@@ -40,6 +38,43 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
     return eng__engine_create_for(m, true, cfg_in, out);
 }
 
+/* Pool size in pages: kv_pages when given, else kv_mem_mb of payload (default:
+ * enough for max_seqs full contexts, capped at 4096 MB and at what the
+ * backend says it can hold). */
+static int64_t pool_pages(const eng_engine *e, const eng_engine_config *cfg, int page_tokens) {
+    const eng_model_config *mc = &e->model->cfg;
+    int64_t page_bytes = (int64_t)page_tokens * (int64_t)e->caps.kv_bytes_per_slot;
+    if (cfg->kv_pages > 0) return cfg->kv_pages;
+    int64_t mb = cfg->kv_mem_mb;
+    if (mb <= 0) {
+        int64_t need = (int64_t)e->max_seqs * mc->n_layers *
+                       eng__pages_for(e->ctx_len, page_tokens) * page_bytes;
+        mb = need / (1024 * 1024) + 1;
+        if (mb > 4096) mb = 4096;
+    }
+    int64_t bytes = mb * 1024 * 1024;
+    if (e->caps.kv_bytes_avail > 0 && bytes > e->caps.kv_bytes_avail) {
+        D2_WARN("engine: %lld MB of KV cache asked, the %s backend has room for %lld MB",
+                (long long)mb, e->caps.name, (long long)(e->caps.kv_bytes_avail >> 20));
+        bytes = e->caps.kv_bytes_avail;
+    }
+    return bytes / page_bytes;
+}
+
+/* The backend the configuration names (see eng_engine_config.device). */
+static int create_backend(eng_engine *e, const eng_engine_config *cfg, int page_tokens) {
+    eng_backend_config bc = {
+        .n_threads = cfg->n_threads,
+        .max_batch_tokens = e->max_batch_tokens,
+        .max_logit_rows = e->max_logit_rows,
+        .max_seq_tokens = e->ctx_len,
+        .page_tokens = page_tokens,
+        .progress = cfg->progress,
+        .progress_user = cfg->progress_user,
+    };
+    return eng_cpu_backend_create(e->model, &bc, &e->be);
+}
+
 int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_config *cfg_in,
                            eng_engine **out) {
     *out = NULL;
@@ -59,21 +94,16 @@ int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_co
     e->max_batch_tokens = cfg_in->max_batch_tokens > 0 ? cfg_in->max_batch_tokens : 512;
     if (e->max_batch_tokens < e->max_seqs) e->max_batch_tokens = e->max_seqs;
     e->max_logit_rows = e->max_seqs > ENG_SCORE_CHUNK ? e->max_seqs : ENG_SCORE_CHUNK;
-
     int page_tokens = cfg_in->page_tokens > 0 ? cfg_in->page_tokens : 16;
-    size_t page_bytes = 2u * (size_t)page_tokens * (size_t)mc->n_kv_heads * (size_t)mc->head_dim *
-                        sizeof(float);
-    int64_t n_pages = cfg_in->kv_pages;
-    if (n_pages <= 0) {
-        int64_t mb = cfg_in->kv_mem_mb;
-        if (mb <= 0) {
-            int64_t need = (int64_t)e->max_seqs * mc->n_layers *
-                           eng__pages_for(e->ctx_len, page_tokens) * (int64_t)page_bytes;
-            mb = need / (1024 * 1024) + 1;
-            if (mb > 4096) mb = 4096;
-        }
-        n_pages = mb * 1024 * 1024 / (int64_t)page_bytes;
+
+    /* backend first: the pool is sized from its payload bytes per slot */
+    int rc = create_backend(e, cfg_in, page_tokens);
+    if (rc != D2_OK) {
+        eng_engine_destroy(e);
+        return rc;
     }
+    e->be->ops->caps(e->be, &e->caps);
+    int64_t n_pages = pool_pages(e, cfg_in, page_tokens);
     kvp_config pc = {
         .n_layers = mc->n_layers,
         .n_kv_heads = mc->n_kv_heads,
@@ -82,7 +112,6 @@ int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_co
         .n_pages = n_pages,
         .max_seqs = e->max_seqs,
         .max_seq_tokens = e->ctx_len,
-        .storage = NULL,
     };
     rc = kvp_create(&pc, &e->pool);
     if (rc != D2_OK) {
@@ -91,29 +120,16 @@ int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_co
         eng_engine_destroy(e);
         return rc;
     }
-    eng_cpu_config cc = {
-        .n_threads = cfg_in->n_threads,
-        .max_batch_tokens = e->max_batch_tokens,
-        .max_logit_rows = e->max_logit_rows,
-    };
-    rc = eng_cpu_backend_create(e->model, e->pool, &cc, &e->be);
+    rc = e->be->ops->kv_attach(e->be, e->pool);
     if (rc != D2_OK) {
+        D2_ERROR("engine: %s", e->be->ops->last_error(e->be));
         eng_engine_destroy(e);
         return rc;
     }
-    rc = eng_kv_ws_create(e->pool, &e->kvws);
-    if (rc == D2_OK) rc = eng_sample_scratch_init(&e->sample_scratch, mc->vocab_size);
+    rc = eng_sample_scratch_init(&e->sample_scratch, mc->vocab_size);
     if (rc != D2_OK) {
         eng_engine_destroy(e);
         return rc;
-    }
-    e->tokens = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
-    e->pos = malloc(sizeof(int32_t) * (size_t)e->max_batch_tokens);
-    e->bseqs = malloc(sizeof(eng_batch_seq) * (size_t)e->max_seqs);
-    e->logits = malloc(sizeof(float) * (size_t)e->max_logit_rows * (size_t)mc->vocab_size);
-    if (!e->tokens || !e->pos || !e->bseqs || !e->logits) {
-        eng_engine_destroy(e);
-        return D2_ENOMEM;
     }
     *out = e;
     return D2_OK;
@@ -121,15 +137,10 @@ int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_co
 
 void eng_engine_destroy(eng_engine *e) {
     if (!e) return;
-    if (e->be) e->be->ops->destroy(e->be);
-    eng_kv_ws_free(e->kvws);
+    if (e->be) e->be->ops->destroy(e->be); /* before the pool its payload hook points into */
     eng_sample_scratch_free(&e->sample_scratch);
     kvp_destroy(e->pool);
     if (e->own_model) eng_model_free(e->model);
-    free(e->tokens);
-    free(e->pos);
-    free(e->bseqs);
-    free(e->logits);
     free(e);
 }
 
@@ -164,208 +175,4 @@ eng_pool_stats eng_engine_pool_stats(const eng_engine *e) {
     return r;
 }
 
-int eng_engine_step(eng_engine *e, const eng_batch *b) { return e->be->ops->step(e->be, b); }
-
-int eng__reserve_all_layers(eng_engine *e, int seq, int n) {
-    int n_layers = e->model->cfg.n_layers;
-    for (int l = 0; l < n_layers; l++) {
-        int rc = kvp_reserve(e->pool, seq, l, n);
-        if (rc != D2_OK) return rc;
-    }
-    return D2_OK;
-}
-
-int64_t eng__pages_needed_all_layers(const eng_engine *e, int seq, int n) {
-    int64_t need = 0;
-    for (int l = 0; l < e->model->cfg.n_layers; l++) {
-        int p = kvp_pages_needed(e->pool, seq, l, n);
-        if (p < 0) return INT64_MAX / 4; /* longer than a table can be: never fits */
-        need += p;
-    }
-    return need;
-}
-
-/* ---- eng_run: the scheduler in manual mode ---------------------------------- */
-
-static int run_on_event(void *user, const eng_event *ev) {
-    eng_gen_seq *s = user;
-    if (ev->type == ENG_EV_TOKEN) {
-        if (s->out_tokens && s->n_out < s->max_tokens) s->out_tokens[s->n_out] = ev->token;
-        s->n_out++;
-        if (s->n_out == 1) s->t_first_token = ev->t_first_token;
-        return s->on_token ? s->on_token(s->user, ev->token, ev->res) : 0;
-    }
-    s->finish = ev->finish;
-    s->status = ev->status;
-    s->t_done = ev->t_done;
-    return 0;
-}
-
-int eng_run(eng_engine *e, eng_gen_seq *seqs, int n) {
-    eng_sched *s = NULL;
-    eng_sched_config sc = {.max_queue = n > 0 ? n : 1};
-    int rc = eng_sched_create(e, &sc, &s);
-    if (rc != D2_OK) return rc;
-    for (int i = 0; i < n; i++) {
-        eng_gen_seq *g = &seqs[i];
-        g->n_out = 0;
-        g->finish = ENG_FINISH_NONE;
-        g->status = D2_OK;
-        g->t_first_token = g->t_done = 0;
-        if (g->max_tokens <= 0) {
-            g->finish = ENG_FINISH_LENGTH;
-            continue;
-        }
-        eng_request r = {.prompt = g->prompt, .n_prompt = g->n_prompt, .max_tokens = g->max_tokens,
-                         .sample = g->sample, .ignore_eos = g->ignore_eos,
-                         .on_event = run_on_event, .user = g};
-        uint64_t id;
-        const char *why = NULL;
-        int src = eng_sched_submit(s, &r, &id, &why);
-        if (src != D2_OK) {
-            g->finish = ENG_FINISH_ERROR;
-            g->status = src;
-            if (why) D2_WARN("engine: sequence %d rejected: %s", i, why);
-        }
-    }
-    for (;;) {
-        rc = eng_sched_step(s);
-        if (rc <= 0) break;
-    }
-    eng_sched_destroy(s);
-    return rc < 0 ? rc : D2_OK;
-}
-
-/* ---- eng_score ---------------------------------------------------------------- */
-
-static double log_softmax_at(const float *lg, int n_vocab, int idx) {
-    float mx = lg[0];
-    for (int v = 1; v < n_vocab; v++)
-        if (lg[v] > mx) mx = lg[v];
-    double sum = 0;
-    for (int v = 0; v < n_vocab; v++) sum += exp((double)lg[v] - mx);
-    return (double)lg[idx] - mx - log(sum);
-}
-
-int eng_score(eng_engine *e, const int32_t *ids, int n, double *nll, double *nll_sum) {
-    const eng_model_config *mc = &e->model->cfg;
-    *nll_sum = 0;
-    if (n < 2) return D2_OK;
-    for (int i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= mc->vocab_size) return D2_EINVAL;
-    int chunk = e->max_logit_rows < e->max_batch_tokens ? e->max_logit_rows : e->max_batch_tokens;
-    for (int w0 = 0; w0 < n - 1; w0 += e->ctx_len) {
-        int wn = n - w0 < e->ctx_len ? n - w0 : e->ctx_len;
-        int seq;
-        int rc = kvp_seq_new(e->pool, &seq);
-        if (rc != D2_OK) return rc;
-        for (int c0 = 0; c0 < wn; c0 += chunk) {
-            int cn = wn - c0 < chunk ? wn - c0 : chunk;
-            /* rows whose next token exists */
-            rc = eng__reserve_all_layers(e, seq, cn);
-            if (rc != D2_OK) { kvp_seq_free(e->pool, seq); return rc; }
-            for (int j = 0; j < cn; j++) {
-                e->tokens[j] = ids[w0 + c0 + j];
-                e->pos[j] = c0 + j;
-            }
-            e->bseqs[0] = (eng_batch_seq){.seq = seq, .start = 0, .n = cn, .want_logits = true,
-                                          .all_logits = true};
-            eng_batch b = {.n_tokens = cn, .tokens = e->tokens, .pos = e->pos, .n_seqs = 1,
-                           .seqs = e->bseqs, .logits = e->logits};
-            rc = e->be->ops->step(e->be, &b);
-            if (rc != D2_OK) { kvp_seq_free(e->pool, seq); return rc; }
-            for (int j = 0; j < cn; j++) {
-                int t = w0 + c0 + j; /* this row predicts ids[t+1] */
-                if (t + 1 >= n) break;
-                double lp = log_softmax_at(e->logits + (size_t)j * (size_t)mc->vocab_size,
-                                           mc->vocab_size, ids[t + 1]);
-                if (nll) nll[t] = -lp;
-                *nll_sum += -lp;
-            }
-        }
-        kvp_seq_free(e->pool, seq);
-    }
-    return D2_OK;
-}
-
-/* ---- eng_score_kv ----------------------------------------------------------------
- *
- * One window of the context length at a time, each on a fresh sequence and a
- * fresh compression state: the first `prefill` tokens of the window run as a
- * chunked prefill (scores and D2O column sums accumulated as the scheduler
- * would), the prompt compression runs, then every later token is one decode
- * step followed by decode-time eviction — the model sees exactly what the
- * method kept, as during generation. */
-
-#define ENG_SCORE_KV_PREFILL 64 /* default prefill when the caller passes 0 */
-
-static int score_kv_window(eng_engine *e, const int32_t *ids, int n, int w0, int wn,
-                           eng_kv_state *ks, int prefill, double *nll, double *nll_sum) {
-    const eng_model_config *mc = &e->model->cfg;
-    int chunk = e->max_logit_rows < e->max_batch_tokens ? e->max_logit_rows : e->max_batch_tokens;
-    int seq;
-    int rc = kvp_seq_new(e->pool, &seq);
-    if (rc != D2_OK) return rc;
-    eng_kv_state_reset(ks);
-    int p = prefill < wn ? prefill : wn;
-    for (int c0 = 0; c0 < wn; ) {
-        bool in_prefill = c0 < p;
-        int cn = in_prefill ? (p - c0 < chunk ? p - c0 : chunk) : 1;
-        rc = eng__reserve_all_layers(e, seq, cn);
-        if (rc != D2_OK) break;
-        for (int j = 0; j < cn; j++) {
-            e->tokens[j] = ids[w0 + c0 + j];
-            e->pos[j] = c0 + j;
-        }
-        e->bseqs[0] = (eng_batch_seq){.seq = seq, .start = 0, .n = cn, .want_logits = true,
-                                      .all_logits = true};
-        eng_kv_plan_seq(ks, p, &e->bseqs[0]);
-        eng_batch b = {.n_tokens = cn, .tokens = e->tokens, .pos = e->pos, .n_seqs = 1,
-                       .seqs = e->bseqs, .logits = e->logits};
-        rc = e->be->ops->step(e->be, &b);
-        if (rc != D2_OK) break;
-        for (int j = 0; j < cn; j++) {
-            int t = w0 + c0 + j; /* this row predicts ids[t+1] */
-            if (t + 1 >= n) break;
-            double lp = log_softmax_at(e->logits + (size_t)j * (size_t)mc->vocab_size,
-                                       mc->vocab_size, ids[t + 1]);
-            if (nll) nll[t] = -lp;
-            *nll_sum += -lp;
-        }
-        c0 += cn;
-        if (!ks->compressed && c0 >= p)
-            rc = eng_kv_compress_prompt(e->kvws, e->pool, seq, ks);
-        else if (ks->compressed)
-            rc = eng_kv_after_decode(e->kvws, e->pool, seq, ks);
-        if (rc == D2_EKVFULL) rc = D2_OK; /* cannot happen for an unshared sequence */
-        if (rc != D2_OK) break;
-    }
-    kvp_seq_free(e->pool, seq);
-    return rc;
-}
-
-int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *kv, int prefill,
-                 double *nll, double *nll_sum) {
-    if (!kv || kv->method == ENG_KV_FULL) return eng_score(e, ids, n, nll, nll_sum);
-    const eng_model_config *mc = &e->model->cfg;
-    const char *why = NULL;
-    *nll_sum = 0;
-    if (eng_kv_config_validate(kv, &why) != D2_OK) {
-        D2_ERROR("engine: eng_score_kv: %s", why ? why : "bad KV configuration");
-        return D2_EINVAL;
-    }
-    if (prefill < 0) return D2_EINVAL;
-    if (prefill == 0) prefill = ENG_SCORE_KV_PREFILL;
-    if (n < 2) return D2_OK;
-    for (int i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= mc->vocab_size) return D2_EINVAL;
-    eng_kv_state *ks = NULL;
-    int rc = eng_kv_state_create(kv, mc, e->ctx_len, &ks);
-    if (rc != D2_OK) return rc;
-    for (int w0 = 0; w0 < n - 1 && rc == D2_OK; w0 += e->ctx_len) {
-        int wn = n - w0 < e->ctx_len ? n - w0 : e->ctx_len;
-        rc = score_kv_window(e, ids, n, w0, wn, ks, prefill, nll, nll_sum);
-    }
-    eng_kv_state_free(ks);
-    return rc;
-}
+const char *eng_engine_backend_name(const eng_engine *e) { return e->caps.name; }

@@ -3,7 +3,8 @@
  *
  * An engine owns a loaded model (weights memory-mapped), its tokenizer, the
  * paged KV pool (reserved at creation) and a compute backend. Generation is
- * driven by eng_run(): a continuous-batching loop over a set of sequences —
+ * driven by the scheduler (eng_sched_*, below; eng_run() runs it to
+ * completion over a set of sequences): a continuous-batching loop —
  * every step mixes the decode tokens of running sequences with chunked
  * prefill of new ones, up to a token budget; a sequence leaves the batch the
  * moment it finishes and its pages return to the pool.
@@ -11,7 +12,12 @@
  * Re-exported: the tokenizer API (engine/tok/tokenizer.h), the sampler
  * (engine/sample.h) and the model description (engine/model/model.h).
  *
- * Threading: an engine is driven by one thread at a time (the engine thread).
+ * Threading: an engine may be created on one thread (the daemon's main
+ * thread) and is then driven by one thread at a time, the engine thread: the
+ * scheduler's thread (eng_sched_start) or the caller of eng_run / eng_score.
+ * The backend attaches itself to the thread that steps it (a CUDA context
+ * belongs to a thread). eng_sched_submit/cancel/stats are thread-safe; the
+ * getters read fields fixed at creation and may be called from any thread.
  * The tokenizer is immutable and may be used from any thread.
  * Ownership: eng_engine_create's *out belongs to the caller
  * (eng_engine_destroy); every pointer returned by a getter is borrowed and
@@ -47,6 +53,10 @@ typedef struct eng_engine_config {
     int max_seqs;             /* concurrent sequences; 0: 64 */
     int max_batch_tokens;     /* tokens per step (prefill chunking); 0: 512 */
     int ctx_len;              /* 0: the model's context */
+    /* Weight preparation progress (conversion to the backend's dtype, upload):
+     * bytes done and total, at most about 100 calls; may be NULL. */
+    void (*progress)(void *user, size_t done, size_t total);
+    void *progress_user;
 } eng_engine_config;
 
 /* Loads the model and reserves every buffer. Errors are logged naming the
@@ -69,6 +79,8 @@ typedef struct eng_pool_stats {
     int page_tokens;
 } eng_pool_stats;
 eng_pool_stats eng_engine_pool_stats(const eng_engine *e);
+/* "cpu" or "cuda": the backend this engine computes with. */
+const char *eng_engine_backend_name(const eng_engine *e);
 
 /* ---- generation ---------------------------------------------------------- */
 
@@ -218,6 +230,9 @@ typedef struct eng_request {
     int max_tokens;
     eng_sample_params sample; /* logit_bias array copied at submit */
     bool ignore_eos;
+    bool want_logprobs;       /* the caller reads eng_sample_result's logprobs; when false
+                                 and sampling is plain greedy, the token may be chosen
+                                 where the logits are (logprob NaN, no top list) */
     const int32_t *stop_ids;  /* extra stop token ids, copied; may be NULL */
     int n_stop_ids;
     eng_kv_config kv;       /* KV compression; zeroed = full cache */
@@ -312,9 +327,5 @@ int eng_score(eng_engine *e, const int32_t *ids, int n, double *nll, double *nll
  * compressing as generation would. kv NULL or full = eng_score. */
 int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *kv, int prefill,
                  double *nll, double *nll_sum);
-
-/* One raw step over a caller-built plan (tests, benchmarks). */
-struct eng_batch;
-int eng_engine_step(eng_engine *e, const struct eng_batch *b);
 
 #endif

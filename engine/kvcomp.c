@@ -1,13 +1,16 @@
 /*
- * engine/kvcomp.c — KV-cache compression (D2O, H2O, StreamingLLM, SnapKV,
- * PyramidKV) over the paged pool; contract in engine/kvcomp.h, method spec in
- * shared/design/d2o-spec.md. Also the public eng_kv_config helpers and
- * eng_kv_estimate_pages of engine/engine.h.
+ * engine/kvcomp.c — the policy of KV-cache compression (D2O, H2O,
+ * StreamingLLM, SnapKV, PyramidKV) over the paged pool: per-layer budgets,
+ * D2O's layer statistic and EMA threshold, kept layers, and when to compress;
+ * contract in engine/kvcomp.h, method spec in shared/design/d2o-spec.md. The
+ * mechanism runs in the backend, where the KV payload lives
+ * (eng_backend_ops.kv_compress; the CPU one is engine/cpu/kvcomp.c). Also the
+ * public eng_kv_config helpers and eng_kv_estimate_pages of engine/engine.h.
  *
- * Callers: the engine thread (sched.c, engine.c) and tests.
+ * Callers: the engine thread (step.c, run.c) and tests.
  *
- * One compression of a (sequence, layer), in this order so that a failure
- * leaves the table untouched:
+ * One compression of a (sequence, layer), as the backend runs it, in this
+ * order so that a failure leaves the table untouched:
  *   1. token scores (sum over KV heads of the pool's accumulated attention;
  *      SnapKV/PyramidKV smooth them with a 5-wide average);
  *   2. selection (eng_kv_select): sinks + heavy hitters + recent window;
@@ -29,24 +32,10 @@
 #include <string.h>
 
 #include "common/log.h"
-#include "engine/cpu/matmul.h"
 #include "engine/internal.h"
 
 #define KV_MIN_RATIO 0.01f
 #define PYRAMID_BETA 20.0f
-#define SNAP_POOL_K 5
-
-typedef struct cand { float s; int32_t i; } cand;
-
-struct eng_kv_ws {
-    int cap, n_kv, hd, kvd, pt;
-    float *score, *pooled, *sim, *kn; /* kn: [cap][kvd] per-head-normalised keys */
-    uint8_t *keep;
-    cand *cand;
-    int32_t *kept, *tgt, *order, *start;
-    uint8_t *pass;
-    float *acc_k, *acc_v;
-};
 
 /* ---- public configuration helpers ---------------------------------------------- */
 
@@ -239,59 +228,7 @@ float eng_kv_d2o_layer_stat(const float *colsum, int n_heads, int len, int n) {
     return (float)(acc / nh);
 }
 
-void eng_kv_pool_scores(const float *in, int n, float *out) {
-    const int half = SNAP_POOL_K / 2;
-    for (int i = 0; i < n; i++) {
-        int a = i - half < 0 ? 0 : i - half, b = i + half >= n ? n - 1 : i + half;
-        float s = 0.0f;
-        for (int j = a; j <= b; j++) s += in[j];
-        out[i] = s / (float)(b - a + 1);
-    }
-}
-
 /* ---- workspace and state ---------------------------------------------------------------- */
-
-int eng_kv_ws_create(const kvp_pool *pool, eng_kv_ws **out) {
-    *out = NULL;
-    const kvp_config *pc = kvp_get_config(pool);
-    eng_kv_ws *ws = calloc(1, sizeof *ws);
-    if (!ws) return D2_ENOMEM;
-    ws->cap = pc->max_seq_tokens;
-    ws->n_kv = pc->n_kv_heads;
-    ws->hd = pc->head_dim;
-    ws->kvd = pc->n_kv_heads * pc->head_dim;
-    ws->pt = pc->page_tokens;
-    size_t cap = (size_t)ws->cap;
-    ws->score = malloc(cap * sizeof(float));
-    ws->pooled = malloc(cap * sizeof(float));
-    ws->sim = malloc(cap * sizeof(float));
-    ws->kn = malloc(cap * (size_t)ws->kvd * sizeof(float));
-    ws->keep = malloc(cap);
-    ws->pass = malloc(cap);
-    ws->cand = malloc(cap * sizeof(cand));
-    ws->kept = malloc(cap * sizeof(int32_t));
-    ws->tgt = malloc(cap * sizeof(int32_t));
-    ws->order = malloc(cap * sizeof(int32_t));
-    ws->start = malloc((cap + 1) * sizeof(int32_t));
-    ws->acc_k = malloc((size_t)ws->kvd * sizeof(float));
-    ws->acc_v = malloc((size_t)ws->kvd * sizeof(float));
-    if (!ws->score || !ws->pooled || !ws->sim || !ws->kn || !ws->keep || !ws->pass || !ws->cand ||
-        !ws->kept || !ws->tgt || !ws->order || !ws->start || !ws->acc_k || !ws->acc_v) {
-        D2_ERROR("kvcomp: out of memory for a %d-token workspace", ws->cap);
-        eng_kv_ws_free(ws);
-        return D2_ENOMEM;
-    }
-    *out = ws;
-    return D2_OK;
-}
-
-void eng_kv_ws_free(eng_kv_ws *ws) {
-    if (!ws) return;
-    free(ws->score); free(ws->pooled); free(ws->sim); free(ws->kn); free(ws->keep);
-    free(ws->pass); free(ws->cand); free(ws->kept); free(ws->tgt); free(ws->order);
-    free(ws->start); free(ws->acc_k); free(ws->acc_v);
-    free(ws);
-}
 
 int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int colsum_len,
                         eng_kv_state **out) {
@@ -373,202 +310,50 @@ void eng_kv_plan_seq(const eng_kv_state *s, int prefill_end, eng_batch_seq *bs) 
 
 /* ---- selection ------------------------------------------------------------------------ */
 
-static int cand_cmp(const void *a, const void *b) {
-    const cand *x = a, *y = b;
-    if (x->s > y->s) return -1;
-    if (x->s < y->s) return 1;
-    return x->i < y->i ? -1 : x->i > y->i;
-}
-
-int eng_kv_select(eng_kv_ws *ws, const float *score, int n, int n_sink, int heavy, int recent,
-                  uint8_t *keep) {
-    if (recent > n) recent = n;
-    if (recent < 0) recent = 0;
-    if (heavy < 0) heavy = 0;
-    int lim = n - recent; /* candidates for sinks and heavy hitters: [0, lim) */
-    memset(keep, 0, (size_t)n);
-    for (int i = lim; i < n; i++) keep[i] = 1;
-    int ns = n_sink < heavy ? n_sink : heavy;
-    if (ns > lim) ns = lim;
-    if (ns < 0) ns = 0;
-    for (int i = 0; i < ns; i++) keep[i] = 1;
-    int nh = heavy - ns, nc = lim - ns;
-    if (nh >= nc) {
-        for (int i = ns; i < lim; i++) keep[i] = 1;
-    } else if (nh > 0) {
-        for (int i = 0; i < nc; i++) ws->cand[i] = (cand){score[ns + i], ns + i};
-        qsort(ws->cand, (size_t)nc, sizeof(cand), cand_cmp);
-        for (int i = 0; i < nh; i++) keep[ws->cand[i].i] = 1;
-    }
-    int m = 0;
-    for (int i = 0; i < n; i++) m += keep[i];
-    return m;
-}
-
 /* ---- one layer ----------------------------------------------------------------------------- */
 
-static float *slot_ptr(float *base, size_t stride, const kvp_table *t, int pt, int kvd, int i) {
-    return base + (size_t)t->pages[i / pt] * stride + (size_t)(i % pt) * (size_t)kvd;
+typedef struct tau_ctx { eng_kv_state *s; int layer; bool first; } tau_ctx;
+
+/* D2O's threshold: the mean similarity of the first compression, then an EMA
+ * with weight ema_beta on each new mean (per sequence and layer). */
+static float d2o_threshold(void *user, float mean_sim) {
+    tau_ctx *t = user;
+    eng_kv_state *s = t->s;
+    float tau;
+    if (t->first || !s->tau_set[t->layer]) tau = mean_sim;
+    else tau = (1.0f - s->cfg.ema_beta) * s->tau[t->layer] + s->cfg.ema_beta * mean_sim;
+    s->tau[t->layer] = tau;
+    s->tau_set[t->layer] = 1;
+    return tau;
 }
 
-int eng_kv_compress_layer(eng_kv_ws *ws, kvp_pool *pool, int seq, int layer, eng_kv_state *s,
-                          int heavy, int recent, bool first) {
+int eng_kv_compress_layer(eng_backend *be, int seq, int layer, eng_kv_state *s, int heavy,
+                          int recent, bool first) {
     if (heavy < 0 || recent < 0) return 0;
-    kvp_table tab = kvp_get_table(pool, seq, layer);
-    int n = tab.n_tokens, pt = ws->pt, kvd = ws->kvd, n_kv = ws->n_kv, hd = ws->hd;
-    if (n <= heavy + recent) return 0;
-    if (n > ws->cap) return D2_EINVAL;
     eng_kv_method m = s->cfg.method;
-    size_t stride = kvp_page_stride(pool);
-
-    /* 1. scores */
-    const float *sb = kvp_score_base(pool);
-    for (int i = 0; i < n; i++) {
-        size_t slot = (size_t)tab.pages[i / pt] * (size_t)pt + (size_t)(i % pt);
-        float acc = 0.0f;
-        for (int g = 0; g < n_kv; g++) acc += sb[slot * (size_t)n_kv + (size_t)g];
-        ws->score[i] = acc;
-    }
-    const float *score = ws->score;
-    int n_sink = s->cfg.n_sink;
-    if (m == ENG_KV_SNAPKV || m == ENG_KV_PYRAMIDKV) {
-        eng_kv_pool_scores(ws->score, n, ws->pooled);
-        score = ws->pooled;
-        n_sink = 0;
-    }
-
-    /* 2. selection */
-    int kept = eng_kv_select(ws, score, n, n_sink, heavy, recent, ws->keep);
-    int n_ev = n - kept;
-    if (n_ev == 0) return 0;
-
-    /* 3. D2O matching (read-only) */
-    int n_pass = 0;
-    float *kb = kvp_k_base(pool), *vb = kvp_v_base(pool);
-    if (m == ENG_KV_D2O) {
-        int nk = 0;
-        for (int i = 0; i < n; i++) {
-            const float *k = slot_ptr(kb, stride, &tab, pt, kvd, i);
-            float *kn = ws->kn + (size_t)i * (size_t)kvd;
-            for (int g = 0; g < n_kv; g++) {
-                const float *kh = k + (size_t)g * (size_t)hd;
-                float nn = sqrtf(eng_dot_f32(kh, kh, hd));
-                float inv = nn > 1e-30f ? 1.0f / nn : 0.0f;
-                for (int d = 0; d < hd; d++) kn[g * hd + d] = kh[d] * inv;
-            }
-            if (ws->keep[i]) ws->kept[nk++] = i;
-        }
-        double ssum = 0.0;
-        float inv_h = 1.0f / (float)n_kv;
-        for (int e = 0; e < n; e++) {
-            ws->tgt[e] = -1;
-            if (ws->keep[e]) continue;
-            const float *ke = ws->kn + (size_t)e * (size_t)kvd;
-            float best = -INFINITY;
-            int bt = -1;
-            for (int j = 0; j < nk; j++) {
-                float u = eng_dot_f32(ke, ws->kn + (size_t)ws->kept[j] * (size_t)kvd, kvd) * inv_h;
-                if (u > best) { best = u; bt = ws->kept[j]; }
-            }
-            ws->tgt[e] = bt;
-            ws->sim[e] = best;
-            ssum += best;
-        }
-        float st = (float)(ssum / n_ev);
-        float tau;
-        if (first || !s->tau_set[layer]) tau = st;
-        else tau = (1.0f - s->cfg.ema_beta) * s->tau[layer] + s->cfg.ema_beta * st;
-        s->tau[layer] = tau;
-        s->tau_set[layer] = 1;
-        for (int e = 0; e < n; e++) {
-            ws->pass[e] = !ws->keep[e] && ws->tgt[e] >= 0 && ws->sim[e] >= tau;
-            n_pass += ws->pass[e];
-        }
-    }
-
-    /* 4. make private every page that will be written */
-    int first_gap = 0;
-    while (first_gap < n && ws->keep[first_gap]) first_gap++;
-    for (int q = first_gap / pt; q <= (kept - 1) / pt && kept > first_gap; q++) {
-        int rc = kvp_unshare(pool, seq, layer, q * pt);
-        if (rc) return rc;
-    }
-    if (n_pass > 0) {
-        for (int e = 0; e < n; e++) {
-            if (!ws->pass[e]) continue;
-            int rc = kvp_unshare(pool, seq, layer, ws->tgt[e]);
-            if (rc) return rc;
-        }
-        tab = kvp_get_table(pool, seq, layer); /* page ids may have changed */
-    }
-
-    /* 5. merges, grouped by target (counting sort) */
-    if (n_pass > 0) {
-        memset(ws->start, 0, (size_t)(n + 1) * sizeof(int32_t));
-        for (int e = 0; e < n; e++)
-            if (ws->pass[e]) ws->start[ws->tgt[e] + 1]++;
-        for (int i = 0; i < n; i++) ws->start[i + 1] += ws->start[i];
-        for (int e = 0; e < n; e++)
-            if (ws->pass[e]) ws->order[ws->start[ws->tgt[e]]++] = e;
-        /* start[c] now ends c's group; groups begin at start[c-1] (0 for c = 0) */
-        int g0 = 0;
-        const float self_e = expf(1.0f);
-        for (int c = 0; c < n; c++) {
-            int g1 = ws->start[c];
-            int cnt = g1 - g0;
-            if (cnt > 0) {
-                float *kc = slot_ptr(kb, stride, &tab, pt, kvd, c);
-                float *vc = slot_ptr(vb, stride, &tab, pt, kvd, c);
-                float wc, denom = 1.0f;
-                if (s->cfg.merge_rule == ENG_KV_MERGE_NORMALISED) {
-                    denom = self_e;
-                    for (int j = g0; j < g1; j++) denom += expf(ws->sim[ws->order[j]]);
-                    wc = self_e / denom;
-                } else {
-                    denom = 1.0f + (float)cnt;
-                    wc = 1.0f / denom;
-                }
-                for (int d = 0; d < kvd; d++) {
-                    ws->acc_k[d] = wc * kc[d];
-                    ws->acc_v[d] = wc * vc[d];
-                }
-                for (int j = g0; j < g1; j++) {
-                    int e = ws->order[j];
-                    float we = s->cfg.merge_rule == ENG_KV_MERGE_NORMALISED
-                                   ? expf(ws->sim[e]) / denom
-                                   : ws->sim[e] / denom;
-                    const float *ke = slot_ptr(kb, stride, &tab, pt, kvd, e);
-                    const float *ve = slot_ptr(vb, stride, &tab, pt, kvd, e);
-                    for (int d = 0; d < kvd; d++) {
-                        ws->acc_k[d] += we * ke[d];
-                        ws->acc_v[d] += we * ve[d];
-                    }
-                }
-                memcpy(kc, ws->acc_k, (size_t)kvd * sizeof(float));
-                memcpy(vc, ws->acc_v, (size_t)kvd * sizeof(float));
-            }
-            g0 = g1;
-        }
-    }
-
-    /* 6. compaction */
-    int before = tab.n_pages;
-    int rc = kvp_compact(pool, seq, layer, ws->keep);
-    if (rc < 0) {
-        D2_ERROR("kvcomp: compaction of seq %d layer %d failed after its pages were made "
-                 "private: %s", seq, layer, d2_strerror(rc));
-        return rc;
-    }
-    int after = kvp_pages_for_tokens(pool, rc);
-    s->n_evicted += n_ev;
-    s->n_merged += n_pass;
-    if (before > after) s->n_pages_freed += before - after;
-    return n_ev;
+    bool snap = m == ENG_KV_SNAPKV || m == ENG_KV_PYRAMIDKV;
+    tau_ctx tc = {s, layer, first};
+    eng_kv_compress_req rq = {
+        .seq = seq, .layer = layer, .heavy = heavy, .recent = recent,
+        .n_sink = snap ? 0 : s->cfg.n_sink,
+        .pooled = snap,
+        .merge = m == ENG_KV_D2O,
+        .merge_code_rule = s->cfg.merge_rule == ENG_KV_MERGE_CODE,
+        .threshold = d2o_threshold, .user = &tc,
+    };
+    eng_kv_compress_res res;
+    int rc = be->ops->kv_compress(be, &rq, &res);
+    if (rc < 0) return rc;
+    s->n_evicted += res.n_evicted;
+    s->n_merged += res.n_merged;
+    s->n_pages_freed += res.pages_freed;
+    return res.n_evicted;
 }
 
 /* ---- whole sequence ------------------------------------------------------------------------- */
 
-int eng_kv_compress_prompt(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s) {
+int eng_kv_compress_prompt(eng_backend *be, int seq, eng_kv_state *s) {
+    kvp_pool *pool = be->pool;
     if (s->cfg.method == ENG_KV_FULL) {
         s->compressed = true;
         return D2_OK;
@@ -583,7 +368,7 @@ int eng_kv_compress_prompt(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state 
     eng_kv_budgets(&s->cfg, s->n_layers, s->v_layer, n, s->heavy, s->recent);
     for (int l = 0; l < s->n_layers; l++) {
         if (s->heavy[l] < 0) continue;
-        int rc = eng_kv_compress_layer(ws, pool, seq, l, s, s->heavy[l], s->recent[l], true);
+        int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], true);
         if (rc < 0) return rc;
     }
     s->compressed = true;
@@ -591,7 +376,9 @@ int eng_kv_compress_prompt(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state 
     return D2_OK;
 }
 
-int eng_kv_after_decode(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s) {
+int eng_kv_after_decode(eng_backend *be, int seq, eng_kv_state *s) {
+    kvp_pool *pool = be->pool;
+    int pt = kvp_get_config(pool)->page_tokens;
     if (!s->compressed) return D2_OK;
     eng_kv_method m = s->cfg.method;
     if (m != ENG_KV_D2O && m != ENG_KV_H2O && m != ENG_KV_STREAMINGLLM) return D2_OK;
@@ -599,9 +386,9 @@ int eng_kv_after_decode(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s)
         if (s->heavy[l] < 0) continue;
         int C = s->heavy[l] + s->recent[l];
         int n = kvp_get_table(pool, seq, l).n_tokens;
-        bool go = s->cfg.exact ? n > C : n >= C + ws->pt;
+        bool go = s->cfg.exact ? n > C : n >= C + pt;
         if (!go) continue;
-        int rc = eng_kv_compress_layer(ws, pool, seq, l, s, s->heavy[l], s->recent[l], false);
+        int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], false);
         if (rc < 0) return rc;
     }
     return D2_OK;

@@ -9,7 +9,11 @@
  * accumulated attention (kvp score), and the similarity of two tokens is the
  * mean over KV heads of the per-head cosine of their post-RoPE keys.
  *
- * Lifecycle of a compressed sequence (driven by sched.c and eng_score_kv):
+ * Policy only: the mechanism (scores, selection, matching, merging,
+ * compaction) is the backend's kv_compress operation (engine/backend.h),
+ * which runs where the KV payload lives; this file decides the numbers.
+ *
+ * Lifecycle of a compressed sequence (driven by step.c and run.c):
  *   eng_kv_state_create      at submit (all per-request memory allocated here)
  *   eng_kv_state_reset       at (re)admission: forgets budgets, tau, colsums
  *   eng_kv_plan_seq          per step: sets want_scores / score_from / colsum
@@ -19,8 +23,8 @@
  *   eng_kv_after_decode      after every later step: a layer whose live tokens
  *                            reach C_l + page_tokens is cut back to C_l (a page
  *                            returns); `exact` cuts back every step
- * The workspace (eng_kv_ws) is engine-wide scratch sized once from the pool's
- * max_seq_tokens; nothing here allocates per step.
+ * Nothing here allocates per step (the backend's scratch is sized at
+ * kv_attach).
  *
  * Merges never write a page shared with another sequence: the target's page
  * is made private first (kvp_unshare); kvp_compact copies shared pages it
@@ -37,6 +41,7 @@
 
 #include "engine/backend.h"
 #include "engine/engine.h"
+#include "engine/kvsel.h"
 #include "kvpool/kvpool.h"
 
 typedef struct eng_kv_state {
@@ -53,12 +58,6 @@ typedef struct eng_kv_state {
     int colsum_len;
     int64_t n_evicted, n_merged, n_pages_freed; /* cumulative since create */
 } eng_kv_state;
-
-typedef struct eng_kv_ws eng_kv_ws;
-
-/* Workspace for one pool (sized by its max_seq_tokens and KV shape). */
-int eng_kv_ws_create(const kvp_pool *pool, eng_kv_ws **out);
-void eng_kv_ws_free(eng_kv_ws *ws); /* accepts NULL */
 
 /* State for one request; c must validate. colsum_len: the longest prefill the
  * sequence can have (D2O only; prompt + generated tokens after a preemption). */
@@ -85,24 +84,15 @@ float eng_kv_d2o_layer_stat(const float *colsum, int n_heads, int len, int n);
  * heavy/recent [n_layers] receive the split; -1 for kept layers. */
 void eng_kv_budgets(const eng_kv_config *c, int n_layers, const float *v, int n, int *heavy,
                     int *recent);
-/* Token selection over n slots in position order: the last `recent` slots,
- * the first min(n_sink, heavy) of the others (sinks, inside the heavy
- * budget), and the best heavy - sinks of the rest by score (ties: earlier
- * slot first). keep[n] receives 1/0; returns the number kept. */
-int eng_kv_select(eng_kv_ws *ws, const float *score, int n, int n_sink, int heavy, int recent,
-                  uint8_t *keep);
-/* Pooled SnapKV scores: average over a window of 5 (clipped at the ends). */
-void eng_kv_pool_scores(const float *in, int n, float *out);
-
 /* Compresses (seq, layer) to heavy + recent tokens now (first = prompt
  * compression: tau is initialised). Returns the number of evicted tokens
  * (>= 0), D2_EKVFULL when a copy on write found no page (nothing changed),
  * or another error. */
-int eng_kv_compress_layer(eng_kv_ws *ws, kvp_pool *pool, int seq, int layer, eng_kv_state *s,
-                          int heavy, int recent, bool first);
+int eng_kv_compress_layer(eng_backend *be, int seq, int layer, eng_kv_state *s, int heavy,
+                          int recent, bool first);
 /* Prompt compression of every compressed layer (sets s->compressed). */
-int eng_kv_compress_prompt(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s);
+int eng_kv_compress_prompt(eng_backend *be, int seq, eng_kv_state *s);
 /* Decode-time eviction after a step (no-op for prefill-only methods). */
-int eng_kv_after_decode(eng_kv_ws *ws, kvp_pool *pool, int seq, eng_kv_state *s);
+int eng_kv_after_decode(eng_backend *be, int seq, eng_kv_state *s);
 
 #endif

@@ -696,6 +696,13 @@ static int32_t draw_small(eng_sampler *s, const int32_t *c, const float *pc, int
     return last; /* rounding at the very top */
 }
 
+bool eng_sampler_is_plain_greedy(const eng_sampler *s) {
+    const eng_sample_params *p = &s->params;
+    return (p->temperature < GREEDY_EPS || p->top_k == 1) && p->repetition_penalty == 1.0f &&
+           p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f && p->n_logit_bias == 0 &&
+           p->n_top_logprobs == 0;
+}
+
 int eng_sampler_sample(eng_sampler *s, const float *logits, eng_sample_result *out) {
     const eng_sample_params *p = &s->params;
     const int V = s->n_vocab;

@@ -142,6 +142,10 @@ void eng_sampler_accept(eng_sampler *s, int32_t token);
 void eng_sampler_process_logits(eng_sampler *s, const float *in, float *out);
 /* Samples from logits[n_vocab] (not modified). D2_OK, or D2_EINVAL for
  * NaN/+inf logits or no finite logit (out->token is then -1). */
+/* True when sampling is the argmax of the raw logits (lowest id on ties):
+ * greedy, no penalties, no logit bias, no top logprobs. The engine then may
+ * take the backend's argmax instead of copying the logits out. */
+bool eng_sampler_is_plain_greedy(const eng_sampler *s);
 int eng_sampler_sample(eng_sampler *s, const float *logits, eng_sample_result *out);
 
 #endif

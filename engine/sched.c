@@ -14,8 +14,15 @@
  *      running sequence (free its pages, put it back at the head of the
  *      queue; it will recompute its prompt plus the tokens it already
  *      produced) and plan again;
- *   6. reserve pages, run the backend, sample for every sequence whose chunk
- *      reached its last known token, emit events, retire finished ones.
+ *   6. execute: the step mechanism (step.c) reserves and appends the plan's
+ *      pages and runs the backend;
+ *   7. commit: compress the KV cache of compressed sequences, sample for every
+ *      sequence whose chunk reached its last known token (greedy requests
+ *      that want no logprobs take the backend's argmax, so their logits need
+ *      not leave the device), emit events, retire finished ones.
+ * Steps 1-5 are policy (sched_intake, sched_admit, sched_plan); 6-7 are
+ * mechanism (eng__step_execute, sched_commit). This file calls step.c and
+ * kvcomp.c, never engine.c.
  *
  * A request's memory (its token buffer and sampler scratch) is allocated on
  * the submitting thread, so the engine thread allocates nothing per step.
@@ -28,6 +35,7 @@
  * the end of every step and appends compression events to a fixed ring, so
  * the view costs a few integer copies per step and never allocates.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -50,6 +58,7 @@ typedef struct sreq {
     uint64_t admit_seq;         /* admission order (newest = largest) */
     int n_preempt;
     bool ignore_eos;
+    bool want_logprobs;         /* false + plain greedy sampling: the backend's argmax */
     int32_t stop_ids[16];
     int n_stop_ids;
     eng_logit_bias *bias;       /* owned copy */
@@ -99,6 +108,7 @@ struct eng_sched {
     /* engine thread only */
     rlist waiting, running;
     uint64_t admit_counter;
+    eng_plan plan;              /* the step being built */
     sreq **plan_req;            /* [max_seqs] request of each plan entry */
     /* stats */
     atomic_int n_running, n_waiting;
@@ -128,10 +138,11 @@ int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out
     size_t nv = (size_t)e->max_seqs + ENG_VIEW_RECENT;
     s->view_seqs = calloc(nv, sizeof *s->view_seqs);
     s->view_ints = calloc(nv * 2 * (size_t)s->view_layers, sizeof *s->view_ints);
-    if (!s->plan_req || !s->view_seqs || !s->view_ints) {
+    if (!s->plan_req || !s->view_seqs || !s->view_ints || eng__plan_init(&s->plan, e) != D2_OK) {
         free(s->plan_req);
         free(s->view_seqs);
         free(s->view_ints);
+        eng__plan_free(&s->plan);
         free(s);
         return D2_ENOMEM;
     }
@@ -157,10 +168,10 @@ static void sreq_free(sreq *r) {
 
 static double since(const sreq *r, double t) { return t > 0 ? t - r->t_submit : 0; }
 
-/* Ends a request: frees its pages, sends DONE, unlinks and frees it. The
- * caller has already removed it from waiting/running. */
 static void view_retire(eng_sched *s, const sreq *r);
 
+/* Ends a request: frees its pages, sends DONE, unlinks and frees it. The
+ * caller has already removed it from waiting/running. */
 static void retire(eng_sched *s, sreq *r, eng_finish fin, int status) {
     if (r->kv >= 0) view_retire(s, r);
     if (r->kv >= 0) kvp_seq_free(s->e->pool, r->kv);
@@ -218,6 +229,7 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     r->max_tokens = q->max_tokens;
     r->kv = -1;
     r->ignore_eos = q->ignore_eos;
+    r->want_logprobs = q->want_logprobs;
     r->n_stop_ids = q->n_stop_ids;
     if (q->n_stop_ids) memcpy(r->stop_ids, q->stop_ids, sizeof(int32_t) * (size_t)q->n_stop_ids);
     eng_sample_params sp = q->sample;
@@ -312,6 +324,29 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
 static void publish_counts(eng_sched *s) {
     atomic_store(&s->n_running, s->running.n);
     atomic_store(&s->n_waiting, s->waiting.n);
+}
+
+/* Known tokens of r: what the cache must hold before the next sample. */
+static int known(const sreq *r) { return r->n_prompt + r->n_gen; }
+
+static void preempt(eng_sched *s, sreq *r) {
+    kvp_seq_free(s->e->pool, r->kv);
+    r->kv = -1;
+    r->n_fed = 0;
+    r->n_preempt++;
+    rl_remove(&s->running, r);
+    rl_push_front(&s->waiting, r);
+    atomic_fetch_add(&s->preemptions, 1);
+    D2_DEBUG("sched: preempted request %llu after %d tokens", (unsigned long long)r->id, r->n_gen);
+}
+
+static bool is_stop_token(const eng_model_config *mc, const sreq *r, int32_t t) {
+    if (!r->ignore_eos)
+        for (int i = 0; i < mc->n_eos; i++)
+            if (mc->eos_ids[i] == t) return true;
+    for (int i = 0; i < r->n_stop_ids; i++)
+        if (r->stop_ids[i] == t) return true;
+    return false;
 }
 
 /* Engine thread, under view_mu: one sequence's block-table sizes into v. */
@@ -421,21 +456,8 @@ static void preempt(eng_sched *s, sreq *r) {
     D2_DEBUG("sched: preempted request %llu after %d tokens", (unsigned long long)r->id, r->n_gen);
 }
 
-static bool is_stop_token(const eng_model_config *mc, const sreq *r, int32_t t) {
-    if (!r->ignore_eos)
-        for (int i = 0; i < mc->n_eos; i++)
-            if (mc->eos_ids[i] == t) return true;
-    for (int i = 0; i < r->n_stop_ids; i++)
-        if (r->stop_ids[i] == t) return true;
-    return false;
-}
-
-int eng_sched_step(eng_sched *s) {
-    eng_engine *e = s->e;
-    const eng_model_config *mc = &e->model->cfg;
-    const int page_tokens = kvp_get_config(e->pool)->page_tokens;
-
-    /* 1. incoming -> waiting */
+/* 1-2: newly submitted requests join the waiting queue; cancelled ones retire. */
+static void sched_intake(eng_sched *s) {
     pthread_mutex_lock(&s->mu);
     while (s->incoming.head) {
         sreq *r = s->incoming.head;
@@ -443,8 +465,6 @@ int eng_sched_step(eng_sched *s) {
         rl_push_back(&s->waiting, r);
     }
     pthread_mutex_unlock(&s->mu);
-
-    /* 2. cancellations */
     for (rlist *l = &s->waiting; l; l = l == &s->waiting ? &s->running : NULL) {
         for (sreq *r = l->head, *nx; r; r = nx) {
             nx = r->next;
@@ -454,13 +474,19 @@ int eng_sched_step(eng_sched *s) {
             }
         }
     }
+}
 
-    /* 3. admission */
+/* 3: admission by pages, with a watermark of one page per layer for every
+ * running sequence's next decode. */
+static void sched_admit(eng_sched *s) {
+    eng_engine *e = s->e;
+    int n_layers = e->model->cfg.n_layers;
+    int page_tokens = kvp_get_config(e->pool)->page_tokens;
     while (s->waiting.head && s->running.n < e->max_seqs) {
         sreq *r = s->waiting.head;
         int64_t free_pages = kvp_get_stats(e->pool).pages_free;
-        int64_t need = (int64_t)mc->n_layers * eng__pages_for(known(r) + 1, page_tokens);
-        int64_t watermark = (int64_t)mc->n_layers * s->running.n;
+        int64_t need = (int64_t)n_layers * eng__pages_for(known(r) + 1, page_tokens);
+        int64_t watermark = (int64_t)n_layers * s->running.n;
         if (need + watermark > free_pages && s->running.n > 0) break;
         if (need > free_pages) break; /* nothing running: pages will not come back; wait */
         int rc = kvp_seq_new(e->pool, &r->kv);
@@ -480,133 +506,154 @@ int eng_sched_step(eng_sched *s) {
         D2_ERROR("sched: request %llu cannot be admitted into an idle pool", (unsigned long long)r->id);
         retire(s, r, ENG_FINISH_ERROR, D2_EKVFULL);
     }
-    publish_counts(s);
-    if (s->running.n == 0) {
-        publish_view(s);
-        return s->waiting.n;
-    }
+}
 
-    /* 4-5. plan, preempting while the pool cannot hold it */
-    int nt, ns;
-    for (;;) {
-        nt = 0;
-        ns = 0;
-        int64_t need = 0;
-        for (int pass = 0; pass < 2; pass++) {
-            for (sreq *r = s->running.head; r; r = r->next) {
-                int todo = known(r) - r->n_fed;
-                bool decode = todo == 1;
-                if ((pass == 0) != decode || todo <= 0) continue;
-                int take = todo;
-                if (take > e->max_batch_tokens - nt) take = e->max_batch_tokens - nt;
-                if (take <= 0) continue;
-                e->bseqs[ns] = (eng_batch_seq){.seq = r->kv, .start = nt, .n = take,
-                                               .want_logits = r->n_fed + take == known(r)};
-                if (r->kvs) eng_kv_plan_seq(r->kvs, r->prefill_end, &e->bseqs[ns]);
-                s->plan_req[ns] = r;
-                for (int j = 0; j < take; j++) {
-                    e->tokens[nt + j] = r->tokens[r->n_fed + j];
-                    e->pos[nt + j] = r->n_fed + j;
-                }
-                need += eng__pages_needed_all_layers(e, r->kv, take);
-                nt += take;
-                ns++;
-            }
+/* One plan over the running sequences: decode tokens first, then prefill
+ * chunks in admission order, up to max_batch_tokens. */
+static void build_plan(eng_sched *s) {
+    eng_plan *p = &s->plan;
+    eng__plan_reset(p);
+    for (int pass = 0; pass < 2; pass++) {
+        for (sreq *r = s->running.head; r; r = r->next) {
+            int todo = known(r) - r->n_fed;
+            bool decode = todo == 1;
+            if ((pass == 0) != decode || todo <= 0) continue;
+            int take = todo;
+            if (take > p->cap_tokens - p->n_tokens) take = p->cap_tokens - p->n_tokens;
+            if (take <= 0) continue;
+            eng_batch_seq *bs = eng__plan_add(p, r->kv, r->tokens + r->n_fed, take, r->n_fed,
+                                              r->n_fed + take == known(r), false);
+            if (!bs) continue;
+            if (r->kvs) eng_kv_plan_seq(r->kvs, r->prefill_end, bs);
+            s->plan_req[p->n_seqs - 1] = r;
         }
-        if (need <= kvp_get_stats(e->pool).pages_free || s->running.n <= 1) break;
+    }
+}
+
+/* 4-5: plan, preempting the newest running sequence while the pool cannot hold it. */
+static void sched_plan(eng_sched *s) {
+    for (;;) {
+        build_plan(s);
+        if (eng__plan_pages_needed(s->e, &s->plan) <= kvp_get_stats(s->e->pool).pages_free ||
+            s->running.n <= 1)
+            break;
         sreq *victim = s->running.head;
         for (sreq *r = s->running.head; r; r = r->next)
             if (r->admit_seq > victim->admit_seq) victim = r;
         preempt(s, victim);
     }
-    publish_counts(s);
-    for (int k = 0; k < ns; k++) {
-        int rc = eng__reserve_all_layers(e, e->bseqs[k].seq, e->bseqs[k].n);
-        if (rc != D2_OK) {
-            /* a lone sequence longer than the pool: it cannot continue */
-            sreq *r = s->plan_req[k];
-            rl_remove(&s->running, r);
-            retire(s, r, ENG_FINISH_ERROR, rc);
-            publish_counts(s);
-            return s->running.n + s->waiting.n;
-        }
-    }
+}
 
-    /* 6. step, sample, retire */
-    eng_batch b = {.n_tokens = nt, .tokens = e->tokens, .pos = e->pos, .n_seqs = ns,
-                   .seqs = e->bseqs, .logits = e->logits};
-    int rc = e->be->ops->step(e->be, &b);
-    atomic_fetch_add(&s->steps, 1);
-    if (rc != D2_OK) {
-        D2_ERROR("sched: backend step failed: %s", d2_strerror(rc));
-        for (int k = 0; k < ns; k++) {
-            sreq *r = s->plan_req[k];
-            rl_remove(&s->running, r);
-            retire(s, r, ENG_FINISH_ERROR, rc);
-        }
-        publish_counts(s);
-        return rc;
+/* KV compression of one planned request after the step; counters updated. */
+static void commit_compress(eng_sched *s, sreq *r, int fed) {
+    eng_kv_state *ks = r->kvs;
+    int64_t ev0 = ks->n_evicted, mg0 = ks->n_merged, fr0 = ks->n_pages_freed;
+    int phase = ks->compressed ? ENG_KV_EVENT_DECODE : ENG_KV_EVENT_PREFILL;
+    int crc = eng__step_compress(s->e, r->kv, ks, fed, r->prefill_end);
+    if (crc != D2_OK)
+        D2_ERROR("sched: KV compression of request %llu failed: %s", (unsigned long long)r->id,
+                 d2_strerror(crc));
+    atomic_fetch_add(&s->kv_evicted, ks->n_evicted - ev0);
+    atomic_fetch_add(&s->kv_merged, ks->n_merged - mg0);
+    atomic_fetch_add(&s->kv_freed, ks->n_pages_freed - fr0);
+    record_event(s, r->id, phase, ks->n_evicted - ev0, ks->n_merged - mg0, ks->n_pages_freed - fr0);
+}
+
+/* Samples r's next token from logit row `row`: the backend's argmax when the
+ * request is plain greedy and wants no logprobs (no vocabulary leaves the
+ * backend), else the full sampler over the host row. */
+static int commit_sample(eng_sched *s, sreq *r, int row, eng_sample_result *res) {
+    if (!r->want_logprobs && eng_sampler_is_plain_greedy(&r->sampler)) {
+        memset(res, 0, sizeof *res);
+        res->logprob = NAN;
+        return eng__step_argmax(s->e, row, &res->token);
     }
-    /* KV compression: the prompt once its prefill is complete, then
-     * decode-time eviction after every step. A compression that finds no
-     * page for a copy on write leaves the cache as it is and retries next step. */
-    for (int k = 0; k < ns; k++) {
-        sreq *r = s->plan_req[k];
-        if (!r->kvs) continue;
-        eng_kv_state *ks = r->kvs;
-        int64_t ev0 = ks->n_evicted, mg0 = ks->n_merged, fr0 = ks->n_pages_freed;
-        int fed = r->n_fed + e->bseqs[k].n;
-        int crc = D2_OK;
-        int phase = ks->compressed ? ENG_KV_EVENT_DECODE : ENG_KV_EVENT_PREFILL;
-        if (!ks->compressed && fed >= r->prefill_end)
-            crc = eng_kv_compress_prompt(e->kvws, e->pool, r->kv, ks);
-        else if (ks->compressed)
-            crc = eng_kv_after_decode(e->kvws, e->pool, r->kv, ks);
-        record_event(s, r->id, phase, ks->n_evicted - ev0, ks->n_merged - mg0, ks->n_pages_freed - fr0);
-        if (crc != D2_OK && crc != D2_EKVFULL)
-            D2_ERROR("sched: KV compression of request %llu failed: %s",
-                     (unsigned long long)r->id, d2_strerror(crc));
-        atomic_fetch_add(&s->kv_evicted, ks->n_evicted - ev0);
-        atomic_fetch_add(&s->kv_merged, ks->n_merged - mg0);
-        atomic_fetch_add(&s->kv_freed, ks->n_pages_freed - fr0);
+    const float *lg;
+    int rc = eng__step_logits(s->e, row, &lg);
+    return rc == D2_OK ? eng_sampler_sample(&r->sampler, lg, res) : rc;
+}
+
+/* A sampled token: recorded, reported, and the request retired when it ends. */
+static void commit_token(eng_sched *s, sreq *r, const eng_sample_result *res) {
+    const eng_model_config *mc = &s->e->model->cfg;
+    eng_sampler_accept(&r->sampler, res->token);
+    double now = d2_now();
+    if (r->n_gen == 0) r->t_first = now;
+    r->tokens[known(r)] = res->token;
+    r->n_gen++;
+    atomic_fetch_add(&s->generation_tokens, 1);
+    eng_event ev = {.type = ENG_EV_TOKEN, .id = r->id, .token = res->token, .res = res,
+                    .n_prompt = r->n_prompt, .n_generated = r->n_gen,
+                    .n_preempted = r->n_preempt, .t_first_token = since(r, r->t_first),
+                    .t_done = 0};
+    int stop_cb = r->fn(r->user, &ev);
+    eng_finish fin = ENG_FINISH_NONE;
+    if (stop_cb || is_stop_token(mc, r, res->token)) fin = ENG_FINISH_STOP;
+    else if (r->n_gen >= r->max_tokens || known(r) >= s->e->ctx_len) fin = ENG_FINISH_LENGTH;
+    if (fin != ENG_FINISH_NONE) {
+        rl_remove(&s->running, r);
+        retire(s, r, fin, D2_OK);
     }
+}
+
+/* 7: after a successful step — compression, sampling, events, retirement. */
+static void sched_commit(eng_sched *s) {
+    const eng_plan *p = &s->plan;
+    for (int k = 0; k < p->n_seqs; k++)
+        if (s->plan_req[k]->kvs) commit_compress(s, s->plan_req[k], s->plan_req[k]->n_fed + p->seqs[k].n);
     int row = 0;
-    for (int k = 0; k < ns; k++) {
-        const eng_batch_seq *bs = &e->bseqs[k];
+    for (int k = 0; k < p->n_seqs; k++) {
+        const eng_batch_seq *bs = &p->seqs[k];
         sreq *r = s->plan_req[k];
         if (r->n_fed < r->n_prompt)
             atomic_fetch_add(&s->prompt_tokens,
                              (r->n_fed + bs->n < r->n_prompt ? bs->n : r->n_prompt - r->n_fed));
         r->n_fed += bs->n;
         if (!bs->want_logits) continue;
-        const float *lg = e->logits + (size_t)row * (size_t)mc->vocab_size;
-        row++;
         eng_sample_result res;
-        rc = eng_sampler_sample(&r->sampler, lg, &res);
+        int rc = commit_sample(s, r, row++, &res);
         if (rc != D2_OK) {
             rl_remove(&s->running, r);
             retire(s, r, ENG_FINISH_ERROR, rc);
             continue;
         }
-        eng_sampler_accept(&r->sampler, res.token);
-        double now = d2_now();
-        if (r->n_gen == 0) r->t_first = now;
-        r->tokens[known(r)] = res.token;
-        r->n_gen++;
-        atomic_fetch_add(&s->generation_tokens, 1);
-        eng_event ev = {.type = ENG_EV_TOKEN, .id = r->id, .token = res.token, .res = &res,
-                        .n_prompt = r->n_prompt, .n_generated = r->n_gen,
-                        .n_preempted = r->n_preempt, .t_first_token = since(r, r->t_first),
-                        .t_done = 0};
-        int stop_cb = r->fn(r->user, &ev);
-        eng_finish fin = ENG_FINISH_NONE;
-        if (stop_cb || is_stop_token(mc, r, res.token)) fin = ENG_FINISH_STOP;
-        else if (r->n_gen >= r->max_tokens || known(r) >= e->ctx_len) fin = ENG_FINISH_LENGTH;
-        if (fin != ENG_FINISH_NONE) {
-            rl_remove(&s->running, r);
-            retire(s, r, fin, D2_OK);
-        }
+        commit_token(s, r, &res);
     }
+}
+
+/* Every planned request ends with status rc (the step could not run). */
+static void fail_plan(eng_sched *s, int rc) {
+    for (int k = 0; k < s->plan.n_seqs; k++) {
+        sreq *r = s->plan_req[k];
+        rl_remove(&s->running, r);
+        retire(s, r, ENG_FINISH_ERROR, rc);
+    }
+}
+
+int eng_sched_step(eng_sched *s) {
+    sched_intake(s);
+    sched_admit(s);
+    publish_counts(s);
+    if (s->running.n == 0) {
+        publish_view(s);
+        return s->waiting.n;
+    }
+    sched_plan(s);
+    publish_counts(s);
+    int rc = eng__step_execute(s->e, &s->plan);
+    atomic_fetch_add(&s->steps, 1);
+    if (rc == D2_EKVFULL || rc == D2_ETOOLONG) {
+        /* a lone sequence longer than the pool or its table: it cannot continue */
+        fail_plan(s, rc);
+        publish_counts(s);
+        return s->running.n + s->waiting.n;
+    }
+    if (rc != D2_OK) {
+        fail_plan(s, rc);
+        publish_counts(s);
+        return rc;
+    }
+    sched_commit(s);
     publish_counts(s);
     publish_view(s);
     return s->running.n + s->waiting.n;
@@ -660,9 +707,10 @@ void eng_sched_destroy(eng_sched *s) {
         retire(s, r, ENG_FINISH_ERROR, D2_ECANCELED);
     }
     pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->view_mu);
+    pthread_cond_destroy(&s->cv);
     free(s->plan_req);
+    eng__plan_free(&s->plan);
     free(s->view_seqs);
     free(s->view_ints);
     free(s);

@@ -4,11 +4,11 @@
  * Callers: the engine thread only (every mutating function); kvp_get_stats
  * may be called from any thread. Includes only common/.
  *
- * Memory: kvp_create reserves everything — k/v page storage (unless the
- * config lends a buffer), pos/score per slot, a refcount per page, the free
+ * Memory: kvp_create reserves everything — pos per slot, a refcount per page, the free
  * list (a stack of page ids), one block table per (sequence, layer) sized for
- * ceil(max_seq_tokens / page_tokens) pages, the in-use flag per sequence and
- * a scratch array for kvp_check. Nothing allocates after that.
+ * ceil(max_seq_tokens / page_tokens) pages, the in-use flag per sequence,
+ * a scratch array for kvp_check and the run list handed to the payload hook.
+ * Nothing allocates after that. The K/V payload is the backend's (kvpool.h).
  *
  * Tables: a table holds n_alloc pages: the first ceil(n_tokens/page_tokens)
  * are live, the rest are pages kvp_reserve took ahead of kvp_append. Reserved
@@ -19,10 +19,6 @@
  * refcount > 1 is never written: kvp_reserve and kvp_compact copy it first
  * (copy on write) and kvp_append refuses to write into one.
  */
-/* Debug builds (make DEBUG=1 passes -DD2_DEBUG_BUILD=1) poison freed pages. */
-#ifdef D2_DEBUG_BUILD
-#define KVP_POISON 1
-#endif
 
 #include "kvpool/kvpool.h"
 
@@ -35,7 +31,6 @@
 #include "common/log.h"
 
 #define KVP_DEFAULT_PAGE_TOKENS 16
-#define KVP_ALIGN 64
 
 typedef struct kvp_tab {
     int32_t *pages; /* [max_table_pages], into kvp_pool.table_store */
@@ -46,12 +41,7 @@ typedef struct kvp_tab {
 struct kvp_pool {
     kvp_config cfg;          /* copy of the caller's config, page_tokens defaulted */
     int pt;                  /* page_tokens */
-    size_t slot_floats;      /* n_kv_heads * head_dim */
-    size_t page_stride;      /* floats per page in k (and v) */
-    float *k, *v;
-    void *owned_storage;     /* k/v buffer the pool allocated; NULL when borrowed */
     int32_t *pos;            /* [n_pages][pt] */
-    float *score;            /* [n_pages][pt][n_kv_heads] */
     int32_t *refcount;       /* [n_pages] */
     int32_t *free_stack;     /* [n_pages]; entries [0, n_free) are free pages */
     int64_t n_free;
@@ -63,60 +53,32 @@ struct kvp_pool {
     int32_t *table_store;    /* [max_seqs][n_layers][max_table_pages] */
     uint8_t *seq_used;       /* [max_seqs] */
     int32_t *scratch;        /* [n_pages], kvp_check's work array */
-    kvp_copy_fn copy_fn;     /* NULL: memcpy */
-    void *copy_ctx;
+    kvp_payload payload;     /* the backend's hook; zeroed = no payload */
+    kvp_slot_run *runs;      /* [max_table_pages * pt] runs of the operation in progress */
+    int n_runs;
 };
 
 /* ---- configuration ------------------------------------------------------- */
 
-static int mul_size(size_t a, size_t b, size_t *out) {
-    if (a != 0 && b > SIZE_MAX / a) return D2_ERANGE;
-    *out = a * b;
-    return D2_OK;
-}
-
-/* Validates cfg and computes the derived sizes. */
-static int cfg_sizes(const kvp_config *cfg, int *pt_out, size_t *slot_floats,
-                     size_t *page_stride, size_t *kv_bytes) {
+/* Validates cfg; *pt_out gets page_tokens with its default applied. */
+static int cfg_check(const kvp_config *cfg, int *pt_out) {
     if (!cfg) return D2_EINVAL;
     int pt = cfg->page_tokens == 0 ? KVP_DEFAULT_PAGE_TOKENS : cfg->page_tokens;
     if (cfg->n_layers <= 0 || cfg->n_kv_heads <= 0 || cfg->head_dim <= 0 || pt <= 0 ||
         cfg->n_pages <= 0 || cfg->n_pages > INT32_MAX || cfg->max_seqs <= 0 ||
         cfg->max_seq_tokens <= 0)
         return D2_EINVAL;
-    size_t sf, ps, per_kv, all;
-    if (mul_size((size_t)cfg->n_kv_heads, (size_t)cfg->head_dim, &sf) ||
-        mul_size(sf, (size_t)pt, &ps) || mul_size(ps, (size_t)cfg->n_pages, &per_kv) ||
-        mul_size(per_kv, 2 * sizeof(float), &all))
-        return D2_EINVAL;
-    /* pos and score are indexed with int arithmetic on slot counts */
+    /* pos is indexed with int arithmetic on slot counts */
     if ((int64_t)pt * cfg->n_pages > INT32_MAX) return D2_EINVAL;
     *pt_out = pt;
-    *slot_floats = sf;
-    *page_stride = ps;
-    *kv_bytes = all;
     return D2_OK;
 }
-
-size_t kvp_storage_bytes(const kvp_config *cfg) {
-    int pt;
-    size_t sf, ps, bytes;
-    if (cfg_sizes(cfg, &pt, &sf, &ps, &bytes) != D2_OK) return 0;
-    return bytes;
-}
-
-#ifdef KVP_POISON
-static void poison_floats(float *f, size_t n) {
-    for (size_t i = 0; i < n; i++) f[i] = NAN;
-}
-#endif
 
 int kvp_create(const kvp_config *cfg, kvp_pool **out) {
     if (!out) return D2_EINVAL;
     *out = NULL;
     int pt;
-    size_t slot_floats, page_stride, kv_bytes;
-    if (cfg_sizes(cfg, &pt, &slot_floats, &page_stride, &kv_bytes) != D2_OK) {
+    if (cfg_check(cfg, &pt) != D2_OK) {
         D2_ERROR("kvpool: kvp_create: invalid configuration");
         return D2_EINVAL;
     }
@@ -137,33 +99,22 @@ int kvp_create(const kvp_config *cfg, kvp_pool **out) {
     p->cfg = *cfg;
     p->cfg.page_tokens = pt;
     p->pt = pt;
-    p->slot_floats = slot_floats;
-    p->page_stride = page_stride;
     p->max_table_pages = (int)max_table_pages;
 
-    if (cfg->storage) {
-        p->k = cfg->storage;
-    } else {
-        size_t rounded = (kv_bytes + KVP_ALIGN - 1) / KVP_ALIGN * KVP_ALIGN;
-        p->owned_storage = aligned_alloc(KVP_ALIGN, rounded);
-        p->k = p->owned_storage;
-    }
     p->pos = malloc(n_slots * sizeof *p->pos);
-    p->score = calloc(n_slots * (size_t)cfg->n_kv_heads, sizeof *p->score);
+    p->runs = malloc((size_t)(max_table_pages * pt) * sizeof *p->runs);
     p->refcount = calloc(n_pages, sizeof *p->refcount);
     p->free_stack = malloc(n_pages * sizeof *p->free_stack);
     p->scratch = malloc(n_pages * sizeof *p->scratch);
     p->tabs = calloc((size_t)n_tables, sizeof *p->tabs);
     p->table_store = malloc((size_t)(n_tables * max_table_pages) * sizeof *p->table_store);
     p->seq_used = calloc((size_t)cfg->max_seqs, 1);
-    if (!p->k || !p->pos || !p->score || !p->refcount || !p->free_stack || !p->scratch ||
-        !p->tabs || !p->table_store || !p->seq_used) {
-        D2_ERROR("kvpool: kvp_create: out of memory (%zu bytes of k/v, %lld pages)", kv_bytes,
-                 (long long)cfg->n_pages);
+    if (!p->pos || !p->runs || !p->refcount || !p->free_stack || !p->scratch || !p->tabs ||
+        !p->table_store || !p->seq_used) {
+        D2_ERROR("kvpool: kvp_create: out of memory (%lld pages)", (long long)cfg->n_pages);
         kvp_destroy(p);
         return D2_ENOMEM;
     }
-    p->v = p->k + page_stride * n_pages;
 
     for (size_t i = 0; i < n_slots; i++) p->pos[i] = -1;
     /* Page 0 is taken first: the stack's top holds the lowest id. */
@@ -175,18 +126,14 @@ int kvp_create(const kvp_config *cfg, kvp_pool **out) {
         p->tabs[t].pages = p->table_store + t * max_table_pages;
         for (int64_t j = 0; j < max_table_pages; j++) p->tabs[t].pages[j] = -1;
     }
-#ifdef KVP_POISON
-    if (p->owned_storage) poison_floats(p->k, 2 * page_stride * n_pages);
-#endif
     *out = p;
     return D2_OK;
 }
 
 void kvp_destroy(kvp_pool *p) {
     if (!p) return;
-    free(p->owned_storage);
     free(p->pos);
-    free(p->score);
+    free(p->runs);
     free(p->refcount);
     free(p->free_stack);
     free(p->scratch);
@@ -207,10 +154,10 @@ kvp_stats kvp_get_stats(const kvp_pool *p) {
     return s;
 }
 
-void kvp_set_copy_fn(kvp_pool *p, kvp_copy_fn fn, void *ctx) {
+void kvp_set_payload(kvp_pool *p, const kvp_payload *pl) {
     if (!p) return;
-    p->copy_fn = fn;
-    p->copy_ctx = ctx;
+    if (pl) p->payload = *pl;
+    else memset(&p->payload, 0, sizeof p->payload);
 }
 
 int kvp_pages_for_tokens(const kvp_pool *p, int n_tokens) {
@@ -235,8 +182,6 @@ static int32_t page_take(kvp_pool *p) {
     p->refcount[pg] = 1;
     size_t s0 = (size_t)pg * (size_t)p->pt;
     for (int i = 0; i < p->pt; i++) p->pos[s0 + (size_t)i] = -1;
-    memset(p->score + s0 * (size_t)p->cfg.n_kv_heads, 0,
-           (size_t)p->pt * (size_t)p->cfg.n_kv_heads * sizeof(float));
     return pg;
 }
 
@@ -244,37 +189,31 @@ static int32_t page_take(kvp_pool *p) {
 static void page_unref(kvp_pool *p, int32_t pg) {
     D2_ASSERT(pg >= 0 && pg < p->cfg.n_pages && p->refcount[pg] > 0);
     if (--p->refcount[pg] > 0) return;
-#ifdef KVP_POISON
-    if (p->owned_storage) {
-        poison_floats(p->k + (size_t)pg * p->page_stride, p->page_stride);
-        poison_floats(p->v + (size_t)pg * p->page_stride, p->page_stride);
-    }
-#endif
+    if (p->payload.freed) p->payload.freed(p->payload.ctx, pg);
     size_t s0 = (size_t)pg * (size_t)p->pt;
     for (int i = 0; i < p->pt; i++) p->pos[s0 + (size_t)i] = -1;
     p->free_stack[p->n_free++] = pg;
     publish_free(p);
 }
 
-static void copy_floats(kvp_pool *p, float *dst, const float *src, size_t n) {
-    if (p->copy_fn)
-        p->copy_fn(p->copy_ctx, dst, src, n);
-    else
-        memcpy(dst, src, n * sizeof(float));
-}
-
-/* Copies n consecutive slots (k, v, pos, score) between two distinct pages,
- * or between non-overlapping slot ranges of one page. */
+/* Copies n consecutive slots between two distinct pages, or between
+ * non-overlapping slot ranges of one page: pos now, the payload as one run of
+ * the operation's list (flush_runs hands the list to the backend). */
 static void copy_slots(kvp_pool *p, int32_t dpg, int dslot, int32_t spg, int sslot, int n) {
     if (n <= 0) return;
     size_t d = (size_t)dpg * (size_t)p->pt + (size_t)dslot;
     size_t s = (size_t)spg * (size_t)p->pt + (size_t)sslot;
-    size_t nf = (size_t)n * p->slot_floats;
-    copy_floats(p, p->k + d * p->slot_floats, p->k + s * p->slot_floats, nf);
-    copy_floats(p, p->v + d * p->slot_floats, p->v + s * p->slot_floats, nf);
     memcpy(p->pos + d, p->pos + s, (size_t)n * sizeof(int32_t));
-    size_t h = (size_t)p->cfg.n_kv_heads;
-    memcpy(p->score + d * h, p->score + s * h, (size_t)n * h * sizeof(float));
+    if (!p->payload.copy) return;
+    D2_ASSERT(p->n_runs < p->max_table_pages * p->pt);
+    p->runs[p->n_runs++] = (kvp_slot_run){.dst_page = dpg, .src_page = spg, .dst_slot = dslot,
+                                          .src_slot = sslot, .n = n};
+}
+
+/* Hands the runs collected by one operation to the payload hook, in order. */
+static void flush_runs(kvp_pool *p) {
+    if (p->n_runs > 0 && p->payload.copy) p->payload.copy(p->payload.ctx, p->runs, p->n_runs);
+    p->n_runs = 0;
 }
 
 /* Replaces page idx of t by a private copy holding its first n_live slots
@@ -463,7 +402,10 @@ int kvp_reserve(kvp_pool *p, int seq, int layer, int n) {
     if (n == 0) return D2_OK;
     int r = t->n_tokens % p->pt;
     int last = t->n_tokens / p->pt;
-    if (r != 0 && p->refcount[t->pages[last]] > 1) page_cow(p, t, last, r);
+    if (r != 0 && p->refcount[t->pages[last]] > 1) {
+        page_cow(p, t, last, r);
+        flush_runs(p);
+    }
     int want = pages_for(p, t->n_tokens + n);
     while (t->n_alloc < want) t->pages[t->n_alloc++] = page_take(p);
     return D2_OK;
@@ -487,11 +429,9 @@ int kvp_append(kvp_pool *p, int seq, int layer, int n) {
                  seq, layer);
         return D2_EINVAL;
     }
-    size_t h = (size_t)p->cfg.n_kv_heads;
     for (int i = first; i < first + n; i++) {
         size_t s = (size_t)t->pages[i / p->pt] * (size_t)p->pt + (size_t)(i % p->pt);
         p->pos[s] = -1;
-        memset(p->score + s * h, 0, h * sizeof(float));
     }
     t->n_tokens = first + n;
     return first;
@@ -541,6 +481,7 @@ int kvp_compact(kvp_pool *p, int seq, int layer, const uint8_t *keep) {
         i += run;
         j += run;
     }
+    flush_runs(p); /* one payload call for the whole compaction (copies on write first) */
     tab_release_from(p, t, pages_for(p, m));
     t->n_tokens = m;
     tab_clear_tail(p, t);
@@ -557,16 +498,37 @@ int kvp_unshare(kvp_pool *p, int seq, int layer, int i) {
     if (p->n_free < 1) return D2_EKVFULL;
     int live = t->n_tokens - q * p->pt < p->pt ? t->n_tokens - q * p->pt : p->pt;
     page_cow(p, t, q, live);
+    flush_runs(p);
     return D2_OK;
 }
 
 /* ---- slot access ------------------------------------------------------------------ */
 
-float *kvp_k_base(kvp_pool *p) { return p->k; }
-float *kvp_v_base(kvp_pool *p) { return p->v; }
 int32_t *kvp_pos_base(kvp_pool *p) { return p->pos; }
-float *kvp_score_base(kvp_pool *p) { return p->score; }
-size_t kvp_page_stride(const kvp_pool *p) { return p->page_stride; }
+
+/* ---- all layers at once (the step's reservation) ------------------------------------ */
+
+int64_t kvp_pages_needed_all_layers(const kvp_pool *p, int seq, int n) {
+    int64_t need = 0;
+    for (int l = 0; l < p->cfg.n_layers; l++) {
+        int pn = kvp_pages_needed(p, seq, l, n);
+        if (pn < 0) return pn;
+        need += pn;
+    }
+    return need;
+}
+
+int kvp_reserve_all_layers(kvp_pool *p, int seq, int n) {
+    int64_t need = kvp_pages_needed_all_layers(p, seq, n);
+    if (need < 0) return (int)need;
+    if (need > p->n_free) return D2_EKVFULL;
+    for (int l = 0; l < p->cfg.n_layers; l++) {
+        int rc = kvp_reserve(p, seq, l, n);
+        if (rc != D2_OK) return rc; /* cannot happen after the check above */
+    }
+    return D2_OK;
+}
+
 
 /* ---- checking ----------------------------------------------------------------------- */
 

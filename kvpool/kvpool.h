@@ -1,19 +1,24 @@
 /*
  * kvpool/kvpool.h — the paged KV block pool (public header of kvpool/).
  *
- * One pool of fixed-size pages reserved at startup. A page holds the keys and
- * values of `page_tokens` consecutive slots of ONE layer of ONE sequence
- * (all KV heads). Every (sequence, layer) pair has its own block table,
- * because D2O gives layers different lengths. Pages are taken on demand and
- * returned to the free list at once. Every slot records the token position
- * it holds (keys are stored after RoPE, so a slot's position is what RoPE
- * used) and an fp32 accumulated-attention score per KV head (used by D2O).
+ * One pool of fixed-size pages reserved at startup. A page holds
+ * `page_tokens` consecutive slots of ONE layer of ONE sequence (all KV
+ * heads). Every (sequence, layer) pair has its own block table, because D2O
+ * gives layers different lengths. Pages are taken on demand and returned to
+ * the free list at once.
  *
- * Storage layout (host memory for the CPU backend; a later CUDA backend
- * points k/v at device memory of the same layout):
- *   k, v   : float [n_pages][page_tokens][n_kv_heads][head_dim]
- *   pos    : int32 [n_pages][page_tokens]        (-1 = empty slot)
- *   score  : float [n_pages][page_tokens][n_kv_heads]
+ * The pool keeps the bookkeeping only: page ids, block tables, refcounts, the
+ * free list and each slot's token position (keys are stored after RoPE, so a
+ * slot's position is what RoPE used):
+ *   pos    : int32 [n_pages][page_tokens]        (-1 = empty slot), host memory
+ * The payload of a slot — its keys and values, in the backend's dtype (f32,
+ * bf16, f16), in host or device memory, and its accumulated-attention score
+ * per KV head (D2O) — belongs to the compute backend, which sizes it from
+ * n_pages and addresses it by (page id, slot). Whenever the pool moves slots
+ * (copy on write, compaction) it moves pos itself and hands the payload moves
+ * to the backend through the payload hook (kvp_set_payload), one call per
+ * operation with every slot run of it, so a device backend issues one batched
+ * copy instead of one per run.
  * A (seq, layer) table's logical slot i lives in page pages[i / page_tokens],
  * slot i % page_tokens. Slots 0..n_tokens-1 are live; a table never has
  * holes (compaction keeps it dense).
@@ -28,8 +33,9 @@
  * them, or kvp_truncate / kvp_compact / kvp_seq_free give them back.
  * Slots at or past n_tokens have no meaningful contents.
  *
- * Debug builds (make DEBUG=1, -DD2_DEBUG_BUILD=1) fill the k/v of freed pages with NaN when the
- * pool owns its storage, so reads through stale page ids show up.
+ * The payload hook's `freed` is called for every page returning to the free
+ * list (debug builds of the CPU backend fill its k/v with NaN there, so reads
+ * through stale page ids show up).
  *
  * Threading: only the engine thread calls the pool; no locks. Readers of
  * kvp_get_stats() from other threads get each field atomically (relaxed).
@@ -52,15 +58,9 @@ typedef struct kvp_config {
     int64_t n_pages;     /* pages in the pool */
     int max_seqs;        /* sequence ids are 0..max_seqs-1 */
     int max_seq_tokens;  /* longest sequence (bounds each block table) */
-    void *storage;       /* NULL: the pool allocates host storage (kvp_storage_bytes).
-                            Non-NULL: borrowed external buffer of that size (e.g. device). */
 } kvp_config;
 
 typedef struct kvp_pool kvp_pool;
-
-/* Bytes of k+v storage that a config needs (the pos and score arrays are
- * always host memory owned by the pool). */
-size_t kvp_storage_bytes(const kvp_config *cfg);
 
 /* Creates a pool; all memory is reserved here. Returns D2_OK, D2_EINVAL (bad
  * config), D2_ENOMEM. *out is owned by the caller: free with kvp_destroy. */
@@ -112,14 +112,16 @@ int kvp_reserve(kvp_pool *p, int seq, int layer, int n);
  * or D2_EINVAL / D2_ETOOLONG as kvp_reserve would return. */
 int kvp_pages_needed(const kvp_pool *p, int seq, int layer, int n);
 /* Appends n slots (after a successful kvp_reserve) and returns the logical
- * index of the first; the caller then writes k/v/pos of those slots. Scores
- * of new slots start at 0, pos at -1. D2_EINVAL when the room was not
+ * index of the first; the caller then writes pos (kvp_pos_base) and the
+ * backend the payload of those slots (new slots' scores start at 0: the
+ * backend zeroes them when it writes K/V). pos starts at -1. D2_EINVAL when the room was not
  * reserved (or the last page became shared since). */
 int kvp_append(kvp_pool *p, int seq, int layer, int n);
 /* Keeps the live slots i of (seq, layer) with keep[i] != 0 (keep has
  * n_tokens entries; may be NULL when n_tokens is 0): moves them (k, v, pos,
  * score) to the front in their order so the table stays dense, then returns
- * the pages no longer needed (and any reserved ones). A shared page that
+ * the pages no longer needed (and any reserved ones); the payload moves go to
+ * the payload hook in one call. A shared page that
  * would be written is first copied (copy on write); shared pages are never
  * modified. Returns the new n_tokens, or D2_EKVFULL (nothing changed) when
  * those copies need more free pages than there are. Used by D2O eviction. */
@@ -133,23 +135,43 @@ int kvp_unshare(kvp_pool *p, int seq, int layer, int i);
  * D2_EINVAL for n_tokens < 0. */
 int kvp_pages_for_tokens(const kvp_pool *p, int n_tokens);
 
-/* How the pool copies k/v floats inside its storage (copy on write,
- * compaction). fn NULL (the default) means memcpy, right for host storage;
- * a device backend with borrowed device storage installs a device-to-device
- * copy. dst and src never overlap. pos and score are host arrays, always
- * copied with memcpy. */
-typedef void (*kvp_copy_fn)(void *ctx, float *dst, const float *src, size_t n_floats);
-void kvp_set_copy_fn(kvp_pool *p, kvp_copy_fn fn, void *ctx);
+/* ---- reservation of a whole step ------------------------------------------- */
+
+/* Pages (all layers) that kvp_reserve(seq, layer, n) would take from the free
+ * list now, summed over layers (>= 0), or the error kvp_pages_needed returns. */
+int64_t kvp_pages_needed_all_layers(const kvp_pool *p, int seq, int n);
+/* kvp_reserve(seq, layer, n) for every layer, all or nothing: D2_EKVFULL (or
+ * the pool's D2_ETOOLONG / D2_EINVAL) with no change when it does not fit. */
+int kvp_reserve_all_layers(kvp_pool *p, int seq, int n);
+
+/* ---- the payload hook ---------------------------------------------------------- */
+
+/* n consecutive slots of page src_page from src_slot, to dst_page from
+ * dst_slot. The source and destination ranges of one run never overlap. */
+typedef struct kvp_slot_run {
+    int32_t dst_page, src_page;
+    int32_t dst_slot, src_slot;
+    int32_t n;
+} kvp_slot_run;
+
+typedef struct kvp_payload {
+    /* Copies the payload of every run, in order (a later run may read slots an
+     * earlier one wrote: compaction copies shared pages first). One call per
+     * copy on write or compaction. Required when a payload is installed. */
+    void (*copy)(void *ctx, const kvp_slot_run *runs, int n_runs);
+    /* Optional: page returned to the free list (debug poisoning). */
+    void (*freed)(void *ctx, int32_t page);
+    void *ctx;
+} kvp_payload;
+
+/* Installs the backend's payload hook (copied; NULL removes it). A pool with
+ * no hook keeps only the bookkeeping (tests of the pool itself). */
+void kvp_set_payload(kvp_pool *p, const kvp_payload *pl);
 
 /* ---- slot access (hot path: plain pointer arithmetic, no checks in release) */
 
-/* Base pointers of the storage arrays (layouts in the header comment). */
-float *kvp_k_base(kvp_pool *p);
-float *kvp_v_base(kvp_pool *p);
+/* Positions of every slot: int32 [n_pages][page_tokens], -1 = empty. */
 int32_t *kvp_pos_base(kvp_pool *p);
-float *kvp_score_base(kvp_pool *p);
-/* Floats per page in k (and v): page_tokens * n_kv_heads * head_dim. */
-size_t kvp_page_stride(const kvp_pool *p);
 
 /* Page id and slot-in-page of logical slot i of a table. */
 static inline void kvp_locate(const kvp_table *t, int page_tokens, int i, int32_t *page,

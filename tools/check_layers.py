@@ -10,7 +10,7 @@ A file may include project headers of its own folder or of a strictly lower laye
     2 kvpool/          the paged pool's bookkeeping
     3 engine/tok/      tokenizers (leaf over common + jansson)
     4 engine/model/    model description, GGUF/safetensors loaders, RoPE tables
-    5 the seam         engine/backend.h (plan + backend vtable), engine/sample.[ch]
+    5 the seam         engine/backend.h + batch.c (plan, backend vtable), sample.[ch], kvsel.[ch]
     6 engine/cpu/, engine/ref/, engine/cuda/   backends (siblings never include each other)
     7 engine/          the runtime: engine, scheduler, step, drivers, KV-compression policy
     8 api/jinja/       the Jinja interpreter (leaf over common)
@@ -23,7 +23,8 @@ import os
 import re
 import sys
 
-SEAM = {"engine/backend.h", "engine/sample.h", "engine/sample.c"}
+SEAM = {"engine/backend.h", "engine/sample.h", "engine/sample.c", "engine/kvsel.h", "engine/kvsel.c",
+        "engine/batch.c"}
 RANKS = [("common/", 0), ("kernels/", 1), ("hub/", 1), ("kvpool/", 2), ("engine/tok/", 3),
          ("engine/model/", 4), ("engine/cpu/", 6), ("engine/ref/", 6), ("engine/cuda/", 6),
          ("engine/", 7), ("api/jinja/", 8), ("api/", 9), ("daemon/", 10)]

@@ -1,16 +1,20 @@
 /*
  * engine/cpu/backend.c — the CPU compute backend: one batched forward step
- * over an eng_batch plan, K/V kept in the paged kvpool (see backend.h).
+ * over an eng_batch plan, with the KV payload (f32 K/V and scores, host
+ * memory) addressed through the pool's block tables (see engine/backend.h).
+ * KV compression lives in engine/cpu/kvcomp.c; shared state in
+ * engine/cpu/internal.h.
  *
- * Callers: the engine thread (step, destroy). Internally a persistent thread
+ * Callers: the engine thread (every op). Internally a persistent thread
  * pool (threadpool.h) runs the parallel parts; step() itself never
  * allocates and never logs — every buffer is sized at create from
- * max_batch_tokens, max_logit_rows and the pool's max_seq_tokens.
+ * max_batch_tokens, max_logit_rows and max_seq_tokens, the payload at
+ * kv_attach from the pool's pages.
  *
  * Per layer, for all T tokens of the step at once:
  *   RMSNorm -> Q/K/V GEMM (weights streamed once per step, reused across
  *   tokens; see cpu_matmul.c) -> bias -> RoPE (cos/sin per token computed once
- *   per step) -> reserve/append K/V/pos into each sequence's (seq, layer)
+ *   per step) -> K/V into the slots the runtime appended to each (seq, layer)
  *   table -> attention per (token, kv head) over the table's live slots with
  *   pos <= the token's pos -> O GEMM + residual -> RMSNorm -> gate/up GEMM ->
  *   SwiGLU -> down GEMM + residual.
@@ -24,6 +28,7 @@
  * accumulate scores in one step.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -31,69 +36,15 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "engine/backend.h"
+#include "engine/cpu/internal.h"
 #include "engine/cpu/matmul.h"
-#include "engine/model/rope.h"
 #include "engine/cpu/threadpool.h"
+#include "engine/model/rope.h"
 
 /* Weight bytes a GEMM task should keep hot while it walks its token blocks. */
 #define CHUNK_BYTES (192 * 1024)
 /* Tokens per pass over a task's weight rows (x block stays in L2). */
 #define TOKEN_BLOCK 64
-
-typedef struct att_task {
-    int si;       /* index into b->seqs */
-    int t0, t1;   /* batch rows */
-    int g;        /* kv head */
-} att_task;
-
-typedef struct mm_job {
-    const eng_tensor *w;
-    const float *x;
-    int64_t ldx;
-    float *y;
-    int64_t ldy;
-    int n_tok;
-    int64_t chunk;  /* rows per task */
-    int n_chunks;
-} mm_job;
-
-typedef struct cpu_be {
-    eng_backend base;
-    eng_tp *tp;
-    int n_threads, max_t, max_rows, max_seq;
-    int dim, q_dim, kv_dim, hd, n_heads, n_kv, gs, ffn, vocab, n_layers, pt;
-    int sliding_window; /* > 0: a query sees keys with pos > its pos - sliding_window (Mistral) */
-    float eps;
-    /* activations, [max_t][width] */
-    float *x, *xb, *q, *k, *v, *ao, *tmp, *hb, *hb2;
-    float *xf;           /* [max_rows][dim] normed rows for the logits */
-    int32_t *out_rows;   /* [max_rows] batch rows that produce logits */
-    float *cosv, *sinv;  /* [max_t][hd/2] */
-    float *inv_freq;     /* [hd/2] */
-    float *norm_f32;     /* per layer: attn_norm[dim], ffn_norm[dim]; then out_norm[dim] */
-    float *bias_f32;     /* per layer: bq[q_dim], bk[kv_dim], bv[kv_dim] (0 when absent) */
-    float *mm_scratch;   /* [n_threads][mm_stride] */
-    size_t mm_stride;
-    float *att_scratch;  /* [n_threads][att_stride] */
-    size_t att_stride;
-    att_task *tasks;     /* [max_t * n_kv] */
-    kvp_table *tables;   /* [max_t] per batch sequence, current layer */
-    /* per-step context for the parallel tasks */
-    const eng_batch *b;
-    int layer;
-    mm_job jobs[3];
-    int n_jobs;
-} cpu_be;
-
-int eng_batch_out_rows(const eng_batch *b) {
-    int n = 0;
-    for (int i = 0; i < b->n_seqs; i++) {
-        const eng_batch_seq *s = &b->seqs[i];
-        if (s->all_logits) n += s->n;
-        else if (s->want_logits) n += 1;
-    }
-    return n;
-}
 
 /* ---- GEMM dispatch ---------------------------------------------------------- */
 
@@ -166,10 +117,10 @@ static void att_task_run(void *ctx, int ti, int thread) {
     const eng_batch_seq *sq = &b->seqs[tk->si];
     const kvp_table *tab = &be->tables[tk->si];
     kvp_pool *pool = be->base.pool;
-    const float *kb = kvp_k_base(pool), *vb = kvp_v_base(pool);
+    const float *kb = be->kv_k, *vb = be->kv_v;
     const int32_t *pb = kvp_pos_base(pool);
-    float *sc = sq->want_scores ? kvp_score_base(pool) : NULL;
-    size_t stride = kvp_page_stride(pool);
+    float *sc = sq->want_scores ? be->kv_score : NULL;
+    size_t stride = be->page_stride;
     int pt = be->pt, hd = be->hd, gs = be->gs, g = tk->g, n = tab->n_tokens;
     int n_kv = be->n_kv;
     float scale = 1.0f / sqrtf((float)hd);
@@ -256,18 +207,36 @@ static void cpu_destroy(eng_backend *base) {
     if (!be) return;
     eng_tp_destroy(be->tp);
     free(be->x); free(be->xb); free(be->q); free(be->k); free(be->v); free(be->ao);
-    free(be->tmp); free(be->hb); free(be->hb2); free(be->xf); free(be->out_rows);
+    free(be->tmp); free(be->hb); free(be->hb2); free(be->xf); free(be->logits); free(be->out_rows);
     free(be->cosv); free(be->sinv); free(be->inv_freq); free(be->norm_f32);
     free(be->bias_f32); free(be->mm_scratch); free(be->att_scratch); free(be->tasks);
     free(be->tables);
+    free(be->kv_k); free(be->kv_v); free(be->kv_score);
+    cpu_kv_ws_free(be);
     free(be);
 }
 
 static int cpu_step(eng_backend *base, const eng_batch *b);
+static int cpu_attach_thread(eng_backend *base);
+static void cpu_caps(const eng_backend *base, eng_backend_caps *out);
+static int cpu_kv_attach(eng_backend *base, kvp_pool *pool);
+static int cpu_logits(eng_backend *base, int row0, int n, const float **out);
+static int cpu_argmax(eng_backend *base, const int *rows, int n, int32_t *out);
+static int cpu_sync(eng_backend *base);
+static const char *cpu_last_error(const eng_backend *base);
 
 static const eng_backend_ops cpu_ops = {
-    .name = "cpu",
+    .attach_thread = cpu_attach_thread,
+    .caps = cpu_caps,
+    .kv_attach = cpu_kv_attach,
     .step = cpu_step,
+    .logits = cpu_logits,
+    .argmax = cpu_argmax,
+    .kv_compress = cpu_kv_compress,
+    .read_slot = cpu_read_slot,
+    .write_slot = cpu_write_slot,
+    .sync = cpu_sync,
+    .last_error = cpu_last_error,
     .destroy = cpu_destroy,
 };
 
@@ -288,23 +257,15 @@ static int check_tensor(const eng_tensor *t, int64_t rows, int64_t cols, const c
     return D2_OK;
 }
 
-int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_config *cfg,
+int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg,
                            eng_backend **out) {
+    *out = NULL;
     const eng_model_config *c = &m->cfg;
-    const kvp_config *pc = kvp_get_config(pool);
-    if (!cfg || cfg->max_batch_tokens <= 0 || cfg->max_logit_rows <= 0 || c->n_kv_heads <= 0 ||
-        c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 ||
-        c->n_heads / c->n_kv_heads > 64) {
+    if (!cfg || cfg->max_batch_tokens <= 0 || cfg->max_logit_rows <= 0 ||
+        cfg->max_seq_tokens <= 0 || c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads != 0 ||
+        c->head_dim % 2 != 0 || c->n_heads / c->n_kv_heads > 64) {
         D2_ERROR("cpu_backend: bad config or model shape");
         return D2_EINVAL;
-    }
-    if (pc->n_layers != c->n_layers || pc->n_kv_heads != c->n_kv_heads ||
-        pc->head_dim != c->head_dim) {
-        D2_ERROR("cpu_backend: kv pool shape (%d layers, %d kv heads, head_dim %d) does not "
-                 "match the model (%d, %d, %d)",
-                 pc->n_layers, pc->n_kv_heads, pc->head_dim, c->n_layers, c->n_kv_heads,
-                 c->head_dim);
-        return D2_ESHAPE;
     }
     int hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
     int rc = check_tensor(&m->tok_embd, c->vocab_size, c->dim, "tok_embd", -1);
@@ -332,7 +293,7 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
     if (!be) return D2_ENOMEM;
     be->base.ops = &cpu_ops;
     be->base.model = m;
-    be->base.pool = pool;
+    be->err[0] = '\0';
     int nt = cfg->n_threads;
     if (nt <= 0) {
         long on = sysconf(_SC_NPROCESSORS_ONLN);
@@ -341,7 +302,7 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
     be->n_threads = nt;
     be->max_t = cfg->max_batch_tokens;
     be->max_rows = cfg->max_logit_rows;
-    be->max_seq = pc->max_seq_tokens;
+    be->max_seq = cfg->max_seq_tokens;
     be->dim = c->dim;
     be->q_dim = qd;
     be->kv_dim = kvd;
@@ -352,7 +313,9 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
     be->ffn = c->ffn_dim;
     be->vocab = c->vocab_size;
     be->n_layers = c->n_layers;
-    be->pt = pc->page_tokens > 0 ? pc->page_tokens : 16;
+    be->pt = cfg->page_tokens > 0 ? cfg->page_tokens : 16;
+    be->slot_floats = (size_t)c->n_kv_heads * (size_t)hd;
+    be->page_stride = (size_t)be->pt * be->slot_floats;
     be->eps = c->rms_eps;
     be->sliding_window = c->sliding_window;
 
@@ -370,6 +333,7 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
     be->hb = falloc(T * (size_t)c->ffn_dim);
     be->hb2 = falloc(T * (size_t)c->ffn_dim);
     be->xf = falloc((size_t)be->max_rows * (size_t)c->dim);
+    be->logits = falloc((size_t)be->max_rows * (size_t)c->vocab_size);
     be->out_rows = calloc((size_t)be->max_rows, sizeof(int32_t));
     be->cosv = falloc(T * (size_t)(hd / 2));
     be->sinv = falloc(T * (size_t)(hd / 2));
@@ -383,7 +347,7 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
     be->tasks = calloc(T * (size_t)c->n_kv_heads, sizeof(att_task));
     be->tables = calloc(T, sizeof(kvp_table));
     if (!be->x || !be->xb || !be->tmp || !be->q || !be->ao || !be->k || !be->v || !be->hb ||
-        !be->hb2 || !be->xf || !be->out_rows || !be->cosv || !be->sinv || !be->inv_freq ||
+        !be->hb2 || !be->xf || !be->logits || !be->out_rows || !be->cosv || !be->sinv || !be->inv_freq ||
         !be->norm_f32 || !be->bias_f32 || !be->mm_scratch || !be->att_scratch || !be->tasks ||
         !be->tables) {
         D2_ERROR("cpu_backend: out of memory sizing scratch for %d tokens", be->max_t);
@@ -391,7 +355,10 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
         return D2_ENOMEM;
     }
     eng_rope_inv_freq(c, be->inv_freq);
+    /* "Conversion" on the CPU: norms and biases to f32 here, GEMM weights used
+     * where they are (any eng_dtype); progress counts layers. */
     for (int l = 0; l < c->n_layers; l++) {
+        if (cfg->progress) cfg->progress(cfg->progress_user, (size_t)l, (size_t)c->n_layers);
         const eng_layer_weights *w = &m->layers[l];
         eng_mm_row_f32(&w->attn_norm, 0, be->norm_f32 + (size_t)(2 * l) * (size_t)c->dim);
         eng_mm_row_f32(&w->ffn_norm, 0, be->norm_f32 + (size_t)(2 * l + 1) * (size_t)c->dim);
@@ -402,6 +369,7 @@ int eng_cpu_backend_create(const eng_model *m, kvp_pool *pool, const eng_cpu_con
         if (w->bv.data) eng_mm_row_f32(&w->bv, 0, bias + qd + kvd);
     }
     eng_mm_row_f32(&m->out_norm, 0, be->norm_f32 + L * 2 * (size_t)c->dim);
+    if (cfg->progress) cfg->progress(cfg->progress_user, (size_t)c->n_layers, (size_t)c->n_layers);
     rc = eng_tp_create(nt, &be->tp);
     if (rc) {
         D2_ERROR("cpu_backend: cannot start %d threads", nt);
@@ -428,7 +396,11 @@ static int validate(const cpu_be *be, const eng_batch *b) {
     for (int t = 0; t < b->n_tokens; t++)
         if (b->tokens[t] < 0 || b->tokens[t] >= be->vocab || b->pos[t] < 0) return D2_EINVAL;
     int rows = eng_batch_out_rows(b);
-    if (rows > be->max_rows || (rows > 0 && !b->logits)) return D2_EINVAL;
+    if (rows > be->max_rows) return D2_EINVAL;
+    for (int i = 0; i < b->n_seqs; i++) /* the runtime appended the step's slots */
+        for (int l = 0; l < be->n_layers; l++)
+            if (kvp_get_table(be->base.pool, b->seqs[i].seq, l).n_tokens < b->seqs[i].n)
+                return D2_EINVAL;
     return D2_OK;
 }
 
@@ -436,8 +408,9 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
     cpu_be *be = (cpu_be *)base;
     const eng_model *m = base->model;
     kvp_pool *pool = base->pool;
+    if (!pool || !be->kv_k) return cpu_fail(be, D2_EINVAL, "step", "no KV payload (kv_attach)");
     int rc = validate(be, b);
-    if (rc) return rc;
+    if (rc) return cpu_fail(be, rc, "step", "malformed plan");
     int T = b->n_tokens, dim = be->dim, qd = be->q_dim, kvd = be->kv_dim, hd = be->hd;
     int half = hd / 2, pt = be->pt;
     be->b = b;
@@ -464,24 +437,9 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
             }
         }
     }
-    /* Reserve every (seq, layer) up front, after checking the pool can hold
-     * the whole step, so D2_EKVFULL / D2_ETOOLONG leave no effect. */
-    int64_t need = 0;
-    for (int si = 0; si < b->n_seqs; si++)
-        for (int l = 0; l < be->n_layers; l++) {
-            int pn = kvp_pages_needed(pool, b->seqs[si].seq, l, b->seqs[si].n);
-            if (pn < 0) return pn;
-            need += pn;
-        }
-    if (need > kvp_get_stats(pool).pages_free) return D2_EKVFULL;
-    for (int si = 0; si < b->n_seqs; si++)
-        for (int l = 0; l < be->n_layers; l++) {
-            rc = kvp_reserve(pool, b->seqs[si].seq, l, b->seqs[si].n);
-            if (rc) return rc;
-        }
-    float *kbase = kvp_k_base(pool), *vbase = kvp_v_base(pool);
-    int32_t *pbase = kvp_pos_base(pool);
-    size_t stride = kvp_page_stride(pool);
+    float *kbase = be->kv_k, *vbase = be->kv_v, *sbase = be->kv_score;
+    size_t stride = be->page_stride;
+    int n_kv = be->n_kv;
 
     for (int l = 0; l < be->n_layers; l++) {
         const eng_layer_weights *w = &m->layers[l];
@@ -510,12 +468,11 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
             for (int h = 0; h < be->n_heads; h++) eng_rope_apply(q + h * hd, hd, m->cfg.rope_neox, cs, sn);
             for (int h = 0; h < be->n_kv; h++) eng_rope_apply(k + h * hd, hd, m->cfg.rope_neox, cs, sn);
         }
-        /* K/V into the pool */
+        /* K/V into the slots the runtime appended (the last s->n of the table) */
         for (int si = 0; si < b->n_seqs; si++) {
             const eng_batch_seq *s = &b->seqs[si];
-            int first = kvp_append(pool, s->seq, l, s->n);
-            if (first < 0) return first;
             kvp_table tab = kvp_get_table(pool, s->seq, l);
+            int first = tab.n_tokens - s->n;
             for (int j = 0; j < s->n; j++) {
                 int32_t page;
                 int slot;
@@ -524,7 +481,8 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
                 int t = s->start + j;
                 memcpy(kbase + off, be->k + (size_t)t * (size_t)kvd, (size_t)kvd * sizeof(float));
                 memcpy(vbase + off, be->v + (size_t)t * (size_t)kvd, (size_t)kvd * sizeof(float));
-                pbase[(size_t)page * (size_t)pt + (size_t)slot] = b->pos[t];
+                memset(sbase + ((size_t)page * (size_t)pt + (size_t)slot) * (size_t)n_kv, 0,
+                       (size_t)n_kv * sizeof(float));
             }
             be->tables[si] = tab;
         }
@@ -560,9 +518,126 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
             rmsnorm_row(be->x + (size_t)be->out_rows[r] * (size_t)dim, on,
                         be->xf + (size_t)r * (size_t)dim, dim, be->eps);
         const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
-        mm_add(be, outw, be->xf, dim, rows, b->logits, be->vocab);
+        mm_add(be, outw, be->xf, dim, rows, be->logits, be->vocab);
         mm_run(be);
     }
+    be->n_logit_rows = rows;
     be->b = NULL;
     return D2_OK;
+}
+
+/* ---- the rest of the interface ---------------------------------------------------- */
+
+int cpu_fail(cpu_be *be, int rc, const char *call, const char *why) {
+    snprintf(be->err, sizeof be->err, "cpu backend: %s: %s (%s)", call, why, d2_strerror(rc));
+    return rc;
+}
+
+static int cpu_attach_thread(eng_backend *base) {
+    (void)base; /* host memory and a thread pool: nothing is bound to a thread */
+    return D2_OK;
+}
+
+static void cpu_caps(const eng_backend *base, eng_backend_caps *out) {
+    const cpu_be *be = (const cpu_be *)base;
+    *out = (eng_backend_caps){
+        .name = "cpu",
+        .kv_dtype = ENG_KV_DT_F32,
+        .kv_on_device = false,
+        /* k + v floats, and one fp32 score per KV head */
+        .kv_bytes_per_slot = (2 * be->slot_floats + (size_t)be->n_kv) * sizeof(float),
+        .kv_bytes_avail = 0,
+        .argmax_on_device = false,
+    };
+}
+
+/* Payload hook: slot runs of k, v and score, in order. */
+static void cpu_payload_copy(void *ctx, const kvp_slot_run *runs, int n_runs) {
+    cpu_be *be = ctx;
+    size_t sf = be->slot_floats, h = (size_t)be->n_kv, pt = (size_t)be->pt;
+    for (int r = 0; r < n_runs; r++) {
+        const kvp_slot_run *u = &runs[r];
+        size_t d = (size_t)u->dst_page * pt + (size_t)u->dst_slot;
+        size_t s = (size_t)u->src_page * pt + (size_t)u->src_slot;
+        size_t n = (size_t)u->n;
+        memcpy(be->kv_k + d * sf, be->kv_k + s * sf, n * sf * sizeof(float));
+        memcpy(be->kv_v + d * sf, be->kv_v + s * sf, n * sf * sizeof(float));
+        memcpy(be->kv_score + d * h, be->kv_score + s * h, n * h * sizeof(float));
+    }
+}
+
+#ifdef D2_DEBUG_BUILD
+/* Debug builds: a freed page's K/V become NaN, so reads through stale page ids show up. */
+static void cpu_payload_freed(void *ctx, int32_t page) {
+    cpu_be *be = ctx;
+    for (size_t i = 0; i < be->page_stride; i++) {
+        be->kv_k[(size_t)page * be->page_stride + i] = NAN;
+        be->kv_v[(size_t)page * be->page_stride + i] = NAN;
+    }
+}
+#endif
+
+static int cpu_kv_attach(eng_backend *base, kvp_pool *pool) {
+    cpu_be *be = (cpu_be *)base;
+    const kvp_config *pc = kvp_get_config(pool);
+    if (be->kv_k) return cpu_fail(be, D2_EINVAL, "kv_attach", "already attached");
+    if (pc->n_layers != be->n_layers || pc->n_kv_heads != be->n_kv || pc->head_dim != be->hd ||
+        pc->page_tokens != be->pt || pc->max_seq_tokens > be->max_seq) {
+        D2_ERROR("cpu_backend: kv pool shape (%d layers, %d kv heads, head_dim %d, page %d) "
+                 "does not match the model and backend (%d, %d, %d, %d)",
+                 pc->n_layers, pc->n_kv_heads, pc->head_dim, pc->page_tokens, be->n_layers,
+                 be->n_kv, be->hd, be->pt);
+        return cpu_fail(be, D2_ESHAPE, "kv_attach", "pool shape differs from the model");
+    }
+    size_t n_slots = (size_t)pc->n_pages * (size_t)be->pt;
+    be->kv_k = falloc(n_slots * be->slot_floats);
+    be->kv_v = falloc(n_slots * be->slot_floats);
+    be->kv_score = calloc(n_slots * (size_t)be->n_kv, sizeof(float));
+    int rc = be->kv_k && be->kv_v && be->kv_score ? cpu_kv_ws_init(be) : D2_ENOMEM;
+    if (rc != D2_OK) {
+        free(be->kv_k); free(be->kv_v); free(be->kv_score);
+        be->kv_k = be->kv_v = be->kv_score = NULL;
+        D2_ERROR("cpu_backend: cannot allocate the KV payload of %lld pages",
+                 (long long)pc->n_pages);
+        return cpu_fail(be, D2_ENOMEM, "kv_attach", "KV payload allocation");
+    }
+    be->base.pool = pool;
+    kvp_payload pl = {.copy = cpu_payload_copy, .ctx = be};
+#ifdef D2_DEBUG_BUILD
+    pl.freed = cpu_payload_freed;
+    for (size_t i = 0; i < n_slots * be->slot_floats; i++) be->kv_k[i] = be->kv_v[i] = NAN;
+#endif
+    kvp_set_payload(pool, &pl);
+    return D2_OK;
+}
+
+static int cpu_logits(eng_backend *base, int row0, int n, const float **out) {
+    cpu_be *be = (cpu_be *)base;
+    if (row0 < 0 || n < 0 || row0 + n > be->n_logit_rows)
+        return cpu_fail(be, D2_EINVAL, "logits", "rows outside the last step's logits");
+    *out = be->logits + (size_t)row0 * (size_t)be->vocab;
+    return D2_OK;
+}
+
+static int cpu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
+    cpu_be *be = (cpu_be *)base;
+    for (int i = 0; i < n; i++) {
+        if (rows[i] < 0 || rows[i] >= be->n_logit_rows)
+            return cpu_fail(be, D2_EINVAL, "argmax", "row outside the last step's logits");
+        const float *lg = be->logits + (size_t)rows[i] * (size_t)be->vocab;
+        int best = 0;
+        for (int v = 1; v < be->vocab; v++)
+            if (lg[v] > lg[best]) best = v;
+        out[i] = best;
+    }
+    return D2_OK;
+}
+
+static int cpu_sync(eng_backend *base) {
+    (void)base; /* every op has finished when it returns */
+    return D2_OK;
+}
+
+static const char *cpu_last_error(const eng_backend *base) {
+    return ((const cpu_be *)base)->err;
 }

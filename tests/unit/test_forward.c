@@ -158,6 +158,68 @@ static void synth_free(synth *s) {
 
 /* ---- harness ------------------------------------------------------------------ */
 
+
+/* ---- the runtime's share of a step -------------------------------------------------
+ * The engine (engine/step.c) reserves and appends every (seq, layer) of a plan
+ * and records the positions before the backend step; these tests drive the
+ * backend directly, so they do the same here. */
+
+static int cpu_make(const eng_model *m, kvp_pool *pool, eng_backend_config *cc, eng_backend **be) {
+    cc->max_seq_tokens = kvp_get_config(pool)->max_seq_tokens;
+    cc->page_tokens = kvp_get_config(pool)->page_tokens;
+    int rc = eng_cpu_backend_create(m, cc, be);
+    if (rc != D2_OK) return rc;
+    return (*be)->ops->kv_attach(*be, pool);
+}
+
+/* Reserve (all or nothing), append, positions, backend step; then the step's
+ * logit rows copied into logits (may be NULL). */
+static int plan_step(eng_backend *be, const eng_batch *b, float *logits) {
+    kvp_pool *pool = be->pool;
+    int pt = kvp_get_config(pool)->page_tokens, n_layers = kvp_get_config(pool)->n_layers;
+    int64_t need = 0;
+    for (int k = 0; k < b->n_seqs; k++) {
+        int64_t pn = kvp_pages_needed_all_layers(pool, b->seqs[k].seq, b->seqs[k].n);
+        if (pn < 0) return (int)pn;
+        need += pn;
+    }
+    if (need > kvp_get_stats(pool).pages_free) return D2_EKVFULL;
+    for (int k = 0; k < b->n_seqs; k++) {
+        const eng_batch_seq *bs = &b->seqs[k];
+        if (bs->start < 0 || bs->n <= 0 || bs->start + bs->n > b->n_tokens)
+            return be->ops->step(be, b); /* malformed: let the backend say so */
+        int rc = kvp_reserve_all_layers(pool, bs->seq, bs->n);
+        if (rc != D2_OK) return rc;
+        for (int l = 0; l < n_layers; l++) {
+            int first = kvp_append(pool, bs->seq, l, bs->n);
+            if (first < 0) return first;
+            kvp_table t = kvp_get_table(pool, bs->seq, l);
+            for (int j = 0; j < bs->n; j++) {
+                int32_t page;
+                int slot;
+                kvp_locate(&t, pt, first + j, &page, &slot);
+                kvp_pos_base(pool)[(size_t)page * (size_t)pt + (size_t)slot] = b->pos[bs->start + j];
+            }
+        }
+    }
+    int rc = be->ops->step(be, b);
+    int rows = eng_batch_out_rows(b);
+    if (rc == D2_OK && logits && rows > 0) {
+        const float *lg;
+        rc = be->ops->logits(be, 0, rows, &lg);
+        if (rc == D2_OK)
+            memcpy(logits, lg, sizeof(float) * (size_t)rows * (size_t)be->model->cfg.vocab_size);
+    }
+    return rc;
+}
+
+/* Accumulated score of live slot i of (seq, layer), KV head g. */
+static double slot_score(eng_backend *be, int seq, int layer, int i, int g) {
+    float sc[64];
+    ASSERT_EQ(be->ops->read_slot(be, seq, layer, i, NULL, NULL, sc), D2_OK);
+    return sc[g];
+}
+
 enum { PT = 4, MAX_TOK = 96, MAX_SEQS = 4, MAX_BATCH = 64 };
 
 typedef struct rig {
@@ -175,9 +237,9 @@ static rig rig_make(const synth_spec *sp, uint64_t seed, int n_threads) {
                      .page_tokens = PT, .n_pages = 512, .max_seqs = MAX_SEQS,
                      .max_seq_tokens = MAX_TOK};
     ASSERT_EQ(kvp_create(&pc, &r.pool), D2_OK);
-    eng_cpu_config cc = {.n_threads = n_threads, .max_batch_tokens = MAX_BATCH,
+    eng_backend_config cc = {.n_threads = n_threads, .max_batch_tokens = MAX_BATCH,
                          .max_logit_rows = MAX_BATCH};
-    ASSERT_EQ(eng_cpu_backend_create(&r.s->m, r.pool, &cc, &r.be), D2_OK);
+    ASSERT_EQ(cpu_make(&r.s->m, r.pool, &cc, &r.be), D2_OK);
     return r;
 }
 
@@ -225,9 +287,8 @@ static int step_one(rig *r, int seq, const int32_t *toks, int p0, int n, bool al
     for (int i = 0; i < n; i++) pos[i] = p0 + i;
     eng_batch_seq bs = {.seq = seq, .start = 0, .n = n, .want_scores = scores,
                         .want_logits = true, .all_logits = all};
-    eng_batch b = {.n_tokens = n, .tokens = toks + p0, .pos = pos, .n_seqs = 1, .seqs = &bs,
-                   .logits = logits};
-    return r->be->ops->step(r->be, &b);
+    eng_batch b = {.n_tokens = n, .tokens = toks + p0, .pos = pos, .n_seqs = 1, .seqs = &bs};
+    return plan_step(r->be, &b, logits);
 }
 
 static const synth_spec SPECS[] = {
@@ -322,8 +383,8 @@ TEST(sliding_window_matches_reference) {
     eng_backend *be2 = NULL;
     /* the backend reads the window at create: rebuild it */
     r.be->ops->destroy(r.be);
-    eng_cpu_config cc = {.n_threads = 2, .max_batch_tokens = 64, .max_logit_rows = 64};
-    ASSERT_OK(eng_cpu_backend_create(&r.s->m, r.pool, &cc, &be2));
+    eng_backend_config cc = {.n_threads = 2, .max_batch_tokens = 64, .max_logit_rows = 64};
+    ASSERT_OK(cpu_make(&r.s->m, r.pool, &cc, &be2));
     r.be = be2;
     int n = 23;
     int32_t toks[64];
@@ -412,10 +473,9 @@ TEST(mixed_batch_matches_reference) {
                     nt++;
                 }
             }
-            eng_batch b = {.n_tokens = nt, .tokens = bt, .pos = bp, .n_seqs = ns, .seqs = bs,
-                           .logits = logits};
+            eng_batch b = {.n_tokens = nt, .tokens = bt, .pos = bp, .n_seqs = ns, .seqs = bs};
             ASSERT_EQ(eng_batch_out_rows(&b), ns + (plan[st][1] ? plan[st][1] - 1 : 0));
-            ASSERT_EQ(r.be->ops->step(r.be, &b), D2_OK);
+            ASSERT_EQ(plan_step(r.be, &b, logits), D2_OK);
             int row = 0;
             for (int k = 0; k < NS; k++) {
                 int n = plan[st][k];
@@ -465,7 +525,6 @@ TEST(scores_match_reference) {
         ASSERT_EQ(kvp_seq_new(r.pool, &seq), D2_OK);
         ASSERT_EQ(step_one(&r, seq, toks, 0, NPRE, false, true, lg), D2_OK);
         /* after the prefill alone: each kv head's total = NPRE * gs */
-        const float *score = kvp_score_base(r.pool);
         for (int l = 0; l < L; l++) {
             kvp_table t = kvp_get_table(r.pool, seq, l);
             ASSERT_EQ(t.n_tokens, NPRE);
@@ -475,7 +534,7 @@ TEST(scores_match_reference) {
                     int32_t page;
                     int slot;
                     kvp_locate(&t, PT, i, &page, &slot);
-                    tot += score[(size_t)page * PT * (size_t)nkv + (size_t)slot * (size_t)nkv + (size_t)g];
+                    tot += slot_score(r.be, seq, l, i, g);
                 }
                 ASSERT_NEAR(tot, (double)(NPRE * gs), 1e-4);
             }
@@ -492,7 +551,7 @@ TEST(scores_match_reference) {
                     int slot;
                     kvp_locate(&t, PT, i, &page, &slot);
                     ASSERT_EQ(pos[(size_t)page * PT + (size_t)slot], i);
-                    double got = score[(size_t)page * PT * (size_t)nkv + (size_t)slot * (size_t)nkv + (size_t)g];
+                    double got = slot_score(r.be, seq, l, i, g);
                     double want = expect[((size_t)l * (size_t)nkv + (size_t)g) * N + (size_t)i];
                     if (!(fabs(got - want) < 1e-4))
                         FAIL_("spec %d layer %d kv %d slot %d: score %g want %g", si, l, g, i, got, want);
@@ -598,17 +657,58 @@ TEST(bad_plans_rejected) {
     int32_t toks[4] = {1, 2, 3, 4}, pos[4] = {0, 1, 2, 3};
     float *lg = malloc(sizeof(float) * 4 * (size_t)r.vocab);
     eng_batch_seq bs = {.seq = seq, .start = 0, .n = 4, .want_logits = true};
-    eng_batch b = {.n_tokens = 4, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = &bs, .logits = lg};
+    eng_batch b = {.n_tokens = 4, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = &bs};
     bs.n = 3; /* does not cover the batch */
-    ASSERT_EQ(r.be->ops->step(r.be, &b), D2_EINVAL);
+    ASSERT_EQ(plan_step(r.be, &b, lg), D2_EINVAL);
     bs.n = 4;
     toks[2] = r.vocab; /* token out of range */
-    ASSERT_EQ(r.be->ops->step(r.be, &b), D2_EINVAL);
+    ASSERT_EQ(plan_step(r.be, &b, lg), D2_EINVAL);
     toks[2] = 3;
     b.n_tokens = MAX_BATCH + 1;
-    ASSERT_EQ(r.be->ops->step(r.be, &b), D2_EINVAL);
+    ASSERT_EQ(plan_step(r.be, &b, lg), D2_EINVAL);
+    ASSERT(strstr(r.be->ops->last_error(r.be), "step") != NULL); /* the failing call is named */
     b.n_tokens = 4;
-    ASSERT_EQ(r.be->ops->step(r.be, &b), D2_OK);
+    ASSERT_EQ(plan_step(r.be, &b, lg), D2_OK);
+    free(lg);
+    rig_free(&r);
+}
+
+/* The seam's other operations: caps, logits rows, argmax where the logits are,
+ * and the bounds they check. */
+TEST(backend_caps_logits_argmax) {
+    const synth_spec *sp = &SPECS[0];
+    rig r = rig_make(sp, 850, 2);
+    eng_backend_caps caps;
+    r.be->ops->caps(r.be, &caps);
+    ASSERT(strcmp(caps.name, "cpu") == 0);
+    ASSERT_EQ(caps.kv_dtype, ENG_KV_DT_F32);
+    ASSERT(!caps.kv_on_device);
+    ASSERT_EQ(caps.kv_bytes_per_slot, (size_t)(2 * sp->n_kv * sp->hd + sp->n_kv) * sizeof(float));
+    int seq;
+    ASSERT_EQ(kvp_seq_new(r.pool, &seq), D2_OK);
+    int32_t toks[6];
+    rand_tokens(9, toks, 6, r.vocab);
+    float *lg = malloc(sizeof(float) * 6 * (size_t)r.vocab);
+    ASSERT_EQ(step_one(&r, seq, toks, 0, 6, true, false, lg), D2_OK);
+    int rows[6] = {5, 0, 3, 1, 4, 2};
+    int32_t am[6];
+    ASSERT_EQ(r.be->ops->argmax(r.be, rows, 6, am), D2_OK);
+    for (int i = 0; i < 6; i++) {
+        const float *row = lg + (size_t)rows[i] * (size_t)r.vocab;
+        int best = 0;
+        for (int v = 1; v < r.vocab; v++)
+            if (row[v] > row[best]) best = v;
+        ASSERT_EQ(am[i], best);
+    }
+    const float *out;
+    ASSERT_EQ(r.be->ops->logits(r.be, 2, 3, &out), D2_OK);
+    ASSERT_EQ(memcmp(out, lg + 2 * (size_t)r.vocab, sizeof(float) * 3 * (size_t)r.vocab), 0);
+    ASSERT_EQ(r.be->ops->logits(r.be, 4, 3, &out), D2_EINVAL); /* past the step's 6 rows */
+    rows[0] = 6;
+    ASSERT_EQ(r.be->ops->argmax(r.be, rows, 1, am), D2_EINVAL);
+    ASSERT(strstr(r.be->ops->last_error(r.be), "argmax") != NULL);
+    ASSERT_EQ(r.be->ops->sync(r.be), D2_OK);
+    ASSERT_EQ(r.be->ops->kv_attach(r.be, r.pool), D2_EINVAL); /* once only */
     free(lg);
     rig_free(&r);
 }
@@ -620,18 +720,18 @@ TEST(pool_full_reports_ekvfull) {
                      .page_tokens = PT, .n_pages = 3, .max_seqs = 2, .max_seq_tokens = 64};
     kvp_pool *pool;
     ASSERT_EQ(kvp_create(&pc, &pool), D2_OK);
-    eng_cpu_config cc = {.n_threads = 1, .max_batch_tokens = 16, .max_logit_rows = 1};
+    eng_backend_config cc = {.n_threads = 1, .max_batch_tokens = 16, .max_logit_rows = 1};
     eng_backend *be;
-    ASSERT_EQ(eng_cpu_backend_create(&s->m, pool, &cc, &be), D2_OK);
+    ASSERT_EQ(cpu_make(&s->m, pool, &cc, &be), D2_OK);
     int seq;
     ASSERT_EQ(kvp_seq_new(pool, &seq), D2_OK);
     int32_t toks[12] = {0}, pos[12];
     for (int i = 0; i < 12; i++) pos[i] = i;
     float *lg = malloc(sizeof(float) * (size_t)sp.vocab);
     eng_batch_seq bs = {.seq = seq, .start = 0, .n = 12, .want_logits = true};
-    eng_batch b = {.n_tokens = 12, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = &bs, .logits = lg};
+    eng_batch b = {.n_tokens = 12, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = &bs};
     int64_t free0 = kvp_get_stats(pool).pages_free;
-    ASSERT_EQ(be->ops->step(be, &b), D2_EKVFULL);
+    ASSERT_EQ(plan_step(be, &b, lg), D2_EKVFULL);
     /* no effect: nothing appended, no page taken */
     ASSERT_EQ(kvp_get_stats(pool).pages_free, free0);
     for (int l = 0; l < sp.n_layers; l++) ASSERT_EQ(kvp_get_table(pool, seq, l).n_tokens, 0);
@@ -639,7 +739,7 @@ TEST(pool_full_reports_ekvfull) {
     /* a step that fits (one page per layer) still works */
     bs.n = 4;
     b.n_tokens = 4;
-    ASSERT_EQ(be->ops->step(be, &b), D2_OK);
+    ASSERT_EQ(plan_step(be, &b, lg), D2_OK);
     ASSERT_EQ(kvp_get_table(pool, seq, 1).n_tokens, 4);
     free(lg);
     be->ops->destroy(be);
@@ -740,9 +840,9 @@ TEST(stories260k_nll_matches_llama2c) {
                      .page_tokens = 16, .n_pages = 256, .max_seqs = 2, .max_seq_tokens = 512};
     kvp_pool *pool;
     ASSERT_EQ(kvp_create(&pc, &pool), D2_OK);
-    eng_cpu_config cc = {.n_threads = 2, .max_batch_tokens = 64, .max_logit_rows = 64};
+    eng_backend_config cc = {.n_threads = 2, .max_batch_tokens = 64, .max_logit_rows = 64};
     eng_backend *be;
-    ASSERT_EQ(eng_cpu_backend_create(&m, pool, &cc, &be), D2_OK);
+    ASSERT_EQ(cpu_make(&m, pool, &cc, &be), D2_OK);
     int seq;
     ASSERT_EQ(kvp_seq_new(pool, &seq), D2_OK);
     float *lg = malloc(sizeof(float) * 64 * (size_t)c->vocab_size);
@@ -753,8 +853,8 @@ TEST(stories260k_nll_matches_llama2c) {
         int n = n_pred - p0 < 64 ? n_pred - p0 : 64;
         for (int j = 0; j < n; j++) pos[j] = p0 + j;
         eng_batch_seq bs = {.seq = seq, .start = 0, .n = n, .want_scores = true, .all_logits = true};
-        eng_batch b = {.n_tokens = n, .tokens = ids + p0, .pos = pos, .n_seqs = 1, .seqs = &bs, .logits = lg};
-        ASSERT_EQ(be->ops->step(be, &b), D2_OK);
+        eng_batch b = {.n_tokens = n, .tokens = ids + p0, .pos = pos, .n_seqs = 1, .seqs = &bs};
+        ASSERT_EQ(plan_step(be, &b, lg), D2_OK);
         for (int j = 0; j < n; j++) {
             double v = nll_of(lg + (size_t)j * (size_t)c->vocab_size, c->vocab_size, ids[p0 + j + 1]);
             double d = fabs(v - nll[p0 + j]);
@@ -808,9 +908,9 @@ static void bench_one(eng_dtype dt) {
                      .page_tokens = 16, .n_pages = 4096, .max_seqs = 64, .max_seq_tokens = 256};
     kvp_pool *pool;
     ASSERT_EQ(kvp_create(&pc, &pool), D2_OK);
-    eng_cpu_config cc = {.n_threads = 0, .max_batch_tokens = 64, .max_logit_rows = 64};
+    eng_backend_config cc = {.n_threads = 0, .max_batch_tokens = 64, .max_logit_rows = 64};
     eng_backend *be;
-    ASSERT_EQ(eng_cpu_backend_create(&s->m, pool, &cc, &be), D2_OK);
+    ASSERT_EQ(cpu_make(&s->m, pool, &cc, &be), D2_OK);
     double wbytes = 0.0;
     int64_t per_layer = 4LL * 768 * 768 + 3LL * 768 * 2048;
     double esz = dt == ENG_F32 ? 4.0 : 2.0;
@@ -833,9 +933,8 @@ static void bench_one(eng_dtype dt) {
                 pos[k] = it;
                 bs[k] = (eng_batch_seq){.seq = seqs[k], .start = k, .n = 1, .want_logits = true};
             }
-            eng_batch b = {.n_tokens = B, .tokens = toks, .pos = pos, .n_seqs = B, .seqs = bs,
-                           .logits = lg};
-            ASSERT_EQ(be->ops->step(be, &b), D2_OK);
+            eng_batch b = {.n_tokens = B, .tokens = toks, .pos = pos, .n_seqs = B, .seqs = bs};
+            ASSERT_EQ(plan_step(be, &b, lg), D2_OK);
         }
         double per_step = (d2_now() - t0) / steps;
         if (B == 1) t_b1 = per_step;

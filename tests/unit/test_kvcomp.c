@@ -126,20 +126,24 @@ static eng_engine *tengine_make(eng_model *m, int ctx, int64_t n_pages, int max_
 
 static void tengine_free(eng_engine *e) { eng_engine_destroy(e); }
 
+/* One step of one sequence through the engine's step mechanism (engine/step.c):
+ * tokens toks[0..n) at positions pos0.., scores as the state's plan asks. */
+static void step_seq(eng_engine *e, int seq, const int32_t *toks, int n, int pos0,
+                     eng_kv_state *ks, int prefill_end) {
+    eng_plan p;
+    ASSERT_EQ(eng__plan_init(&p, e), D2_OK);
+    eng_batch_seq *bs = eng__plan_add(&p, seq, toks, n, pos0, true, false);
+    ASSERT(bs != NULL);
+    if (ks) eng_kv_plan_seq(ks, prefill_end, bs);
+    ASSERT_EQ(eng__step_execute(e, &p), D2_OK);
+    eng__plan_free(&p);
+}
+
 /* Prefills toks[0..n) of seq (chunked, scores as the state's plan asks). */
 static void prefill(eng_engine *e, int seq, const int32_t *toks, int n, eng_kv_state *ks) {
     for (int c0 = 0; c0 < n;) {
         int cn = n - c0 < e->max_batch_tokens ? n - c0 : e->max_batch_tokens;
-        ASSERT_EQ(eng__reserve_all_layers(e, seq, cn), D2_OK);
-        for (int j = 0; j < cn; j++) {
-            e->tokens[j] = toks[c0 + j];
-            e->pos[j] = c0 + j;
-        }
-        e->bseqs[0] = (eng_batch_seq){.seq = seq, .start = 0, .n = cn, .want_logits = true};
-        if (ks) eng_kv_plan_seq(ks, n, &e->bseqs[0]);
-        eng_batch b = {.n_tokens = cn, .tokens = e->tokens, .pos = e->pos, .n_seqs = 1,
-                       .seqs = e->bseqs, .logits = e->logits};
-        ASSERT_EQ(e->be->ops->step(e->be, &b), D2_OK);
+        step_seq(e, seq, toks + c0, cn, c0, ks, n);
         c0 += cn;
     }
 }
@@ -176,7 +180,7 @@ TEST(probe_prefill_speed) {
     prefill(e, seq, toks, n, ks);
     double t1 = d2_now();
     int64_t before = seq_pages(e, seq);
-    ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, seq, ks), D2_OK);
+    ASSERT_EQ(eng_kv_compress_prompt(e->be, seq, ks), D2_OK);
     double t2 = d2_now();
     fprintf(stderr, "  prefill %.2fs compress %.2fs pages %lld -> %lld\n", t1 - t0, t2 - t1,
             (long long)before, (long long)seq_pages(e, seq));
@@ -270,7 +274,7 @@ TEST(keep_layers_beyond_64) {
     int seq;
     ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
     prefill(e, seq, toks, N, ks);
-    ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, seq, ks), D2_OK);
+    ASSERT_EQ(eng_kv_compress_prompt(e->be, seq, ks), D2_OK);
     for (int l = 0; l < L; l++) {
         int n = kvp_get_table(e->pool, seq, l).n_tokens;
         if (l == 0 || l == 1 || l == L - 1) ASSERT_EQ(n, N);
@@ -284,12 +288,7 @@ TEST(keep_layers_beyond_64) {
 /* ---- selection, statistics, budgets (hand-computed) --------------------------------------- */
 
 TEST(select_sinks_heavy_recent) {
-    kvp_config pc = {.n_layers = 1, .n_kv_heads = 1, .head_dim = 2, .page_tokens = 4,
-                     .n_pages = 8, .max_seqs = 1, .max_seq_tokens = 32};
-    kvp_pool *pool;
-    ASSERT_EQ(kvp_create(&pc, &pool), D2_OK);
-    eng_kv_ws *ws;
-    ASSERT_EQ(eng_kv_ws_create(pool, &ws), D2_OK);
+    eng_kv_cand ws[10];
     /*             0    1    2    3    4    5    6    7    8    9 */
     float sc[10] = {0.0f, 0.1f, 5.0f, 0.2f, 4.0f, 4.0f, 0.3f, 9.0f, 0.0f, 0.0f};
     uint8_t keep[10];
@@ -309,8 +308,6 @@ TEST(select_sinks_heavy_recent) {
     for (int i = 0; i < 10; i++) ASSERT_EQ(keep[i], want3[i]);
     /* budget >= n keeps everything */
     ASSERT_EQ(eng_kv_select(ws, sc, 10, 4, 8, 8, keep), 10);
-    eng_kv_ws_free(ws);
-    kvp_destroy(pool);
 }
 
 TEST(d2o_layer_stat_and_budgets) {
@@ -399,19 +396,32 @@ TEST(snapkv_pooling) {
 /* ---- merges on a hand-filled pool -------------------------------------------------------------- */
 
 typedef struct hpool {
+    tmodel *t;          /* a 1-layer model the backend is created for (weights unused) */
     kvp_pool *pool;
-    eng_kv_ws *ws;
+    eng_backend *be;    /* the CPU backend: it owns the payload and runs compressions */
     int seq;
 } hpool;
+
+/* A CPU backend over pool (max_seq_tokens and page size from the pool). */
+static eng_backend *cpu_over(const eng_model *m, kvp_pool *pool) {
+    eng_backend_config bc = {.n_threads = 1, .max_batch_tokens = 16, .max_logit_rows = 16,
+                             .max_seq_tokens = kvp_get_config(pool)->max_seq_tokens,
+                             .page_tokens = kvp_get_config(pool)->page_tokens};
+    eng_backend *be = NULL;
+    ASSERT_EQ(eng_cpu_backend_create(m, &bc, &be), D2_OK);
+    ASSERT_EQ(be->ops->kv_attach(be, pool), D2_OK);
+    return be;
+}
 
 /* One layer, one KV head, head_dim 2, 4-token pages; n tokens with keys k,
  * values (i, 10 i), positions i and scores sc. */
 static hpool hpool_make(int n, const float (*k)[2], const float *sc) {
     hpool h;
+    h.t = tmodel_make(1, 2, 1, 1, 8, 4, 1.0f, 1);
     kvp_config pc = {.n_layers = 1, .n_kv_heads = 1, .head_dim = 2, .page_tokens = 4,
                      .n_pages = 16, .max_seqs = 4, .max_seq_tokens = 64};
     ASSERT_EQ(kvp_create(&pc, &h.pool), D2_OK);
-    ASSERT_EQ(eng_kv_ws_create(h.pool, &h.ws), D2_OK);
+    h.be = cpu_over(&h.t->m, h.pool);
     ASSERT_EQ(kvp_seq_new(h.pool, &h.seq), D2_OK);
     ASSERT_EQ(kvp_reserve(h.pool, h.seq, 0, n), D2_OK);
     ASSERT_EQ(kvp_append(h.pool, h.seq, 0, n), 0);
@@ -420,35 +430,28 @@ static hpool hpool_make(int n, const float (*k)[2], const float *sc) {
         int32_t pg;
         int sl;
         kvp_locate(&t, 4, i, &pg, &sl);
-        size_t s = (size_t)pg * 4 + (size_t)sl;
-        kvp_k_base(h.pool)[s * 2] = k[i][0];
-        kvp_k_base(h.pool)[s * 2 + 1] = k[i][1];
-        kvp_v_base(h.pool)[s * 2] = (float)i;
-        kvp_v_base(h.pool)[s * 2 + 1] = 10.0f * (float)i;
-        kvp_pos_base(h.pool)[s] = i;
-        kvp_score_base(h.pool)[s] = sc[i];
+        kvp_pos_base(h.pool)[(size_t)pg * 4 + (size_t)sl] = i;
+        float v[2] = {(float)i, 10.0f * (float)i};
+        ASSERT_EQ(h.be->ops->write_slot(h.be, h.seq, 0, i, k[i], v, &sc[i]), D2_OK);
     }
     return h;
 }
 
 static void hpool_free(hpool *h) {
     ASSERT_EQ(kvp_check(h->pool), D2_OK);
-    eng_kv_ws_free(h->ws);
+    h->be->ops->destroy(h->be);
     kvp_destroy(h->pool);
+    tmodel_free(h->t);
 }
 
 /* Reads slot i of (seq, 0): key, value, position. */
-static void hread(kvp_pool *p, int seq, int i, float *k, float *v, int *pos) {
-    kvp_table t = kvp_get_table(p, seq, 0);
+static void hread(eng_backend *be, int seq, int i, float *k, float *v, int *pos) {
+    kvp_table t = kvp_get_table(be->pool, seq, 0);
     int32_t pg;
     int sl;
     kvp_locate(&t, 4, i, &pg, &sl);
-    size_t s = (size_t)pg * 4 + (size_t)sl;
-    k[0] = kvp_k_base(p)[s * 2];
-    k[1] = kvp_k_base(p)[s * 2 + 1];
-    v[0] = kvp_v_base(p)[s * 2];
-    v[1] = kvp_v_base(p)[s * 2 + 1];
-    *pos = kvp_pos_base(p)[s];
+    ASSERT_EQ(be->ops->read_slot(be, seq, 0, i, k, v, NULL), D2_OK);
+    *pos = kvp_pos_base(be->pool)[(size_t)pg * 4 + (size_t)sl];
 }
 
 static eng_kv_state *d2o_state_1layer(eng_kv_merge_rule rule) {
@@ -475,7 +478,7 @@ static const float HS[6] = {0, 0.1f, 0.2f, 9, 0.3f, 0};
 TEST(merge_normalised_hand) {
     hpool h = hpool_make(6, HK, HS);
     eng_kv_state *s = d2o_state_1layer(ENG_KV_MERGE_NORMALISED);
-    ASSERT_EQ(eng_kv_compress_layer(h.ws, h.pool, h.seq, 0, s, 2, 1, true), 3);
+    ASSERT_EQ(eng_kv_compress_layer(h.be, h.seq, 0, s, 2, 1, true), 3);
     ASSERT(fabsf(s->tau[0] - 0.6f) < 1e-6f);
     ASSERT_EQ(s->n_evicted, 3);
     ASSERT_EQ(s->n_merged, 2);
@@ -483,12 +486,12 @@ TEST(merge_normalised_hand) {
     ASSERT_EQ(kvp_get_table(h.pool, h.seq, 0).n_tokens, 3);
     float k[2], v[2];
     int pos;
-    hread(h.pool, h.seq, 0, k, v, &pos);
+    hread(h.be, h.seq, 0, k, v, &pos);
     ASSERT_EQ(pos, 0);
     ASSERT(k[0] == 1.0f && k[1] == 0.0f); /* untouched */
-    hread(h.pool, h.seq, 2, k, v, &pos);
+    hread(h.be, h.seq, 2, k, v, &pos);
     ASSERT_EQ(pos, 5);
-    hread(h.pool, h.seq, 1, k, v, &pos);
+    hread(h.be, h.seq, 1, k, v, &pos);
     ASSERT_EQ(pos, 3);
     /* D = e + e^1 + e^.8; K3 = (e (0,1) + e (0,2) + e^.8 (3,4)) / D; V likewise with
      * V3 = (3,30), V1 = (1,10), V2 = (2,20) */
@@ -504,10 +507,10 @@ TEST(merge_normalised_hand) {
 TEST(merge_code_rule_hand_and_tau_ema) {
     hpool h = hpool_make(6, HK, HS);
     eng_kv_state *s = d2o_state_1layer(ENG_KV_MERGE_CODE);
-    ASSERT_EQ(eng_kv_compress_layer(h.ws, h.pool, h.seq, 0, s, 2, 1, true), 3);
+    ASSERT_EQ(eng_kv_compress_layer(h.be, h.seq, 0, s, 2, 1, true), 3);
     float k[2], v[2];
     int pos;
-    hread(h.pool, h.seq, 1, k, v, &pos);
+    hread(h.be, h.seq, 1, k, v, &pos);
     /* (K3 + 1 K1 + .8 K2) / 3 */
     ASSERT(fabsf(k[0] - 2.4f / 3.0f) < 1e-5f);
     ASSERT(fabsf(k[1] - (1.0f + 2.0f + 3.2f) / 3.0f) < 1e-5f);
@@ -526,7 +529,7 @@ TEST(merge_code_rule_hand_and_tau_ema) {
         t->cfg.ema_beta = pass == 0 ? 0.5f : 0.7f;
         t->tau[0] = 0.9f;
         t->tau_set[0] = 1;
-        ASSERT_EQ(eng_kv_compress_layer(g.ws, g.pool, g.seq, 0, t, 1, 1, false), 1);
+        ASSERT_EQ(eng_kv_compress_layer(g.be, g.seq, 0, t, 1, 1, false), 1);
         float b = t->cfg.ema_beta, m = sqrtf(0.5f);
         float want = (1 - b) * 0.9f + b * m;
         ASSERT(fabsf(t->tau[0] - want) < 1e-5f);
@@ -538,7 +541,7 @@ TEST(merge_code_rule_hand_and_tau_ema) {
     /* a first compression sets tau to the mean itself (one evicted token: merged) */
     hpool g = hpool_make(3, K2, S2);
     eng_kv_state *t = d2o_state_1layer(ENG_KV_MERGE_NORMALISED);
-    ASSERT_EQ(eng_kv_compress_layer(g.ws, g.pool, g.seq, 0, t, 1, 1, true), 1);
+    ASSERT_EQ(eng_kv_compress_layer(g.be, g.seq, 0, t, 1, 1, true), 1);
     ASSERT(fabsf(t->tau[0] - sqrtf(0.5f)) < 1e-6f);
     ASSERT_EQ(t->n_merged, 1);
     eng_kv_state_free(t);
@@ -551,14 +554,14 @@ TEST(merge_into_shared_page_copies_first) {
     ASSERT_EQ(kvp_seq_fork(h.pool, h.seq, &child), D2_OK);
     int64_t free0 = kvp_get_stats(h.pool).pages_free;
     eng_kv_state *s = d2o_state_1layer(ENG_KV_MERGE_CODE);
-    ASSERT_EQ(eng_kv_compress_layer(h.ws, h.pool, child, 0, s, 2, 1, true), 3);
+    ASSERT_EQ(eng_kv_compress_layer(h.be, child, 0, s, 2, 1, true), 3);
     ASSERT_EQ(kvp_check(h.pool), D2_OK);
     /* the parent still reads its original six tokens */
     ASSERT_EQ(kvp_get_table(h.pool, h.seq, 0).n_tokens, 6);
     for (int i = 0; i < 6; i++) {
         float k[2], v[2];
         int pos;
-        hread(h.pool, h.seq, i, k, v, &pos);
+        hread(h.be, h.seq, i, k, v, &pos);
         ASSERT_EQ(pos, i);
         ASSERT(k[0] == HK[i][0] && k[1] == HK[i][1]);
         ASSERT(v[0] == (float)i && v[1] == 10.0f * (float)i);
@@ -566,7 +569,7 @@ TEST(merge_into_shared_page_copies_first) {
     /* the child got the merged slot on a private page */
     float k[2], v[2];
     int pos;
-    hread(h.pool, child, 1, k, v, &pos);
+    hread(h.be, child, 1, k, v, &pos);
     ASSERT_EQ(pos, 3);
     ASSERT(fabsf(k[0] - 0.8f) < 1e-5f);
     ASSERT_EQ(kvp_get_stats(h.pool).pages_free, free0 - 1); /* one private page */
@@ -580,13 +583,13 @@ TEST(merge_into_shared_page_copies_first) {
     ASSERT_EQ(kvp_seq_new(h.pool, &filler), D2_OK);
     ASSERT_EQ(kvp_reserve(h.pool, filler, 0, (int)nfree * 4), D2_OK);
     ASSERT_EQ(kvp_get_stats(h.pool).pages_free, 0);
-    ASSERT_EQ(eng_kv_compress_layer(h.ws, h.pool, h.seq, 0, s2, 2, 1, true), D2_EKVFULL);
+    ASSERT_EQ(eng_kv_compress_layer(h.be, h.seq, 0, s2, 2, 1, true), D2_EKVFULL);
     ASSERT_EQ(kvp_get_table(h.pool, h.seq, 0).n_tokens, 6);
     ASSERT_EQ(kvp_check(h.pool), D2_OK);
     kvp_seq_free(h.pool, filler);
-    ASSERT_EQ(eng_kv_compress_layer(h.ws, h.pool, h.seq, 0, s2, 2, 1, true), 3);
+    ASSERT_EQ(eng_kv_compress_layer(h.be, h.seq, 0, s2, 2, 1, true), 3);
     for (int i = 0; i < 6; i++) { /* child2 kept the original */
-        hread(h.pool, child2, i, k, v, &pos);
+        hread(h.be, child2, i, k, v, &pos);
         ASSERT(pos == i && k[0] == HK[i][0] && k[1] == HK[i][1]);
     }
     kvp_seq_free(h.pool, child);
@@ -641,7 +644,7 @@ static void h2o_vs_reference(bool exact, eng_kv_method method) {
     int seq;
     ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
     prefill(e, seq, toks, NP, ks);
-    ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, seq, ks), D2_OK);
+    ASSERT_EQ(eng_kv_compress_prompt(e->be, seq, ks), D2_OK);
     if (!getenv("D2_KVB")) ASSERT_EQ(kvp_get_table(e->pool, seq, 1).n_tokens, 12);
 
     eng_ref_state *ref;
@@ -655,25 +658,20 @@ static void h2o_vs_reference(bool exact, eng_kv_method method) {
     double worst = 0;
     for (int d = 0; d < ND; d++) {
         int p = NP + d;
-        ASSERT_EQ(eng__reserve_all_layers(e, seq, 1), D2_OK);
-        e->tokens[0] = toks[p];
-        e->pos[0] = p;
-        e->bseqs[0] = (eng_batch_seq){.seq = seq, .start = 0, .n = 1, .want_logits = true};
-        eng_kv_plan_seq(ks, NP, &e->bseqs[0]);
-        eng_batch b = {.n_tokens = 1, .tokens = e->tokens, .pos = e->pos, .n_seqs = 1,
-                       .seqs = e->bseqs, .logits = e->logits};
-        ASSERT_EQ(e->be->ops->step(e->be, &b), D2_OK);
+        step_seq(e, seq, toks + p, 1, p, ks, NP);
+        const float *lg;
+        ASSERT_EQ(eng__step_logits(e, 0, &lg), D2_OK);
         ASSERT_EQ(eng_ref_forward(ref, toks[p], p, rl), D2_OK);
         for (int l = 0; l < 3; l++) alive[l * CTX + p] = 1;
         double mx = 1.0, diff = 0.0;
         for (int v = 0; v < 64; v++) {
             if (fabs(rl[v]) > mx) mx = fabs(rl[v]);
-            double dd = fabs((double)rl[v] - e->logits[v]);
+            double dd = fabs((double)rl[v] - lg[v]);
             if (dd > diff) diff = dd;
         }
         if (diff / mx > worst) worst = diff / mx;
         if (getenv("D2_KVCOMP_DEBUG")) fprintf(stderr, "step %d diff %g\n", d, diff / mx);
-        ASSERT_EQ(eng_kv_after_decode(e->kvws, e->pool, seq, ks), D2_OK);
+        ASSERT_EQ(eng_kv_after_decode(e->be, seq, ks), D2_OK);
         int n1 = kvp_get_table(e->pool, seq, 1).n_tokens;
         if (exact) ASSERT_EQ(n1, 12);
         else ASSERT(n1 >= 12 && n1 < 12 + 4);
@@ -699,13 +697,16 @@ TEST(streamingllm_decode_matches_reference) { h2o_vs_reference(false, ENG_KV_STR
 
 /* ---- the 32-layer memory claim ---------------------------------------------------------------- */
 
-/* Copies the prompt KV of (src seq, every layer) of pool a into a new sequence of
- * pool b: what prefilling the same prompt there would store. */
-static int copy_seq(kvp_pool *a, int src, kvp_pool *b, int L) {
+/* Copies the prompt KV of (src seq, every layer) of backend a's pool into a new
+ * sequence of backend b's: what prefilling the same prompt there would store. */
+static int copy_seq(eng_backend *bea, int src, eng_backend *beb, int L) {
+    kvp_pool *a = bea->pool, *b = beb->pool;
     int dst;
     ASSERT_EQ(kvp_seq_new(b, &dst), D2_OK);
     int pt = kvp_get_config(a)->page_tokens, nkv = kvp_get_config(a)->n_kv_heads;
     size_t sf = (size_t)nkv * (size_t)kvp_get_config(a)->head_dim;
+    float kb[256], vb[256], sb[16];
+    ASSERT(sf <= 256 && nkv <= 16);
     for (int l = 0; l < L; l++) {
         kvp_table ts = kvp_get_table(a, src, l);
         ASSERT_EQ(kvp_reserve(b, dst, l, ts.n_tokens), D2_OK);
@@ -717,10 +718,8 @@ static int copy_seq(kvp_pool *a, int src, kvp_pool *b, int L) {
             kvp_locate(&ts, pt, i, &ps, &ss);
             kvp_locate(&td, pt, i, &pd, &sd);
             size_t is = (size_t)ps * (size_t)pt + (size_t)ss, id = (size_t)pd * (size_t)pt + (size_t)sd;
-            memcpy(kvp_k_base(b) + id * sf, kvp_k_base(a) + is * sf, sf * sizeof(float));
-            memcpy(kvp_v_base(b) + id * sf, kvp_v_base(a) + is * sf, sf * sizeof(float));
-            memcpy(kvp_score_base(b) + id * (size_t)nkv, kvp_score_base(a) + is * (size_t)nkv,
-                   (size_t)nkv * sizeof(float));
+            ASSERT_EQ(bea->ops->read_slot(bea, src, l, i, kb, vb, sb), D2_OK);
+            ASSERT_EQ(beb->ops->write_slot(beb, dst, l, i, kb, vb, sb), D2_OK);
             kvp_pos_base(b)[id] = kvp_pos_base(a)[is];
         }
     }
@@ -766,11 +765,10 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     pc.max_seqs = 64;
     kvp_pool *pool;
     ASSERT_EQ(kvp_create(&pc, &pool), D2_OK);
-    eng_kv_ws *ws;
-    ASSERT_EQ(eng_kv_ws_create(pool, &ws), D2_OK);
+    eng_backend *be2 = cpu_over(&t->m, pool);
     int n_full = 0, n_d2o = 0;
     while (kvp_get_stats(pool).pages_free >= est_full.pages_peak) {
-        copy_seq(e->pool, seq, pool, L);
+        copy_seq(e->be, seq, be2, L);
         n_full++;
     }
     ASSERT_EQ(kvp_check(pool), D2_OK);
@@ -781,10 +779,10 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     eng_kv_state *ks[64];
     int64_t first_pages = 0, evicted = 0, merged = 0;
     while (n_d2o < 64 && kvp_get_stats(pool).pages_free >= est_d2o.pages_peak) {
-        int s = copy_seq(e->pool, seq, pool, L);
+        int s = copy_seq(e->be, seq, be2, L);
         ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &ks[n_d2o]), D2_OK);
         memcpy(ks[n_d2o]->colsum, tmpl->colsum, sizeof(float) * (size_t)L * 4 * (size_t)N);
-        ASSERT_EQ(eng_kv_compress_prompt(ws, pool, s, ks[n_d2o]), D2_OK);
+        ASSERT_EQ(eng_kv_compress_prompt(be2, s, ks[n_d2o]), D2_OK);
         int64_t held = 0;
         for (int l = 0; l < L; l++) held += kvp_get_table(pool, s, l).n_pages;
         if (n_d2o == 0) first_pages = held;
@@ -816,7 +814,7 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     ASSERT_LT(bmin, bmax);
     ASSERT_GT(merged, 0);
     for (int i = 0; i < n_d2o; i++) eng_kv_state_free(ks[i]);
-    eng_kv_ws_free(ws);
+    be2->ops->destroy(be2);
     kvp_destroy(pool);
     eng_kv_state_free(tmpl);
     free(toks);
@@ -964,13 +962,13 @@ TEST(random_forks_compressed) {
             ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, np, &ks[i]), D2_OK);
             if (c.method == ENG_KV_D2O)
                 memcpy(ks[i]->colsum, k0->colsum, sizeof(float) * 3 * 4 * (size_t)np);
-            int rc = eng_kv_compress_prompt(e->kvws, e->pool, kids[i], ks[i]);
+            int rc = eng_kv_compress_prompt(e->be, kids[i], ks[i]);
             ASSERT(rc == D2_OK || rc == D2_EKVFULL);
             ASSERT_EQ(kvp_check(e->pool), D2_OK);
         }
         ASSERT_EQ(seq_pages(e, parent), parent_pages);
         for (int l = 0; l < 3; l++) ASSERT_EQ(kvp_get_table(e->pool, parent, l).n_tokens, np);
-        ASSERT_EQ(eng_kv_compress_prompt(e->kvws, e->pool, parent, k0), D2_OK);
+        ASSERT_EQ(eng_kv_compress_prompt(e->be, parent, k0), D2_OK);
         ASSERT_EQ(kvp_check(e->pool), D2_OK);
         for (int i = 0; i < nk; i++) {
             ASSERT_EQ(kvp_seq_free(e->pool, kids[i]), D2_OK);

@@ -3,17 +3,20 @@
  * (kvpool/kvpool.h): creation and stats, reserve/append across pages, data
  * round trips through the block tables, D2_EKVFULL atomicity, fork with copy
  * on write, truncation, compaction (random keep masks, shared tables), id
- * validation, external storage, debug poisoning, and a long randomised run
- * against a shadow model with kvp_check after every operation.
+ * validation, the payload hook (one batched call per operation, runs that
+ * never overlap, freed pages reported), and a long randomised run against a
+ * shadow model with kvp_check after every operation.
+ *
+ * The pool keeps bookkeeping only; these tests attach a host payload of their
+ * own (k, v, score per slot) through kvp_set_payload, as a backend does, so
+ * every round trip below also checks that the pool hands over each move.
  */
-/* make DEBUG=1 passes -DD2_DEBUG_BUILD=1. */
-#ifdef D2_DEBUG_BUILD
-#define KVP_TEST_POISON 1
-#endif
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "common/log.h"
 #include "kvpool/kvpool.h"
@@ -30,15 +33,83 @@ static kvp_config small_cfg(int64_t n_pages) {
                     .page_tokens = PT,
                     .n_pages = n_pages,
                     .max_seqs = MAX_SEQS,
-                    .max_seq_tokens = MAX_TOK,
-                    .storage = NULL};
+                    .max_seq_tokens = MAX_TOK};
     return c;
 }
+
+/* ---- the test payload: what a host backend keeps per slot ----------------------- */
+
+enum { SLOT_F = N_KVH * HEAD_DIM };
+
+typedef struct test_payload {
+    const kvp_pool *pool;
+    float *k, *v, *score;  /* [n_pages * PT][SLOT_F], [..][N_KVH] */
+    int calls, runs, overlapping, freed;
+} test_payload;
+
+static test_payload *payloads[32];
+
+static void payload_copy(void *ctx, const kvp_slot_run *runs, int n_runs) {
+    test_payload *tp = ctx;
+    tp->calls++;
+    for (int r = 0; r < n_runs; r++) {
+        const kvp_slot_run *u = &runs[r];
+        size_t d = (size_t)u->dst_page * PT + (size_t)u->dst_slot;
+        size_t s = (size_t)u->src_page * PT + (size_t)u->src_slot;
+        if (d < s + (size_t)u->n && s < d + (size_t)u->n) tp->overlapping++;
+        memmove(tp->k + d * SLOT_F, tp->k + s * SLOT_F, (size_t)u->n * SLOT_F * sizeof(float));
+        memmove(tp->v + d * SLOT_F, tp->v + s * SLOT_F, (size_t)u->n * SLOT_F * sizeof(float));
+        memmove(tp->score + d * N_KVH, tp->score + s * N_KVH, (size_t)u->n * N_KVH * sizeof(float));
+        tp->runs++;
+    }
+}
+
+static void payload_freed(void *ctx, int32_t page) {
+    test_payload *tp = ctx;
+    tp->freed++;
+    for (size_t i = 0; i < (size_t)PT * SLOT_F; i++)
+        tp->k[(size_t)page * PT * SLOT_F + i] = tp->v[(size_t)page * PT * SLOT_F + i] = NAN;
+}
+
+/* The payload of p, attached on first use (before that nothing was written). */
+static test_payload *payload_of(kvp_pool *p) {
+    int free_i = -1;
+    for (int i = 0; i < 32; i++) {
+        if (payloads[i] && payloads[i]->pool == p) return payloads[i];
+        if (!payloads[i] && free_i < 0) free_i = i;
+    }
+    ASSERT(free_i >= 0);
+    size_t n_slots = (size_t)kvp_get_config(p)->n_pages * PT;
+    test_payload *tp = calloc(1, sizeof *tp);
+    ASSERT(tp != NULL);
+    tp->pool = p;
+    tp->k = calloc(n_slots * SLOT_F, sizeof(float));
+    tp->v = calloc(n_slots * SLOT_F, sizeof(float));
+    tp->score = calloc(n_slots * N_KVH, sizeof(float));
+    ASSERT(tp->k && tp->v && tp->score);
+    payloads[free_i] = tp;
+    kvp_payload pl = {.copy = payload_copy, .freed = payload_freed, .ctx = tp};
+    kvp_set_payload(p, &pl);
+    return tp;
+}
+
+static void test_pool_destroy(kvp_pool *p) {
+    for (int i = 0; i < 32; i++)
+        if (payloads[i] && payloads[i]->pool == p) {
+            free(payloads[i]->k); free(payloads[i]->v); free(payloads[i]->score);
+            free(payloads[i]);
+            payloads[i] = NULL;
+        }
+    (kvp_destroy)(p);
+}
+/* every pool the tests destroy drops its payload too */
+#define kvp_destroy(p) test_pool_destroy(p)
 
 static kvp_pool *make_pool(int64_t n_pages) {
     kvp_config c = small_cfg(n_pages);
     kvp_pool *p = NULL;
     if (kvp_create(&c, &p) != D2_OK || !p) FAIL_("kvp_create failed");
+    payload_of(p);
     return p;
 }
 
@@ -63,16 +134,17 @@ static void write_slot(kvp_pool *p, int seq, int layer, int i, uint32_t id) {
     int32_t pg;
     int slot;
     kvp_locate(&t, PT, i, &pg, &slot);
-    float *k = kvp_k_base(p) + (size_t)pg * kvp_page_stride(p) + (size_t)slot * N_KVH * HEAD_DIM;
-    float *v = kvp_v_base(p) + (size_t)pg * kvp_page_stride(p) + (size_t)slot * N_KVH * HEAD_DIM;
+    test_payload *tp = payload_of(p);
+    size_t s = (size_t)pg * PT + (size_t)slot;
+    float *k = tp->k + s * SLOT_F;
+    float *v = tp->v + s * SLOT_F;
     for (int h = 0; h < N_KVH; h++)
         for (int d = 0; d < HEAD_DIM; d++) {
             k[h * HEAD_DIM + d] = kval(id, h, d);
             v[h * HEAD_DIM + d] = vval(id, h, d);
         }
-    size_t s = (size_t)pg * PT + (size_t)slot;
     kvp_pos_base(p)[s] = (int32_t)id;
-    for (int h = 0; h < N_KVH; h++) kvp_score_base(p)[s * N_KVH + (size_t)h] = sval(id, h);
+    for (int h = 0; h < N_KVH; h++) tp->score[s * N_KVH + (size_t)h] = sval(id, h);
 }
 
 /* Returns 1 when logical slot i of (seq, layer) holds token id exactly. */
@@ -82,18 +154,17 @@ static int slot_holds(kvp_pool *p, int seq, int layer, int i, uint32_t id) {
     int32_t pg;
     int slot;
     kvp_locate(&t, PT, i, &pg, &slot);
-    const float *k =
-        kvp_k_base(p) + (size_t)pg * kvp_page_stride(p) + (size_t)slot * N_KVH * HEAD_DIM;
-    const float *v =
-        kvp_v_base(p) + (size_t)pg * kvp_page_stride(p) + (size_t)slot * N_KVH * HEAD_DIM;
+    test_payload *tp = payload_of(p);
+    size_t s = (size_t)pg * PT + (size_t)slot;
+    const float *k = tp->k + s * SLOT_F;
+    const float *v = tp->v + s * SLOT_F;
     for (int h = 0; h < N_KVH; h++)
         for (int d = 0; d < HEAD_DIM; d++)
             if (k[h * HEAD_DIM + d] != kval(id, h, d) || v[h * HEAD_DIM + d] != vval(id, h, d))
                 return 0;
-    size_t s = (size_t)pg * PT + (size_t)slot;
     if (kvp_pos_base(p)[s] != (int32_t)id) return 0;
     for (int h = 0; h < N_KVH; h++)
-        if (kvp_score_base(p)[s * N_KVH + (size_t)h] != sval(id, h)) return 0;
+        if (tp->score[s * N_KVH + (size_t)h] != sval(id, h)) return 0;
     return 1;
 }
 
@@ -120,14 +191,12 @@ static int rng_below(int n) { return (int)(rng_next() % (uint64_t)n); }
 
 TEST(create_destroy_stats) {
     kvp_config c = small_cfg(10);
-    ASSERT_EQ(kvp_storage_bytes(&c), (size_t)2 * 10 * PT * N_KVH * HEAD_DIM * sizeof(float));
     kvp_pool *p = NULL;
     ASSERT_EQ(kvp_create(&c, &p), D2_OK);
     kvp_stats s = kvp_get_stats(p);
     ASSERT_EQ(s.pages_total, 10);
     ASSERT_EQ(s.pages_free, 10);
     ASSERT_EQ(s.seqs_active, 0);
-    ASSERT_EQ(kvp_page_stride(p), (size_t)PT * N_KVH * HEAD_DIM);
     ASSERT_EQ(kvp_get_config(p)->n_layers, N_LAYERS);
     ASSERT_EQ(kvp_pages_for_tokens(p, 0), 0);
     ASSERT_EQ(kvp_pages_for_tokens(p, 1), 1);
@@ -170,8 +239,6 @@ TEST(bad_configs) {
     c = good; c.max_seqs = 0;      ASSERT_EQ(kvp_create(&c, &p), D2_EINVAL);
     c = good; c.max_seq_tokens = 0; ASSERT_EQ(kvp_create(&c, &p), D2_EINVAL);
     c = good; c.n_pages = (int64_t)1 << 40; ASSERT_EQ(kvp_create(&c, &p), D2_EINVAL);
-    ASSERT_EQ(kvp_storage_bytes(&c), 0);
-    ASSERT_EQ(kvp_storage_bytes(NULL), 0);
 }
 
 TEST(append_across_pages_round_trip) {
@@ -195,13 +262,8 @@ TEST(append_across_pages_round_trip) {
     t = kvp_get_table(p, s, 0);
     ASSERT_EQ(t.n_tokens, 10);
     ASSERT_EQ(t.n_pages, 3);
-    /* new slots: score 0, pos -1 */
-    for (int i = 0; i < 10; i++) {
-        size_t si = slot_index(p, s, 0, i);
-        ASSERT_EQ(kvp_pos_base(p)[si], -1);
-        ASSERT_EQ(kvp_score_base(p)[si * N_KVH], 0);
-        ASSERT_EQ(kvp_score_base(p)[si * N_KVH + 1], 0);
-    }
+    /* new slots: pos -1 (their payload is the backend's to write) */
+    for (int i = 0; i < 10; i++) ASSERT_EQ(kvp_pos_base(p)[slot_index(p, s, 0, i)], -1);
     for (int i = 0; i < 10; i++) write_slot(p, s, 0, i, 100u + (uint32_t)i);
     /* 12 reserved: two more fit, a third does not */
     ASSERT_EQ(kvp_append(p, s, 0, 3), D2_EINVAL);
@@ -610,70 +672,67 @@ TEST(bad_ids_are_einval) {
     kvp_destroy(p);
 }
 
-/* ---- storage ---------------------------------------------------------------------- */
+/* ---- the payload hook ------------------------------------------------------------- */
 
-static int copies_seen;
-static int copies_overlapping;
-/* Counts copies and flags any with overlapping ranges (the contract says
- * never; a device memcpy would corrupt them). */
-static void counting_copy(void *ctx, float *dst, const float *src, size_t n) {
-    (*(int *)ctx)++;
-    if (dst < src + n && src < dst + n) copies_overlapping++;
-    memmove(dst, src, n * sizeof(float));
-}
-
-TEST(external_storage_and_copy_fn) {
-    kvp_config c = small_cfg(8);
-    size_t bytes = kvp_storage_bytes(&c);
-    float *buf = calloc(1, bytes);
-    ASSERT(buf != NULL);
-    c.storage = buf;
-    kvp_pool *p = NULL;
-    ASSERT_EQ(kvp_create(&c, &p), D2_OK);
-    ASSERT(kvp_k_base(p) == buf);
-    ASSERT(kvp_v_base(p) == buf + 8 * kvp_page_stride(p));
-    kvp_set_copy_fn(p, counting_copy, &copies_seen);
+TEST(payload_hook_batched_and_never_overlapping) {
+    kvp_pool *p = make_pool(8);
+    test_payload *tp = payload_of(p);
     int s, f;
     ASSERT_EQ(kvp_seq_new(p, &s), D2_OK);
     append_ids(p, s, 0, 6, 0);
-    ASSERT_EQ(copies_seen, 0);
+    ASSERT_EQ(tp->calls, 0);
     ASSERT_EQ(kvp_seq_fork(p, s, &f), D2_OK);
-    ASSERT_EQ(kvp_reserve(p, f, 0, 1), D2_OK); /* copy on write: k and v */
-    ASSERT_EQ(copies_seen, 2);
+    ASSERT_EQ(kvp_reserve(p, f, 0, 1), D2_OK); /* copy on write of the partial page: one call */
+    ASSERT_EQ(tp->calls, 1);
+    ASSERT_EQ(tp->runs, 1);
     for (int i = 0; i < 6; i++) ASSERT(slot_holds(p, f, 0, i, (uint32_t)i));
-    /* compaction moves go through the copy function, never overlapping */
     ASSERT_EQ(kvp_seq_free(p, f), D2_OK);
     ASSERT_EQ(kvp_truncate(p, s, 0, 0), D2_OK);
     append_ids(p, s, 0, 16, 100);
+    /* a shared table: the compaction copies its shared pages and moves the kept
+     * slots, all in ONE hook call, no run overlapping itself */
+    ASSERT_EQ(kvp_seq_fork(p, s, &f), D2_OK);
     uint8_t keep[16];
-    for (int i = 0; i < 16; i++) keep[i] = i != 1 && i != 9;
-    copies_seen = 0;
-    ASSERT_EQ(kvp_compact(p, s, 0, keep), 14);
-    ASSERT_GT(copies_seen, 0);
-    ASSERT_EQ(copies_overlapping, 0);
+    for (int i = 0; i < 16; i++) keep[i] = i != 1 && i != 9 && i != 10;
+    tp->calls = tp->runs = 0;
+    ASSERT_EQ(kvp_compact(p, s, 0, keep), 13);
+    ASSERT_EQ(tp->calls, 1);
+    ASSERT_GT(tp->runs, 3);
+    ASSERT_EQ(tp->overlapping, 0);
     for (int i = 0, j = 0; i < 16; i++)
         if (keep[i]) ASSERT(slot_holds(p, s, 0, j++, 100u + (uint32_t)i));
+    for (int i = 0; i < 16; i++) ASSERT(slot_holds(p, f, 0, i, 100u + (uint32_t)i)); /* untouched */
+    ASSERT_EQ(kvp_check(p), D2_OK);
     kvp_destroy(p);
-    /* the borrowed buffer is still ours (ASan would flag a double free) */
-    buf[0] = 1.0f;
-    free(buf);
 }
 
-TEST(debug_poisons_freed_pages) {
-#ifndef KVP_TEST_POISON
-    SKIP("poisoning is compiled only with D2_DEBUG_BUILD (make DEBUG=1)");
-#else
+TEST(payload_hook_reports_freed_pages) {
     kvp_pool *p = make_pool(4);
+    test_payload *tp = payload_of(p);
     int s;
     ASSERT_EQ(kvp_seq_new(p, &s), D2_OK);
     append_ids(p, s, 0, 4, 7);
+    append_ids(p, s, 1, 5, 7);
     int32_t pg = kvp_get_table(p, s, 0).pages[0];
+    ASSERT_EQ(tp->freed, 0);
     ASSERT_EQ(kvp_seq_free(p, s), D2_OK);
-    const float *k = kvp_k_base(p) + (size_t)pg * kvp_page_stride(p);
-    const float *v = kvp_v_base(p) + (size_t)pg * kvp_page_stride(p);
-    for (size_t i = 0; i < kvp_page_stride(p); i++) ASSERT(isnan(k[i]) && isnan(v[i]));
+    ASSERT_EQ(tp->freed, 3);
+    ASSERT(isnan(tp->k[(size_t)pg * PT * SLOT_F]));
     kvp_destroy(p);
-#endif
+}
+
+TEST(reserve_all_layers_is_all_or_nothing) {
+    kvp_pool *p = make_pool(5); /* 3 layers: 10 tokens need 3 x 3 pages */
+    int s;
+    ASSERT_EQ(kvp_seq_new(p, &s), D2_OK);
+    ASSERT_EQ(kvp_pages_needed_all_layers(p, s, 10), 9);
+    ASSERT_EQ(kvp_reserve_all_layers(p, s, 10), D2_EKVFULL);
+    ASSERT_EQ(pages_free(p), 5); /* nothing taken */
+    ASSERT_EQ(kvp_reserve_all_layers(p, s, 4), D2_OK);
+    ASSERT_EQ(pages_free(p), 2);
+    ASSERT_EQ(kvp_reserve_all_layers(p, s, MAX_TOK + 1), D2_ETOOLONG);
+    ASSERT_EQ(kvp_check(p), D2_OK);
+    kvp_destroy(p);
 }
 
 /* ---- threads ---------------------------------------------------------------------- */

@@ -1,0 +1,90 @@
+/*
+ * engine/cpu/internal.h — state of the CPU backend shared by its files
+ * (backend.c: forward step, payload, logits; kvcomp.c: KV compression).
+ * Nothing outside engine/cpu/ includes this. Engine thread only.
+ */
+#ifndef D2_ENGINE_CPU_INTERNAL_H
+#define D2_ENGINE_CPU_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/backend.h"
+#include "engine/cpu/threadpool.h"
+#include "engine/kvsel.h"
+
+typedef struct att_task {
+    int si;       /* index into b->seqs */
+    int t0, t1;   /* batch rows */
+    int g;        /* kv head */
+} att_task;
+
+typedef struct mm_job {
+    const eng_tensor *w;
+    const float *x;
+    int64_t ldx;
+    float *y;
+    int64_t ldy;
+    int n_tok;
+    int64_t chunk;  /* rows per task */
+    int n_chunks;
+} mm_job;
+
+/* KV-compression scratch, sized once at kv_attach from max_seq_tokens. */
+typedef struct cpu_kv_ws {
+    int cap;
+    float *score, *pooled, *sim, *kn; /* kn: [cap][kvd] per-head-normalised keys */
+    uint8_t *keep, *pass;
+    eng_kv_cand *cand;
+    int32_t *kept, *tgt, *order, *start;
+    float *acc_k, *acc_v;
+} cpu_kv_ws;
+
+typedef struct cpu_be {
+    eng_backend base;
+    eng_tp *tp;
+    int n_threads, max_t, max_rows, max_seq;
+    int dim, q_dim, kv_dim, hd, n_heads, n_kv, gs, ffn, vocab, n_layers, pt;
+    int sliding_window; /* > 0: a query sees keys with pos > its pos - sliding_window (Mistral) */
+    float eps;
+    /* the KV payload (kv_attach): k, v [n_pages][pt][n_kv][hd], score [n_pages][pt][n_kv] */
+    float *kv_k, *kv_v, *kv_score;
+    size_t slot_floats;  /* n_kv * hd */
+    size_t page_stride;  /* floats per page in kv_k (and kv_v) */
+    cpu_kv_ws kvws;
+    /* activations, [max_t][width] */
+    float *x, *xb, *q, *k, *v, *ao, *tmp, *hb, *hb2;
+    float *xf;           /* [max_rows][dim] normed rows for the logits */
+    float *logits;       /* [max_rows][vocab] the last step's logits */
+    int n_logit_rows;    /* rows the last step produced */
+    int32_t *out_rows;   /* [max_rows] batch rows that produce logits */
+    float *cosv, *sinv;  /* [max_t][hd/2] */
+    float *inv_freq;     /* [hd/2] */
+    float *norm_f32;     /* per layer: attn_norm[dim], ffn_norm[dim]; then out_norm[dim] */
+    float *bias_f32;     /* per layer: bq[q_dim], bk[kv_dim], bv[kv_dim] (0 when absent) */
+    float *mm_scratch;   /* [n_threads][mm_stride] */
+    size_t mm_stride;
+    float *att_scratch;  /* [n_threads][att_stride] */
+    size_t att_stride;
+    att_task *tasks;     /* [max_t * n_kv] */
+    kvp_table *tables;   /* [max_t] per batch sequence, current layer */
+    /* per-step context for the parallel tasks */
+    const eng_batch *b;
+    int layer;
+    mm_job jobs[3];
+    int n_jobs;
+    char err[160];       /* last_error */
+} cpu_be;
+
+/* Records the failing call for last_error and returns rc. */
+int cpu_fail(cpu_be *be, int rc, const char *call, const char *why);
+
+/* engine/cpu/kvcomp.c */
+int cpu_kv_ws_init(cpu_be *be);
+void cpu_kv_ws_free(cpu_be *be);
+int cpu_kv_compress(eng_backend *base, const eng_kv_compress_req *req, eng_kv_compress_res *res);
+int cpu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score);
+int cpu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k, const float *v,
+                   const float *score);
+
+#endif
