@@ -442,20 +442,6 @@ void eng_sched_view_free(eng_sched_view *v) {
     memset(v, 0, sizeof *v);
 }
 
-/* Known tokens of r: what the cache must hold before the next sample. */
-static int known(const sreq *r) { return r->n_prompt + r->n_gen; }
-
-static void preempt(eng_sched *s, sreq *r) {
-    kvp_seq_free(s->e->pool, r->kv);
-    r->kv = -1;
-    r->n_fed = 0;
-    r->n_preempt++;
-    rl_remove(&s->running, r);
-    rl_push_front(&s->waiting, r);
-    atomic_fetch_add(&s->preemptions, 1);
-    D2_DEBUG("sched: preempted request %llu after %d tokens", (unsigned long long)r->id, r->n_gen);
-}
-
 /* 1-2: newly submitted requests join the waiting queue; cancelled ones retire. */
 static void sched_intake(eng_sched *s) {
     pthread_mutex_lock(&s->mu);

@@ -307,6 +307,10 @@ TEST(live_view_and_events) {
     ASSERT_EQ(v.n_events, 1);
     ASSERT_EQ(v.events[0].seq, last);
     eng_sched_view_free(&v);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
+
 /* ---- greedy tokens chosen by the backend -------------------------------------------
  * A plain-greedy request that wants no logprobs takes the backend's argmax (the
  * logits need not leave a device); with logprobs it goes through the sampler
