@@ -97,7 +97,7 @@ int eng__engine_create_for(eng_model *model, bool own_model, const eng_engine_co
     int page_tokens = cfg_in->page_tokens > 0 ? cfg_in->page_tokens : 16;
 
     /* backend first: the pool is sized from its payload bytes per slot */
-    int rc = create_backend(e, cfg_in, page_tokens);
+    rc = create_backend(e, cfg_in, page_tokens);
     if (rc != D2_OK) {
         eng_engine_destroy(e);
         return rc;
