@@ -275,15 +275,18 @@ void eng_sched_close(eng_sched *s);
 
 /* ---- live view: what the web page's pool view shows ---------------------------
  *
- * At the end of every step the engine thread records each running sequence's
- * pages and tokens per layer; a finishing sequence's final shape is kept in a
- * ring of the last ENG_VIEW_RECENT finished ones; every compression that changed a cache is
+ * While the view is being read (a call in the last ENG_VIEW_WATCH_MS), the
+ * engine thread records each running sequence's pages and tokens per layer at
+ * the end of every step (the first call after a pause sees no running rows);
+ * a finishing sequence's final shape is kept in a ring of the last
+ * ENG_VIEW_RECENT finished ones; every compression that changed a cache is
  * appended to a ring of the last ENG_VIEW_EVENTS events (numbered from 1).
  * eng_sched_view_get copies both (any thread; takes a short lock the engine
  * thread also takes once per step); free the copy with eng_sched_view_free.
  */
 #define ENG_VIEW_EVENTS 256
 #define ENG_VIEW_RECENT 8
+#define ENG_VIEW_WATCH_MS 5000
 enum { ENG_KV_EVENT_PREFILL = 0, ENG_KV_EVENT_DECODE = 1 };
 
 typedef struct eng_kv_event {

@@ -30,10 +30,12 @@
  * Locking: `mu` guards the incoming list, the list of live requests (for
  * cancel by id) and the closed/stop flags. Everything else belongs to the
  * engine thread. Counters are atomics so stats can be read from any thread.
- * `view_mu` guards the live view (eng_sched_view_get): the engine thread
- * copies each running sequence's pages per layer into preallocated arrays at
- * the end of every step and appends compression events to a fixed ring, so
- * the view costs a few integer copies per step and never allocates.
+ * `view_mu` guards the live view (eng_sched_view_get): while someone reads the
+ * view (a reader in the last ENG_VIEW_WATCH_MS), the engine thread copies each
+ * running sequence's pages per layer into preallocated arrays at the end of
+ * every step; otherwise a step pays one atomic load and a clock read. A
+ * finishing sequence's shape and every compression event are recorded always
+ * (once per request or per compression, into fixed rings), never allocating.
  */
 #include <math.h>
 #include <pthread.h>
@@ -122,6 +124,7 @@ struct eng_sched {
                                     recently finished ring; pages/tokens point into view_ints */
     int32_t *view_ints;          /* [max_seqs + ENG_VIEW_RECENT][2][n_layers] */
     uint64_t n_recent;           /* sequences ever put in the finished ring */
+    atomic_llong view_watch_until_ms; /* publish the running view until then (d2_now() ms) */
     eng_kv_event events[ENG_VIEW_EVENTS]; /* ring: event k at events[(k - 1) % N] */
     uint64_t n_events;
 };
@@ -373,6 +376,15 @@ static void view_fill(eng_sched *s, const sreq *r, eng_seq_view *v, bool finishe
 
 /* Engine thread: copies the running sequences' block-table sizes into the view. */
 static void publish_view(eng_sched *s) {
+    if ((long long)(d2_now() * 1000.0) > atomic_load(&s->view_watch_until_ms)) {
+        /* nobody is looking: drop the stale rows once, copy nothing */
+        if (s->view_n) {
+            pthread_mutex_lock(&s->view_mu);
+            s->view_n = 0;
+            pthread_mutex_unlock(&s->view_mu);
+        }
+        return;
+    }
     pthread_mutex_lock(&s->view_mu);
     int n = 0;
     for (sreq *r = s->running.head; r && n < s->e->max_seqs; r = r->next)
@@ -402,6 +414,7 @@ static void record_event(eng_sched *s, uint64_t id, int phase, int64_t ev, int64
 
 int eng_sched_view_get(eng_sched *s, uint64_t since, eng_sched_view *out) {
     memset(out, 0, sizeof *out);
+    atomic_store(&s->view_watch_until_ms, (long long)(d2_now() * 1000.0) + ENG_VIEW_WATCH_MS);
     pthread_mutex_lock(&s->view_mu);
     int L = s->view_layers, n_run = s->view_n;
     int n_fin = s->n_recent < ENG_VIEW_RECENT ? (int)s->n_recent : ENG_VIEW_RECENT;

@@ -245,8 +245,9 @@ TEST(threaded_many_submitters) {
     eng_engine_destroy(e);
 }
 
-/* The live view (eng_sched_view_get): while a compressed request runs it lists
- * the sequence with its pages per layer; when it ends the finished ring keeps
+/* The live view (eng_sched_view_get): nothing is copied until someone reads
+ * it; then, while a compressed request runs, it lists the sequence with its
+ * pages per layer; when it ends the finished ring keeps
  * its final shape (compressed middle layers below the kept first layer); the
  * compression events carry the evicted/merged/freed deltas, add up to the
  * scheduler's counters, and `since` leaves out the ones already seen. */
@@ -264,6 +265,11 @@ TEST(live_view_and_events) {
     uint64_t id;
     ASSERT_OK(eng_sched_submit(s, &q, &id, NULL));
     eng_sched_view v;
+    /* nobody watched yet: the steps copied nothing, so no running row */
+    for (int k = 0; k < 3; k++) ASSERT_GT(eng_sched_step(s), 0);
+    ASSERT_OK(eng_sched_view_get(s, 0, &v));
+    ASSERT_EQ(v.n_seqs, 0);
+    eng_sched_view_free(&v);
     bool seen_running = false;
     int guard = 0;
     while (eng_sched_step(s) > 0) {
