@@ -4,6 +4,7 @@
 #   make run        install missing packages, build, serve the default model (models/stories260K;
 #                   MODEL=... serves another, PORT=..., ARGS=... more serve options)
 #   make test       install missing packages, build, run unit + integration tests
+#                   (+ a ThreadSanitizer build of the daemon under API checks and a soak)
 #   make test-san   unit tests under ASan/UBSan (also part of `make test`)
 #   make test-gpu   GPU tests (skip cleanly without a GPU)
 #   make bench      CPU benchmarks (figures as ratios, see README)
@@ -147,6 +148,7 @@ test:
 	@python3 tools/check_layers.py
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
+	@$(MAKE) --no-print-directory SANITIZE=thread BUILD=build/tsan build/tsan/d2od
 	@$(MAKE) --no-print-directory gpu-test-build
 	@bash tests/run_all.sh
 

@@ -2,6 +2,7 @@
  * api/api.h — the public header of api/: the OpenAI-compatible HTTP API.
  *
  * Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+ * GET /v1/models/{id},
  * GET /health (503 until api_server_set_ready), GET /metrics (Prometheus
  * text, `d2od:` prefix), POST /tokenize, POST /detokenize, GET / (the
  * built-in web page, open like /health) and GET /status (the KV pool view as
@@ -9,8 +10,11 @@
  *
  * HTTP runs on libmicrohttpd's own polling thread; a request waiting for the
  * engine is suspended (no thread ever blocks on a client or on the engine).
- * Engine events arrive on the engine thread, are formatted into the
- * request's buffer under its lock, and resume the connection.
+ * Chat templates and prompt tokenisation run on a small worker pool. Engine
+ * events arrive on the engine thread, which only records token ids, text
+ * bytes and logprob numbers into the request's preallocated buffers and
+ * resumes the connection; JSON/SSE is formatted on the HTTP thread
+ * (api/gen.h, api/sse.c).
  *
  * Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
  *

@@ -61,6 +61,13 @@ void api_metrics_destroy(api_metrics *m) {
 
 void api_metrics_ttft(api_metrics *m, double s) { pthread_mutex_lock(&m->mu); hist_add(&m->ttft, s); pthread_mutex_unlock(&m->mu); }
 void api_metrics_itl(api_metrics *m, double s) { pthread_mutex_lock(&m->mu); hist_add(&m->itl, s); pthread_mutex_unlock(&m->mu); }
+void api_metrics_token_times(api_metrics *m, const float *dt, size_t stride, int n) {
+    if (n <= 0) return;
+    pthread_mutex_lock(&m->mu);
+    hist_add(&m->ttft, dt[0]);
+    for (int i = 1; i < n; i++) hist_add(&m->itl, *(const float *)((const char *)dt + stride * (size_t)i));
+    pthread_mutex_unlock(&m->mu);
+}
 void api_metrics_prompt_tokens(api_metrics *m, int n) { (void)m; (void)n; /* counted by the scheduler */ }
 
 void api_metrics_request_done(api_metrics *m, const char *fin, double e2e, int n_preempted) {

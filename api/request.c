@@ -375,10 +375,20 @@ static int parse_messages(json_t *root, api_gen_params *p, api_error *err) {
             json_t *part;
             json_array_foreach(c, k, part) {
                 json_t *type = json_object_get(part, "type");
-                if (!json_is_string(type) || strcmp(json_string_value(type), "text") ||
-                    !json_is_string(json_object_get(part, "text"))) {
+                if (!json_is_object(part) || !json_is_string(type)) {
                     api_error_set(err, 400, "invalid_request_error", "messages",
-                                  "messages[%zu].content[%zu]: only {\"type\": \"text\", \"text\": ...} parts are supported", i, k);
+                                  "messages[%zu].content[%zu] must be an object with a string 'type'", i, k);
+                    return -1;
+                }
+                if (strcmp(json_string_value(type), "text") != 0) {
+                    api_error_set(err, 400, "invalid_request_error", "messages",
+                                  "messages[%zu].content[%zu]: content parts of type '%.64s' are not supported "
+                                  "(only 'text')", i, k, json_string_value(type));
+                    return -1;
+                }
+                if (!json_is_string(json_object_get(part, "text"))) {
+                    api_error_set(err, 400, "invalid_request_error", "messages",
+                                  "messages[%zu].content[%zu].text must be a string", i, k);
                     return -1;
                 }
             }
@@ -389,7 +399,47 @@ static int parse_messages(json_t *root, api_gen_params *p, api_error *err) {
             return -1;
         }
     }
-    p->messages = json_incref(m);
+    /* What templates see: text parts joined into one string (as OpenAI and
+     * vLLM treat the two forms alike), and an assistant turn without content
+     * (allowed by OpenAI, e.g. next to tool_calls) as "" unless it carries
+     * tool_calls, so a template that concatenates content does not fail on
+     * null. Messages are copied (shallowly) only when one changes. */
+    json_t *norm = json_array();
+    if (!norm) { api_error_set(err, 500, "internal_error", NULL, "out of memory"); return -1; }
+    json_array_foreach(m, i, msg) {
+        json_t *c = json_object_get(msg, "content");
+        json_t *joined = NULL;
+        if (json_is_array(c)) {
+            size_t total = 0, k;
+            json_t *part;
+            json_array_foreach(c, k, part) total += json_string_length(json_object_get(part, "text"));
+            char *s = malloc(total + 1);
+            size_t at = 0;
+            if (s) {
+                json_array_foreach(c, k, part) {
+                    json_t *t = json_object_get(part, "text");
+                    memcpy(s + at, json_string_value(t), json_string_length(t));
+                    at += json_string_length(t);
+                }
+                joined = json_stringn_nocheck(s, at);
+                free(s);
+            }
+            if (!joined) { json_decref(norm); api_error_set(err, 500, "internal_error", NULL, "out of memory"); return -1; }
+        } else if ((!c || json_is_null(c)) && !json_object_get(msg, "tool_calls")) {
+            joined = json_string("");
+        }
+        if (joined) {
+            json_t *copy = json_copy(msg);
+            if (!copy || json_object_set_new(copy, "content", joined) != 0 || json_array_append_new(norm, copy) != 0) {
+                json_decref(norm);
+                api_error_set(err, 500, "internal_error", NULL, "out of memory");
+                return -1;
+            }
+        } else {
+            json_array_append(norm, msg);
+        }
+    }
+    p->messages = norm;
     json_t *tools = json_object_get(root, "tools");
     if (tools && !json_is_null(tools)) {
         if (!json_is_array(tools)) {
@@ -444,7 +494,8 @@ int api_parse_gen(const char *body, size_t len, api_kind kind, const api_limits 
     if (r) p->temperature = (float)d;
     if ((r = get_num(root, "top_p", 0, 1, &d, err)) < 0) goto fail;
     if (r) {
-        if (d <= 0) BAD("top_p", "'top_p' must be greater than 0");
+        /* checked as the float the sampler gets: 1e-300 is 0 there */
+        if (!((float)d > 0)) BAD("top_p", "'top_p' must be greater than 0");
         p->top_p = (float)d;
     }
     if ((r = get_int(root, "top_k", -1, 1 << 30, &ll, err)) < 0) goto fail;
@@ -505,9 +556,10 @@ int api_parse_gen(const char *body, size_t len, api_kind kind, const api_limits 
         const char *key;
         json_t *v;
         json_object_foreach(bias, key, v) {
-            char *end;
-            long tok = strtol(key, &end, 10);
-            if (end == key || *end || tok < 0 || tok >= lim->n_vocab)
+            char *end = NULL;
+            /* decimal digits only: strtol alone takes " 5" and "+5" */
+            long tok = key[0] >= '0' && key[0] <= '9' ? strtol(key, &end, 10) : -1;
+            if (tok < 0 || end == key || *end || tok < 0 || tok >= lim->n_vocab)
                 BAD("logit_bias", "logit_bias key '%s' is not a token id in [0, %d)", key, lim->n_vocab);
             if (!json_is_number(v) || json_number_value(v) < -100 || json_number_value(v) > 100)
                 BAD("logit_bias", "logit_bias values must be numbers between -100 and 100");

@@ -8,9 +8,9 @@
 
 #include "status.h"
 
-d2_log_level d2_log_min_level = D2_LOG_INFO;
+atomic_int d2_log_min_level = D2_LOG_INFO;
 
-void d2_log_set_level(d2_log_level lvl) { d2_log_min_level = lvl; }
+void d2_log_set_level(d2_log_level lvl) { atomic_store_explicit(&d2_log_min_level, (int)lvl, memory_order_relaxed); }
 
 int d2_log_parse_level(const char *s, d2_log_level *out) {
     static const char *names[] = {"debug", "info", "warn", "error", "off"};

@@ -8,6 +8,8 @@
 #ifndef D2_COMMON_LOG_H
 #define D2_COMMON_LOG_H
 
+#include <stdatomic.h>
+
 typedef enum d2_log_level {
     D2_LOG_DEBUG = 0,
     D2_LOG_INFO = 1,
@@ -16,7 +18,9 @@ typedef enum d2_log_level {
     D2_LOG_OFF = 4,
 } d2_log_level;
 
-extern d2_log_level d2_log_min_level;
+/* Written by SIGHUP reloads (the main loop) while every thread reads it:
+ * atomic, read relaxed (a level change need not order anything else). */
+extern atomic_int d2_log_min_level;
 
 void d2_log_set_level(d2_log_level lvl);
 /* Parses "debug", "info", "warn", "error", "off"; returns 0 or D2_EINVAL. */
@@ -26,7 +30,7 @@ void d2_log_write(d2_log_level lvl, const char *fmt, ...)
 
 #define D2_LOG(lvl, ...)                                                       \
     do {                                                                       \
-        if ((lvl) >= d2_log_min_level) d2_log_write((lvl), __VA_ARGS__);       \
+        if ((int)(lvl) >= atomic_load_explicit(&d2_log_min_level, memory_order_relaxed)) d2_log_write((lvl), __VA_ARGS__);       \
     } while (0)
 #define D2_DEBUG(...) D2_LOG(D2_LOG_DEBUG, __VA_ARGS__)
 #define D2_INFO(...) D2_LOG(D2_LOG_INFO, __VA_ARGS__)

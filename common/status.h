@@ -33,7 +33,9 @@
     XX(ECONFIG, -17, "invalid configuration")                                  \
     XX(EAUTH, -18, "missing or invalid API key")                               \
     XX(ENOTFOUND, -19, "not found")                                            \
-    XX(EINTERNAL, -20, "internal error")
+    XX(EINTERNAL, -20, "internal error")                                      \
+    XX(EADDRINUSE, -21, "address already in use")                              \
+    XX(EISDIR, -22, "is a directory")
 
 typedef enum d2_status {
 #define D2_STATUS_ENUM_(name, val, msg) D2_##name = (val),

@@ -4,6 +4,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +18,9 @@
 
 int d2_read_file(const char *path, char **out, size_t *len) {
     FILE *f = fopen(path, "rb");
-    if (!f) return errno == ENOENT ? D2_ENOENT : D2_EIO;
+    if (!f) return errno == ENOENT ? D2_ENOENT : errno == EISDIR ? D2_EISDIR : D2_EIO;
+    struct stat st; /* a directory opens for reading; say so rather than fail on its size */
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) { fclose(f); return D2_EISDIR; }
     if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return D2_EIO; }
     long sz = ftell(f);
     if (sz < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return D2_EIO; }
@@ -52,6 +56,63 @@ int d2_mmap_open(const char *path, d2_mmap *m) {
 void d2_mmap_close(d2_mmap *m) {
     if (m && m->data) munmap((void *)m->data, m->size);
     if (m) memset(m, 0, sizeof *m);
+}
+
+int d2_mmap_detach(d2_mmap *m, size_t off, size_t len) {
+    if (!m->data || off >= m->size) return D2_OK;
+    if (len > m->size - off) len = m->size - off;
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t span = (len + (size_t)pg - 1) / (size_t)pg * (size_t)pg; /* the last page of the map is whole too */
+    void *anon = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (anon == MAP_FAILED) return D2_ENOMEM;
+    memcpy(anon, m->data + off, len);
+    mprotect(anon, span, PROT_READ);
+    /* atomically replaces the file pages at that address by the copy */
+    void *at = mremap(anon, span, span, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)(m->data + off));
+    if (at == MAP_FAILED) {
+        munmap(anon, span);
+        return D2_ENOMEM;
+    }
+    return D2_OK;
+}
+
+int d2_cpu_max_parse(const char *text) {
+    long long quota = 0, period = 0;
+    if (!text || sscanf(text, "%lld %lld", &quota, &period) != 2 || quota <= 0 || period <= 0) return 0;
+    long long n = (quota + period - 1) / period;
+    return n > 1 << 20 ? 1 << 20 : (int)n;
+}
+
+/* First line of a small file into buf; false when unreadable. */
+static bool read_line(const char *path, char *buf, size_t n) {
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    bool ok = fgets(buf, (int)n, f) != NULL;
+    fclose(f);
+    return ok;
+}
+
+int d2_usable_cpus(void) {
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = online > 0 ? (int)online : 1;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0 && CPU_COUNT(&set) < n) n = CPU_COUNT(&set);
+    char line[128];
+    int q = 0;
+    if (read_line("/sys/fs/cgroup/cpu.max", line, sizeof line)) {
+        q = d2_cpu_max_parse(line);
+    } else {
+        char a[64], b[64];
+        if (read_line("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", a, sizeof a) &&
+            read_line("/sys/fs/cgroup/cpu/cpu.cfs_period_us", b, sizeof b)) {
+            char both[160];
+            snprintf(both, sizeof both, "%lld %lld", atoll(a), atoll(b));
+            q = d2_cpu_max_parse(both);
+        }
+    }
+    if (q > 0 && q < n) n = q;
+    return n > 0 ? n : 1;
 }
 
 double d2_now(void) {

@@ -22,6 +22,23 @@ typedef struct d2_mmap {
 } d2_mmap;
 int d2_mmap_open(const char *path, d2_mmap *m);
 void d2_mmap_close(d2_mmap *m); /* accepts a zeroed map */
+/* Replaces the pages of map [off, off + len) (page-aligned off) by anonymous
+ * memory holding the same bytes, at the same address: pointers into the map
+ * stay valid, and the file may afterwards be truncated, rewritten or deleted
+ * without affecting it (a file mapping would SIGBUS on truncation). The map
+ * stays read-only; d2_mmap_close still unmaps it. Reading the file while it
+ * is being truncated can still fault, so call it right after loading.
+ * D2_OK, or D2_ENOMEM when no anonymous memory is left (the map is unchanged). */
+int d2_mmap_detach(d2_mmap *m, size_t off, size_t len);
+
+/* CPUs this process may really use: the CPUs in its affinity mask
+ * (sched_getaffinity, e.g. taskset or a cpuset), lowered to the cgroup CPU
+ * quota rounded up (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us/period_us).
+ * At least 1. Default of every "threads 0". */
+int d2_usable_cpus(void);
+/* The CPU count a cgroup v2 cpu.max text ("max 100000", "150000 100000")
+ * allows, rounded up; 0 when unlimited or unparsable. */
+int d2_cpu_max_parse(const char *text);
 
 /* Monotonic seconds. */
 double d2_now(void);

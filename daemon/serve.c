@@ -20,6 +20,7 @@
  */
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -270,6 +271,13 @@ int d2_cmd_serve(int argc, char **argv) {
     }
     d2_log_set_level(to_log_level(d->cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
+    /* Connections cost a descriptor each: take the hard limit (the HTTP
+     * server keeps its connection limit below whatever this gives). */
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+        nofile.rlim_cur = nofile.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &nofile);
+    }
     /* A hub id resolves to a snapshot in the Hugging Face cache (downloading
      * what is missing) before the engine sees a path. */
     static char model_path[4096];
@@ -299,9 +307,17 @@ int d2_cmd_serve(int argc, char **argv) {
         free(d);
         return 1;
     }
-    /* Page the weights in now (with a progress bar on a terminal) so the first
-     * requests do not pay for page faults. */
-    eng_engine_prefault(d->e, isatty(STDERR_FILENO) ? load_progress : NULL, NULL);
+    /* Copy the weights into anonymous memory now (with a progress bar on a
+     * terminal): the first requests do not pay for page faults, and a model
+     * file replaced in place during a deploy (cp over it truncates the inode)
+     * cannot crash the daemon with SIGBUS — it keeps serving what it loaded. */
+    rc = eng_engine_detach_weights(d->e, isatty(STDERR_FILENO) ? load_progress : NULL, NULL);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od serve: cannot copy the weights of %s into memory: %s\n", d->cfg.model, d2_strerror(rc));
+        eng_engine_destroy(d->e);
+        free(d);
+        return 1;
+    }
     eng_pool_stats ps = eng_engine_pool_stats(d->e);
     D2_INFO("serve: model loaded in %.2f s; context %d; KV pool %lld pages of %d tokens", d2_now() - t0,
             eng_engine_ctx_len(d->e), (long long)ps.pages_total, ps.page_tokens);
@@ -313,7 +329,10 @@ int d2_cmd_serve(int argc, char **argv) {
     if (rc == D2_OK) rc = api_server_create(&ac, d->e, d->sched, &d->srv);
     if (rc == D2_OK) rc = api_server_start(d->srv);
     if (rc != D2_OK) {
-        fprintf(stderr, "d2od serve: cannot start: %s\n", d2_strerror(rc));
+        if (rc == D2_EADDRINUSE)
+            fprintf(stderr, "d2od serve: cannot listen on %s:%d: address in use\n", d->cfg.host, d->cfg.port);
+        else
+            fprintf(stderr, "d2od serve: cannot start: %s\n", d2_strerror(rc));
         api_server_destroy(d->srv);
         eng_sched_destroy(d->sched);
         eng_engine_destroy(d->e);

@@ -164,6 +164,23 @@ void eng_engine_prefault(eng_engine *e, void (*progress)(void *user, size_t done
     if (progress) progress(user, total, total);
 }
 
+int eng_engine_detach_weights(eng_engine *e, void (*progress)(void *user, size_t done, size_t total), void *user) {
+    const eng_model *m = e->model;
+    size_t total = 0, done = 0;
+    for (int i = 0; i < m->n_maps; i++) total += m->maps[i].size;
+    const size_t chunk = (size_t)64 << 20; /* a multiple of the page size: progress, and half the peak */
+    for (int i = 0; i < m->n_maps; i++) {
+        for (size_t off = 0; off < m->maps[i].size; off += chunk) {
+            int rc = d2_mmap_detach(&m->maps[i], off, chunk);
+            if (rc != D2_OK) return rc;
+            done += m->maps[i].size - off < chunk ? m->maps[i].size - off : chunk;
+            if (progress) progress(user, done, total);
+        }
+    }
+    if (progress && total == 0) progress(user, 0, 0);
+    return D2_OK;
+}
+
 const eng_model *eng_engine_model(const eng_engine *e) { return e->model; }
 const eng_tokenizer *eng_engine_tokenizer(const eng_engine *e) { return e->model->tok; }
 int eng_engine_ctx_len(const eng_engine *e) { return e->ctx_len; }

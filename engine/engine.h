@@ -69,6 +69,14 @@ void eng_engine_destroy(eng_engine *e); /* accepts NULL */
  * done and the total, at most about 100 times. */
 void eng_engine_prefault(eng_engine *e, void (*progress)(void *user, size_t done, size_t total), void *user);
 
+/* Copies the weights (every memory-mapped model file) into anonymous memory
+ * at the same addresses, so that replacing or truncating the model file while
+ * the engine runs cannot crash it (a file mapping raises SIGBUS on access past
+ * a truncation). For long-running servers; tools keep the file mapping, which
+ * costs no extra memory. Memory use is then that of the weights, not shared
+ * with the page cache. progress as for eng_engine_prefault. D2_OK or D2_ENOMEM. */
+int eng_engine_detach_weights(eng_engine *e, void (*progress)(void *user, size_t done, size_t total), void *user);
+
 const eng_model *eng_engine_model(const eng_engine *e);
 const eng_tokenizer *eng_engine_tokenizer(const eng_engine *e); /* NULL if none */
 int eng_engine_ctx_len(const eng_engine *e);
@@ -236,12 +244,16 @@ typedef struct eng_request {
     const int32_t *stop_ids;  /* extra stop token ids, copied; may be NULL */
     int n_stop_ids;
     eng_kv_config kv;       /* KV compression; zeroed = full cache */
+    bool queue_exempt;      /* not counted against max_queue and never refused by it:
+                               the 2nd.. choice of a request whose first was accepted */
     eng_event_fn on_event;  /* required; called for every token and once with DONE */
     void *user;
 } eng_request;
 
 typedef struct eng_sched_config {
-    int max_queue;          /* waiting requests beyond which submit returns D2_EQUEUEFULL */
+    int max_queue;          /* requests that may wait beyond the free running slots before
+                               submit returns D2_EQUEUEFULL (0: accepted only when a slot
+                               is free); queue_exempt submissions do not count */
 } eng_sched_config;
 
 typedef struct eng_sched_stats {

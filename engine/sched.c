@@ -39,6 +39,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,7 @@ typedef struct sreq {
     int n_preempt;
     bool ignore_eos;
     bool want_logprobs;         /* false + plain greedy sampling: the backend's argmax */
+    bool queue_exempt;          /* a further choice of an admitted request (eng_request) */
     int32_t stop_ids[16];
     int n_stop_ids;
     eng_logit_bias *bias;       /* owned copy */
@@ -73,7 +75,7 @@ typedef struct sreq {
     int prefill_end;            /* cache length at which the prompt compression runs */
 } sreq;
 
-typedef struct rlist { sreq *head, *tail; int n; } rlist;
+typedef struct rlist { sreq *head, *tail; int n, nx; /* nx: how many are queue_exempt */ } rlist;
 
 static void rl_push_back(rlist *l, sreq *r) {
     r->next = NULL;
@@ -81,6 +83,7 @@ static void rl_push_back(rlist *l, sreq *r) {
     if (l->tail) l->tail->next = r; else l->head = r;
     l->tail = r;
     l->n++;
+    l->nx += r->queue_exempt;
 }
 static void rl_push_front(rlist *l, sreq *r) {
     r->prev = NULL;
@@ -88,12 +91,14 @@ static void rl_push_front(rlist *l, sreq *r) {
     if (l->head) l->head->prev = r; else l->tail = r;
     l->head = r;
     l->n++;
+    l->nx += r->queue_exempt;
 }
 static void rl_remove(rlist *l, sreq *r) {
     if (r->prev) r->prev->next = r->next; else l->head = r->next;
     if (r->next) r->next->prev = r->prev; else l->tail = r->prev;
     r->next = r->prev = NULL;
     l->n--;
+    l->nx -= r->queue_exempt;
 }
 
 struct eng_sched {
@@ -113,7 +118,7 @@ struct eng_sched {
     eng_plan plan;              /* the step being built */
     sreq **plan_req;            /* [max_seqs] request of each plan entry */
     /* stats */
-    atomic_int n_running, n_waiting;
+    atomic_int n_running, n_waiting, n_waiting_exempt;
     atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
     atomic_llong fin_stop, fin_length, fin_error, fin_canceled;
     atomic_llong kv_evicted, kv_merged, kv_freed;
@@ -233,6 +238,7 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     r->kv = -1;
     r->ignore_eos = q->ignore_eos;
     r->want_logprobs = q->want_logprobs;
+    r->queue_exempt = q->queue_exempt;
     r->n_stop_ids = q->n_stop_ids;
     if (q->n_stop_ids) memcpy(r->stop_ids, q->stop_ids, sizeof(int32_t) * (size_t)q->n_stop_ids);
     eng_sample_params sp = q->sample;
@@ -264,7 +270,16 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
         *why = "the server is shutting down";
         return D2_EAGAIN;
     }
-    if (s->incoming.n + atomic_load(&s->n_waiting) >= s->cfg.max_queue) {
+    /* max_queue counts requests that wait beyond the free running slots:
+     * queued submissions (incoming + waiting) that are not queue_exempt,
+     * less the slots no queued submission has claimed yet. 0 therefore means
+     * "only when a slot is free". Further choices of a request are exempt,
+     * so a request counts once whatever its n. */
+    int queued_x = s->incoming.nx + atomic_load(&s->n_waiting_exempt);
+    int counted = s->incoming.n + atomic_load(&s->n_waiting) - queued_x;
+    int free_slots = e->max_seqs - atomic_load(&s->n_running) - queued_x;
+    if (free_slots < 0) free_slots = 0;
+    if (!q->queue_exempt && counted - free_slots >= s->cfg.max_queue) {
         pthread_mutex_unlock(&s->mu);
         sreq_free(r);
         *why = "the request queue is full";
@@ -327,6 +342,7 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
 static void publish_counts(eng_sched *s) {
     atomic_store(&s->n_running, s->running.n);
     atomic_store(&s->n_waiting, s->waiting.n);
+    atomic_store(&s->n_waiting_exempt, s->waiting.nx);
 }
 
 /* Known tokens of r: what the cache must hold before the next sample. */
@@ -659,6 +675,7 @@ int eng_sched_step(eng_sched *s) {
 }
 
 static void *sched_thread(void *arg) {
+    prctl(PR_SET_NAME, "d2od-engine", 0, 0, 0); /* for ps/top/gdb, and tests that watch this thread */
     eng_sched *s = arg;
     for (;;) {
         pthread_mutex_lock(&s->mu);

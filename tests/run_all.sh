@@ -3,7 +3,8 @@
 #   1. unit tests (optimised build)        build/tests/test_*
 #   2. unit tests under ASan/UBSan          build/san/tests/test_*
 #   3. GPU kernel tests                     build/tests-gpu/test_* (skip without a GPU)
-#   4. integration tests (the real binary)  tests/integration/*.py
+#   4. integration tests (the real binary)  tests/integration/*.py, among them
+#      test_tsan.py (build/tsan/d2od, ThreadSanitizer) and test_soak.py (a 45 s soak)
 # Prints each part's summary, then one closing "N passed, N failed" line.
 set -u
 cd "$(dirname "$0")/.."

@@ -35,6 +35,7 @@
 
 #include "common/log.h"
 #include "common/status.h"
+#include "common/util.h"
 #include "engine/backend.h"
 #include "engine/cpu/internal.h"
 #include "engine/cpu/matmul.h"
@@ -295,11 +296,10 @@ int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg,
     be->base.model = m;
     be->err[0] = '\0';
     int nt = cfg->n_threads;
-    if (nt <= 0) {
-        long on = sysconf(_SC_NPROCESSORS_ONLN);
-        nt = on > 0 ? (int)on : 1;
-    }
+    if (nt <= 0) nt = d2_usable_cpus(); /* affinity mask and cgroup quota, not every online CPU */
     be->n_threads = nt;
+    D2_INFO("cpu backend: %d worker thread%s%s", nt, nt == 1 ? "" : "s",
+            cfg->n_threads <= 0 ? " (the CPUs this process may use)" : "");
     be->max_t = cfg->max_batch_tokens;
     be->max_rows = cfg->max_logit_rows;
     be->max_seq = cfg->max_seq_tokens;

@@ -166,16 +166,26 @@ TEST(queue_limit_and_validation) {
     ASSERT_OK(eng_sched_create(e, &sc, &s));
     static int32_t p[4200];
     fill_prompt(p, 4200, 0);
-    rec r[4];
+    rec r[8];
     memset(r, 0, sizeof r);
     const char *why = NULL;
+    /* max_queue counts what waits beyond the 2 free slots: 2 + 2 accepted
+     * (issue 14: the running ones were counted against the queue) */
     eng_request q = mk_req(p, 10, 5, &r[0]);
-    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
-    q.user = &r[1];
-    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    for (int i = 0; i < 4; i++) {
+        q.user = &r[4 + i];
+        ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    }
     q.user = &r[2];
     ASSERT_EQ(eng_sched_submit(s, &q, NULL, &why), D2_EQUEUEFULL);
     ASSERT(why != NULL);
+    /* a further choice of an accepted request is never refused by the queue */
+    q.queue_exempt = true;
+    q.user = &r[0];
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    q.user = &r[1];
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    q.queue_exempt = false;
     eng_request bad = mk_req(p, 0, 5, &r[3]);
     ASSERT_EQ(eng_sched_submit(s, &bad, NULL, &why), D2_EINVAL);
     ASSERT_LT(eng_engine_ctx_len(e), 4200);
@@ -190,6 +200,16 @@ TEST(queue_limit_and_validation) {
     while (eng_sched_step(s) > 0) {}
     ASSERT_EQ(atomic_load(&r[0].tokens), 5);
     ASSERT_EQ(atomic_load(&r[1].tokens), 5);
+    ASSERT_EQ(atomic_load(&r[7].tokens), 5);
+    /* max_queue 0: accepted only while a slot is free (it made every request a 429) */
+    eng_sched_set_max_queue(s, 0);
+    q.user = &r[4];
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    q.user = &r[5];
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, &why));
+    q.user = &r[6];
+    ASSERT_EQ(eng_sched_submit(s, &q, NULL, &why), D2_EQUEUEFULL);
+    while (eng_sched_step(s) > 0) {}
     eng_sched_close(s);
     q.user = &r[3];
     ASSERT_EQ(eng_sched_submit(s, &q, NULL, &why), D2_EAGAIN);
