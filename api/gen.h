@@ -32,7 +32,7 @@
  * its socket) before its choice is ended with finish_reason "abort". The
  * socket buffers hold a few MB before the server sees any lag at all. */
 #define API_STREAM_MAX_LAG 256
-/* Logprob entries formatted per stream round, which bounds the staging buffer. */
+/* Events (one per token) formatted per stream round, which bounds the staging buffer. */
 #define API_STREAM_ROUND_TOKENS 64
 
 /* ---- growable byte buffer (HTTP side only) ----------------------------------- */
@@ -50,7 +50,11 @@ void api_buf_json_str(api_buf *b, const char *s, size_t n);
 
 enum api_route { R_NONE, R_COMPLETIONS, R_CHAT, R_MODELS, R_MODEL, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE, R_UI, R_STATUS };
 
-typedef struct api_tok { int32_t token; float dt; /* s since the previous token, or since the request began */ } api_tok;
+typedef struct api_tok {
+    int32_t token;
+    float dt;                /* s since the previous token, or since the request began */
+    uint32_t text_end;       /* bytes of text once this token was added (its text ends there) */
+} api_tok;
 typedef struct api_lp { float logprob; int n_top; eng_token_logprob top[20]; } api_lp;
 
 struct api_req;
@@ -133,10 +137,11 @@ typedef struct api_req {
 
 /* finish_reason of a finished choice. */
 const char *api_finish_name(const api_req *r, const api_choice *ch);
-/* Formats what choice ch has published beyond what was sent (at most
- * API_STREAM_ROUND_TOKENS logprob entries) as one SSE event, plus its
- * finishing event when it is done and everything was sent. Advances the
- * choice's sent counters. Returns true when something was formatted. */
+/* Formats what choice ch has published beyond what was sent as SSE events,
+ * one per token (at most API_STREAM_ROUND_TOKENS), then, once it is done and
+ * everything was sent, its finishing event (no text, as OpenAI's last chunk).
+ * Advances the choice's sent counters. Returns true when something was
+ * formatted. */
 bool api_sse_choice(api_buf *b, api_req *r, api_choice *ch, const char *model, const eng_tokenizer *tok);
 /* The usage event (when asked for) and "data: [DONE]". */
 void api_sse_close(api_buf *b, const api_req *r, const char *model);

@@ -247,6 +247,7 @@ static int on_event(void *user, const eng_event *ev) {
             ch->overrun = true; /* the client is not reading: end it (logged when the request ends) */
             stop = 1;
         }
+        ch->toks[n].text_end = (uint32_t)ch->text_len;
         atomic_store_explicit(&ch->safe_len, ch->text_len - partial, memory_order_release);
         atomic_store_explicit(&ch->n_tok, n + 1, memory_order_release);
         if (r->params.stream) {

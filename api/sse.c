@@ -214,29 +214,34 @@ static void delta(api_buf *b, api_req *r, api_choice *ch, size_t from, size_t to
 
 bool api_sse_choice(api_buf *b, api_req *r, api_choice *ch, const char *model, const eng_tokenizer *tok) {
     if (ch->finish_sent) return false;
-    bool done = atomic_load_explicit(&ch->done, memory_order_acquire);
+    bool done = atomic_load_explicit(&ch->done, memory_order_acquire); /* first: then the counts are final */
     int n_tok = atomic_load_explicit(&ch->n_tok, memory_order_acquire);
     size_t safe = atomic_load_explicit(&ch->safe_len, memory_order_acquire);
-    if (safe < ch->sent) safe = ch->sent; /* never: safe_len only grows */
-    int t0 = atomic_load_explicit(&ch->tok_sent, memory_order_relaxed);
-    int t1 = n_tok;
     bool with_lps = r->params.logprobs >= 0 && ch->lps;
-    if (with_lps && t1 - t0 > API_STREAM_ROUND_TOKENS) t1 = t0 + API_STREAM_ROUND_TOKENS;
-    bool first = r->route == R_CHAT && !ch->role_sent;
+    bool chat = r->route == R_CHAT;
     bool formatted = false;
-    if (safe > ch->sent || (with_lps && t1 > t0) || (first && (safe > ch->sent || done))) {
-        bool finishing = done && t1 == n_tok;
-        delta(b, r, ch, ch->sent, safe, with_lps ? t0 : 0, with_lps ? t1 : 0,
-              finishing ? api_finish_name(r, ch) : NULL, model, tok);
-        ch->sent = safe;
-        if (finishing) ch->finish_sent = true;
-        formatted = true;
-    } else if (done && t1 == n_tok) {
+    int t = atomic_load_explicit(&ch->tok_sent, memory_order_relaxed);
+    for (int budget = API_STREAM_ROUND_TOKENS; t < n_tok && budget > 0; t++, budget--) {
+        /* this token's text, less what a possible stop string still holds back */
+        size_t end = ch->toks[t].text_end;
+        if (end > safe) end = safe;
+        if (end < ch->sent) end = ch->sent;
+        if (end > ch->sent || with_lps || (chat && !ch->role_sent)) {
+            delta(b, r, ch, ch->sent, end, with_lps ? t : 0, with_lps ? t + 1 : 0, NULL, model, tok);
+            ch->sent = end;
+            formatted = true;
+        }
+    }
+    atomic_store_explicit(&ch->tok_sent, t, memory_order_relaxed);
+    if (done && t == n_tok) {
+        if (safe > ch->sent) { /* the detokeniser's tail, or text held back for a stop string that never came */
+            delta(b, r, ch, ch->sent, safe, 0, 0, NULL, model, tok);
+            ch->sent = safe;
+        }
         delta(b, r, ch, ch->sent, ch->sent, 0, 0, api_finish_name(r, ch), model, tok);
         ch->finish_sent = true;
         formatted = true;
     }
-    atomic_store_explicit(&ch->tok_sent, with_lps ? t1 : n_tok, memory_order_relaxed);
     return formatted;
 }
 
