@@ -497,7 +497,8 @@ async def run_once(args, port, reqs, slos):
             v = benchstats.percentile(xs, p)
             res[f"{name}_p{p}_ms"] = round(v * 1000, 3) if v is not None else None
     if gauges:
-        res["server_gauges"] = {n: {"max": max(v) if v else None, "mean": benchstats.mean(v), "samples": len(v)}
+        res["server_gauges"] = {n: {"max": max(v) if v else None, "min": min(v) if v else None,
+                                    "mean": benchstats.mean(v), "last": v[-1] if v else None, "samples": len(v)}
                                 for n, v in gauges.items()}
     res["errors"] = [r["error"] for r in results if not r["ok"]][:5]
     return res
