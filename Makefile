@@ -7,6 +7,7 @@
 #                   (+ a ThreadSanitizer build of the daemon under API checks and a soak)
 #   make test-san   unit tests under ASan/UBSan (also part of `make test`)
 #   make test-gpu   GPU tests (skip cleanly without a GPU)
+#   make test-gpu-emu  the GPU tests on the CUDA emulator (tests/emu/), any machine
 #   make bench      CPU benchmarks (figures as ratios, see README)
 #
 # Options: DEBUG=1 (no optimisation, asserts, poisoning), SANITIZE=address,undefined,
@@ -66,7 +67,7 @@ FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 CU_SRC := $(wildcard kernels/*.cu)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/obj/%.cu.o)
 
-.PHONY: check-layers all run test test-unit test-san test-integration test-gpu gpu-test-build bench deps cuda clean fuzz
+.PHONY: check-layers all run test test-unit test-san test-integration test-gpu gpu-test-build test-gpu-emu gpu-emu-build bench deps cuda clean fuzz
 FUZZ_REPLAY := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz-replay/%)
 all: $(BUILD)/d2od $(TOOL_BIN) $(TEST_BIN) $(FUZZ_REPLAY) cuda
 
@@ -125,6 +126,38 @@ test-gpu:
 gpu-test-build:
 endif
 
+# The GPU tests on the CUDA emulator (tests/emu/README): every tests/gpu/test_*.cu
+# and kernels/*.cu, rewritten by tests/emu/rewrite.pl (line numbers kept), built
+# with g++ under ASan+UBSan and run with CUDAEMU_STRICT=1. Needs no nvcc and no GPU.
+EMU_CXX ?= g++
+EMU_DIR := build/emu
+EMU_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fsanitize-sections=emu_shared
+EMU_FLAGS := -std=c++17 -O2 -g -fno-omit-frame-pointer $(EMU_SAN) -Wall -Wno-unknown-pragmas -Wno-sign-compare \
+             $(if $(filter 1,$(WERROR)),-Werror) -I$(EMU_DIR)/src -Itests/emu/include -I.
+EMU_CUH := $(patsubst %,$(EMU_DIR)/src/%,$(wildcard kernels/*.cuh))
+EMU_KOBJ := $(CU_SRC:%.cu=$(EMU_DIR)/obj/%.o)
+EMU_TEST_SRC := $(wildcard tests/gpu/test_*.cu) tests/emu/test_emu.cu
+EMU_TEST_BIN := $(patsubst %.cu,$(EMU_DIR)/bin/%,$(notdir $(EMU_TEST_SRC)))
+$(EMU_DIR)/src/%: % tests/emu/rewrite.pl
+	@mkdir -p $(dir $@)
+	@perl tests/emu/rewrite.pl $< $@
+$(EMU_DIR)/obj/%.o: $(EMU_DIR)/src/%.cu $(EMU_CUH) kernels/kernels.h common/status.h tests/emu/cuda_emu.h
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -x c++ -c $< -o $@
+$(EMU_DIR)/obj/cuda_emu.o: tests/emu/cuda_emu.cpp tests/emu/cuda_emu.h
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -c $< -o $@
+$(EMU_DIR)/bin/%: $(EMU_DIR)/src/tests/gpu/%.cu $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(EMU_CUH)
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -x c++ $< -x none $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o -o $@
+$(EMU_DIR)/bin/test_emu: $(EMU_DIR)/src/tests/emu/test_emu.cu $(EMU_DIR)/obj/cuda_emu.o
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -x c++ $< -x none $(EMU_DIR)/obj/cuda_emu.o -o $@
+.PRECIOUS: $(EMU_DIR)/src/% $(EMU_DIR)/obj/%.o
+gpu-emu-build: $(EMU_TEST_BIN)
+test-gpu-emu: gpu-emu-build
+	@rc=0; for t in $(EMU_TEST_BIN); do echo "== $$t"; CUDAEMU_STRICT=1 $$t || rc=1; done; exit $$rc
+
 deps:
 	@bash tools/install-deps.sh
 
@@ -150,6 +183,7 @@ test:
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined BUILD=build/san test-unit-build
 	@$(MAKE) --no-print-directory SANITIZE=thread BUILD=build/tsan build/tsan/d2od
 	@$(MAKE) --no-print-directory gpu-test-build
+	@$(MAKE) --no-print-directory gpu-emu-build
 	@bash tests/run_all.sh
 
 test-unit-build: $(TEST_BIN) $(TOOL_BIN) $(FUZZ_REPLAY)

@@ -3,7 +3,9 @@
 #   1. unit tests (optimised build)        build/tests/test_*
 #   2. unit tests under ASan/UBSan          build/san/tests/test_*
 #   3. GPU kernel tests                     build/tests-gpu/test_* (skip without a GPU)
-#   4. integration tests (the real binary)  tests/integration/*.py, among them
+#   4. the same GPU tests on the CUDA emulator, ASan/UBSan, strict mode
+#                                           build/emu/bin/test_* (tests/emu/README)
+#   5. integration tests (the real binary)  tests/integration/*.py, among them
 #      test_tsan.py (build/tsan/d2od, ThreadSanitizer) and test_soak.py (a 45 s soak)
 # Prints each part's summary, then one closing "N passed, N failed" line.
 set -u
@@ -39,6 +41,12 @@ fi
 for t in build/tests-gpu/test_*; do
   [ -x "$t" ] || continue
   run_part "gpu $(basename "$t")" "$t"
+done
+# GPU kernel tests on the CUDA emulator (make gpu-emu-build): run everywhere.
+for t in build/emu/bin/test_*; do
+  [ -x "$t" ] || continue
+  CUDAEMU_STRICT=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+    run_part "gpu-emu $(basename "$t")" "$t"
 done
 for t in tests/integration/*.py; do
   [ -f "$t" ] || continue
