@@ -10,7 +10,8 @@
  * GPU test passes, developed in kernels/dev/ against these as references.
  *
  * Visibility everywhere: key slot j is visible to a query at position p iff
- * 0 <= pos[j] <= p. Slots past a table's length are never read. Logits are
+ * 0 <= pos[j] <= p and, with a sliding window w > 0, pos[j] > p - w
+ * (att_visible). Slots past a table's length are never read. Logits are
  * scale * q.k with q pre-multiplied by scale in fp32, then dotted with the
  * bf16 key in fp32, summing d = 0..head_dim-1 in order in prefill and colsum
  * (so the two compute the same logits for the same pair).
@@ -28,6 +29,11 @@
  * Engine thread only; entries never allocate, synchronise or log.
  */
 #include "kernels/common.cuh"
+
+/* Key position kp visible to a query at position qp (window <= 0: none). */
+__device__ __forceinline__ bool att_visible(int kp, int qp, int window) {
+    return kp >= 0 && kp <= qp && (window <= 0 || kp > qp - window);
+}
 
 /* ---- decode ---- */
 
@@ -78,7 +84,7 @@ extern "C" size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int h
 static __global__ void __launch_bounds__(DEC_THREADS)
 dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
                  const int32_t *block_tab, int tab_stride, const int32_t *len,
-                 const int32_t *q_pos, int n_heads, float scale, int max_len) {
+                 const int32_t *q_pos, int n_heads, float scale, int window, int max_len) {
     __shared__ float s_q[KERN_MAX_GROUP][KERN_MAX_HEAD_DIM];
     __shared__ float s_p[KERN_MAX_GROUP][KERN_DECODE_SPLIT]; /* logits, then exp */
     __shared__ int64_t s_row[KERN_DECODE_SPLIT];             /* element offset of slot / hd */
@@ -108,7 +114,7 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
         int64_t page = block_tab[(int64_t)b * tab_stride + slot / pt];
         int64_t ps = page * pt + slot % pt;
         int p = kv.pos[ps];
-        bool vis = p >= 0 && p <= qp;
+        bool vis = att_visible(p, qp, window);
         int64_t row = ps * nkv + kvh;
         const kern_bf16 *kr = kv.k + row * hd;
         float kreg[DEC_KREG];
@@ -238,8 +244,8 @@ dec_score_kernel(dec_ws w, float *score, const int32_t *block_tab, int tab_strid
 extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
                                 kern_kv_view kv, float *score, const int32_t *block_tab,
                                 int tab_stride, const int32_t *len, const int32_t *q_pos,
-                                int n_seq, int n_heads, float scale, void *workspace,
-                                int max_len, kern_stream s) {
+                                int n_seq, int n_heads, float scale, int window,
+                                void *workspace, int max_len, kern_stream s) {
     KERN_REQUIRE(out && q && kv.k && kv.v && kv.pos && len && q_pos && n_seq >= 0);
     KERN_REQUIRE(kv.n_kv_heads > 0 && kv.page_tokens > 0 && n_heads % kv.n_kv_heads == 0);
     KERN_REQUIRE(n_heads / kv.n_kv_heads <= KERN_MAX_GROUP);
@@ -262,7 +268,7 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
 
     dim3 g1(w.n_splits, kv.n_kv_heads, n_seq);
     dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride, len,
-                                                q_pos, n_heads, scale, max_len);
+                                                q_pos, n_heads, scale, window, max_len);
     KERN_LAUNCH_CHECK("dec_split_kernel");
     dim3 g2(n_heads, n_seq);
     dec_combine_kernel<<<g2, DEC_COMBINE_THREADS, 0, s>>>(w, out, out_dtype, len, n_heads,
@@ -342,7 +348,7 @@ __device__ __forceinline__ void pf_load_kv(kern_bf16 *s_k, kern_bf16 *s_v, int32
 static __global__ void __launch_bounds__(PF_THREADS)
 prefill_kernel(void *out, kern_dtype out_dtype, float *lse, const float *q, int q_stride,
                kern_kv_view kv, const int32_t *block_tab, int n_kv, const int32_t *q_pos,
-               int n_q, int n_heads, float scale) {
+               int n_q, int n_heads, float scale, int window) {
     extern __shared__ float4 pf_smem[];
     const int hd = kv.head_dim;
     float *s_q = (float *)pf_smem;
@@ -383,7 +389,7 @@ prefill_kernel(void *out, kern_dtype out_dtype, float *lse, const float *q, int 
             int j = c + u * PF_TPR;
             int p = s_pos[j];
             float lg = -INFINITY;
-            if (qi < n_q && p >= 0 && p <= my_qpos) {
+            if (qi < n_q && att_visible(p, my_qpos, window)) {
                 const float *qr = s_q + r * hd;
                 const kern_bf16 *kr = s_k + j * PF_KSTRIDE(hd);
                 float dot = 0.0f;
@@ -446,7 +452,7 @@ static int attn_common_checks(const kern_kv_view &kv, int n_heads, int q_stride)
 extern "C" int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, const float *q,
                                  int q_stride, kern_kv_view kv, const int32_t *block_tab,
                                  int n_kv, const int32_t *q_pos, int n_q, int n_heads,
-                                 float scale, kern_stream s) {
+                                 float scale, int window, kern_stream s) {
     int rc = attn_common_checks(kv, n_heads, q_stride);
     if (rc) return rc;
     KERN_REQUIRE(out && q && q_pos && n_q >= 0 && n_kv >= 0 && (n_kv == 0 || block_tab));
@@ -454,7 +460,8 @@ extern "C" int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, co
     dim3 grid((n_q + PF_BQ - 1) / PF_BQ, n_heads);
     size_t smem = pf_smem_bytes(kv.head_dim); /* <= 33 KiB at head_dim 256: no opt-in */
     prefill_kernel<<<grid, PF_THREADS, smem, s>>>(out, out_dtype, lse, q, q_stride, kv,
-                                                  block_tab, n_kv, q_pos, n_q, n_heads, scale);
+                                                  block_tab, n_kv, q_pos, n_q, n_heads, scale,
+                                                  window);
     KERN_LAUNCH_CHECK("prefill_kernel");
     return D2_OK;
 }
@@ -483,7 +490,7 @@ static size_t cs_smem_bytes(int hd) {
 static __global__ void __launch_bounds__(CS_THREADS)
 colsum_kernel(float *colsum, int colsum_stride, const float *q, int q_stride, const float *lse,
               kern_kv_view kv, const int32_t *block_tab, int n_kv, const int32_t *q_pos,
-              int n_q, int n_heads, float scale) {
+              int n_q, int n_heads, float scale, int window) {
     extern __shared__ float4 cs_smem[];
     const int hd = kv.head_dim, pt = kv.page_tokens, hs = hd + 1;
     float *s_k = (float *)cs_smem;
@@ -532,7 +539,7 @@ colsum_kernel(float *colsum, int colsum_stride, const float *q, int q_stride, co
 #pragma unroll
         for (int u = 0; u < CS_QPT; u++) {
             int i = c + u * CS_TPR;
-            if (qt + i >= n_q || kp > s_qpos[i]) continue;
+            if (qt + i >= n_q || !att_visible(kp, s_qpos[i], window)) continue;
             const float *qr = s_q + i * hs;
             const float *kr = s_k + j * hs;
             float dot = 0.0f;
@@ -547,7 +554,7 @@ colsum_kernel(float *colsum, int colsum_stride, const float *q, int q_stride, co
 extern "C" int kern_attn_colsum(float *colsum, int colsum_stride, const float *q, int q_stride,
                                 const float *lse, kern_kv_view kv, const int32_t *block_tab,
                                 int n_kv, const int32_t *q_pos, int n_q, int n_heads,
-                                float scale, kern_stream s) {
+                                float scale, int window, kern_stream s) {
     int rc = attn_common_checks(kv, n_heads, q_stride);
     if (rc) return rc;
     KERN_REQUIRE(colsum && q && lse && q_pos && n_q >= 0 && n_kv >= 0);
@@ -556,7 +563,8 @@ extern "C" int kern_attn_colsum(float *colsum, int colsum_stride, const float *q
     dim3 grid((n_kv + CS_BK - 1) / CS_BK, n_heads);
     size_t smem = cs_smem_bytes(kv.head_dim); /* <= 33 KiB at head_dim 256 */
     colsum_kernel<<<grid, CS_THREADS, smem, s>>>(colsum, colsum_stride, q, q_stride, lse, kv,
-                                                 block_tab, n_kv, q_pos, n_q, n_heads, scale);
+                                                 block_tab, n_kv, q_pos, n_q, n_heads, scale,
+                                                 window);
     KERN_LAUNCH_CHECK("colsum_kernel");
     return D2_OK;
 }

@@ -164,10 +164,16 @@ typedef struct kern_kv_view {
  * live lengths are all <= max_len. */
 size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int head_dim, int max_len);
 
+/* Sliding-window attention (Mistral): with window > 0 a query at position p
+ * sees only keys at positions > p - window, as the CPU backend
+ * (engine/cpu/backend.c); window <= 0 = no window. Every attention entry
+ * takes it. */
+
 /* Paged decode attention: one query token per sequence, GQA.
  * For sequence b, query head h (kv head h / G, G = n_heads / n_kv_heads):
  *   logit_j = scale * q[b][h] . k_j       for live slots j < len[b]
- *   visible iff 0 <= pos_j <= q_pos[b]    (others get probability 0)
+ *   visible iff 0 <= pos_j <= q_pos[b], and pos_j > q_pos[b] - window when
+ *   window > 0                            (others get probability 0)
  *   out[b][h] = sum_j softmax(logit)_j v_j  (zeros when nothing is visible)
  * Method: pass 1, a CTA per (b, kv head, split) computes the G heads' logits
  * of its KERN_DECODE_SPLIT slots (kept in the workspace), their local max,
@@ -192,13 +198,14 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int head_dim, in
 int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
                      kern_kv_view kv, float *score, const int32_t *block_tab, int tab_stride,
                      const int32_t *len, const int32_t *q_pos, int n_seq, int n_heads,
-                     float scale, void *workspace, int max_len, kern_stream s);
+                     float scale, int window, void *workspace, int max_len, kern_stream s);
 
 /* Prefill attention for a chunk of n_q queries of one sequence against the
  * first n_kv live slots of its (layer) block table (which already holds the
  * chunk's own keys). FlashAttention-style: tiles of queries and keys, online
  * softmax, nothing of size n_q x n_kv in memory.
- *   visible(i, j) iff 0 <= pos_j <= q_pos[i]   (causal by positions)
+ *   visible(i, j) iff 0 <= pos_j <= q_pos[i]   (causal by positions), and
+ *                 pos_j > q_pos[i] - window when window > 0
  *   out[i][h] = sum_j softmax_j(scale q_i.k_j) v_j  (zeros when none visible)
  *   lse[h][i] = log sum_j exp(scale q_i.k_j) over visible j (-inf when none)
  *   out       : [n_q][n_heads][head_dim] fp32 or bf16 (out_dtype)
@@ -208,7 +215,8 @@ int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stri
  *   q_pos     : int32 [n_q] */
 int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, const float *q,
                       int q_stride, kern_kv_view kv, const int32_t *block_tab, int n_kv,
-                      const int32_t *q_pos, int n_q, int n_heads, float scale, kern_stream s);
+                      const int32_t *q_pos, int n_q, int n_heads, float scale, int window,
+                      kern_stream s);
 
 /* D2O prefill column sums (d2o-spec §10.1), per query head, accumulated:
  *   colsum[h][j] += sum_{i visible to j} exp(scale q_i.k_j - lse[h][i])
@@ -217,12 +225,13 @@ int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, const float *
  * because each chunk's lse is final. A CTA owns a tile of keys of one head,
  * so the += needs no atomics. No n_q x n_kv matrix is stored.
  *   colsum    : fp32 [n_heads][colsum_stride], colsum_stride >= n_kv
- *   q, q_stride, kv, block_tab, n_kv, q_pos, n_q, n_heads, scale: as in
- *               kern_attn_prefill
+ *   q, q_stride, kv, block_tab, n_kv, q_pos, n_q, n_heads, scale, window:
+ *               as in kern_attn_prefill
  *   lse       : fp32 [n_heads][n_q] */
 int kern_attn_colsum(float *colsum, int colsum_stride, const float *q, int q_stride,
                      const float *lse, kern_kv_view kv, const int32_t *block_tab, int n_kv,
-                     const int32_t *q_pos, int n_q, int n_heads, float scale, kern_stream s);
+                     const int32_t *q_pos, int n_q, int n_heads, float scale, int window,
+                     kern_stream s);
 
 /* ---- sampling ---- */
 

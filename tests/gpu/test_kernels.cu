@@ -322,9 +322,11 @@ static void free_pool(dev_pool &d) {
 }
 
 /* Reference attention of one query row against a table: fills out[hd],
- * returns lse (-inf when nothing visible) and the probabilities in prob[n]. */
+ * returns lse (-inf when nothing visible) and the probabilities in prob[n].
+ * window > 0: only keys at positions > qpos - window are visible (Mistral,
+ * as engine/cpu/backend.c). */
 static double ref_attn_row(const pool &P, const float *q, int kvh, float scale, const int32_t *tab,
-                           int n, int qpos, double *out, std::vector<double> &prob) {
+                           int n, int qpos, int window, double *out, std::vector<double> &prob) {
     prob.assign(n, 0.0);
     std::vector<double> lg(n, -INFINITY);
     double m = -INFINITY;
@@ -332,7 +334,7 @@ static double ref_attn_row(const pool &P, const float *q, int kvh, float scale, 
         int64_t page = tab[j / P.pt];
         int s = j % P.pt;
         int p = P.pos[(size_t)page * P.pt + s];
-        if (p < 0 || p > qpos) continue;
+        if (p < 0 || p > qpos || (window > 0 && p <= qpos - window)) continue;
         double dot = 0;
         for (int d = 0; d < P.hd; d++) dot += (double)(q[d] * scale) * P.kf(page, s, kvh, d);
         lg[j] = dot;
@@ -351,7 +353,8 @@ static double ref_attn_row(const pool &P, const float *q, int kvh, float scale, 
     return m + log(z);
 }
 
-static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dtype odt, bool with_score) {
+static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dtype odt, bool with_score,
+                        int window) {
     const int pt = 16, n_pages = 160, n_seq = 6;
     const float scale = 1.0f / sqrtf((float)hd);
     pool P = make_pool(n_pages, pt, nkv, hd);
@@ -392,7 +395,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
         for (int h = 0; h < n_heads; h++) {
             const int32_t *tb = &tab[(size_t)b * tab_stride];
             ref_attn_row(P, &q[(size_t)b * q_stride + (size_t)h * hd], h / G, scale, tb, lens[b],
-                         qpos[b], &ref_out[((size_t)b * n_heads + h) * hd], prob);
+                         qpos[b], window, &ref_out[((size_t)b * n_heads + h) * hd], prob);
             for (int j = 0; j < lens[b]; j++)
                 ref_score[((size_t)tb[j / pt] * pt + j % pt) * nkv + h / G] += prob[j];
         }
@@ -410,7 +413,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     std::vector<float> o0(ref_out.size(), 0.0f);
     float *d_out = dev_copy(o0);
     KCALL(kern_attn_decode(d_out, odt, d_q, q_stride, D.view(P), with_score ? D.score : NULL, d_tab,
-                           tab_stride, d_len, d_qpos, n_seq, n_heads, scale, d_ws, max_len, 0));
+                           tab_stride, d_len, d_qpos, n_seq, n_heads, scale, window, d_ws, max_len, 0));
     std::vector<float> got = odt == KERN_F32 ? host_copy(d_out, ref_out.size())
                                              : bf_to_f(host_copy((kern_bf16 *)d_out, ref_out.size()));
     bool ok = close_enough(name, got.data(), ref_out.data(), ref_out.size(), 2e-5,
@@ -432,7 +435,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
 /* Prefill of a chunk of n_q queries over n_kv keys (the chunk's own keys are
  * the last n_q of them), then colsum of the same chunk; colsum is checked
  * against the reference lse and must add to the initial contents. */
-static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_kv, int n_q) {
+static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_kv, int n_q, int window) {
     const int pt = 16;
     const float scale = 1.0f / sqrtf((float)hd);
     const int n_pages_tab = (n_kv + pt - 1) / pt;
@@ -461,7 +464,8 @@ static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_k
         for (int h = 0; h < n_heads; h++) {
             ref_lse[(size_t)h * n_q + i] =
                 ref_attn_row(P, &q[(size_t)i * q_stride + (size_t)h * hd], h / G, scale,
-                             tab.data(), n_kv, qpos[i], &ref_out[((size_t)i * n_heads + h) * hd], prob);
+                             tab.data(), n_kv, qpos[i], window, &ref_out[((size_t)i * n_heads + h) * hd],
+                             prob);
             for (int j = 0; j < n_kv; j++) ref_cs[(size_t)h * cs_stride + j] += prob[j];
         }
 
@@ -471,7 +475,7 @@ static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_k
     std::vector<float> o0(ref_out.size(), 0.0f), l0(ref_lse.size(), 0.0f);
     float *d_out = dev_copy(o0), *d_lse = dev_copy(l0), *d_cs = dev_copy(cs0);
     KCALL(kern_attn_prefill(d_out, KERN_F32, d_lse, d_q, q_stride, D.view(P), d_tab, n_kv, d_qpos,
-                            n_q, n_heads, scale, 0));
+                            n_q, n_heads, scale, window, 0));
     auto go = host_copy(d_out, ref_out.size());
     auto gl = host_copy(d_lse, ref_lse.size());
     bool ok = close_enough(name, go.data(), ref_out.data(), ref_out.size(), 2e-5, 2e-4);
@@ -479,7 +483,7 @@ static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_k
     report(name, ok);
 
     KCALL(kern_attn_colsum(d_cs, cs_stride, d_q, q_stride, d_lse, D.view(P), d_tab, n_kv, d_qpos,
-                           n_q, n_heads, scale, 0));
+                           n_q, n_heads, scale, window, 0));
     auto gc = host_copy(d_cs, cs0.size());
     char cname[96];
     snprintf(cname, sizeof cname, "colsum_%s", name);
@@ -499,7 +503,7 @@ static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_k
 
     /* bf16 output path of the same chunk. */
     KCALL(kern_attn_prefill(d_out, KERN_BF16, NULL, d_q, q_stride, D.view(P), d_tab, n_kv, d_qpos,
-                            n_q, n_heads, scale, 0));
+                            n_q, n_heads, scale, window, 0));
     auto gb = bf_to_f(host_copy((kern_bf16 *)d_out, ref_out.size()));
     char bname[96];
     snprintf(bname, sizeof bname, "%s_bf16", name);
@@ -518,11 +522,11 @@ static void test_attn_shape_checks(void) {
     float dummy_q = 0;
     int32_t dummy_i = 0;
     bool ok = kern_attn_prefill(&dummy_q, KERN_F32, NULL, &dummy_q, 16 * 128, kv, &dummy_i, 1,
-                                &dummy_i, 1, 16, 1.0f, 0) == D2_EINVAL; /* group 16 > 8 */
+                                &dummy_i, 1, 16, 1.0f, 0, 0) == D2_EINVAL; /* group 16 > 8 */
     kv.n_kv_heads = 2;
     kv.head_dim = 512;
     ok = ok && kern_attn_prefill(&dummy_q, KERN_F32, NULL, &dummy_q, 4 * 512, kv, &dummy_i, 1,
-                                 &dummy_i, 1, 4, 1.0f, 0) == D2_EINVAL; /* head_dim > 256 */
+                                 &dummy_i, 1, 4, 1.0f, 0, 0) == D2_EINVAL; /* head_dim > 256 */
     report("attn_shape_checks", ok);
 }
 
@@ -641,13 +645,15 @@ int main(void) {
     test_add();
     test_kv_write();
 
-    test_decode("decode_gqa4_hd128", 8, 2, 128, KERN_F32, true);
-    test_decode("decode_mha_hd64", 4, 4, 64, KERN_F32, true);
-    test_decode("decode_gqa8_hd256", 8, 1, 256, KERN_F32, true);
-    test_decode("decode_gqa4_bf16_noscore", 8, 2, 128, KERN_BF16, false);
-    test_prefill("prefill_gqa4_hd128", 8, 2, 128, 137, 37);
-    test_prefill("prefill_mha_hd64", 2, 2, 64, 50, 50);
-    test_prefill("prefill_gqa8_hd256", 8, 1, 256, 70, 33);
+    test_decode("decode_gqa4_hd128", 8, 2, 128, KERN_F32, true, 0);
+    test_decode("decode_mha_hd64", 4, 4, 64, KERN_F32, true, 0);
+    test_decode("decode_gqa8_hd256", 8, 1, 256, KERN_F32, true, 0);
+    test_decode("decode_gqa4_bf16_noscore", 8, 2, 128, KERN_BF16, false, 0);
+    test_decode("decode_gqa4_window101", 8, 2, 128, KERN_F32, true, 101); /* Mistral-style */
+    test_prefill("prefill_gqa4_hd128", 8, 2, 128, 137, 37, 0);
+    test_prefill("prefill_mha_hd64", 2, 2, 64, 50, 50, 0);
+    test_prefill("prefill_gqa8_hd256", 8, 1, 256, 70, 33, 0);
+    test_prefill("prefill_gqa4_window40", 8, 2, 128, 137, 37, 40);
     test_attn_shape_checks();
 
     test_sampling();
