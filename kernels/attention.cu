@@ -422,7 +422,12 @@ prefill_kernel(void *out, kern_dtype out_dtype, float *lse, const float *q, int 
                 int d = c + k * PF_TPR;
                 if (d >= hd) break;
                 float o = acc[k] * alpha;
-                for (int j = 0; j < PF_BK; j++) o += s_p[r * PF_BK + j] * kern_bf2f(s_v[j * hd + d]);
+                for (int j = 0; j < PF_BK; j++) {
+                    /* p == 0 (masked, empty or past n_kv) skips the slot: its
+                     * value may be stale or NaN, and 0 * NaN is NaN. */
+                    float p = s_p[r * PF_BK + j];
+                    if (p != 0.0f) o += p * kern_bf2f(s_v[j * hd + d]);
+                }
                 acc[k] = o;
             }
         }

@@ -305,6 +305,15 @@ static pool make_pool(int n_pages, int pt, int nkv, int hd) {
     p.score = rnd_vec((size_t)n_pages * pt * nkv, 0, 1);
     return p;
 }
+/* Empty slots (pos -1: appended but not written, or a recycled page) may
+ * hold anything: NaN keys and values there must not reach any output. */
+static void poison_empty_slots(pool &p) {
+    const kern_bf16 nan_bf = 0x7fc0;
+    size_t row = (size_t)p.nkv * p.hd;
+    for (size_t s = 0; s < p.pos.size(); s++)
+        if (p.pos[s] < 0)
+            for (size_t e = 0; e < row; e++) p.k[s * row + e] = p.v[s * row + e] = nan_bf;
+}
 struct dev_pool {
     kern_bf16 *k, *v;
     int32_t *pos;
@@ -384,6 +393,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
         if (b == 3) qpos[b] -= 20; /* the last 10 slots lie in the future: masked */
     }
     qpos[1] = P.pos[(size_t)tab[0] * pt]; /* seq 1 (len 1) sees seq 0's slot 0 */
+    poison_empty_slots(P);
     auto q = rnd_vec((size_t)n_seq * (n_heads * hd + 8), -1, 1);
     const int q_stride = n_heads * hd + 8;
 
@@ -451,6 +461,7 @@ static void test_prefill(const char *name, int n_heads, int nkv, int hd, int n_k
     std::vector<int32_t> qpos(n_q);
     for (int i = 0; i < n_q; i++) qpos[i] = slot_pos[n_kv - n_q + i];
     qpos[0] = 5; /* sees nothing: zero output, lse -inf, no colsum */
+    poison_empty_slots(P);
     const int q_stride = n_heads * hd + 4;
     auto q = rnd_vec((size_t)n_q * q_stride, -2, 2);
     const int G = n_heads / nkv;
