@@ -20,7 +20,9 @@
 
 CC ?= cc
 NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc))
-CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+# SASS for Ampere and Hopper, plus compute_90 PTX that newer GPUs JIT-compile.
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
+              -gencode arch=compute_90,code=compute_90
 ARCH_FLAGS ?= -march=native
 
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wpointer-arith \
@@ -115,7 +117,12 @@ GPU_TEST_BIN := $(GPU_TEST_SRC:tests/gpu/%.cu=$(BUILD)/tests-gpu/%)
 $(BUILD)/tests-gpu/%: tests/gpu/%.cu $(CU_SRC) kernels/kernels.h $(wildcard kernels/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -I. -Xcompiler -Wall $< $(CU_SRC) -o $@
-gpu-test-build: $(GPU_TEST_BIN)
+# One kernel file as an uncompressed fatbinary: tests/run_all.sh checks that the
+# build embeds PTX (the ".target sm_90" line of compute_90 PTX).
+$(BUILD)/ptx/sample.fatbin: kernels/sample.cu kernels/kernels.h $(wildcard kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -Xfatbin -compress=false -fatbin -I. $< -o $@
+gpu-test-build: $(GPU_TEST_BIN) $(BUILD)/ptx/sample.fatbin
 test-gpu: $(GPU_TEST_BIN)
 	@rc=0; for t in $(GPU_TEST_BIN); do echo "== $$t"; $$t || rc=1; done; exit $$rc
 else

@@ -144,7 +144,7 @@ __device__ __forceinline__ size_t d2o_slot(const int32_t *tab, int pt, int i) {
 
 /* Exclusive prefix sum of v over the block in thread order; *total gets the
  * block's sum. sh: 33 ints of shared memory. All threads must call it. */
-__device__ int d2o_block_scan(int v, int *sh, int *total) {
+static __device__ int d2o_block_scan(int v, int *sh, int *total) {
     int lane = threadIdx.x % KERN_WARP, warp = threadIdx.x / KERN_WARP;
     int n_warps = (blockDim.x + KERN_WARP - 1) / KERN_WARP;
     int x = v;
@@ -181,7 +181,7 @@ __device__ __forceinline__ uint32_t d2o_desc_key(float f) {
 
 /* ---- 1. scores ------------------------------------------------------------------ */
 
-__global__ void d2o_scores_kernel(float *out, uint8_t *keep, const float *score,
+static __global__ void d2o_scores_kernel(float *out, uint8_t *keep, const float *score,
                                   const int32_t *tab, int pt, int n_kv, int n, int ns, int lim) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -205,7 +205,7 @@ int kern_d2o_scores(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *blo
 
 /* ---- 2. selection + index lists ----------------------------------------------------- */
 
-__global__ void __launch_bounds__(D2O_SEL_THREADS)
+static __global__ void __launch_bounds__(D2O_SEL_THREADS)
 d2o_select_kernel(const float *score, uint8_t *keep, int32_t *rank, int32_t *kept, int32_t *ev,
                   int32_t *counts, int n, int ns, int lim, int nh) {
     __shared__ unsigned hist[256];
@@ -311,7 +311,7 @@ static size_t d2o_match_smem(int hdp) {
  * multiple of 16), compute the inverse norms, multiply on tensor cores
  * (E[32 x hdp] . C[64 x hdp]^T), and add dot * inv_e * inv_c into the tile's
  * fp32 sum; after the last head, threads 0..31 update their row's best. */
-__global__ void __launch_bounds__(D2O_MATCH_THREADS)
+static __global__ void __launch_bounds__(D2O_MATCH_THREADS)
 d2o_match_kernel(int32_t *tgt_out, float *sim_out, const kern_bf16 *kb, const int32_t *tab,
                  const int32_t *ev, const int32_t *kept, int ne, int nk, int pt, int n_kv, int hd,
                  int hdp) {
@@ -422,7 +422,7 @@ int kern_d2o_match(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *bloc
 
 /* ---- 4. threshold -------------------------------------------------------------------- */
 
-__global__ void d2o_tau_kernel(float *stat, float *tau, const float *sim, int ne, int first,
+static __global__ void d2o_tau_kernel(float *stat, float *tau, const float *sim, int ne, int first,
                                float beta) {
     __shared__ double part[256];
     double acc = 0.0;
@@ -459,7 +459,7 @@ __device__ __forceinline__ bool d2o_passes(const int32_t *tgt, const float *sim,
     return tgt[j] >= 0 && sim[j] >= tau;
 }
 
-__global__ void d2o_group_count_kernel(int32_t *gcnt, int32_t *counts, const int32_t *tgt,
+static __global__ void d2o_group_count_kernel(int32_t *gcnt, int32_t *counts, const int32_t *tgt,
                                        const float *sim, const int32_t *rank, const float *tau,
                                        int ne) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -468,7 +468,7 @@ __global__ void d2o_group_count_kernel(int32_t *gcnt, int32_t *counts, const int
     atomicAdd(&counts[2], 1);
 }
 
-__global__ void __launch_bounds__(D2O_SEL_THREADS)
+static __global__ void __launch_bounds__(D2O_SEL_THREADS)
 d2o_group_scan_kernel(int32_t *gstart, const int32_t *gcnt, int nk) {
     __shared__ int sh[33];
     int run = 0;
@@ -483,7 +483,7 @@ d2o_group_scan_kernel(int32_t *gstart, const int32_t *gcnt, int nk) {
 }
 
 /* Leaves gcnt at zero for the next call. */
-__global__ void d2o_group_fill_kernel(int32_t *glist, int32_t *gcnt, const int32_t *gstart,
+static __global__ void d2o_group_fill_kernel(int32_t *glist, int32_t *gcnt, const int32_t *gstart,
                                       const int32_t *tgt, const float *sim, const int32_t *rank,
                                       const float *tau, int ne) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -494,7 +494,7 @@ __global__ void d2o_group_fill_kernel(int32_t *glist, int32_t *gcnt, const int32
 }
 
 /* One CTA per kept rank; a rank with an empty group returns at once. */
-__global__ void __launch_bounds__(D2O_MERGE_THREADS)
+static __global__ void __launch_bounds__(D2O_MERGE_THREADS)
 d2o_merge_kernel(kern_bf16 *kb, kern_bf16 *vb, const int32_t *tab, const int32_t *kept,
                  const int32_t *ev, const float *sim, const int32_t *gstart,
                  const int32_t *glist, int pt, int kvd, int rule) {
@@ -595,7 +595,7 @@ int kern_d2o_merge(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *bloc
 
 /* One CTA per rank r of [r0, r1): staging row r - r0 gets kept[r]'s k, v,
  * pos and score words (skipped when kept[r] == r: nothing moves). */
-__global__ void d2o_gather_kernel(uint32_t *stage, const kern_bf16 *kb, const kern_bf16 *vb,
+static __global__ void d2o_gather_kernel(uint32_t *stage, const kern_bf16 *kb, const kern_bf16 *vb,
                                   const int32_t *pos, const float *score, const int32_t *tab,
                                   const int32_t *kept, int r0, int pt, int n_kv, int hd) {
     const int r = r0 + blockIdx.x, src = kept[r];
@@ -614,7 +614,7 @@ __global__ void d2o_gather_kernel(uint32_t *stage, const kern_bf16 *kb, const ke
             row[2 * half + 1 + g] = __float_as_uint(score[ss * n_kv + g]);
 }
 
-__global__ void d2o_scatter_kernel(const uint32_t *stage, kern_bf16 *kb, kern_bf16 *vb,
+static __global__ void d2o_scatter_kernel(const uint32_t *stage, kern_bf16 *kb, kern_bf16 *vb,
                                    int32_t *pos, float *score, const int32_t *tab,
                                    const int32_t *kept, int r0, int pt, int n_kv, int hd) {
     const int r = r0 + blockIdx.x;
@@ -633,7 +633,7 @@ __global__ void d2o_scatter_kernel(const uint32_t *stage, kern_bf16 *kb, kern_bf
             score[ds * n_kv + g] = __uint_as_float(row[2 * half + 1 + g]);
 }
 
-__global__ void d2o_clear_tail_kernel(int32_t *pos, const int32_t *tab, int pt, int nk) {
+static __global__ void d2o_clear_tail_kernel(int32_t *pos, const int32_t *tab, int pt, int nk) {
     int i = nk + (int)threadIdx.x;
     if (i % pt == 0 || i >= (nk / pt + 1) * pt) return;
     pos[d2o_slot(tab, pt, i)] = -1;

@@ -132,10 +132,18 @@ extern "C" int kern_rope(float *x, const int32_t *pos, const float *inv_freq, in
 
 #define SWIGLU_THREADS 256
 
+/* Threads per block of a row op over n columns: n rounded up to a warp,
+ * at most max (short rows do not launch mostly idle blocks). */
+static unsigned row_threads(int n, int max) {
+    int t = (n + KERN_WARP - 1) / KERN_WARP * KERN_WARP;
+    return (unsigned)(t < max ? t : max);
+}
+
+/* grid (row, column block): rows on x, which holds 2^31 - 1 of them. */
 static __global__ void swiglu_kernel(void *out, kern_dtype out_dtype, const float *gate,
                                      const float *up, int ff, int row_stride) {
-    int r = blockIdx.y;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int r = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= ff) return;
     int64_t in = (int64_t)r * row_stride + i;
     float g = gate[in];
@@ -146,13 +154,14 @@ static __global__ void swiglu_kernel(void *out, kern_dtype out_dtype, const floa
 extern "C" int kern_swiglu(void *out, kern_dtype out_dtype, const float *gate, const float *up,
                            int n_rows, int ff, int row_stride, kern_stream s) {
     KERN_REQUIRE(out && gate && up && n_rows >= 0 && ff > 0 && row_stride >= ff);
-    KERN_REQUIRE(n_rows <= 65535);
     /* In place only when the output rows coincide with gate's rows. */
     KERN_REQUIRE((const void *)out != (const void *)gate ||
                  (out_dtype == KERN_F32 && row_stride == ff));
     if (n_rows == 0) return D2_OK;
-    dim3 grid((ff + SWIGLU_THREADS - 1) / SWIGLU_THREADS, n_rows);
-    swiglu_kernel<<<grid, SWIGLU_THREADS, 0, s>>>(out, out_dtype, gate, up, ff, row_stride);
+    unsigned nt = row_threads(ff, SWIGLU_THREADS);
+    KERN_REQUIRE((ff + nt - 1) / nt <= 65535);
+    dim3 grid((unsigned)n_rows, (ff + nt - 1) / nt);
+    swiglu_kernel<<<grid, nt, 0, s>>>(out, out_dtype, gate, up, ff, row_stride);
     KERN_LAUNCH_CHECK("swiglu_kernel");
     return D2_OK;
 }
@@ -182,15 +191,16 @@ extern "C" int kern_add(float *x, const float *y, int64_t n, kern_stream s) {
 
 #define KVW_THREADS 256
 
-/* grid.y = token; x-threads cover its n_kv_heads*head_dim elements. */
+/* grid (token, element block): threads cover the token's n_kv_heads*head_dim
+ * elements; tokens on x, which holds 2^31 - 1 of them. */
 static __global__ void kv_write_kernel(kern_bf16 *k_pages, kern_bf16 *v_pages,
                                        int32_t *pos_pages, float *score, const float *k_new,
                                        const float *v_new, int tok_stride,
                                        const int32_t *tok_pos, const int32_t *page_of,
                                        const int32_t *slot_of, int n_kv_heads, int head_dim,
                                        int page_tokens) {
-    int t = blockIdx.y;
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.x;
+    int e = blockIdx.y * blockDim.x + threadIdx.x;
     int kvd = n_kv_heads * head_dim;
     if (e >= kvd) return;
     int64_t slot = (int64_t)page_of[t] * page_tokens + slot_of[t];
@@ -208,12 +218,14 @@ extern "C" int kern_kv_write(kern_bf16 *k_pages, kern_bf16 *v_pages, int32_t *po
                              int page_tokens, kern_stream s) {
     KERN_REQUIRE(k_pages && v_pages && pos_pages && k_new && v_new && tok_pos && page_of &&
                  slot_of);
-    KERN_REQUIRE(n_tok >= 0 && n_tok <= 65535 && n_kv_heads > 0 && head_dim > 0 &&
+    KERN_REQUIRE(n_tok >= 0 && n_kv_heads > 0 && head_dim > 0 &&
                  page_tokens > 0 && tok_stride >= n_kv_heads * head_dim);
     if (n_tok == 0) return D2_OK;
     int kvd = n_kv_heads * head_dim;
-    dim3 grid((kvd + KVW_THREADS - 1) / KVW_THREADS, n_tok);
-    kv_write_kernel<<<grid, KVW_THREADS, 0, s>>>(k_pages, v_pages, pos_pages, score, k_new,
+    unsigned nt = row_threads(kvd, KVW_THREADS);
+    KERN_REQUIRE((kvd + nt - 1) / nt <= 65535);
+    dim3 grid((unsigned)n_tok, (kvd + nt - 1) / nt);
+    kv_write_kernel<<<grid, nt, 0, s>>>(k_pages, v_pages, pos_pages, score, k_new,
                                                  v_new, tok_stride, tok_pos, page_of, slot_of,
                                                  n_kv_heads, head_dim, page_tokens);
     KERN_LAUNCH_CHECK("kv_write_kernel");

@@ -89,7 +89,10 @@ softmax_kernel(float *out, float *lse, const float *logits, int vocab, int row_s
     /* In place (out == logits, row_stride == vocab): each element is read and
      * written by the same thread, after both reductions. */
     if (log_mode) {
-        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) y[i] = x[i] - ls;
+        /* A row of only -inf: every log-probability is -inf (x - lse would be
+         * -inf - -inf = NaN). */
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS)
+            y[i] = ls == -INFINITY ? -INFINITY : x[i] - ls;
     } else {
         float inv = z > 0.0f ? 1.0f / z : 0.0f;
         for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS)

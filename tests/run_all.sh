@@ -42,12 +42,19 @@ for t in build/tests-gpu/test_*; do
   [ -x "$t" ] || continue
   run_part "gpu $(basename "$t")" "$t"
 done
+# The CUDA build embeds compute_90 PTX, so GPUs newer than Hopper can run it.
+if [ -f build/ptx/sample.fatbin ]; then
+  run_part "ptx" sh -c 'if grep -aq "^\.target sm_90\$" build/ptx/sample.fatbin; then
+      echo "ok compute_90 PTX embedded"; echo "ptx: 1 passed, 0 failed"
+    else echo "FAIL no compute_90 PTX in the fatbinary"; echo "ptx: 0 passed, 1 failed"; exit 1; fi'
+fi
 # GPU kernel tests on the CUDA emulator (make gpu-emu-build): run everywhere.
 for t in build/emu/bin/test_*; do
   [ -x "$t" ] || continue
   CUDAEMU_STRICT=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
     run_part "gpu-emu $(basename "$t")" "$t"
 done
+[ -d build/emu/obj/kernels ] && run_part "kernel exports" bash tests/emu/check_exports.sh build/emu/obj/kernels
 for t in tests/integration/*.py; do
   [ -f "$t" ] || continue
   run_part "integration $(basename "$t")" python3 "$t" build/d2od
