@@ -2,7 +2,7 @@
  * kernels/attention.cu — attention over the paged bf16 KV pool: decode
  * (flash-decoding, split-K, with the D2O per-slot probability scores),
  * prefill (FlashAttention-style online softmax for a chunk of queries of one
- * sequence) and the D2O prefill column sums (d2o-spec §10.1).
+ * sequence) and the prefill's D2O scores and column sums (d2o-spec §10.1).
  *
  * Version 1 is plain CUDA-core code written for correctness first: fp32
  * accumulation everywhere, bf16 only as the storage of K and V, no tensor
@@ -16,13 +16,17 @@
  * bf16 key in fp32, summing d = 0..head_dim-1 in order in prefill and colsum
  * (so the two compute the same logits for the same pair).
  *
- * Decode workspace (floats, each region rounded up to 4 floats), S = number
- * of splits = ceil(max_len / KERN_DECODE_SPLIT), LS = S * KERN_DECODE_SPLIT:
- *   logits [n_seq][n_heads][LS]        raw logits (-inf when masked)
- *   part_o [n_seq][n_heads][S][head_dim] unnormalised sum p v of a split
- *   part_m [n_seq][n_heads][S]          the split's max logit
- *   part_l [n_seq][n_heads][S]          the split's sum of exp(logit - max)
- *   lse    [n_seq][n_heads]             final log-sum-exp of the row
+ * Decode work list (kern_attn_decode_plan, host): W = n_work splits of
+ * KERN_DECODE_SPLIT slots, sequence by sequence, so grids cover what each
+ * sequence needs (one long sequence among short ones adds only its own
+ * splits). Workspace (floats, each region rounded up to 4 floats):
+ *   logits [W][n_heads][SPLIT]     raw logits (-inf when masked); only when
+ *                                  score != NULL, and written only for the
+ *                                  sequences that score this step
+ *   part_o [W][n_heads][head_dim]  unnormalised sum p v of a split
+ *   part_m [W][n_heads]            the split's max logit
+ *   part_l [W][n_heads]            the split's sum of exp(logit - max)
+ *   lse    [n_seq][n_heads]        final log-sum-exp of the row
  * Pass 3 turns logits into probabilities with the final lse, so the D2O
  * score adds exactly the softmax the output used (to fp32 rounding).
  *
@@ -37,35 +41,27 @@ __device__ __forceinline__ bool att_visible(int kp, int qp, int window) {
 
 /* ---- decode ---- */
 
-#define DEC_THREADS 128                /* 4 warps per (seq, kv head, split) CTA */
+#define DEC_THREADS 128                /* 4 warps per (split, kv head) CTA */
 #define DEC_COMBINE_THREADS 128        /* one CTA per (seq, query head) */
-#define DEC_SCORE_THREADS 256          /* one thread per (seq, kv head, slot) */
+#define DEC_SCORE_THREADS KERN_DECODE_SPLIT /* one thread per slot of a split */
 #define DEC_KREG (KERN_MAX_HEAD_DIM / KERN_WARP)     /* key floats per lane */
 #define DEC_VREG (KERN_MAX_HEAD_DIM / DEC_THREADS)   /* value dims per thread */
 
 struct dec_ws {
-    float *logits, *part_o, *part_m, *part_l, *lse;
-    int n_splits, ls;
+    float *logits, *part_o, *part_m, *part_l, *lse; /* logits NULL: no scores */
 };
 
 static size_t round4(size_t n) { return (n + 3) & ~(size_t)3; }
 
-static int dec_splits(int max_len) {
-    return max_len <= 0 ? 0 : (max_len + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT;
-}
-
-static size_t dec_ws_floats(int n_seq, int n_heads, int head_dim, int max_len, dec_ws *w,
-                            float *base) {
-    int ns = dec_splits(max_len);
-    size_t rows = (size_t)n_seq * n_heads;
-    size_t n_logits = round4(rows * (size_t)ns * KERN_DECODE_SPLIT);
-    size_t n_o = round4(rows * (size_t)ns * head_dim);
-    size_t n_m = round4(rows * (size_t)ns);
-    size_t n_lse = round4(rows);
+static size_t dec_ws_floats(int n_seq, int n_work, int n_heads, int head_dim, int with_scores,
+                            dec_ws *w, float *base) {
+    size_t rows = (size_t)n_work * (size_t)n_heads;
+    size_t n_logits = with_scores ? round4(rows * KERN_DECODE_SPLIT) : 0;
+    size_t n_o = round4(rows * (size_t)head_dim);
+    size_t n_m = round4(rows);
+    size_t n_lse = round4((size_t)n_seq * (size_t)n_heads);
     if (w) {
-        w->n_splits = ns;
-        w->ls = ns * KERN_DECODE_SPLIT;
-        w->logits = base;
+        w->logits = with_scores ? base : NULL;
         w->part_o = base + n_logits;
         w->part_m = w->part_o + n_o;
         w->part_l = w->part_m + n_m;
@@ -74,32 +70,65 @@ static size_t dec_ws_floats(int n_seq, int n_heads, int head_dim, int max_len, d
     return n_logits + n_o + 2 * n_m + n_lse;
 }
 
-extern "C" size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int head_dim,
-                                                   int max_len) {
-    if (n_seq <= 0 || n_heads <= 0 || head_dim <= 0 || max_len <= 0) return 0;
-    return dec_ws_floats(n_seq, n_heads, head_dim, max_len, NULL, NULL) * sizeof(float);
+extern "C" size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads,
+                                                   int head_dim, int with_scores) {
+    if (n_seq <= 0 || n_work < 0 || n_heads <= 0 || head_dim <= 0) return 0;
+    return dec_ws_floats(n_seq, n_work, n_heads, head_dim, with_scores, NULL, NULL) *
+           sizeof(float);
 }
 
-/* Pass 1. grid (split, kv head, seq). */
+extern "C" int kern_attn_decode_plan(const int32_t *len, int n_seq, int32_t *split_base,
+                                     int32_t *work, int work_cap, int *n_work) {
+    if (!len || !split_base || !n_work || n_seq < 0 || work_cap < 0) return D2_EINVAL;
+    int64_t tot = 0;
+    for (int b = 0; b < n_seq; b++) {
+        if (len[b] < 0) return D2_EINVAL;
+        split_base[b] = (int32_t)tot;
+        int ns = (len[b] + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT;
+        if (tot + ns > work_cap || (ns && !work)) return D2_EINVAL;
+        for (int i = 0; i < ns; i++) work[tot + i] = b;
+        tot += ns;
+    }
+    split_base[n_seq] = (int32_t)tot;
+    *n_work = (int)tot;
+    return D2_OK;
+}
+
+/* Live slots of sequence b: len[b], clamped to what the plan gave it splits for. */
+__device__ __forceinline__ int dec_len(const int32_t *len, const int32_t *split_base, int b) {
+    return min(len[b], (split_base[b + 1] - split_base[b]) * KERN_DECODE_SPLIT);
+}
+
+/* Sequence b adds D2O scores this step. */
+__device__ __forceinline__ bool dec_scoring(const float *score, const int32_t *score_from,
+                                            const int32_t *q_pos, int b) {
+    return score && (!score_from || q_pos[b] >= score_from[b]);
+}
+
+/* Pass 1. grid (work item = one split of one sequence, kv head). */
 static __global__ void __launch_bounds__(DEC_THREADS)
 dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
                  const int32_t *block_tab, int tab_stride, const int32_t *len,
-                 const int32_t *q_pos, int n_heads, float scale, int window, int max_len) {
+                 const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
+                 const float *score, const int32_t *score_from, int n_heads, float scale,
+                 int window) {
     __shared__ float s_q[KERN_MAX_GROUP][KERN_MAX_HEAD_DIM];
     __shared__ float s_p[KERN_MAX_GROUP][KERN_DECODE_SPLIT]; /* logits, then exp */
     __shared__ int64_t s_row[KERN_DECODE_SPLIT];             /* element offset of slot / hd */
 
-    const int sp = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int wi = blockIdx.x, kvh = blockIdx.y;
+    const int b = work[wi], sp = wi - split_base[b];
     const int hd = kv.head_dim, nkv = kv.n_kv_heads, pt = kv.page_tokens;
     const int G = n_heads / nkv;
-    int L = min(len[b], max_len);
+    int L = dec_len(len, split_base, b);
     int t0 = sp * KERN_DECODE_SPLIT;
     int n = min(KERN_DECODE_SPLIT, L - t0);
     if (n <= 0) return; /* whole CTA leaves: pass 2 never reads this split */
     const int qp = q_pos[b];
     const int lane = threadIdx.x % KERN_WARP, warp = threadIdx.x / KERN_WARP;
     const int n_warps = DEC_THREADS / KERN_WARP;
-    const int64_t row0 = (int64_t)b * n_heads + (int64_t)kvh * G; /* first head's row */
+    const int64_t row0 = (int64_t)wi * n_heads + (int64_t)kvh * G; /* first head's partial row */
+    float *logits = w.logits && dec_scoring(score, score_from, q_pos, b) ? w.logits : NULL;
 
     for (int i = threadIdx.x; i < G * hd; i += DEC_THREADS) {
         int g = i / hd, d = i % hd;
@@ -134,7 +163,7 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
             if (lane == 0) {
                 float lg = vis ? acc : -INFINITY;
                 s_p[g][t] = lg;
-                w.logits[(row0 + g) * w.ls + slot] = lg;
+                if (logits) logits[(row0 + g) * KERN_DECODE_SPLIT + t] = lg;
             }
         }
         if (lane == 0) s_row[t] = row;
@@ -182,78 +211,84 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
             }
         }
     }
-    const int ns = w.n_splits;
 #pragma unroll
     for (int r = 0; r < DEC_VREG; r++) {
         int d = threadIdx.x + r * DEC_THREADS;
         if (d >= hd) continue;
 #pragma unroll
         for (int g = 0; g < KERN_MAX_GROUP; g++)
-            if (g < G) w.part_o[((row0 + g) * ns + sp) * hd + d] = acc[r][g];
+            if (g < G) w.part_o[(row0 + g) * hd + d] = acc[r][g];
     }
     if (threadIdx.x < G) {
-        w.part_m[(row0 + threadIdx.x) * ns + sp] = s_m[threadIdx.x];
-        w.part_l[(row0 + threadIdx.x) * ns + sp] = s_l[threadIdx.x];
+        w.part_m[row0 + threadIdx.x] = s_m[threadIdx.x];
+        w.part_l[row0 + threadIdx.x] = s_l[threadIdx.x];
     }
 }
 
-/* Pass 2. grid (query head, seq): merge the splits. */
+/* Pass 2. grid (seq, query head): merge the sequence's splits. */
 static __global__ void __launch_bounds__(DEC_COMBINE_THREADS)
-dec_combine_kernel(dec_ws w, void *out, kern_dtype out_dtype, const int32_t *len, int n_heads,
-                   int hd, int max_len) {
-    const int h = blockIdx.x, b = blockIdx.y;
+dec_combine_kernel(dec_ws w, void *out, kern_dtype out_dtype, const int32_t *len,
+                   const int32_t *split_base, int n_heads, int hd) {
+    const int b = blockIdx.x, h = blockIdx.y;
     const int64_t row = (int64_t)b * n_heads + h;
-    int L = min(len[b], max_len);
+    int L = dec_len(len, split_base, b);
     int nsv = L <= 0 ? 0 : (L + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT;
-    const int ns = w.n_splits;
-    const float *pm = w.part_m + row * ns, *pl = w.part_l + row * ns;
+    const int64_t p0 = (int64_t)split_base[b] * n_heads + h; /* partial row of split 0 */
     float M = -INFINITY;
-    for (int s = 0; s < nsv; s++) M = fmaxf(M, pm[s]);
+    for (int s = 0; s < nsv; s++) M = fmaxf(M, w.part_m[p0 + (int64_t)s * n_heads]);
     float Z = 0.0f;
-    for (int s = 0; s < nsv; s++) Z += pl[s] * kern_exp_sub(pm[s], M);
+    for (int s = 0; s < nsv; s++) {
+        int64_t pr = p0 + (int64_t)s * n_heads;
+        Z += w.part_l[pr] * kern_exp_sub(w.part_m[pr], M);
+    }
     float invZ = Z > 0.0f ? 1.0f / Z : 0.0f;
     for (int d = threadIdx.x; d < hd; d += DEC_COMBINE_THREADS) {
         float o = 0.0f;
         for (int s = 0; s < nsv; s++) {
-            float f = kern_exp_sub(pm[s], M);
-            if (f != 0.0f) o += w.part_o[(row * ns + s) * hd + d] * f;
+            int64_t pr = p0 + (int64_t)s * n_heads;
+            float f = kern_exp_sub(w.part_m[pr], M);
+            if (f != 0.0f) o += w.part_o[pr * hd + d] * f;
         }
         kern_store(out, out_dtype, row * hd + d, o * invZ);
     }
     if (threadIdx.x == 0) w.lse[row] = Z > 0.0f ? M + logf(Z) : -INFINITY;
 }
 
-/* Pass 3. grid (slot block, kv head, seq): D2O decode scores. */
+/* Pass 3. grid (work item, kv head), a thread per slot: D2O decode scores. */
 static __global__ void __launch_bounds__(DEC_SCORE_THREADS)
-dec_score_kernel(dec_ws w, float *score, const int32_t *block_tab, int tab_stride,
-                 const int32_t *len, int n_heads, int nkv, int pt, int max_len) {
-    const int kvh = blockIdx.y, b = blockIdx.z;
-    int t = blockIdx.x * DEC_SCORE_THREADS + threadIdx.x;
-    int L = min(len[b], max_len);
-    if (t >= L) return;
+dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_t *block_tab,
+                 int tab_stride, const int32_t *len, const int32_t *q_pos,
+                 const int32_t *split_base, const int32_t *work, int n_heads, int nkv, int pt) {
+    const int wi = blockIdx.x, kvh = blockIdx.y;
+    const int b = work[wi], sp = wi - split_base[b];
+    if (!dec_scoring(score, score_from, q_pos, b)) return;
+    int t = threadIdx.x, slot = sp * KERN_DECODE_SPLIT + t;
+    if (slot >= dec_len(len, split_base, b)) return;
     const int G = n_heads / nkv;
-    const int64_t row0 = (int64_t)b * n_heads + (int64_t)kvh * G;
+    const int64_t row0 = (int64_t)wi * n_heads + (int64_t)kvh * G;
+    const int64_t lrow0 = (int64_t)b * n_heads + (int64_t)kvh * G;
     float sum = 0.0f;
     for (int g = 0; g < G; g++)
-        sum += kern_exp_sub(w.logits[(row0 + g) * w.ls + t], w.lse[row0 + g]);
+        sum += kern_exp_sub(w.logits[(row0 + g) * KERN_DECODE_SPLIT + t], w.lse[lrow0 + g]);
     if (sum == 0.0f) return;
-    int64_t page = block_tab[(int64_t)b * tab_stride + t / pt];
-    atomicAdd(&score[(page * pt + t % pt) * nkv + kvh], sum);
+    int64_t page = block_tab[(int64_t)b * tab_stride + slot / pt];
+    atomicAdd(&score[(page * pt + slot % pt) * nkv + kvh], sum);
 }
 
 extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
-                                kern_kv_view kv, float *score, const int32_t *block_tab,
-                                int tab_stride, const int32_t *len, const int32_t *q_pos,
-                                int n_seq, int n_heads, float scale, int window,
-                                void *workspace, int max_len, kern_stream s) {
+                                kern_kv_view kv, float *score, const int32_t *score_from,
+                                const int32_t *block_tab, int tab_stride, const int32_t *len,
+                                const int32_t *q_pos, const int32_t *split_base,
+                                const int32_t *work, int n_work, int n_seq, int n_heads,
+                                float scale, int window, void *workspace, kern_stream s) {
     KERN_REQUIRE(out && q && kv.k && kv.v && kv.pos && len && q_pos && n_seq >= 0);
     KERN_REQUIRE(kv.n_kv_heads > 0 && kv.page_tokens > 0 && n_heads % kv.n_kv_heads == 0);
     KERN_REQUIRE(n_heads / kv.n_kv_heads <= KERN_MAX_GROUP);
     KERN_REQUIRE(kv.head_dim > 0 && kv.head_dim % 2 == 0 && kv.head_dim <= KERN_MAX_HEAD_DIM);
-    KERN_REQUIRE(q_stride >= n_heads * kv.head_dim && max_len >= 0);
-    KERN_REQUIRE(n_seq <= 65535 && n_heads <= 65535);
+    KERN_REQUIRE(q_stride >= n_heads * kv.head_dim && n_work >= 0);
+    KERN_REQUIRE(n_heads <= 65535 && kv.n_kv_heads <= 65535);
     if (n_seq == 0) return D2_OK;
-    if (max_len == 0) {
+    if (n_work == 0) {
         /* No keys anywhere: outputs are zero. A memset is an enqueued
          * operation like a launch; it neither allocates nor synchronises. */
         size_t bytes = (size_t)n_seq * n_heads * kv.head_dim *
@@ -261,24 +296,26 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
         KERN_CUDA_TRY(cudaMemsetAsync(out, 0, bytes, s));
         return D2_OK;
     }
-    KERN_REQUIRE(workspace && block_tab && tab_stride > 0);
+    KERN_REQUIRE(workspace && block_tab && tab_stride > 0 && split_base && work);
     KERN_REQUIRE(((uintptr_t)workspace & 15u) == 0);
     dec_ws w;
-    dec_ws_floats(n_seq, n_heads, kv.head_dim, max_len, &w, (float *)workspace);
+    dec_ws_floats(n_seq, n_work, n_heads, kv.head_dim, score != NULL, &w, (float *)workspace);
 
-    dim3 g1(w.n_splits, kv.n_kv_heads, n_seq);
+    dim3 g1((unsigned)n_work, kv.n_kv_heads);
     dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride, len,
-                                                q_pos, n_heads, scale, window, max_len);
+                                                q_pos, split_base, work, score, score_from,
+                                                n_heads, scale, window);
     KERN_LAUNCH_CHECK("dec_split_kernel");
-    dim3 g2(n_heads, n_seq);
-    dec_combine_kernel<<<g2, DEC_COMBINE_THREADS, 0, s>>>(w, out, out_dtype, len, n_heads,
-                                                          kv.head_dim, max_len);
+    dim3 g2((unsigned)n_seq, n_heads);
+    dec_combine_kernel<<<g2, DEC_COMBINE_THREADS, 0, s>>>(w, out, out_dtype, len, split_base,
+                                                          n_heads, kv.head_dim);
     KERN_LAUNCH_CHECK("dec_combine_kernel");
     if (score) {
-        dim3 g3((max_len + DEC_SCORE_THREADS - 1) / DEC_SCORE_THREADS, kv.n_kv_heads, n_seq);
-        dec_score_kernel<<<g3, DEC_SCORE_THREADS, 0, s>>>(w, score, block_tab, tab_stride, len,
-                                                          n_heads, kv.n_kv_heads,
-                                                          kv.page_tokens, max_len);
+        dim3 g3((unsigned)n_work, kv.n_kv_heads);
+        dec_score_kernel<<<g3, DEC_SCORE_THREADS, 0, s>>>(w, score, score_from, block_tab,
+                                                          tab_stride, len, q_pos, split_base,
+                                                          work, n_heads, kv.n_kv_heads,
+                                                          kv.page_tokens);
         KERN_LAUNCH_CHECK("dec_score_kernel");
     }
     return D2_OK;
@@ -471,13 +508,15 @@ extern "C" int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, co
     return D2_OK;
 }
 
-/* ---- D2O column sums ---- */
+/* ---- D2O prefill scores and column sums ---- */
 
-/* A CTA owns CS_BK keys of one query head and walks the chunk's queries in
- * tiles of CS_BQ. Thread (j, c), j = tid / CS_TPR, owns key j of the tile and
- * sums exp(logit - lse_i) over queries c, c + CS_TPR, ... of each tile; the
- * CS_TPR partial sums of a key are reduced by shuffles at the end. Keys are
- * kept as fp32 in shared memory, rows padded by one float. */
+/* A CTA owns CS_BK keys of one kv head and, one after another, the G query
+ * heads of its group: the keys are loaded once for the whole group. For a
+ * head it walks the chunk's queries in tiles of CS_BQ; thread (j, c),
+ * j = tid / CS_TPR, owns key j of the tile and sums exp(logit - lse_i) over
+ * queries c, c + CS_TPR, ... of each tile; the CS_TPR partial sums of a key
+ * are reduced by shuffles after the head's last tile. Keys are kept as fp32
+ * in shared memory, rows padded by one float. */
 #define CS_BK 16
 #define CS_BQ 16
 #define CS_TPR 8
@@ -491,11 +530,12 @@ static size_t cs_smem_bytes(int hd) {
            (size_t)(CS_BQ + CS_BK) * sizeof(int32_t); /* s_qpos, s_kpos */
 }
 
-/* grid (key tile, query head). */
+/* grid (key tile, kv head). */
 static __global__ void __launch_bounds__(CS_THREADS)
-colsum_kernel(float *colsum, int colsum_stride, const float *q, int q_stride, const float *lse,
-              kern_kv_view kv, const int32_t *block_tab, int n_kv, const int32_t *q_pos,
-              int n_q, int n_heads, float scale, int window) {
+prefill_scores_kernel(float *score, float *colsum, int colsum_len, int score_from,
+                      const float *q, int q_stride, const float *lse, kern_kv_view kv,
+                      const int32_t *block_tab, int n_kv, const int32_t *q_pos, int n_q,
+                      int n_heads, float scale, int window) {
     extern __shared__ float4 cs_smem[];
     const int hd = kv.head_dim, pt = kv.page_tokens, hs = hd + 1;
     float *s_k = (float *)cs_smem;
@@ -504,8 +544,8 @@ colsum_kernel(float *colsum, int colsum_stride, const float *q, int q_stride, co
     int32_t *s_qpos = (int32_t *)(s_lse + CS_BQ);
     int32_t *s_kpos = s_qpos + CS_BQ;
 
-    const int h = blockIdx.y, k0 = blockIdx.x * CS_BK;
-    const int kvh = h / (n_heads / kv.n_kv_heads);
+    const int kvh = blockIdx.y, k0 = blockIdx.x * CS_BK;
+    const int G = n_heads / kv.n_kv_heads;
     const int j = threadIdx.x / CS_TPR, c = threadIdx.x % CS_TPR;
 
     for (int i = threadIdx.x; i < CS_BK * hd; i += CS_THREADS) {
@@ -523,53 +563,69 @@ colsum_kernel(float *colsum, int colsum_stride, const float *q, int q_stride, co
         s_kpos[jj] = slot < n_kv ? kv.pos[(int64_t)block_tab[slot / pt] * pt + slot % pt] : -1;
     }
 
-    float acc = 0.0f;
-    for (int qt = 0; qt < n_q; qt += CS_BQ) {
-        __syncthreads(); /* keys loaded / previous query tile no longer read */
-        for (int i = threadIdx.x; i < CS_BQ * hd; i += CS_THREADS) {
-            int rr = i / hd, d = i % hd;
-            int qq = qt + rr;
-            s_q[rr * hs + d] =
-                qq < n_q ? q[(int64_t)qq * q_stride + (int64_t)h * hd + d] * scale : 0.0f;
-        }
-        for (int rr = threadIdx.x; rr < CS_BQ; rr += CS_THREADS) {
-            int qq = qt + rr;
-            s_qpos[rr] = qq < n_q ? q_pos[qq] : -1;
-            s_lse[rr] = qq < n_q ? lse[(int64_t)h * n_q + qq] : -INFINITY;
-        }
-        __syncthreads();
-        const int kp = s_kpos[j];
-        if (kp < 0) continue; /* empty or past n_kv: nothing to add (no barrier skipped:
-                                 the loop's barriers are at its top) */
+    float group_acc = 0.0f; /* the key's sum over the group's heads (thread c == 0) */
+    for (int g = 0; g < G; g++) {
+        const int h = kvh * G + g;
+        float acc = 0.0f;
+        for (int qt = 0; qt < n_q; qt += CS_BQ) {
+            __syncthreads(); /* keys loaded / previous query tile no longer read */
+            for (int i = threadIdx.x; i < CS_BQ * hd; i += CS_THREADS) {
+                int rr = i / hd, d = i % hd;
+                int qq = qt + rr;
+                s_q[rr * hs + d] =
+                    qq < n_q ? q[(int64_t)qq * q_stride + (int64_t)h * hd + d] * scale : 0.0f;
+            }
+            for (int rr = threadIdx.x; rr < CS_BQ; rr += CS_THREADS) {
+                int qq = qt + rr;
+                s_qpos[rr] = qq < n_q ? q_pos[qq] : -1;
+                s_lse[rr] = qq < n_q ? lse[(int64_t)h * n_q + qq] : -INFINITY;
+            }
+            __syncthreads();
+            const int kp = s_kpos[j];
+            if (kp < 0) continue; /* empty or past n_kv: nothing to add (no barrier skipped:
+                                     the loop's barriers are at its top) */
 #pragma unroll
-        for (int u = 0; u < CS_QPT; u++) {
-            int i = c + u * CS_TPR;
-            if (qt + i >= n_q || !att_visible(kp, s_qpos[i], window)) continue;
-            const float *qr = s_q + i * hs;
-            const float *kr = s_k + j * hs;
-            float dot = 0.0f;
-            for (int d = 0; d < hd; d++) dot += qr[d] * kr[d];
-            acc += kern_exp_sub(dot, s_lse[i]);
+            for (int u = 0; u < CS_QPT; u++) {
+                int i = c + u * CS_TPR;
+                int qp = s_qpos[i];
+                if (qt + i >= n_q || qp < score_from || !att_visible(kp, qp, window)) continue;
+                const float *qr = s_q + i * hs;
+                const float *kr = s_k + j * hs;
+                float dot = 0.0f;
+                for (int d = 0; d < hd; d++) dot += qr[d] * kr[d];
+                acc += kern_exp_sub(dot, s_lse[i]);
+            }
+        }
+        acc = pf_row_sum(acc); /* CS_TPR == PF_TPR adjacent lanes */
+        const int kp = s_kpos[j];
+        if (c == 0 && kp >= 0) {
+            if (colsum && kp < colsum_len) colsum[(int64_t)h * colsum_len + kp] += acc;
+            group_acc += acc;
         }
     }
-    acc = pf_row_sum(acc); /* CS_TPR == PF_TPR adjacent lanes */
-    if (c == 0 && k0 + j < n_kv) colsum[(int64_t)h * colsum_stride + k0 + j] += acc;
+    if (score && c == 0 && k0 + j < n_kv && group_acc != 0.0f) {
+        int slot = k0 + j;
+        int64_t ps = (int64_t)block_tab[slot / pt] * pt + slot % pt;
+        score[ps * kv.n_kv_heads + kvh] += group_acc;
+    }
 }
 
-extern "C" int kern_attn_colsum(float *colsum, int colsum_stride, const float *q, int q_stride,
-                                const float *lse, kern_kv_view kv, const int32_t *block_tab,
-                                int n_kv, const int32_t *q_pos, int n_q, int n_heads,
-                                float scale, int window, kern_stream s) {
+extern "C" int kern_attn_prefill_scores(float *score, float *colsum, int colsum_len,
+                                        int score_from, const float *q, int q_stride,
+                                        const float *lse, kern_kv_view kv,
+                                        const int32_t *block_tab, int n_kv,
+                                        const int32_t *q_pos, int n_q, int n_heads, float scale,
+                                        int window, kern_stream s) {
     int rc = attn_common_checks(kv, n_heads, q_stride);
     if (rc) return rc;
-    KERN_REQUIRE(colsum && q && lse && q_pos && n_q >= 0 && n_kv >= 0);
-    KERN_REQUIRE(colsum_stride >= n_kv && (n_kv == 0 || block_tab));
-    if (n_q == 0 || n_kv == 0) return D2_OK;
-    dim3 grid((n_kv + CS_BK - 1) / CS_BK, n_heads);
+    KERN_REQUIRE(q && lse && q_pos && n_q >= 0 && n_kv >= 0 && (n_kv == 0 || block_tab));
+    KERN_REQUIRE(!colsum || colsum_len >= 0);
+    if (n_q == 0 || n_kv == 0 || (!score && !colsum)) return D2_OK;
+    dim3 grid((n_kv + CS_BK - 1) / CS_BK, kv.n_kv_heads);
     size_t smem = cs_smem_bytes(kv.head_dim); /* <= 33 KiB at head_dim 256 */
-    colsum_kernel<<<grid, CS_THREADS, smem, s>>>(colsum, colsum_stride, q, q_stride, lse, kv,
-                                                 block_tab, n_kv, q_pos, n_q, n_heads, scale,
-                                                 window);
-    KERN_LAUNCH_CHECK("colsum_kernel");
+    prefill_scores_kernel<<<grid, CS_THREADS, smem, s>>>(score, colsum, colsum_len, score_from, q,
+                                                         q_stride, lse, kv, block_tab, n_kv,
+                                                         q_pos, n_q, n_heads, scale, window);
+    KERN_LAUNCH_CHECK("prefill_scores_kernel");
     return D2_OK;
 }

@@ -66,11 +66,13 @@ static size_t d2o_slot_words(int n_kv, int hd) {
 }
 
 /* Offsets of every array in the scratch, in carving order; returns the total. */
-static size_t d2o_layout(int cap, int n_kv, int hd, int move_slots, size_t off[13]) {
+#define D2O_N_ARRAYS 14
+static size_t d2o_layout(int cap, int n_kv, int hd, int move_slots, size_t off[D2O_N_ARRAYS]) {
     size_t c = (size_t)cap, o = 0;
-    size_t sz[13] = {c * 4, c, c * 4, c * 4, c * 4, c * 4, c * 4, c * 4, (c + 1) * 4, c * 4,
-                     4 * 4, 2 * 4, (size_t)move_slots * d2o_slot_words(n_kv, hd) * 4};
-    for (int i = 0; i < 13; i++) {
+    size_t sz[D2O_N_ARRAYS] = {c * 4, c, c * 4, c * 4, c * 4, c * 4, c * 4, c * 4, (c + 1) * 4,
+                               c * 4, 4 * 4, 2 * 4,
+                               (size_t)move_slots * d2o_slot_words(n_kv, hd) * 4, c * 4};
+    for (int i = 0; i < D2O_N_ARRAYS; i++) {
         off[i] = o;
         o += d2o_align(sz[i]);
     }
@@ -85,7 +87,7 @@ static bool d2o_shape_ok(int cap, int n_kv, int hd, int move_slots) {
 
 size_t kern_d2o_scratch_bytes(int cap, int n_kv_heads, int head_dim, int move_slots) {
     if (!d2o_shape_ok(cap, n_kv_heads, head_dim, move_slots)) return 0;
-    size_t off[13];
+    size_t off[D2O_N_ARRAYS];
     return d2o_layout(cap, n_kv_heads, head_dim, move_slots, off);
 }
 
@@ -93,7 +95,7 @@ int kern_d2o_ws_init(kern_d2o_ws *ws, void *scratch, size_t bytes, int cap, int 
                      int head_dim, int move_slots) {
     if (!ws || !scratch || ((uintptr_t)scratch & 255u)) return D2_EINVAL;
     if (!d2o_shape_ok(cap, n_kv_heads, head_dim, move_slots)) return D2_EINVAL;
-    size_t off[13];
+    size_t off[D2O_N_ARRAYS];
     if (bytes < d2o_layout(cap, n_kv_heads, head_dim, move_slots, off)) return D2_EINVAL;
     char *b = (char *)scratch;
     ws->score = (float *)(b + off[0]);
@@ -109,6 +111,7 @@ int kern_d2o_ws_init(kern_d2o_ws *ws, void *scratch, size_t bytes, int cap, int 
     ws->counts = (int32_t *)(b + off[10]);
     ws->stat = (float *)(b + off[11]);
     ws->move = (uint32_t *)(b + off[12]);
+    ws->pooled = (float *)(b + off[13]);
     ws->cap = cap;
     ws->n_kv_heads = n_kv_heads;
     ws->head_dim = head_dim;
@@ -200,6 +203,37 @@ int kern_d2o_scores(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *blo
         ws->score, ws->keep, kv.score, block_tab, kv.page_tokens, kv.n_kv_heads, p->n,
         p->n_sink, p->lim);
     KERN_LAUNCH_CHECK("d2o_scores_kernel");
+    return D2_OK;
+}
+
+/* ---- 1b. SnapKV / PyramidKV pooling ------------------------------------------------ */
+
+#define D2O_POOL_K 5 /* SNAP_POOL_K of engine/kvcomp.c */
+
+/* out[i] = mean of in[a..b], a = max(i - 2, 0), b = min(i + 2, n - 1), summed
+ * in order without contraction: bit-identical to eng_kv_pool_scores. */
+static __global__ void d2o_pool_kernel(float *out, const float *in, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int half = D2O_POOL_K / 2;
+    int a = i - half < 0 ? 0 : i - half, b = i + half >= n ? n - 1 : i + half;
+    float s = 0.0f;
+    for (int j = a; j <= b; j++) s = __fadd_rn(s, in[j]);
+    out[i] = __fdiv_rn(s, (float)(b - a + 1));
+}
+
+static __global__ void d2o_copy_kernel(float *out, const float *in, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = in[i];
+}
+
+int kern_d2o_pool_scores(const kern_d2o_ws *ws, const kern_d2o_plan *p, kern_stream s) {
+    KERN_REQUIRE(d2o_args_ok(ws, p));
+    if (p->n == 0) return D2_OK;
+    d2o_pool_kernel<<<d2o_blocks(p->n, 256), 256, 0, s>>>(ws->pooled, ws->score, p->n);
+    KERN_LAUNCH_CHECK("d2o_pool_kernel");
+    d2o_copy_kernel<<<d2o_blocks(p->n, 256), 256, 0, s>>>(ws->score, ws->pooled, p->n);
+    KERN_LAUNCH_CHECK("d2o_copy_kernel");
     return D2_OK;
 }
 

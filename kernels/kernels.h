@@ -157,12 +157,26 @@ typedef struct kern_kv_view {
 } kern_kv_view;
 
 /* Tokens of keys one decode split covers (flash-decoding): a CTA handles one
- * (sequence, kv head, split of KERN_DECODE_SPLIT slots). */
+ * (split of KERN_DECODE_SPLIT slots of one sequence, kv head). */
 #define KERN_DECODE_SPLIT 256
 
-/* Bytes of device scratch kern_attn_decode needs for n_seq sequences whose
- * live lengths are all <= max_len. */
-size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int head_dim, int max_len);
+/* Host only: the decode work list of a batch, from the host copy of the
+ * sequences' live lengths len[n_seq] (the step plan). split_base[b] = splits
+ * of sequences 0..b-1 (split_base: n_seq + 1 entries, split_base[n_seq] =
+ * *n_work); work[i] = the sequence of split i, sequences in order, a
+ * sequence's splits contiguous (work: work_cap entries; ceil(len[b] /
+ * KERN_DECODE_SPLIT) per sequence). The caller copies both to the device
+ * with the plan. D2_EINVAL for a negative length or work_cap too small. */
+int kern_attn_decode_plan(const int32_t *len, int n_seq, int32_t *split_base, int32_t *work,
+                          int work_cap, int *n_work);
+
+/* Bytes of device scratch kern_attn_decode needs for n_seq sequences and a
+ * work list of n_work splits; with_scores: whether score will be non-NULL
+ * (then the logits of every split are kept: 4 * n_heads * KERN_DECODE_SPLIT
+ * bytes per split, bounded by the batch's live tokens, not by n_seq times
+ * the longest sequence). */
+size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads, int head_dim,
+                                        int with_scores);
 
 /* Sliding-window attention (Mistral): with window > 0 a query at position p
  * sees only keys at positions > p - window, as the CPU backend
@@ -175,30 +189,45 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_heads, int head_dim, in
  *   visible iff 0 <= pos_j <= q_pos[b], and pos_j > q_pos[b] - window when
  *   window > 0                            (others get probability 0)
  *   out[b][h] = sum_j softmax(logit)_j v_j  (zeros when nothing is visible)
- * Method: pass 1, a CTA per (b, kv head, split) computes the G heads' logits
- * of its KERN_DECODE_SPLIT slots (kept in the workspace), their local max,
- * sum and unnormalised P.V; pass 2, a CTA per (b, h) merges the splits into
- * out and the row's lse; pass 3 (only when score != NULL), a thread per
- * (b, kv head, slot) adds sum_{h in group} exp(logit_{h,j} - lse_h) into
- * score[page][slot][kv head] with atomicAdd (atomic because two forked
- * sequences in one batch may share a page; the D2O decode score, d2o-spec
- * §10.1/§10.2). Each pass reads only what the previous wrote.
+ * Scores (the engine's contract, engine/backend.h step 4, for decode
+ * tokens): sequence b "scores" when score != NULL and (score_from == NULL
+ * or q_pos[b] >= score_from[b]) -- score_from is the eng_batch_seq field,
+ * INT32_MAX for a sequence without want_scores. A scoring sequence adds,
+ * for every live slot j, sum over the query heads h of its GQA group of
+ * softmax_h(j) into score[page(j)][slot(j)][kv head] (D2O's accumulated
+ * attention, d2o-spec §10.1/§10.2). Decode adds no column sums: a sequence
+ * whose plan entry carries colsum (D2O before its prompt is compressed,
+ * eng_kv_plan_seq) goes through kern_attn_prefill + kern_attn_prefill_scores
+ * even for a single token.
+ * Method: pass 1, a CTA per (work item, kv head) computes the G heads'
+ * logits of its KERN_DECODE_SPLIT slots (kept in the workspace only for
+ * scoring sequences), their local max, sum and unnormalised P.V; pass 2, a
+ * CTA per (b, h) merges the sequence's splits into out and the row's lse;
+ * pass 3 (only when score != NULL), a thread per (work item, kv head, slot)
+ * of the scoring sequences adds the probabilities with atomicAdd (atomic
+ * although engine/backend.h forbids two scoring sequences sharing a page in
+ * one step). Each pass reads only what the previous wrote.
  *   out        : [n_seq][n_heads][head_dim] fp32 or bf16 (out_dtype)
  *   q          : fp32 [n_seq][q_stride floats]; head h of sequence b starts
  *                at q + b*q_stride + h*head_dim (already RoPE'd)
  *   kv         : the layer's pages (the new token's K/V already written)
  *   score      : fp32 [n_pages][page_tokens][n_kv_heads] or NULL
+ *   score_from : int32 [n_seq] or NULL (every sequence scores)
  *   block_tab  : int32 [n_seq][tab_stride] page ids of each sequence's table
- *   len        : int32 [n_seq] live slots of each (sequence, layer), <= max_len
- *                (a larger value is clamped to max_len on the device)
+ *   len        : int32 [n_seq] live slots of each (sequence, layer), as given
+ *                to kern_attn_decode_plan (a larger value is clamped to the
+ *                splits the plan gave the sequence)
  *   q_pos      : int32 [n_seq] position of each query token
- *   workspace  : kern_attn_decode_workspace_bytes(n_seq, n_heads, head_dim,
- *                max_len) bytes, 16-byte aligned
- *   max_len    : host bound on len[*] (sizes the grid); 0 writes zero outputs */
+ *   split_base, work, n_work : kern_attn_decode_plan's output, on the device
+ *                (n_work 0: no keys anywhere, zero outputs)
+ *   workspace  : kern_attn_decode_workspace_bytes(n_seq, n_work, n_heads,
+ *                head_dim, score != NULL) bytes, 16-byte aligned */
 int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
-                     kern_kv_view kv, float *score, const int32_t *block_tab, int tab_stride,
-                     const int32_t *len, const int32_t *q_pos, int n_seq, int n_heads,
-                     float scale, int window, void *workspace, int max_len, kern_stream s);
+                     kern_kv_view kv, float *score, const int32_t *score_from,
+                     const int32_t *block_tab, int tab_stride, const int32_t *len,
+                     const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
+                     int n_work, int n_seq, int n_heads, float scale, int window,
+                     void *workspace, kern_stream s);
 
 /* Prefill attention for a chunk of n_q queries of one sequence against the
  * first n_kv live slots of its (layer) block table (which already holds the
@@ -209,7 +238,7 @@ int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stri
  *   out[i][h] = sum_j softmax_j(scale q_i.k_j) v_j  (zeros when none visible)
  *   lse[h][i] = log sum_j exp(scale q_i.k_j) over visible j (-inf when none)
  *   out       : [n_q][n_heads][head_dim] fp32 or bf16 (out_dtype)
- *   lse       : fp32 [n_heads][n_q] or NULL (needed by kern_attn_colsum)
+ *   lse       : fp32 [n_heads][n_q] or NULL (needed by kern_attn_prefill_scores)
  *   q         : fp32 [n_q][q_stride floats], head h at q + i*q_stride + h*head_dim
  *   block_tab : int32 [ceil(n_kv / page_tokens)] page ids
  *   q_pos     : int32 [n_q] */
@@ -218,20 +247,33 @@ int kern_attn_prefill(void *out, kern_dtype out_dtype, float *lse, const float *
                       const int32_t *q_pos, int n_q, int n_heads, float scale, int window,
                       kern_stream s);
 
-/* D2O prefill column sums (d2o-spec §10.1), per query head, accumulated:
- *   colsum[h][j] += sum_{i visible to j} exp(scale q_i.k_j - lse[h][i])
- * for j < n_kv, with the lse rows kern_attn_prefill wrote for the same
- * chunk. Chunked prefill calls this once per chunk; the sums add up exactly
- * because each chunk's lse is final. A CTA owns a tile of keys of one head,
- * so the += needs no atomics. No n_q x n_kv matrix is stored.
- *   colsum    : fp32 [n_heads][colsum_stride], colsum_stride >= n_kv
+/* Prefill scores, the engine's contract (engine/backend.h step 4) for a
+ * prefill chunk with want_scores: for every query i of the chunk with
+ * q_pos[i] >= score_from (eng_batch_seq.score_from; 0 = every query) and
+ * every live slot j < n_kv visible to it (as in kern_attn_prefill), with
+ * p_h(i, j) = exp(scale q_i,h . k_j - lse[h][i]) the softmax probability:
+ *   score[page(j)][slot(j)][kv head g] += sum over the query heads h of
+ *       group g of sum_i p_h(i, j)                     (score != NULL)
+ *   colsum[h][pos_j] += sum_i p_h(i, j) for 0 <= pos_j < colsum_len
+ *                                                      (colsum != NULL)
+ * Column sums are indexed by the key's position, as eng_batch_seq.colsum
+ * [n_layers][n_heads][colsum_len]: pass colsum + layer * n_heads *
+ * colsum_len. lse is what kern_attn_prefill wrote for the same chunk; each
+ * chunk's lse is final, so chunked prefill calls this once per chunk and the
+ * sums add up exactly. A CTA owns a tile of keys of one kv head and every
+ * query head of its group, so the += need no atomics: the live slots of a
+ * table must hold distinct positions (they do: kvp_append / kvp_compact),
+ * and two sequences sharing pages must not score in one step
+ * (engine/backend.h). No n_q x n_kv matrix is stored.
+ *   score     : fp32 [n_pages][page_tokens][n_kv_heads] or NULL
+ *   colsum    : fp32 [n_heads][colsum_len] or NULL
  *   q, q_stride, kv, block_tab, n_kv, q_pos, n_q, n_heads, scale, window:
  *               as in kern_attn_prefill
  *   lse       : fp32 [n_heads][n_q] */
-int kern_attn_colsum(float *colsum, int colsum_stride, const float *q, int q_stride,
-                     const float *lse, kern_kv_view kv, const int32_t *block_tab, int n_kv,
-                     const int32_t *q_pos, int n_q, int n_heads, float scale, int window,
-                     kern_stream s);
+int kern_attn_prefill_scores(float *score, float *colsum, int colsum_len, int score_from,
+                             const float *q, int q_stride, const float *lse, kern_kv_view kv,
+                             const int32_t *block_tab, int n_kv, const int32_t *q_pos, int n_q,
+                             int n_heads, float scale, int window, kern_stream s);
 
 /* ---- sampling ---- */
 
@@ -266,6 +308,9 @@ int kern_log_softmax(float *out, float *lse, const float *logits, int n_rows, in
  *   kern_d2o_scores      score[i] = sum over kv heads (g = 0..n_kv-1 in order)
  *                        of the pool's accumulated score; keep[i] = 1 for the
  *                        pinned slots (sinks, recent window), else 0
+ *   kern_d2o_pool_scores SnapKV / PyramidKV only: score[i] = mean of the
+ *                        scores i-2..i+2 (clamped to the table), as
+ *                        eng_kv_pool_scores; those methods plan with n_sink 0
  *   kern_d2o_select      heavy hitters into keep, then rank / kept / ev lists
  *   kern_d2o_match       nearest kept slot of every evicted slot (cosine)
  *   kern_d2o_tau         mean similarity and the EMA threshold (device float)
@@ -324,6 +369,7 @@ typedef struct kern_d2o_ws {
     int32_t *counts;   /* [4]: n_kept, first_gap, n_pass, n_evicted */
     float *stat;       /* [2]: mean similarity s_t, tau used */
     uint32_t *move;    /* [move_slots][slot words] compaction staging */
+    float *pooled;     /* SnapKV / PyramidKV pooling scratch */
     int cap, n_kv_heads, head_dim, move_slots;
 } kern_d2o_ws;
 
@@ -339,6 +385,9 @@ int kern_d2o_ws_init(kern_d2o_ws *ws, void *scratch, size_t bytes, int cap, int 
 /* Step 1. block_tab: int32 page ids of the table (ceil(n / page_tokens)). */
 int kern_d2o_scores(const kern_d2o_ws *ws, kern_d2o_pages kv, const int32_t *block_tab,
                     const kern_d2o_plan *p, kern_stream s);
+/* Step 1b (SnapKV / PyramidKV): smooths ws->score in place with the 5-wide
+ * mean of engine/kvcomp.c (eng_kv_pool_scores), bit-identical to it. */
+int kern_d2o_pool_scores(const kern_d2o_ws *ws, const kern_d2o_plan *p, kern_stream s);
 /* Step 2. Heavy hitters by a single-CTA 4-pass 8-bit radix select over the
  * candidates' scores (key order = descending score, -0 == +0), then the
  * first k of the threshold-equal ones by slot order; then rank, kept, ev and

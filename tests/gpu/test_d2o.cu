@@ -148,6 +148,19 @@ static void ref_scores(const Pool &p, std::vector<float> &sc) {
     }
 }
 
+/* eng_kv_pool_scores: the 5-wide mean SnapKV and PyramidKV select by */
+static void ref_pool_scores(std::vector<float> &sc) {
+    const int n = (int)sc.size(), half = 2;
+    std::vector<float> out(n);
+    for (int i = 0; i < n; i++) {
+        int a = i - half < 0 ? 0 : i - half, b = i + half >= n ? n - 1 : i + half;
+        float s = 0.0f;
+        for (int j = a; j <= b; j++) s += sc[j];
+        out[i] = s / (float)(b - a + 1);
+    }
+    sc = out;
+}
+
 /* eng_kv_select */
 static int ref_select(const std::vector<float> &score, int n, int n_sink, int heavy, int recent,
                       std::vector<uint8_t> &keep) {
@@ -222,6 +235,7 @@ struct Case {
     int n, pt, n_kv, hd, n_sink, heavy, recent, rule, move_slots, score_quant;
     float beta;
     bool select_only;
+    bool pool; /* SnapKV / PyramidKV: kern_d2o_pool_scores after the scores */
 };
 
 static void run_case(const Case &cs) {
@@ -260,6 +274,7 @@ static void run_case(const Case &cs) {
     /* 1-2. scores and selection */
     snprintf(name, sizeof name, "%s/scores+select", cs.name);
     KOK(kern_d2o_scores(&ws, kv, d.tab, &plan, nullptr));
+    if (cs.pool) KOK(kern_d2o_pool_scores(&ws, &plan, nullptr));
     KOK(kern_d2o_select(&ws, &plan, nullptr));
     CU(cudaDeviceSynchronize());
     std::vector<float> g_score, r_score;
@@ -272,6 +287,7 @@ static void run_case(const Case &cs) {
         return;
     }
     ref_scores(p, r_score);
+    if (cs.pool) ref_pool_scores(r_score);
     int r_m = ref_select(r_score, p.n, cs.n_sink, cs.heavy, cs.recent, r_keep);
     bool ok = r_m == plan.n_kept && g_counts[0] == r_m && g_counts[3] == p.n - r_m;
     snprintf(why, sizeof why, "kept: plan %d, cpu %d, gpu %d", plan.n_kept, r_m, g_counts[0]);
@@ -520,6 +536,7 @@ int main(void) {
         {"hd256", 700, 32, 2, 256, 4, 100, 40, KERN_D2O_MERGE_NORMALISED, 50, 0, 0.5f, false},
         {"keepall", 200, 16, 2, 8, 4, 500, 10, KERN_D2O_MERGE_NORMALISED, 8, 0, 0.5f, false},
         {"noheavy", 200, 16, 2, 8, 0, 0, 50, KERN_D2O_MERGE_CODE, 8, 4, 0.5f, false},
+        {"snapkv", 700, 16, 2, 64, 0, 100, 40, KERN_D2O_MERGE_CODE, 16, 0, 0.5f, false, true},
         {"select128k", 131072, 16, 1, 2, 4, 26000, 1000, 0, 1, 256, 0.5f, true},
         {"select128k-noquant", 131071, 16, 2, 2, 4, 13000, 999, 0, 1, 0, 0.5f, true},
     };
