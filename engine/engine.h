@@ -164,7 +164,7 @@ typedef struct eng_kv_config {
     int budget_tokens;     /* > 0: budget as a token count per layer */
     float heavy_share;     /* share of the budget for heavy hitters; 0.5 = 1:1, 0.75 = 3:1 */
     int n_sink;            /* pinned first tokens (inside the heavy budget); 4 */
-    int window;            /* SnapKV/PyramidKV observation window; 32 */
+    int window;            /* SnapKV/PyramidKV observation window; 32 (kept recent part: at most half the budget) */
     float ema_beta;        /* D2O threshold EMA weight of the new statistic; 0.5 */
     eng_kv_merge_rule merge_rule;
     bool exact;            /* evict every step instead of a page at a time */

@@ -157,8 +157,22 @@ void eng_kv_budgets(const eng_kv_config *c, int n_layers, const float *v, int n,
         for (int l = 1; l < n_layers; l++) if (v[l] < vmin) vmin = v[l];
         for (int l = 0; l < n_layers; l++) zsum += expf(-(v[l] - vmin));
     }
-    int pw = c->window < C ? c->window : C;        /* PyramidKV window part */
+    /* SnapKV/PyramidKV: the kept recent part is the observation window, but
+     * at most half the budget (rounded up), so that budgets at or below the
+     * window still keep heavy hitters chosen by the window's attention (the
+     * window queries that score are `window` in every case, eng_kv_plan_seq). */
+    int pw = c->window < (C + 1) / 2 ? c->window : (C + 1) / 2;
+    /* PyramidKV (its original allocation): the non-window budget B per layer
+     * falls linearly from max = 2B - B/beta to min = B/beta; when max exceeds
+     * what a layer can hold (n - window) it is clipped and min is raised to
+     * 2B - max, so that the layers still spend L x B between them. */
     float pb = (float)(C - pw), pmin = pb / PYRAMID_BETA, pmax = 2.0f * pb - pmin;
+    float pcap = (float)(n - pw > 0 ? n - pw : 0);
+    if (pmax > pcap) {
+        pmax = pcap;
+        pmin = 2.0f * pb - pmax;
+        if (pmin > pmax) pmin = pmax;
+    }
     for (int l = 0; l < n_layers; l++) {
         int hh = -1, rec = -1;
         if (c->method == ENG_KV_FULL || eng_kv_layer_kept(c, n_layers, l)) {
