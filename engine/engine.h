@@ -254,6 +254,11 @@ typedef struct eng_sched_config {
     int max_queue;          /* requests that may wait beyond the free running slots before
                                submit returns D2_EQUEUEFULL (0: accepted only when a slot
                                is free); queue_exempt submissions do not count */
+    /* Host memory admitted prefills may hold for compression scratch (D2O's
+     * column sums: layers x heads x prefill floats each, freed when the
+     * prompt is compressed); a request beyond it waits unless none is held.
+     * 0 = 1 GiB. */
+    int64_t prefill_bytes_limit;
 } eng_sched_config;
 
 typedef struct eng_sched_stats {
@@ -261,6 +266,7 @@ typedef struct eng_sched_stats {
     int64_t preemptions, prompt_tokens, generation_tokens, steps;
     int64_t finished_stop, finished_length, finished_error, finished_canceled;
     int64_t kv_tokens_evicted, kv_tokens_merged, kv_pages_freed; /* by compression */
+    int64_t prefill_bytes;  /* compression scratch held now (eng_sched_config.prefill_bytes_limit) */
 } eng_sched_stats;
 
 int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out);

@@ -244,8 +244,7 @@ float eng_kv_d2o_layer_stat(const float *colsum, int n_heads, int len, int n) {
 
 /* ---- workspace and state ---------------------------------------------------------------- */
 
-int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int colsum_len,
-                        eng_kv_state **out) {
+int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, eng_kv_state **out) {
     *out = NULL;
     const char *why;
     if (eng_kv_config_validate(c, &why) != D2_OK) return D2_EINVAL;
@@ -262,12 +261,7 @@ int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int 
     s->v_layer = calloc(L, sizeof(float));
     s->tau = calloc(L, sizeof(float));
     s->tau_set = calloc(L, 1);
-    if (c->method == ENG_KV_D2O) {
-        s->colsum_len = colsum_len > 0 ? colsum_len : 1;
-        s->colsum = calloc(L * (size_t)mc->n_heads * (size_t)s->colsum_len, sizeof(float));
-    }
-    if (!s->heavy || !s->recent || !s->v_layer || !s->tau || !s->tau_set ||
-        (c->method == ENG_KV_D2O && !s->colsum)) {
+    if (!s->heavy || !s->recent || !s->v_layer || !s->tau || !s->tau_set) {
         eng_kv_state_free(s);
         return D2_ENOMEM;
     }
@@ -291,8 +285,31 @@ void eng_kv_state_reset(eng_kv_state *s) {
     memset(s->v_layer, 0, L * sizeof(float));
     memset(s->tau, 0, L * sizeof(float));
     memset(s->tau_set, 0, L);
-    if (s->colsum)
-        memset(s->colsum, 0, L * (size_t)s->n_heads * (size_t)s->colsum_len * sizeof(float));
+    eng_kv_colsum_release(s);
+}
+
+size_t eng_kv_prefill_bytes(const eng_kv_config *c, const eng_model_config *mc, int prefill_len) {
+    if (!c || c->method != ENG_KV_D2O || prefill_len <= 0) return 0;
+    return (size_t)mc->n_layers * (size_t)mc->n_heads * (size_t)prefill_len * sizeof(float);
+}
+
+int eng_kv_prefill_begin(eng_kv_state *s, int prefill_len) {
+    eng_kv_state_reset(s);
+    if (s->cfg.method != ENG_KV_D2O) return D2_OK;
+    s->colsum_len = prefill_len > 0 ? prefill_len : 1;
+    s->colsum = calloc((size_t)s->n_layers * (size_t)s->n_heads * (size_t)s->colsum_len,
+                       sizeof(float));
+    if (!s->colsum) {
+        s->colsum_len = 0;
+        return D2_ENOMEM;
+    }
+    return D2_OK;
+}
+
+void eng_kv_colsum_release(eng_kv_state *s) {
+    free(s->colsum);
+    s->colsum = NULL;
+    s->colsum_len = 0;
 }
 
 bool eng_kv_wants_scores(const eng_kv_state *s) {
@@ -312,7 +329,7 @@ void eng_kv_plan_seq(const eng_kv_state *s, int prefill_end, eng_batch_seq *bs) 
     bs->colsum_len = 0;
     if (!s) return;
     bs->want_scores = eng_kv_wants_scores(s);
-    if (s->cfg.method == ENG_KV_D2O && !s->compressed) {
+    if (s->cfg.method == ENG_KV_D2O && !s->compressed && s->colsum) {
         bs->colsum = s->colsum;
         bs->colsum_len = s->colsum_len;
     }
@@ -373,11 +390,15 @@ int eng_kv_compress_prompt(eng_backend *be, int seq, eng_kv_state *s) {
         return D2_OK;
     }
     int n = kvp_get_table(pool, seq, 0).n_tokens;
-    if (s->cfg.method == ENG_KV_D2O) {
+    /* D2O: the layer statistics come from the prefill's column sums, which
+     * are dead afterwards and go at once. A compression retried after
+     * D2_EKVFULL keeps the statistics of the first attempt. */
+    if (s->cfg.method == ENG_KV_D2O && s->colsum) {
         for (int l = 0; l < s->n_layers; l++)
             s->v_layer[l] = eng_kv_d2o_layer_stat(
                 s->colsum + (size_t)l * (size_t)s->n_heads * (size_t)s->colsum_len, s->n_heads,
                 s->colsum_len, n);
+        eng_kv_colsum_release(s);
     }
     eng_kv_budgets(&s->cfg, s->n_layers, s->v_layer, n, s->heavy, s->recent);
     for (int l = 0; l < s->n_layers; l++) {

@@ -13,13 +13,17 @@
  * compaction) is the backend's kv_compress operation (engine/backend.h),
  * which runs where the KV payload lives; this file decides the numbers.
  *
- * Lifecycle of a compressed sequence (driven by step.c and run.c):
- *   eng_kv_state_create      at submit (all per-request memory allocated here)
- *   eng_kv_state_reset       at (re)admission: forgets budgets, tau, colsums
+ * Lifecycle of a compressed sequence (driven by step.c, sched.c and run.c):
+ *   eng_kv_state_create      at submit (small per-layer arrays only)
+ *   eng_kv_prefill_begin     at (re)admission: forgets budgets and tau, and
+ *                            (D2O) allocates the prefill column sums,
+ *                            eng_kv_prefill_bytes of them; the scheduler
+ *                            counts these bytes in admission
  *   eng_kv_plan_seq          per step: sets want_scores / score_from / colsum
  *                            of the sequence's plan entry
- *   eng_kv_compress_prompt   once the prefill is complete: per-layer budgets,
- *                            then every compressed layer N -> C_l
+ *   eng_kv_compress_prompt   once the prefill is complete: the layer
+ *                            statistics (then the column sums are freed),
+ *                            per-layer budgets, every compressed layer N -> C_l
  *   eng_kv_after_decode      after every later step: a layer whose live tokens
  *                            reach C_l + page_tokens is cut back to C_l (a page
  *                            returns); `exact` cuts back every step
@@ -54,17 +58,26 @@ typedef struct eng_kv_state {
     float *v_layer;         /* [n_layers] D2O layer statistic (inspection, tests) */
     float *tau;             /* [n_layers] D2O EMA threshold */
     uint8_t *tau_set;       /* [n_layers] */
-    float *colsum;          /* D2O: [n_layers][n_heads][colsum_len] prefill column sums */
-    int colsum_len;
+    float *colsum;          /* D2O, between eng_kv_prefill_begin and the prompt compression
+                               (NULL otherwise): [n_layers][n_heads][colsum_len] column sums */
+    int colsum_len;         /* the prefill length */
     int64_t n_evicted, n_merged, n_pages_freed; /* cumulative since create */
 } eng_kv_state;
 
-/* State for one request; c must validate. colsum_len: the longest prefill the
- * sequence can have (D2O only; prompt + generated tokens after a preemption). */
-int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, int colsum_len,
-                        eng_kv_state **out);
+/* State for one request; c must validate. */
+int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, eng_kv_state **out);
 void eng_kv_state_free(eng_kv_state *s); /* accepts NULL */
+/* Back to "not started": budgets, tau and statistics forgotten, column sums
+ * freed. */
 void eng_kv_state_reset(eng_kv_state *s);
+/* Bytes eng_kv_prefill_begin allocates for a prefill of prefill_len tokens
+ * (D2O: n_layers x n_heads x prefill_len floats; 0 for the other methods). */
+size_t eng_kv_prefill_bytes(const eng_kv_config *c, const eng_model_config *mc, int prefill_len);
+/* Reset, then (D2O) the column sums of a prefill of prefill_len tokens.
+ * D2_ENOMEM leaves the state reset without them. */
+int eng_kv_prefill_begin(eng_kv_state *s, int prefill_len);
+/* Frees the column sums now (a preempted sequence that waits holds none). */
+void eng_kv_colsum_release(eng_kv_state *s);
 
 /* Makes c's kept layers explicit for an n_layers model (the method default
  * when c has no explicit set). */

@@ -145,8 +145,12 @@ static int score_kv_window(eng_engine *e, eng_plan *pl, const int32_t *ids, int 
     int seq;
     int rc = kvp_seq_new(e->pool, &seq);
     if (rc != D2_OK) return rc;
-    eng_kv_state_reset(ks);
     int p = prefill < wn ? prefill : wn;
+    rc = eng_kv_prefill_begin(ks, p);
+    if (rc != D2_OK) {
+        kvp_seq_free(e->pool, seq);
+        return rc;
+    }
     for (int c0 = 0; c0 < wn; ) {
         bool in_prefill = c0 < p;
         int cn = in_prefill ? (p - c0 < chunk ? p - c0 : chunk) : 1;
@@ -179,7 +183,7 @@ int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *
     if (n < 2) return D2_OK;
     if (check_ids(e, ids, n) != D2_OK) return D2_EINVAL;
     eng_kv_state *ks = NULL;
-    int rc = eng_kv_state_create(kv, mc, e->ctx_len, &ks);
+    int rc = eng_kv_state_create(kv, mc, &ks);
     if (rc != D2_OK) return rc;
     eng_plan pl;
     rc = eng__plan_init(&pl, e);

@@ -72,6 +72,7 @@ typedef struct sreq {
     atomic_int cancel;
     double t_submit, t_first;
     eng_kv_state *kvs;          /* KV compression state; NULL = full cache */
+    int64_t prefill_bytes;      /* prefill scratch of kvs counted in eng_sched.prefill_bytes */
     int prefill_end;            /* cache length at which the prompt compression runs */
 } sreq;
 
@@ -132,7 +133,13 @@ struct eng_sched {
     atomic_llong view_watch_until_ms; /* publish the running view until then (d2_now() ms) */
     eng_kv_event events[ENG_VIEW_EVENTS]; /* ring: event k at events[(k - 1) % N] */
     uint64_t n_events;
+    /* Prefill scratch (D2O column sums) held by admitted requests: allocated
+     * at admission, freed by the prompt compression or a preemption. */
+    int64_t prefill_bytes, prefill_bytes_limit;
+    atomic_llong prefill_bytes_pub;
 };
+
+#define SCHED_PREFILL_BYTES_DEFAULT ((int64_t)1 << 30)
 
 int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out) {
     *out = NULL;
@@ -141,6 +148,8 @@ int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out
     s->e = e;
     s->cfg = *cfg;
     s->next_id = 1;
+    s->prefill_bytes_limit = cfg->prefill_bytes_limit > 0 ? cfg->prefill_bytes_limit
+                                                          : SCHED_PREFILL_BYTES_DEFAULT;
     s->plan_req = calloc((size_t)e->max_seqs, sizeof *s->plan_req);
     s->view_layers = e->model->cfg.n_layers;
     size_t nv = (size_t)e->max_seqs + ENG_VIEW_RECENT;
@@ -178,10 +187,22 @@ static double since(const sreq *r, double t) { return t > 0 ? t - r->t_submit : 
 
 static void view_retire(eng_sched *s, const sreq *r);
 
+/* Takes r's prefill scratch out of the admission count once its state no
+ * longer holds it (compressed), or drops it now (preemption, retirement). */
+static void prefill_bytes_settle(eng_sched *s, sreq *r, bool drop) {
+    if (!r->prefill_bytes) return;
+    if (drop) eng_kv_colsum_release(r->kvs);
+    else if (r->kvs->colsum) return;
+    s->prefill_bytes -= r->prefill_bytes;
+    r->prefill_bytes = 0;
+    atomic_store(&s->prefill_bytes_pub, s->prefill_bytes);
+}
+
 /* Ends a request: frees its pages, sends DONE, unlinks and frees it. The
  * caller has already removed it from waiting/running. */
 static void retire(eng_sched *s, sreq *r, eng_finish fin, int status) {
     if (r->kv >= 0) view_retire(s, r);
+    prefill_bytes_settle(s, r, true);
     if (r->kv >= 0) kvp_seq_free(s->e->pool, r->kv);
     r->kv = -1;
     double now = d2_now();
@@ -254,9 +275,7 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     if (rc != D2_OK) { free(r->bias); free(r->tokens); free(r); return rc; }
     eng_sampler_add_prompt(&r->sampler, q->prompt, (size_t)q->n_prompt);
     if (q->kv.method != ENG_KV_FULL) {
-        int cl = q->n_prompt + q->max_tokens;
-        if (cl > e->ctx_len) cl = e->ctx_len;
-        rc = eng_kv_state_create(&q->kv, mc, cl, &r->kvs);
+        rc = eng_kv_state_create(&q->kv, mc, &r->kvs);
         if (rc != D2_OK) { sreq_free(r); return rc; }
     }
     r->fn = q->on_event;
@@ -335,6 +354,7 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
         .kv_tokens_evicted = atomic_load(&s->kv_evicted),
         .kv_tokens_merged = atomic_load(&s->kv_merged),
         .kv_pages_freed = atomic_load(&s->kv_freed),
+        .prefill_bytes = atomic_load(&s->prefill_bytes_pub),
     };
     return st;
 }
@@ -349,6 +369,7 @@ static void publish_counts(eng_sched *s) {
 static int known(const sreq *r) { return r->n_prompt + r->n_gen; }
 
 static void preempt(eng_sched *s, sreq *r) {
+    prefill_bytes_settle(s, r, true);
     kvp_seq_free(s->e->pool, r->kv);
     r->kv = -1;
     r->n_fed = 0;
@@ -492,7 +513,9 @@ static void sched_intake(eng_sched *s) {
 }
 
 /* 3: admission by pages, with a watermark of one page per layer for every
- * running sequence's next decode. */
+ * running sequence's next decode, and by prefill scratch (D2O's column sums,
+ * allocated here, freed by the prompt compression) within
+ * prefill_bytes_limit. */
 static void sched_admit(eng_sched *s) {
     eng_engine *e = s->e;
     int n_layers = e->model->cfg.n_layers;
@@ -504,14 +527,24 @@ static void sched_admit(eng_sched *s) {
         int64_t watermark = (int64_t)n_layers * s->running.n;
         if (need + watermark > free_pages && s->running.n > 0) break;
         if (need > free_pages) break; /* nothing running: pages will not come back; wait */
+        /* prefill scratch: within the limit, or alone (a prefill always runs) */
+        int64_t pb = r->kvs ? (int64_t)eng_kv_prefill_bytes(&r->kvs->cfg, &e->model->cfg, known(r)) : 0;
+        if (pb > 0 && s->prefill_bytes > 0 && s->prefill_bytes + pb > s->prefill_bytes_limit) break;
         int rc = kvp_seq_new(e->pool, &r->kv);
         if (rc != D2_OK) break;
+        if (r->kvs && (rc = eng_kv_prefill_begin(r->kvs, known(r))) != D2_OK) {
+            kvp_seq_free(e->pool, r->kv);
+            r->kv = -1;
+            break; /* no memory for the column sums now: wait */
+        }
         rl_remove(&s->waiting, r);
         rl_push_back(&s->running, r);
         r->admit_seq = ++s->admit_counter;
         r->n_fed = 0;
         r->prefill_end = known(r);
-        if (r->kvs) eng_kv_state_reset(r->kvs);
+        r->prefill_bytes = pb;
+        s->prefill_bytes += pb;
+        atomic_store(&s->prefill_bytes_pub, s->prefill_bytes);
     }
     if (s->running.n == 0 && s->waiting.head) {
         /* Cannot happen with the submit-time check unless the pool leaked;
@@ -568,6 +601,7 @@ static void commit_compress(eng_sched *s, sreq *r, int fed) {
     if (crc != D2_OK)
         D2_ERROR("sched: KV compression of request %llu failed: %s", (unsigned long long)r->id,
                  d2_strerror(crc));
+    prefill_bytes_settle(s, r, false);
     atomic_fetch_add(&s->kv_evicted, ks->n_evicted - ev0);
     atomic_fetch_add(&s->kv_merged, ks->n_merged - mg0);
     atomic_fetch_add(&s->kv_freed, ks->n_pages_freed - fr0);

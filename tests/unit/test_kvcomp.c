@@ -141,6 +141,7 @@ static void step_seq(eng_engine *e, int seq, const int32_t *toks, int n, int pos
 
 /* Prefills toks[0..n) of seq (chunked, scores as the state's plan asks). */
 static void prefill(eng_engine *e, int seq, const int32_t *toks, int n, eng_kv_state *ks) {
+    if (ks) ASSERT_EQ(eng_kv_prefill_begin(ks, n), D2_OK);
     for (int c0 = 0; c0 < n;) {
         int cn = n - c0 < e->max_batch_tokens ? n - c0 : e->max_batch_tokens;
         step_seq(e, seq, toks + c0, cn, c0, ks, n);
@@ -173,7 +174,7 @@ TEST(probe_prefill_speed) {
     eng_kv_config c;
     eng_kv_config_default(&c, ENG_KV_D2O);
     eng_kv_state *ks;
-    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, n, &ks), D2_OK);
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks), D2_OK);
     int seq;
     ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
     double t0 = d2_now();
@@ -243,6 +244,36 @@ TEST(config_defaults_names_validate) {
     for (int l = 0; l < 32; l++) ASSERT(!eng_kv_layer_kept(&c, 32, l));
 }
 
+/* D2O's column sums exist only between the start of the prefill and the
+ * prompt compression (they used to be allocated with the state, sized for
+ * prompt + max_tokens, and held until the request ended). */
+TEST(colsum_lives_from_prefill_to_compression) {
+    tmodel *t = tmodel_make(3, 16, 2, 1, 64, 32, 1.0f, 5);
+    eng_engine *e = tengine_make(&t->m, 256, 64, 1, 128, 16, 1);
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_D2O);
+    eng_kv_state *ks;
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks), D2_OK);
+    ASSERT(ks->colsum == NULL);
+    ASSERT_EQ(eng_kv_prefill_bytes(&c, &t->m.cfg, 50), (size_t)3 * 2 * 50 * sizeof(float));
+    int32_t toks[50];
+    rand_tokens(toks, 50, 64, 2);
+    int seq;
+    ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
+    prefill(e, seq, toks, 50, ks); /* eng_kv_prefill_begin(ks, 50) first */
+    ASSERT(ks->colsum != NULL);
+    ASSERT_EQ(ks->colsum_len, 50);
+    ASSERT_EQ(eng_kv_compress_prompt(e->be, seq, ks), D2_OK);
+    ASSERT(ks->colsum == NULL);
+    ASSERT(ks->v_layer[1] > 0.1f); /* the statistic was taken before the sums went */
+    eng_kv_config h;
+    eng_kv_config_default(&h, ENG_KV_H2O);
+    ASSERT_EQ(eng_kv_prefill_bytes(&h, &t->m.cfg, 50), 0);
+    eng_kv_state_free(ks);
+    tengine_free(e);
+    tmodel_free(t);
+}
+
 /* Models deeper than 64 layers: the default keeps the last layer, and an
  * explicit set names any layer (the set was one 64-bit word). */
 TEST(keep_layers_beyond_64) {
@@ -270,7 +301,7 @@ TEST(keep_layers_beyond_64) {
     int32_t toks[N];
     rand_tokens(toks, N, 64, 9);
     eng_kv_state *ks;
-    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &ks), D2_OK);
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks), D2_OK);
     int seq;
     ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
     prefill(e, seq, toks, N, ks);
@@ -518,7 +549,7 @@ static eng_kv_state *d2o_state_1layer(eng_kv_merge_rule rule) {
     eng_kv_keep_layers_clear(&c);
     eng_model_config mc = {.n_layers = 1, .n_heads = 1, .n_kv_heads = 1, .head_dim = 2};
     eng_kv_state *s;
-    ASSERT_EQ(eng_kv_state_create(&c, &mc, 8, &s), D2_OK);
+    ASSERT_EQ(eng_kv_state_create(&c, &mc, &s), D2_OK);
     return s;
 }
 
@@ -694,7 +725,7 @@ static void h2o_vs_reference(bool exact, eng_kv_method method) {
     c.window = 6;
     c.exact = exact;
     eng_kv_state *ks;
-    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, CTX, &ks), D2_OK);
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks), D2_OK);
     int32_t toks[NP + ND];
     rand_tokens(toks, NP + ND, 64, 3);
     int seq;
@@ -804,7 +835,7 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     eng_kv_config c;
     eng_kv_config_default(&c, ENG_KV_D2O);
     eng_kv_state *tmpl;
-    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &tmpl), D2_OK);
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &tmpl), D2_OK);
     int seq;
     ASSERT_EQ(kvp_seq_new(e->pool, &seq), D2_OK);
     prefill(e, seq, toks, N, tmpl);
@@ -836,7 +867,8 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     int64_t first_pages = 0, evicted = 0, merged = 0;
     while (n_d2o < 64 && kvp_get_stats(pool).pages_free >= est_d2o.pages_peak) {
         int s = copy_seq(e->be, seq, be2, L);
-        ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, N, &ks[n_d2o]), D2_OK);
+        ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks[n_d2o]), D2_OK);
+        ASSERT_EQ(eng_kv_prefill_begin(ks[n_d2o], N), D2_OK);
         memcpy(ks[n_d2o]->colsum, tmpl->colsum, sizeof(float) * (size_t)L * 4 * (size_t)N);
         ASSERT_EQ(eng_kv_compress_prompt(be2, s, ks[n_d2o]), D2_OK);
         int64_t held = 0;
@@ -1004,7 +1036,7 @@ TEST(random_forks_compressed) {
         eng_kv_config c0;
         eng_kv_config_default(&c0, ENG_KV_D2O);
         eng_kv_state *k0;
-        ASSERT_EQ(eng_kv_state_create(&c0, &t->m.cfg, np, &k0), D2_OK);
+        ASSERT_EQ(eng_kv_state_create(&c0, &t->m.cfg, &k0), D2_OK);
         int parent;
         ASSERT_EQ(kvp_seq_new(e->pool, &parent), D2_OK);
         prefill(e, parent, toks, np, k0);
@@ -1015,7 +1047,8 @@ TEST(random_forks_compressed) {
             ASSERT_EQ(kvp_seq_fork(e->pool, parent, &kids[i]), D2_OK);
             eng_kv_config c;
             random_kv(&c);
-            ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, np, &ks[i]), D2_OK);
+            ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks[i]), D2_OK);
+            ASSERT_EQ(eng_kv_prefill_begin(ks[i], np), D2_OK);
             if (c.method == ENG_KV_D2O)
                 memcpy(ks[i]->colsum, k0->colsum, sizeof(float) * 3 * 4 * (size_t)np);
             int rc = eng_kv_compress_prompt(e->be, kids[i], ks[i]);
