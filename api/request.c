@@ -128,10 +128,11 @@ static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_
     json_object_foreach(o, key, v) {
         if (strcmp(key, "method") && strcmp(key, "budget") && strcmp(key, "heavy_share") &&
             strcmp(key, "exact") && strcmp(key, "merge_rule") && strcmp(key, "n_sink") &&
-            strcmp(key, "window") && strcmp(key, "ema_beta") && strcmp(key, "keep_layers")) {
+            strcmp(key, "window") && strcmp(key, "ema_beta") && strcmp(key, "keep_layers") &&
+            strcmp(key, "preset")) {
             api_error_set(err, 400, "invalid_request_error", P,
-                          "kv_compression: unknown key '%.64s' (known: method, budget, heavy_share, exact, "
-                          "merge_rule, n_sink, window, ema_beta, keep_layers)",
+                          "kv_compression: unknown key '%.64s' (known: method, preset, budget, heavy_share, "
+                          "exact, merge_rule, n_sink, window, ema_beta, keep_layers)",
                           key);
             return -1;
         }
@@ -150,6 +151,16 @@ static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_
         return -1;
     }
     eng_kv_config_default(&p->kv, (eng_kv_method)method);
+    /* a preset first: explicit fields below override it */
+    json_t *pr = json_object_get(o, "preset");
+    if (pr && !json_is_null(pr)) {
+        const char *pwhy = NULL;
+        if (!json_is_string(pr) || eng_kv_preset_apply(&p->kv, json_string_value(pr), &pwhy) != D2_OK) {
+            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.preset: %s",
+                          pwhy ? pwhy : "must be a string (default or official)");
+            return -1;
+        }
+    }
     json_t *b = json_object_get(o, "budget");
     if (b && !json_is_null(b)) {
         if (json_is_integer(b)) {

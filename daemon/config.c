@@ -52,6 +52,7 @@ static const char *const log_level_names[] = {"debug", "info", "warn", "error", 
 static const char *const kv_method_names[] = {"full",   "d2o",    "h2o",      "streamingllm",
                                               "snapkv", "pyramidkv", NULL};
 static const char *const device_names[] = {"cpu", "cuda", "auto", NULL};
+static const char *const kv_preset_names[] = {"default", "official", NULL};
 
 static int check_host(const char *v, char *why, size_t n);
 static int check_api_key(const char *v, char *why, size_t n);
@@ -91,6 +92,8 @@ static const cfg_directive g_dirs[] = {
      "KV-cache eviction/compression policy"},
     {"kv_budget", CT_STRING, STR(kv_budget), "1.0", 0, 0, NULL, 0, check_kv_budget, "B",
      "KV-cache budget per sequence: fraction in (0,1] or a token count"},
+    {"kv_preset", CT_ENUM, NUM(kv_preset), "default", 0, 0, kv_preset_names, 0, NULL, NULL,
+     "KV-compression preset: official = D2O as its official code runs it (kv_method d2o)"},
     {"device", CT_ENUM, NUM(device), "cpu", 0, 0, device_names, 0, NULL, NULL,
      "compute backend: cpu, cuda (not in this build yet: refused at startup) or auto (best available)"},
     {"max_queue", CT_INT, NUM(max_queue), "256", 0, 100000, NULL, 1, NULL, "N",

@@ -85,6 +85,7 @@ typedef struct dmn_config {
     int kv_mem_mb;                                  /* 0 = automatic */
     int kv_method;                                  /* enum dmn_kv_method */
     char kv_budget[32];                             /* "0.2" (fraction) or "128" (tokens) */
+    int kv_preset;                                  /* 0 default, 1 official (eng_kv_preset_apply) */
     double kv_budget_frac;                          /* derived: fraction in (0,1], or 0 */
     long kv_budget_tokens;                          /* derived: token count, or 0 */
     int device;                                     /* enum dmn_device */

@@ -27,6 +27,17 @@
  * opening following after a BOS, until the window is full. They are
  * therefore in-distribution for the model; --text scores a real file.
  *
+ * Memory: every finished sequence of (b) and (c) reports its live KV tokens
+ * (eng_kv_report, from the prompt compression on); each row has their mean
+ * and peak and the bytes, and the live KV relative to the full cache's
+ * (mem%). A second table compares the methods at equal memory: each one's
+ * figures interpolated between its two budgets that bracket the target.
+ * Rows for D2O variants: d2o_official (preset official), d2o_code
+ * (merge_rule code) and d2o_nokeep
+ * (keep_layers [], every layer compressed as the baselines are).
+ * Per-layer decisions (statistic, budget, kept and live tokens, evicted,
+ * merged, threshold) go into the JSON rows.
+ *
  * Output: a table on stdout, optionally a JSON file and a plot drawn with
  * cairo as PNG (--out-png) and/or SVG (--out-svg): three panels, perplexity,
  * agreement and passkey accuracy against the budget, axes labelled, a legend.
@@ -44,15 +55,58 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "daemon/cli.h"
+#include "daemon/eval_niah.h"
 #include "engine/engine.h"
 
-#define EV_MAX_METHODS 8
+#define EV_MAX_METHODS 12
 #define EV_MAX_BUDGETS 16
 #define EV_MAX_LENGTHS 8
 
+/* A row family of the table: a method with its defaults, or a named variant
+ * of one (d2o_code: merge_rule code; d2o_nokeep: keep_layers []). */
+typedef struct ev_variant {
+    const char *label;
+    eng_kv_method method;
+    int merge_rule;   /* -1: the method's default */
+    bool keep_none;   /* keep_layers [] */
+    const char *preset; /* eng_kv_preset_apply name, or NULL */
+} ev_variant;
+
+static const ev_variant VARIANTS[] = {
+    {"full", ENG_KV_FULL, -1, false, NULL},
+    {"d2o", ENG_KV_D2O, -1, false, NULL},
+    {"h2o", ENG_KV_H2O, -1, false, NULL},
+    {"streamingllm", ENG_KV_STREAMINGLLM, -1, false, NULL},
+    {"snapkv", ENG_KV_SNAPKV, -1, false, NULL},
+    {"pyramidkv", ENG_KV_PYRAMIDKV, -1, false, NULL},
+    {"d2o_code", ENG_KV_D2O, ENG_KV_MERGE_CODE, false, NULL},
+    {"d2o_nokeep", ENG_KV_D2O, -1, true, NULL},
+    {"d2o_official", ENG_KV_D2O, -1, false, "official"},
+};
+#define N_VARIANTS ((int)(sizeof VARIANTS / sizeof VARIANTS[0]))
+
+static int variant_parse(const char *name) {
+    for (int i = 0; i < N_VARIANTS; i++)
+        if (!strcmp(name, VARIANTS[i].label)) return i;
+    int m = eng_kv_method_parse(name); /* aliases such as "streaming" */
+    for (int i = 0; m >= 0 && i < N_VARIANTS; i++)
+        if ((int)VARIANTS[i].method == m) return i;
+    return -1;
+}
+
+static void variant_config(int v, double budget, eng_kv_config *kv) {
+    eng_kv_config_default(kv, VARIANTS[v].method);
+    if (VARIANTS[v].method == ENG_KV_FULL) return;
+    if (VARIANTS[v].preset) (void)eng_kv_preset_apply(kv, VARIANTS[v].preset, NULL);
+    kv->budget_frac = (float)budget;
+    kv->budget_tokens = 0;
+    if (VARIANTS[v].merge_rule >= 0) kv->merge_rule = (eng_kv_merge_rule)VARIANTS[v].merge_rule;
+    if (VARIANTS[v].keep_none) eng_kv_keep_layers_clear(kv);
+}
+
 typedef struct ev_opts {
     const char *model, *text_file, *out_png, *out_svg, *json_file;
-    int methods[EV_MAX_METHODS];
+    int methods[EV_MAX_METHODS]; /* indices into VARIANTS */
     int n_methods;
     double budgets[EV_MAX_BUDGETS];
     int n_budgets;
@@ -63,11 +117,24 @@ typedef struct ev_opts {
     int n_pk_lengths;
     int pk_trials;
     uint64_t seed;
+    /* --niah: retrieval grids (daemon/eval_niah.c) at one budget */
+    bool niah;
+    niah_opts nh;
+    double niah_budget;
+    const char *niah_png;
 } ev_opts;
+
+/* Per-layer decisions of one configuration, summed over its sequences. */
+typedef struct ev_layer_acc {
+    double stat, budget, kept_prompt, live, tau;
+    int64_t evicted, merged;
+    int n, n_tau;
+} ev_layer_acc;
 
 /* One evaluated configuration (the full cache, or a method at a budget). */
 typedef struct ev_result {
     eng_kv_method method;
+    int variant;            /* index into VARIANTS */
     double budget;          /* 1 for the full cache */
     double nll_sum;
     long n_pred;
@@ -76,6 +143,13 @@ typedef struct ev_result {
     int pk_pass[EV_MAX_LENGTHS], pk_n[EV_MAX_LENGTHS];
     int pk_pass_all, pk_n_all;
     int64_t evicted, merged, pages_freed; /* scheduler counters over (b) and (c) */
+    /* live KV per sequence over (b) and (c) (eng_kv_report: tokens averaged
+     * over layers, from the prompt compression on): the mean over sequences
+     * of each one's mean and peak, and the mean bytes */
+    double kv_tokens_mean, kv_tokens_peak, kv_bytes_mean;
+    int kv_n;
+    ev_layer_acc *layers;   /* [n_layers] */
+    int n_layers;
     double seconds;
     int status;
 } ev_result;
@@ -94,7 +168,9 @@ static void eval_help(FILE *f) {
             "Prints a table; --json writes the results, --out-png / --out-svg a plot.\n"
             "\n"
             "  --model M              GGUF file or Hugging Face model directory (required)\n"
-            "  --methods LIST         default full,d2o,h2o,streamingllm,snapkv,pyramidkv\n"
+            "  --methods LIST         default full,d2o,d2o_official,d2o_code,d2o_nokeep,h2o,\n"
+            "                         streamingllm,snapkv,pyramidkv (d2o_official: preset official;\n"
+            "                         d2o_code: merge_rule code; d2o_nokeep: keep_layers [])\n"
             "  --budgets LIST         fractions of the prompt in (0,1]; default 0.1,0.2,0.4,0.6\n"
             "  --text FILE            evaluation text (split into context windows); default:\n"
             "                         stories generated by the model (temperature 0.8, --seed)\n"
@@ -109,7 +185,15 @@ static void eval_help(FILE *f) {
             "  --json FILE            every figure as JSON\n"
             "  --threads N            CPU threads (default: all cores)\n"
             "  --max-ctx N            cap the context length (default: the model's)\n"
-            "  --seed S               seed of the generated texts and passkeys (default 1)\n");
+            "  --seed S               seed of the generated texts and passkeys (default 1)\n"
+            "  --niah                 also the retrieval grids: passkey and several-needle\n"
+            "                         retrieval over prompt length x needle depth, per method\n"
+            "  --niah-lengths LIST    prompt lengths (default 1/4, 1/2, 7/8 of the context)\n"
+            "  --niah-depths LIST     needle depths in [0,1] (default 0,0.25,0.5,0.75,1)\n"
+            "  --niah-trials N        trials per cell (default 3)\n"
+            "  --niah-needles N       needles per prompt, one asked (default 4)\n"
+            "  --niah-budget F        the methods' budget for the grids (default 0.2)\n"
+            "  --niah-png FILE        heat maps: one per method and task\n");
 }
 
 static int parse_list_int(const char *opt, const char *s, int *out, int max, long lo, long hi) {
@@ -131,10 +215,14 @@ static int parse_list_int(const char *opt, const char *s, int *out, int max, lon
 
 static int parse_opts(int argc, char **argv, ev_opts *o) {
     memset(o, 0, sizeof *o);
-    const char *methods = "full,d2o,h2o,streamingllm,snapkv,pyramidkv", *budgets = "0.1,0.2,0.4,0.6";
-    const char *lengths = NULL;
+    const char *methods = "full,d2o,d2o_official,d2o_code,d2o_nokeep,h2o,streamingllm,snapkv,pyramidkv",
+               *budgets = "0.1,0.2,0.4,0.6";
+    const char *lengths = NULL, *niah_lengths = NULL, *niah_depths = "0,0.25,0.5,0.75,1";
     long v;
     double d;
+    o->nh.trials = 3;
+    o->nh.needles = 4;
+    o->niah_budget = 0.2;
     o->n_texts = 4;
     o->prefill_frac = 0.5;
     o->agree_prompts = 8;
@@ -160,6 +248,13 @@ static int parse_opts(int argc, char **argv, ev_opts *o) {
         else if (!strcmp(a, "--agree-tokens")) { VAL(); if (d2_cli_int(a, s, 1, 4096, &v)) return 2; o->agree_tokens = (int)v; }
         else if (!strcmp(a, "--passkey-trials")) { VAL(); if (d2_cli_int(a, s, 0, 256, &v)) return 2; o->pk_trials = (int)v; }
         else if (!strcmp(a, "--seed")) { VAL(); if (d2_cli_int(a, s, 0, 0x7fffffffL, &v)) return 2; o->seed = (uint64_t)v; }
+        else if (!strcmp(a, "--niah")) { o->niah = true; }
+        else if (!strcmp(a, "--niah-lengths")) { VAL(); niah_lengths = s; o->niah = true; }
+        else if (!strcmp(a, "--niah-depths")) { VAL(); niah_depths = s; o->niah = true; }
+        else if (!strcmp(a, "--niah-png")) { VAL(); o->niah_png = s; o->niah = true; }
+        else if (!strcmp(a, "--niah-trials")) { VAL(); if (d2_cli_int(a, s, 1, 100, &v)) return 2; o->nh.trials = (int)v; o->niah = true; }
+        else if (!strcmp(a, "--niah-needles")) { VAL(); if (d2_cli_int(a, s, 1, 8, &v)) return 2; o->nh.needles = (int)v; o->niah = true; }
+        else if (!strcmp(a, "--niah-budget")) { VAL(); if (d2_cli_float(a, s, 1e-4, 1.0, &d)) return 2; o->niah_budget = d; o->niah = true; }
         else if (!strcmp(a, "--prefill-frac")) { VAL(); if (d2_cli_float(a, s, 0.05, 0.95, &d)) return 2; o->prefill_frac = d; }
         else { fprintf(stderr, "d2od eval: unknown option '%s'\n", a); eval_help(stderr); return 2; }
 #undef VAL
@@ -171,7 +266,7 @@ static int parse_opts(int argc, char **argv, ev_opts *o) {
     char buf[256];
     snprintf(buf, sizeof buf, "%s", methods);
     for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
-        int m = eng_kv_method_parse(tok);
+        int m = variant_parse(tok);
         if (m < 0) {
             fprintf(stderr, "d2od eval: --methods: unknown method '%s'\n", tok);
             return 2;
@@ -199,6 +294,20 @@ static int parse_opts(int argc, char **argv, ev_opts *o) {
         o->n_pk_lengths = parse_list_int("--passkey-lengths", lengths, o->pk_lengths, EV_MAX_LENGTHS, 16, 1 << 20);
         if (o->n_pk_lengths < 0) return 2;
     }
+    if (niah_lengths) {
+        o->nh.n_lengths = parse_list_int("--niah-lengths", niah_lengths, o->nh.lengths, NIAH_MAX_LENGTHS, 16, 1 << 20);
+        if (o->nh.n_lengths < 0) return 2;
+    }
+    snprintf(buf, sizeof buf, "%s", niah_depths);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+        if (o->nh.n_depths >= NIAH_MAX_DEPTHS) {
+            fprintf(stderr, "d2od eval: --niah-depths: at most %d values\n", NIAH_MAX_DEPTHS);
+            return 2;
+        }
+        if (d2_cli_float("--niah-depths", tok, 0.0, 1.0, &d)) return 2;
+        o->nh.depths[o->nh.n_depths++] = d;
+    }
+    o->nh.seed = o->seed;
     return 0;
 }
 
@@ -219,7 +328,29 @@ typedef struct gen_slot {
     int32_t *out;
     int n_out, cap;
     int done, status;
+    struct ev_result *acc;  /* optional: what compression did is added here */
 } gen_slot;
+
+/* Adds one finished sequence's compression report to r. */
+static void kv_accumulate(ev_result *r, const eng_kv_report *k) {
+    if (!r || !k) return;
+    r->kv_tokens_mean += k->kv_tokens_mean;
+    r->kv_tokens_peak += k->kv_tokens_peak;
+    r->kv_bytes_mean += k->kv_tokens_mean * (double)k->kv_bytes_per_token;
+    r->kv_n++;
+    for (int l = 0; l < k->n_layers && l < r->n_layers && r->layers; l++) {
+        const eng_kv_layer_report *y = &k->layers[l];
+        ev_layer_acc *a = &r->layers[l];
+        a->stat += y->stat;
+        a->budget += y->heavy < 0 ? -1 : y->heavy + y->recent;
+        a->kept_prompt += y->kept_prompt;
+        a->live += y->live;
+        a->evicted += y->evicted;
+        a->merged += y->merged;
+        a->n++;
+        if (isfinite(y->tau)) { a->tau += y->tau; a->n_tau++; }
+    }
+}
 
 static int gen_event(void *user, const eng_event *ev) {
     gen_slot *g = user;
@@ -228,6 +359,7 @@ static int gen_event(void *user, const eng_event *ev) {
     } else {
         g->done = 1;
         g->status = ev->status;
+        if (ev->status == D2_OK) kv_accumulate(g->acc, ev->kv);
     }
     return 0;
 }
@@ -235,10 +367,11 @@ static int gen_event(void *user, const eng_event *ev) {
 /* Runs every prompt to max_tokens greedy tokens (EOS ignored) with kv. Fills
  * slots[i] (caller-allocated out buffers of max_tokens). */
 static int run_greedy(eng_sched *s, const ev_seq *prompts, int n, int max_tokens, const eng_kv_config *kv,
-                      gen_slot *slots) {
+                      gen_slot *slots, ev_result *acc) {
     for (int i = 0; i < n; i++) {
         slots[i].n_out = 0;
         slots[i].done = 0;
+        slots[i].acc = acc;
         slots[i].status = D2_OK;
         slots[i].cap = max_tokens;
         eng_request q = {.prompt = prompts[i].ids, .n_prompt = prompts[i].n, .max_tokens = max_tokens,
@@ -515,7 +648,7 @@ static int measure(eng_engine *e, eng_sched *s, const ev_opts *o, const eng_kv_c
     int rc = D2_OK;
     if (n_agree > 0) {
         for (int i = 0; i < n_agree; i++) slots[i].out = malloc(sizeof(int32_t) * (size_t)N);
-        rc = run_greedy(s, agree, n_agree, N, kv, slots);
+        rc = run_greedy(s, agree, n_agree, N, kv, slots, res);
         double pre = 0, all = 0;
         for (int i = 0; rc == D2_OK && i < n_agree; i++) {
             int first = N, same = 0;
@@ -540,7 +673,7 @@ static int measure(eng_engine *e, eng_sched *s, const ev_opts *o, const eng_kv_c
             pr[i] = pk[i].prompt;
             slots[i].out = malloc(sizeof(int32_t) * PK_TOK);
         }
-        rc = run_greedy(s, pr, n_pk, PK_TOK, kv, slots);
+        rc = run_greedy(s, pr, n_pk, PK_TOK, kv, slots, res);
         for (int i = 0; rc == D2_OK && i < n_pk; i++) {
             char *txt = NULL;
             int pass = 0;
@@ -560,6 +693,11 @@ static int measure(eng_engine *e, eng_sched *s, const ev_opts *o, const eng_kv_c
     res->evicted = st1.kv_tokens_evicted - st0.kv_tokens_evicted;
     res->merged = st1.kv_tokens_merged - st0.kv_tokens_merged;
     res->pages_freed = st1.kv_pages_freed - st0.kv_pages_freed;
+    if (res->kv_n > 0) {
+        res->kv_tokens_mean /= res->kv_n;
+        res->kv_tokens_peak /= res->kv_n;
+        res->kv_bytes_mean /= res->kv_n;
+    }
     res->seconds = d2_now() - t0;
     return rc;
 }
@@ -568,7 +706,9 @@ static int measure(eng_engine *e, eng_sched *s, const ev_opts *o, const eng_kv_c
 
 typedef struct ev_col { double r, g, b; } ev_col;
 static const ev_col COLOURS[] = {{0, 0, 0},           {0.84, 0.15, 0.16}, {0.12, 0.47, 0.71}, {0.17, 0.63, 0.17},
-                                 {1.00, 0.50, 0.05}, {0.58, 0.40, 0.74}, {0.55, 0.34, 0.29}, {0.89, 0.47, 0.76}};
+                                 {1.00, 0.50, 0.05}, {0.58, 0.40, 0.74}, {0.55, 0.34, 0.29}, {0.89, 0.47, 0.76},
+                                 {0.50, 0.50, 0.50}, {0.74, 0.74, 0.13}, {0.09, 0.75, 0.81}, {0.20, 0.20, 0.55}};
+#define N_COLOURS ((int)(sizeof COLOURS / sizeof COLOURS[0]))
 
 typedef double (*metric_fn)(const ev_result *r);
 static double m_ppl(const ev_result *r) { return r->ppl; }
@@ -576,7 +716,7 @@ static double m_agree(const ev_result *r) { return r->agree_prefix; }
 static double m_pk(const ev_result *r) { return r->pk_n_all ? (double)r->pk_pass_all / r->pk_n_all : NAN; }
 
 static ev_col method_colour(const ev_opts *o, int mi) {
-    return o->methods[mi] == ENG_KV_FULL ? COLOURS[0] : COLOURS[(mi % 7) + 1];
+    return o->methods[mi] == 0 ? COLOURS[0] : COLOURS[(mi % (N_COLOURS - 1)) + 1];
 }
 
 static void set_col(cairo_t *cr, ev_col c) { cairo_set_source_rgb(cr, c.r, c.g, c.b); }
@@ -673,14 +813,14 @@ static void draw_panel(cairo_t *cr, double px, double py, double pw, double ph, 
         cairo_set_line_width(cr, 2.2);
         bool first = true;
         for (int i = 0; i < n_res; i++) {
-            if ((int)res[i].method != o->methods[mi] || !isfinite(f(&res[i]))) continue;
+            if (res[i].variant != o->methods[mi] || !isfinite(f(&res[i]))) continue;
             double x = XPIX(res[i].budget), y = YPIX(f(&res[i]));
             if (first) cairo_move_to(cr, x, y); else cairo_line_to(cr, x, y);
             first = false;
         }
         cairo_stroke(cr);
         for (int i = 0; i < n_res; i++) {
-            if ((int)res[i].method != o->methods[mi] || !isfinite(f(&res[i]))) continue;
+            if (res[i].variant != o->methods[mi] || !isfinite(f(&res[i]))) continue;
             cairo_arc(cr, XPIX(res[i].budget), YPIX(f(&res[i])), 3.6, 0, 2 * M_PI);
             cairo_fill(cr);
         }
@@ -718,7 +858,7 @@ static void draw_plot(cairo_t *cr, double w, double h, const ev_result *res, int
             cairo_arc(cr, lx + 15, ly + 8, 3.6, 0, 2 * M_PI);
             cairo_fill(cr);
         }
-        const char *name = o->methods[mi] == ENG_KV_FULL ? "full cache" : eng_kv_method_name((eng_kv_method)o->methods[mi]);
+        const char *name = o->methods[mi] == 0 ? "full cache" : VARIANTS[o->methods[mi]].label;
         set_col(cr, COLOURS[0]);
         text_at(cr, lx + 38, ly + 8, 0, 0.5, name);
         cairo_text_extents_t te;
@@ -759,10 +899,93 @@ static int write_plot(const char *path, bool svg, const ev_result *res, int n_re
     return rc;
 }
 
+/* ---- memory-matched comparison ----------------------------------------------------------- */
+
+/* Live KV of a row relative to the full cache's (both measured over the same
+ * sequences); NAN when either was not measured. */
+static double mem_frac(const ev_result *r, const ev_result *full) {
+    return r->kv_n > 0 && full->kv_n > 0 && full->kv_tokens_mean > 0
+               ? r->kv_tokens_mean / full->kv_tokens_mean : NAN;
+}
+
+#define EV_N_MEM 3
+static const double MEM_TARGETS[EV_N_MEM] = {0.2, 0.4, 0.7};
+
+/* A variant's metric at memory fraction x, linearly interpolated between its
+ * two budgets whose measured memory brackets x (no extrapolation: NAN). */
+static double at_memory(const ev_result *res, int n_res, int variant, double x, metric_fn f) {
+    const ev_result *lo = NULL, *hi = NULL;
+    for (int i = 0; i < n_res; i++) {
+        if (res[i].variant != variant) continue;
+        double m = mem_frac(&res[i], &res[0]);
+        if (!isfinite(m) || !isfinite(f(&res[i]))) continue;
+        if (m <= x && (!lo || m > mem_frac(lo, &res[0]))) lo = &res[i];
+        if (m >= x && (!hi || m < mem_frac(hi, &res[0]))) hi = &res[i];
+    }
+    if (!lo || !hi) return NAN;
+    double a = mem_frac(lo, &res[0]), b = mem_frac(hi, &res[0]);
+    if (b - a < 1e-12) return f(lo);
+    return f(lo) + (f(hi) - f(lo)) * (x - a) / (b - a);
+}
+
+static void print_equal_memory(const ev_result *res, int n_res, const ev_opts *o) {
+    printf("\nat equal memory (live KV relative to the full cache; each method interpolated between\n"
+           "its two budgets that bracket the target, '-' outside its range):\n");
+    printf("%-13s", "method");
+    for (int k = 0; k < EV_N_MEM; k++) printf("   ppl@%2.0f%% agree@%2.0f%%", 100 * MEM_TARGETS[k], 100 * MEM_TARGETS[k]);
+    printf("\n");
+    for (int mi = 0; mi < o->n_methods; mi++) {
+        if (o->methods[mi] == 0) continue;
+        printf("%-13s", VARIANTS[o->methods[mi]].label);
+        for (int k = 0; k < EV_N_MEM; k++) {
+            double p = at_memory(res, n_res, o->methods[mi], MEM_TARGETS[k], m_ppl);
+            double g = at_memory(res, n_res, o->methods[mi], MEM_TARGETS[k], m_agree);
+            if (isfinite(p)) printf(" %9.4f %9.3f", p, g);
+            else printf(" %9s %9s", "-", "-");
+        }
+        printf("\n");
+    }
+}
+
+static json_t *equal_memory_json(const ev_result *res, int n_res, const ev_opts *o) {
+    json_t *arr = json_array();
+    for (int k = 0; k < EV_N_MEM; k++) {
+        json_t *rows = json_array();
+        for (int mi = 0; mi < o->n_methods; mi++) {
+            if (o->methods[mi] == 0) continue;
+            double p = at_memory(res, n_res, o->methods[mi], MEM_TARGETS[k], m_ppl);
+            double g = at_memory(res, n_res, o->methods[mi], MEM_TARGETS[k], m_agree);
+            double q = at_memory(res, n_res, o->methods[mi], MEM_TARGETS[k], m_pk);
+            json_array_append_new(rows, json_pack("{s:s, s:o, s:o, s:o}", "method", VARIANTS[o->methods[mi]].label,
+                                                  "ppl", isfinite(p) ? json_real(p) : json_null(),
+                                                  "agree_prefix", isfinite(g) ? json_real(g) : json_null(),
+                                                  "passkey", isfinite(q) ? json_real(q) : json_null()));
+        }
+        json_array_append_new(arr, json_pack("{s:f, s:o}", "mem_frac", MEM_TARGETS[k], "rows", rows));
+    }
+    return arr;
+}
+
+/* What compression decided per layer, averaged over the row's sequences. */
+static json_t *layers_json(const ev_result *r) {
+    json_t *arr = json_array();
+    for (int l = 0; r->layers && l < r->n_layers; l++) {
+        const ev_layer_acc *a = &r->layers[l];
+        double n = a->n > 0 ? a->n : 1;
+        json_array_append_new(arr, json_pack("{s:i, s:f, s:f, s:f, s:f, s:I, s:I, s:o}", "layer", l,
+                                             "stat", a->stat / n, "budget", a->budget / n,
+                                             "kept_prompt", a->kept_prompt / n, "live_end", a->live / n,
+                                             "evicted", (json_int_t)a->evicted, "merged", (json_int_t)a->merged,
+                                             "tau", a->n_tau ? json_real(a->tau / a->n_tau) : json_null()));
+    }
+    return arr;
+}
+
 /* ---- JSON ------------------------------------------------------------------------------- */
 
 static int write_json(const char *path, const ev_result *res, int n_res, const ev_opts *o, int ctx,
-                      int prefill, int n_texts, int text_tokens, const pk_case *pk, int n_pk) {
+                      int prefill, int n_texts, int text_tokens, const pk_case *pk, int n_pk,
+                      const niah_grid *grids, int n_grids) {
     json_t *root = json_object();
     json_object_set_new(root, "model", json_string(o->model));
     json_object_set_new(root, "ctx", json_integer(ctx));
@@ -781,7 +1004,8 @@ static int write_json(const char *path, const ev_result *res, int n_res, const e
     for (int i = 0; i < n_res; i++) {
         const ev_result *r = &res[i];
         json_t *row = json_object();
-        json_object_set_new(row, "method", json_string(eng_kv_method_name(r->method)));
+        json_object_set_new(row, "method", json_string(VARIANTS[r->variant].label));
+        json_object_set_new(row, "base_method", json_string(eng_kv_method_name(r->method)));
         json_object_set_new(row, "budget", json_real(r->budget));
         json_object_set_new(row, "ppl", isfinite(r->ppl) ? json_real(r->ppl) : json_null());
         json_object_set_new(row, "nll_sum", json_real(r->nll_sum));
@@ -797,10 +1021,29 @@ static int write_json(const char *path, const ev_result *res, int n_res, const e
         json_object_set_new(row, "kv_tokens_evicted", json_integer(r->evicted));
         json_object_set_new(row, "kv_tokens_merged", json_integer(r->merged));
         json_object_set_new(row, "kv_pages_freed", json_integer(r->pages_freed));
+        json_object_set_new(row, "kv_tokens_mean", json_real(r->kv_tokens_mean));
+        json_object_set_new(row, "kv_tokens_peak", json_real(r->kv_tokens_peak));
+        json_object_set_new(row, "kv_bytes_mean", json_real(r->kv_bytes_mean));
+        json_object_set_new(row, "kv_mem_frac", json_real(mem_frac(r, &res[0])));
+        json_object_set_new(row, "layers", layers_json(r));
         json_object_set_new(row, "seconds", json_real(r->seconds));
         json_array_append_new(arr, row);
     }
     json_object_set_new(root, "results", arr);
+    json_object_set_new(root, "equal_memory", equal_memory_json(res, n_res, o));
+    if (o->niah) {
+        json_t *nl = json_array(), *nd = json_array(), *cf = json_array();
+        for (int k = 0; k < o->nh.n_lengths; k++) json_array_append_new(nl, json_integer(o->nh.lengths[k]));
+        for (int k = 0; k < o->nh.n_depths; k++) json_array_append_new(nd, json_real(o->nh.depths[k]));
+        for (int k = 0; k < n_grids; k++) {
+            json_t *g = niah_json(&o->nh, &grids[k]);
+            json_object_set_new(g, "method", json_string(grids[k].label));
+            json_array_append_new(cf, g);
+        }
+        json_object_set_new(root, "niah", json_pack("{s:f, s:o, s:o, s:i, s:i, s:o}", "budget", o->niah_budget,
+                                                    "lengths", nl, "depths", nd, "trials", o->nh.trials,
+                                                    "needles", o->nh.needles, "methods", cf));
+    }
     json_t *pka = json_array();
     for (int i = 0; i < n_pk; i++)
         json_array_append_new(pka, json_pack("{s:s, s:i, s:f, s:i}", "key", pk[i].key, "length",
@@ -851,6 +1094,14 @@ int d2_cmd_eval(int argc, char **argv) {
     }
     for (int k = 0; k < o.n_pk_lengths; k++)
         if (o.pk_lengths[k] > ctx - 8) o.pk_lengths[k] = ctx - 8;
+    if (o.niah && !o.nh.n_lengths) {
+        o.nh.lengths[0] = ctx / 4;
+        o.nh.lengths[1] = ctx / 2;
+        o.nh.lengths[2] = ctx * 7 / 8;
+        o.nh.n_lengths = 3;
+    }
+    for (int k = 0; k < o.nh.n_lengths; k++)
+        if (o.nh.lengths[k] > ctx - 16) o.nh.lengths[k] = ctx - 16;
 
     double t_start = d2_now();
     int exit_code = 1;
@@ -859,6 +1110,9 @@ int d2_cmd_eval(int argc, char **argv) {
     int32_t **ref = calloc((size_t)o.agree_prompts + 1, sizeof *ref);
     pk_case *pk = calloc((size_t)n_pk_total + 1, sizeof *pk);
     ev_result *res = calloc((size_t)(o.n_methods * o.n_budgets + 1), sizeof *res);
+    ev_layer_acc *layer_bufs = NULL;
+    niah_grid *grids = o.niah ? calloc((size_t)o.n_methods + 1, sizeof *grids) : NULL;
+    int n_grids = 0;
     gen_slot *slots = calloc((size_t)o.agree_prompts + 1, sizeof *slots);
     eng_sched *s = NULL;
     int n_texts = 0, n_res = 0, n_pk = 0;
@@ -918,35 +1172,55 @@ int d2_cmd_eval(int argc, char **argv) {
         if (!ref[k]) { rc = D2_ENOMEM; goto done; }
     }
     if (o.agree_prompts > 0) {
-        rc = run_greedy(s, agree, o.agree_prompts, o.agree_tokens, &kv, slots);
+        rc = run_greedy(s, agree, o.agree_prompts, o.agree_tokens, &kv, slots, NULL);
         if (rc != D2_OK) goto done;
     }
-    res[n_res] = (ev_result){.method = ENG_KV_FULL, .budget = 1.0};
+    const int n_layers = eng_engine_model(e)->cfg.n_layers;
+    layer_bufs = calloc((size_t)(o.n_methods * o.n_budgets + 1) * (size_t)n_layers, sizeof(ev_layer_acc));
+    if (!layer_bufs) { rc = D2_ENOMEM; goto done; }
+    res[n_res] = (ev_result){.method = ENG_KV_FULL, .variant = 0, .budget = 1.0, .layers = layer_bufs,
+                             .n_layers = n_layers};
     rc = measure(e, s, &o, &kv, texts, n_texts, prefill, agree, o.agree_prompts, ref, pk, n_pk, &res[n_res]);
     if (rc != D2_OK) goto done;
     n_res++;
     fprintf(stderr, "[eval] full: ppl %.4f (%.1f s)\n", res[0].ppl, res[0].seconds);
     for (int mi = 0; mi < o.n_methods; mi++) {
-        if (o.methods[mi] == ENG_KV_FULL) continue;
+        if (o.methods[mi] == 0) continue; /* the full cache ran first */
         for (int bi = 0; bi < o.n_budgets; bi++) {
-            eng_kv_config_default(&kv, (eng_kv_method)o.methods[mi]);
-            kv.budget_frac = (float)o.budgets[bi];
-            kv.budget_tokens = 0;
+            variant_config(o.methods[mi], o.budgets[bi], &kv);
             const char *why = NULL;
             if (eng_kv_config_validate(&kv, &why) != D2_OK) {
-                fprintf(stderr, "d2od eval: %s at budget %g: invalid %s\n", eng_kv_method_name(kv.method),
+                fprintf(stderr, "d2od eval: %s at budget %g: invalid %s\n", VARIANTS[o.methods[mi]].label,
                         o.budgets[bi], why ? why : "config");
                 rc = D2_EINVAL;
                 goto done;
             }
             ev_result *r = &res[n_res];
-            *r = (ev_result){.method = kv.method, .budget = o.budgets[bi]};
+            *r = (ev_result){.method = kv.method, .variant = o.methods[mi], .budget = o.budgets[bi],
+                             .layers = layer_bufs + (size_t)n_res * (size_t)n_layers, .n_layers = n_layers};
             rc = measure(e, s, &o, &kv, texts, n_texts, prefill, agree, o.agree_prompts, ref, pk, n_pk, r);
             if (rc != D2_OK) goto done;
             n_res++;
-            fprintf(stderr, "[eval] %s %.2f: ppl %.4f agree %.3f passkey %d/%d (%.1f s)\n",
-                    eng_kv_method_name(kv.method), r->budget, r->ppl, r->agree_prefix, r->pk_pass_all,
-                    r->pk_n_all, r->seconds);
+            fprintf(stderr, "[eval] %s %.2f: ppl %.4f agree %.3f passkey %d/%d kv %.1f tokens (%.1f s)\n",
+                    VARIANTS[r->variant].label, r->budget, r->ppl, r->agree_prefix, r->pk_pass_all,
+                    r->pk_n_all, r->kv_tokens_mean, r->seconds);
+        }
+    }
+
+    /* retrieval grids: the full cache, then every method at --niah-budget */
+    if (o.niah) {
+        if (!grids) { rc = D2_ENOMEM; goto done; }
+        for (int mi = -1; mi < o.n_methods; mi++) {
+            if (mi >= 0 && o.methods[mi] == 0) continue;
+            int v = mi < 0 ? 0 : o.methods[mi];
+            variant_config(v, o.niah_budget, &kv);
+            niah_grid *g = &grids[n_grids];
+            snprintf(g->label, sizeof g->label, "%s", VARIANTS[v].label);
+            double t0 = d2_now();
+            rc = niah_run(e, s, &o.nh, &kv, g);
+            if (rc != D2_OK) goto done;
+            n_grids++;
+            fprintf(stderr, "[eval] niah %s: %.1f s\n", g->label, d2_now() - t0);
         }
     }
 
@@ -957,23 +1231,54 @@ int d2_cmd_eval(int argc, char **argv) {
     printf("agreement: %d prompts x %d greedy tokens | passkey: %d trials at lengths", o.agree_prompts,
            o.agree_tokens, o.pk_trials);
     for (int k = 0; k < o.n_pk_lengths; k++) printf(" %d", o.pk_lengths[k]);
-    printf("\n\n%-13s %7s %10s %8s %13s %10s %9s %9s %8s\n", "method", "budget", "ppl", "d_ppl%",
-           "agree_prefix", "agree_all", "passkey", "evicted", "merged");
+    printf("\n\n%-13s %7s %10s %8s %13s %10s %9s %9s %8s %9s %6s\n", "method", "budget", "ppl", "d_ppl%",
+           "agree_prefix", "agree_all", "passkey", "evicted", "merged", "kv_tok", "mem%");
     for (int i = 0; i < n_res; i++) {
         const ev_result *r = &res[i];
         char pkb[32];
         snprintf(pkb, sizeof pkb, "%d/%d", r->pk_pass_all, r->pk_n_all);
-        printf("%-13s %6.0f%% %10.4f %+7.2f%% %13.3f %10.3f %9s %9lld %8lld\n", eng_kv_method_name(r->method),
-               100 * r->budget, r->ppl, 100 * (r->ppl / res[0].ppl - 1), r->agree_prefix, r->agree_all, pkb,
-               (long long)r->evicted, (long long)r->merged);
+        printf("%-13s %6.0f%% %10.4f %+7.2f%% %13.3f %10.3f %9s %9lld %8lld %9.1f %5.1f%%\n",
+               VARIANTS[r->variant].label, 100 * r->budget, r->ppl, 100 * (r->ppl / res[0].ppl - 1),
+               r->agree_prefix, r->agree_all, pkb, (long long)r->evicted, (long long)r->merged,
+               r->kv_tokens_mean, 100 * mem_frac(r, &res[0]));
     }
+    print_equal_memory(res, n_res, &o);
     printf("\npasskey by length (pass/trials):");
     for (int k = 0; k < o.n_pk_lengths; k++) printf(" %d:%d/%d", o.pk_lengths[k], res[0].pk_pass[k], res[0].pk_n[k]);
     printf(" (full cache)\n");
+    if (o.niah) {
+        printf("\nretrieval grids at budget %.0f%% (%d lengths x %d depths x %d trials; needles: %d per prompt):\n",
+               100 * o.niah_budget, o.nh.n_lengths, o.nh.n_depths, o.nh.trials, o.nh.needles);
+        printf("%-13s %9s %9s\n", "method", "passkey", "needles");
+        for (int k = 0; k < n_grids; k++) {
+            int p[NIAH_N_TASKS] = {0}, m[NIAH_N_TASKS] = {0};
+            for (int t = 0; t < NIAH_N_TASKS; t++)
+                for (int li = 0; li < o.nh.n_lengths; li++)
+                    for (int di = 0; di < o.nh.n_depths; di++) {
+                        p[t] += grids[k].pass[t][li][di];
+                        m[t] += grids[k].n[t][li][di];
+                    }
+            printf("%-13s %8.0f%% %8.0f%%\n", grids[k].label, m[0] ? 100.0 * p[0] / m[0] : 0.0,
+                   m[1] ? 100.0 * p[1] / m[1] : 0.0);
+        }
+    }
     fprintf(stderr, "[eval] done in %.1f s\n", d2_now() - t_start);
     exit_code = 0;
-    if (o.json_file && write_json(o.json_file, res, n_res, &o, ctx, prefill, n_texts, (int)text_tokens, pk, n_pk) != D2_OK)
+    if (o.json_file && write_json(o.json_file, res, n_res, &o, ctx, prefill, n_texts, (int)text_tokens, pk, n_pk,
+                                  grids, n_grids) != D2_OK)
         exit_code = 1;
+    if (o.niah_png) {
+        char title[256];
+        const char *base = o.model + strlen(o.model); /* the last two path components */
+        for (int slashes = 0; base > o.model; base--)
+            if (base[-1] == '/' && base[1] && ++slashes == 2) break;
+        snprintf(title, sizeof title, "retrieval accuracy - %s - methods at budget %.0f%% - full cache first", base,
+                 100 * o.niah_budget);
+        if (niah_plot(o.niah_png, &o.nh, grids, n_grids, title) != D2_OK) {
+            fprintf(stderr, "d2od eval: cannot write %s\n", o.niah_png);
+            exit_code = 1;
+        }
+    }
     if (o.out_png && write_plot(o.out_png, false, res, n_res, &o, o.model) != D2_OK) {
         fprintf(stderr, "d2od eval: cannot write %s\n", o.out_png);
         exit_code = 1;
@@ -993,6 +1298,8 @@ done:
     free(ref);
     free(pk);
     free(res);
+    free(layer_bufs);
+    free(grids);
     free(slots);
     eng_engine_destroy(e);
     return rc == D2_OK ? exit_code : 1;

@@ -77,6 +77,8 @@ static void api_config_from(const dmn_config *c, api_config *a) {
     /* the server's default KV compression (requests may override it) */
     _Static_assert((int)DMN_KV_PYRAMIDKV == (int)ENG_KV_PYRAMIDKV, "kv_method numbering differs");
     eng_kv_config_default(&a->kv_default, (eng_kv_method)c->kv_method);
+    if (c->kv_preset == 1) /* checked at startup (serve's configuration check) */
+        (void)eng_kv_preset_apply(&a->kv_default, "official", NULL);
     if (c->kv_budget_tokens > 0) {
         a->kv_default.budget_tokens = (int)c->kv_budget_tokens;
     } else if (c->kv_budget_frac > 0) {
@@ -262,6 +264,13 @@ int d2_cmd_serve(int argc, char **argv) {
         api_config probe;
         api_config_from(&d->cfg, &probe);
         const char *why = NULL;
+        eng_kv_config pc;
+        eng_kv_config_default(&pc, (eng_kv_method)d->cfg.kv_method);
+        if (d->cfg.kv_preset == 1 && eng_kv_preset_apply(&pc, "official", &why) != D2_OK) {
+            fprintf(stderr, "d2od serve: kv_preset official: %s (set kv_method d2o)\n", why ? why : "invalid");
+            free(d);
+            return 2;
+        }
         if (eng_kv_config_validate(&probe.kv_default, &why) != D2_OK) {
             fprintf(stderr, "d2od serve: kv_method %s with kv_budget %s: invalid %s\n",
                     dmn_kv_method_name(d->cfg.kv_method), d->cfg.kv_budget, why ? why : "configuration");

@@ -176,6 +176,15 @@ typedef struct eng_kv_config {
     bool keep_layers_set;
 } eng_kv_config;
 
+/* Named presets over c (method first, then the preset, then any explicit
+ * field): "official" = D2O as the official code runs it, as closely as the
+ * paged pool allows — merge_rule code, one eviction per decode step (exact,
+ * so the EMA threshold is updated every step), 1:1 split, 4 sinks, beta 0.5,
+ * layers 0, 1, L-1 kept. The differences that remain are listed in
+ * docs/D2O.md. D2_EINVAL (with *why) for an unknown name or a method the
+ * preset does not apply to; "default" changes nothing. */
+int eng_kv_preset_apply(eng_kv_config *c, const char *name, const char **why);
+
 /* Adds layer l (0 <= l < ENG_MODEL_MAX_LAYERS) to c's kept layers and marks
  * the set as explicit; eng_kv_keep_layers_clear makes it explicit and empty. */
 void eng_kv_keep_layer_add(eng_kv_config *c, int l);
@@ -215,6 +224,30 @@ typedef struct eng_sched eng_sched;
 
 typedef enum eng_event_type { ENG_EV_TOKEN = 1, ENG_EV_DONE = 2 } eng_event_type;
 
+/* What KV compression did to one request, per layer (eng_event.kv with the
+ * DONE event; borrowed for the callback). */
+typedef struct eng_kv_layer_report {
+    float stat;          /* D2O layer statistic v_l (0 for the other methods) */
+    int heavy, recent;   /* budget = heavy + recent (heavy includes the sinks); -1: never compressed */
+    int kept_prompt;     /* live tokens right after the prompt compression */
+    int live;            /* live tokens when the request ended */
+    int64_t evicted, merged; /* tokens evicted; of those, merged into a kept token */
+    float tau;           /* D2O merge threshold at the end; NaN when never set */
+} eng_kv_layer_report;
+
+typedef struct eng_kv_report {
+    eng_kv_method method;
+    int n_layers;
+    int prefill_len;     /* cache length the prompt compression saw (0: it never ran) */
+    const eng_kv_layer_report *layers; /* [n_layers] */
+    /* Live KV tokens of the sequence, averaged over its layers, sampled after
+     * every step from the prompt compression on (before it, every method
+     * holds the whole prompt): the mean and the peak of those samples. */
+    double kv_tokens_mean, kv_tokens_peak;
+    int64_t kv_samples;
+    int64_t kv_bytes_per_token; /* the backend's payload (K, V, scores) of one token in every layer */
+} eng_kv_report;
+
 typedef struct eng_event {
     eng_event_type type;
     uint64_t id;                   /* request id */
@@ -225,6 +258,7 @@ typedef struct eng_event {
     int n_prompt, n_generated;
     int n_preempted;               /* times this request was preempted */
     double t_queued, t_first_token, t_done; /* seconds since submit (0 = not reached) */
+    const eng_kv_report *kv;       /* ENG_EV_DONE: what KV compression did (borrowed for the call) */
 } eng_event;
 
 /* Return non-zero from ENG_EV_TOKEN to finish the request now (finish = STOP):

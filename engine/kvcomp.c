@@ -105,6 +105,28 @@ int eng_kv_config_validate(const eng_kv_config *c, const char **why) {
     return D2_OK;
 }
 
+int eng_kv_preset_apply(eng_kv_config *c, const char *name, const char **why) {
+    const char *dummy;
+    if (!why) why = &dummy;
+    *why = NULL;
+    if (!name || !strcmp(name, "default")) return D2_OK;
+    if (!strcmp(name, "official")) {
+        if (c->method != ENG_KV_D2O) {
+            *why = "kv: preset 'official' applies to method d2o";
+            return D2_EINVAL;
+        }
+        c->merge_rule = ENG_KV_MERGE_CODE;
+        c->exact = true;
+        c->heavy_share = 0.5f;
+        c->n_sink = 4;
+        c->ema_beta = 0.5f;
+        c->keep_layers_set = false; /* the method default: 0, 1, L-1 */
+        return D2_OK;
+    }
+    *why = "kv: unknown preset (known: default, official)";
+    return D2_EINVAL;
+}
+
 void eng_kv_keep_layers_clear(eng_kv_config *c) {
     memset(c->keep_layers, 0, sizeof c->keep_layers);
     c->keep_layers_set = true;
@@ -261,7 +283,8 @@ int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, eng_
     s->v_layer = calloc(L, sizeof(float));
     s->tau = calloc(L, sizeof(float));
     s->tau_set = calloc(L, 1);
-    if (!s->heavy || !s->recent || !s->v_layer || !s->tau || !s->tau_set) {
+    s->rep = calloc(L, sizeof *s->rep);
+    if (!s->heavy || !s->recent || !s->v_layer || !s->tau || !s->tau_set || !s->rep) {
         eng_kv_state_free(s);
         return D2_ENOMEM;
     }
@@ -273,7 +296,7 @@ int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, eng_
 void eng_kv_state_free(eng_kv_state *s) {
     if (!s) return;
     free(s->heavy); free(s->recent); free(s->v_layer); free(s->tau); free(s->tau_set);
-    free(s->colsum);
+    free(s->colsum); free(s->rep);
     free(s);
 }
 
@@ -285,7 +308,41 @@ void eng_kv_state_reset(eng_kv_state *s) {
     memset(s->v_layer, 0, L * sizeof(float));
     memset(s->tau, 0, L * sizeof(float));
     memset(s->tau_set, 0, L);
+    memset(s->rep, 0, L * sizeof *s->rep);
+    s->live_sum = s->live_peak = 0;
+    s->live_samples = 0;
     eng_kv_colsum_release(s);
+}
+
+void eng_kv_track(eng_kv_state *s, const kvp_pool *pool, int seq) {
+    double live = 0;
+    for (int l = 0; l < s->n_layers; l++) live += kvp_get_table(pool, seq, l).n_tokens;
+    s->live_sum += live;
+    if (live > s->live_peak) s->live_peak = live;
+    s->live_samples++;
+}
+
+void eng_kv_report_fill(eng_kv_state *s, const kvp_pool *pool, int seq, size_t bytes_per_slot,
+                        eng_kv_report *out) {
+    int L = s->n_layers;
+    for (int l = 0; l < L; l++) {
+        eng_kv_layer_report *r = &s->rep[l];
+        r->stat = s->v_layer[l];
+        r->heavy = s->heavy[l];
+        r->recent = s->recent[l];
+        r->live = seq >= 0 ? kvp_get_table(pool, seq, l).n_tokens : 0;
+        r->tau = s->tau_set[l] ? s->tau[l] : NAN;
+    }
+    *out = (eng_kv_report){
+        .method = s->cfg.method,
+        .n_layers = L,
+        .prefill_len = s->compressed ? s->prefill_len : 0,
+        .layers = s->rep,
+        .kv_tokens_mean = s->live_samples ? s->live_sum / (double)s->live_samples / L : 0,
+        .kv_tokens_peak = s->live_peak / L,
+        .kv_samples = s->live_samples,
+        .kv_bytes_per_token = (int64_t)bytes_per_slot * L,
+    };
 }
 
 size_t eng_kv_prefill_bytes(const eng_kv_config *c, const eng_model_config *mc, int prefill_len) {
@@ -385,11 +442,13 @@ int eng_kv_compress_layer(eng_backend *be, int seq, int layer, eng_kv_state *s, 
 
 int eng_kv_compress_prompt(eng_backend *be, int seq, eng_kv_state *s) {
     kvp_pool *pool = be->pool;
+    int n = kvp_get_table(pool, seq, 0).n_tokens;
     if (s->cfg.method == ENG_KV_FULL) {
         s->compressed = true;
+        s->prefill_len = n;
+        for (int l = 0; l < s->n_layers; l++) s->rep[l].kept_prompt = n;
         return D2_OK;
     }
-    int n = kvp_get_table(pool, seq, 0).n_tokens;
     /* D2O: the layer statistics come from the prefill's column sums, which
      * are dead afterwards and go at once. A compression retried after
      * D2_EKVFULL keeps the statistics of the first attempt. */
@@ -402,9 +461,14 @@ int eng_kv_compress_prompt(eng_backend *be, int seq, eng_kv_state *s) {
     }
     eng_kv_budgets(&s->cfg, s->n_layers, s->v_layer, n, s->heavy, s->recent);
     for (int l = 0; l < s->n_layers; l++) {
-        if (s->heavy[l] < 0) continue;
-        int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], true);
-        if (rc < 0) return rc;
+        if (s->heavy[l] >= 0) {
+            int64_t m0 = s->n_merged;
+            int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], true);
+            if (rc < 0) return rc;
+            s->rep[l].evicted += rc;
+            s->rep[l].merged += s->n_merged - m0;
+        }
+        s->rep[l].kept_prompt = kvp_get_table(pool, seq, l).n_tokens;
     }
     s->compressed = true;
     s->prefill_len = n;
@@ -423,8 +487,11 @@ int eng_kv_after_decode(eng_backend *be, int seq, eng_kv_state *s) {
         int n = kvp_get_table(pool, seq, l).n_tokens;
         bool go = s->cfg.exact ? n > C : n >= C + pt;
         if (!go) continue;
+        int64_t m0 = s->n_merged;
         int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], false);
         if (rc < 0) return rc;
+        s->rep[l].evicted += rc;
+        s->rep[l].merged += s->n_merged - m0;
     }
     return D2_OK;
 }

@@ -62,6 +62,10 @@ typedef struct eng_kv_state {
                                (NULL otherwise): [n_layers][n_heads][colsum_len] column sums */
     int colsum_len;         /* the prefill length */
     int64_t n_evicted, n_merged, n_pages_freed; /* cumulative since create */
+    /* inspection (eng_kv_report), since the last eng_kv_prefill_begin */
+    eng_kv_layer_report *rep;   /* [n_layers]: per-layer counters and the report */
+    double live_sum, live_peak; /* eng_kv_track samples (tokens summed over layers) */
+    int64_t live_samples;
 } eng_kv_state;
 
 /* State for one request; c must validate. */
@@ -78,6 +82,14 @@ size_t eng_kv_prefill_bytes(const eng_kv_config *c, const eng_model_config *mc, 
 int eng_kv_prefill_begin(eng_kv_state *s, int prefill_len);
 /* Frees the column sums now (a preempted sequence that waits holds none). */
 void eng_kv_colsum_release(eng_kv_state *s);
+
+/* Records the sequence's live tokens (after a step, once compressed). */
+void eng_kv_track(eng_kv_state *s, const kvp_pool *pool, int seq);
+/* Fills out (and s->rep) with what compression did to seq so far (-1: no
+ * sequence held); bytes_per_slot: the backend's payload per token and layer.
+ * out->layers points into s. */
+void eng_kv_report_fill(eng_kv_state *s, const kvp_pool *pool, int seq, size_t bytes_per_slot,
+                        eng_kv_report *out);
 
 /* Makes c's kept layers explicit for an n_layers model (the method default
  * when c has no explicit set). */

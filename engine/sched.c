@@ -41,6 +41,7 @@
 #include <pthread.h>
 #include <sys/prctl.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -71,7 +72,7 @@ typedef struct sreq {
     void *user;
     atomic_int cancel;
     double t_submit, t_first;
-    eng_kv_state *kvs;          /* KV compression state; NULL = full cache */
+    eng_kv_state *kvs;          /* KV compression state (method full: only measures) */
     int64_t prefill_bytes;      /* prefill scratch of kvs counted in eng_sched.prefill_bytes */
     int prefill_end;            /* cache length at which the prompt compression runs */
 } sreq;
@@ -200,15 +201,37 @@ static void prefill_bytes_settle(eng_sched *s, sreq *r, bool drop) {
 
 /* Ends a request: frees its pages, sends DONE, unlinks and frees it. The
  * caller has already removed it from waiting/running. */
+/* "stat/budget/kept/live/evicted/merged/tau" per layer, for the debug log. */
+static const char *kv_report_str(const eng_kv_report *k, char *buf, size_t cap) {
+    size_t o = (size_t)snprintf(buf, cap, "%s prefill %d kv_tokens mean %.1f peak %.1f; layers",
+                                eng_kv_method_name(k->method), k->prefill_len, k->kv_tokens_mean,
+                                k->kv_tokens_peak);
+    for (int l = 0; l < k->n_layers && o < cap; l++) {
+        const eng_kv_layer_report *y = &k->layers[l];
+        o += (size_t)snprintf(buf + o, cap - o, " [%d v=%.4f C=%d kept=%d live=%d ev=%lld mg=%lld tau=%.4f]",
+                              l, y->stat, y->heavy < 0 ? -1 : y->heavy + y->recent, y->kept_prompt,
+                              y->live, (long long)y->evicted, (long long)y->merged, y->tau);
+    }
+    return buf;
+}
+
 static void retire(eng_sched *s, sreq *r, eng_finish fin, int status) {
     if (r->kv >= 0) view_retire(s, r);
     prefill_bytes_settle(s, r, true);
+    eng_kv_report kr;
+    if (r->kvs) eng_kv_report_fill(r->kvs, s->e->pool, r->kv, s->e->caps.kv_bytes_per_slot, &kr);
     if (r->kv >= 0) kvp_seq_free(s->e->pool, r->kv);
     r->kv = -1;
     double now = d2_now();
     eng_event ev = {.type = ENG_EV_DONE, .id = r->id, .finish = fin, .status = status,
                     .n_prompt = r->n_prompt, .n_generated = r->n_gen, .n_preempted = r->n_preempt,
-                    .t_first_token = since(r, r->t_first), .t_done = now - r->t_submit};
+                    .t_first_token = since(r, r->t_first), .t_done = now - r->t_submit,
+                    .kv = r->kvs ? &kr : NULL};
+    if (r->kvs && r->kvs->cfg.method != ENG_KV_FULL) {
+        char buf[2048];
+        D2_DEBUG("sched: request %llu kv_compression: %s", (unsigned long long)r->id,
+                 kv_report_str(&kr, buf, sizeof buf));
+    }
     if (status == D2_ECANCELED) atomic_fetch_add(&s->fin_canceled, 1);
     else if (fin == ENG_FINISH_STOP) atomic_fetch_add(&s->fin_stop, 1);
     else if (fin == ENG_FINISH_LENGTH) atomic_fetch_add(&s->fin_length, 1);
@@ -274,10 +297,10 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     int rc = eng_sampler_init_shared(&r->sampler, &sp, mc->vocab_size, &e->sample_scratch);
     if (rc != D2_OK) { free(r->bias); free(r->tokens); free(r); return rc; }
     eng_sampler_add_prompt(&r->sampler, q->prompt, (size_t)q->n_prompt);
-    if (q->kv.method != ENG_KV_FULL) {
-        rc = eng_kv_state_create(&q->kv, mc, &r->kvs);
-        if (rc != D2_OK) { sreq_free(r); return rc; }
-    }
+    /* every request has a compression state (the full cache's is trivial): it
+     * also measures the live KV tokens for the DONE event's report */
+    rc = eng_kv_state_create(&q->kv, mc, &r->kvs);
+    if (rc != D2_OK) { sreq_free(r); return rc; }
     r->fn = q->on_event;
     r->user = q->user;
     r->t_submit = d2_now();
@@ -399,7 +422,7 @@ static void view_fill(eng_sched *s, const sreq *r, eng_seq_view *v, bool finishe
     v->n_fed = r->n_fed;
     if (r->kvs) {
         v->kv = r->kvs->cfg;
-        v->compressed = r->kvs->compressed;
+        v->compressed = r->kvs->compressed && r->kvs->cfg.method != ENG_KV_FULL;
     } else {
         memset(&v->kv, 0, sizeof v->kv);
         v->compressed = false;
@@ -602,6 +625,7 @@ static void commit_compress(eng_sched *s, sreq *r, int fed) {
         D2_ERROR("sched: KV compression of request %llu failed: %s", (unsigned long long)r->id,
                  d2_strerror(crc));
     prefill_bytes_settle(s, r, false);
+    if (ks->compressed) eng_kv_track(ks, s->e->pool, r->kv);
     atomic_fetch_add(&s->kv_evicted, ks->n_evicted - ev0);
     atomic_fetch_add(&s->kv_merged, ks->n_merged - mg0);
     atomic_fetch_add(&s->kv_freed, ks->n_pages_freed - fr0);

@@ -32,7 +32,7 @@ S260 = os.path.join(SHARED, "assets/models/stories260K")
 HF = os.path.join(S260, "hf")
 results = {"passed": 0, "failed": 0}
 
-METHODS = ["h2o", "streamingllm", "d2o"]
+METHODS = ["h2o", "streamingllm", "d2o", "d2o_nokeep"]
 BUDGETS = [0.2, 0.5]
 SMALL = ["--methods", "full," + ",".join(METHODS), "--budgets", ",".join(map(str, BUDGETS)),
          "--texts", "2", "--max-ctx", "192", "--agree-prompts", "2", "--agree-tokens", "16",
@@ -212,7 +212,8 @@ def main():
         print(f"eval: {results['passed']} passed, {results['failed']} failed")
         return 1
     check("table header", "method" in out and "agree_prefix" in out and "passkey" in out, out[:400])
-    rows = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ["full"] + METHODS]
+    main_table = out.split("at equal memory")[0]
+    rows = [ln.split() for ln in main_table.splitlines() if ln.split() and ln.split()[0] in ["full"] + METHODS]
     check("table has full + every method x budget", len(rows) == 1 + len(METHODS) * len(BUDGETS), out)
 
     doc = json.load(open(js))
@@ -240,6 +241,32 @@ def main():
     check("some method departs from the full cache at the lowest budget",
           any(x["ppl"] != f["ppl"] or x["agree_all"] < 1.0 for x in low),
           [(x["method"], x["ppl"], x["agree_all"]) for x in low])
+
+    # memory: every row says how much KV it held; D2O's default keeps layers 0, 1
+    # and L-1 whole, so at an equal nominal budget it holds far more than H2O
+    ok = all(isinstance(x.get(k), (int, float)) and x[k] > 0 for x in res
+             for k in ("kv_tokens_mean", "kv_tokens_peak", "kv_bytes_mean"))
+    check("every row has kv_tokens_mean/peak and kv_bytes_mean", ok,
+          [(x["method"], x.get("kv_tokens_mean"), x.get("kv_tokens_peak")) for x in res])
+    check("peak >= mean", all(x["kv_tokens_peak"] >= x["kv_tokens_mean"] - 1e-9 for x in res))
+    check("the full cache is the memory reference", abs(f["kv_mem_frac"] - 1.0) < 1e-9, f.get("kv_mem_frac"))
+    by = {(x["method"], x["budget"]): x for x in res}
+    b = min(BUDGETS)
+    d, h, dn = by[("d2o", b)], by[("h2o", b)], by[("d2o_nokeep", b)]
+    check("d2o with its kept layers holds > 1.5x h2o's KV at the same budget",
+          d["kv_tokens_mean"] > 1.5 * h["kv_tokens_mean"], (d["kv_tokens_mean"], h["kv_tokens_mean"]))
+    check("d2o_nokeep holds about h2o's KV", 0.6 < dn["kv_tokens_mean"] / h["kv_tokens_mean"] < 1.6,
+          (dn["kv_tokens_mean"], h["kv_tokens_mean"]))
+    L = len(d["layers"])
+    check("per-layer decisions in every row", L == 5 and all(len(x["layers"]) == L for x in res), L)
+    dl = d["layers"]
+    check("d2o keeps 0, 1, L-1 and compresses the others with a statistic in [0, 1]",
+          all(dl[l]["budget"] == -1 for l in (0, 1, L - 1)) and
+          all(dl[l]["budget"] > 0 and 0.0 <= dl[l]["stat"] <= 1.0 and dl[l]["merged"] > 0 and
+              dl[l]["tau"] is not None for l in range(2, L - 1)), dl)
+    check("d2o_nokeep compresses every layer", all(y["budget"] > 0 for y in dn["layers"]), dn["layers"])
+    check("equal-memory table", "at equal memory" in out and len(doc.get("equal_memory", [])) >= 1,
+          doc.get("equal_memory"))
 
     try:
         w, h, pix = read_png(png)
@@ -290,6 +317,31 @@ def main():
         check(f"usage error for {bad or 'no --model'}", rb.returncode == 2, rb.returncode)
     rh = run(["--help"], timeout=30)
     check("--help", rh.returncode == 0 and b"--budgets" in rh.stdout)
+
+    # retrieval grids: shape, JSON and the heat-map PNG
+    jn, pn = os.path.join(tmp, "n.json"), os.path.join(tmp, "n.png")
+    rn = run(["--model", HF, "--methods", "full,d2o,h2o", "--budgets", "0.5", "--texts", "1",
+              "--max-ctx", "192", "--agree-prompts", "1", "--agree-tokens", "8", "--passkey-trials", "0",
+              "--threads", "1", "--niah-lengths", "64,128", "--niah-depths", "0,0.5,1", "--niah-trials", "1",
+              "--niah-needles", "3", "--niah-budget", "0.3", "--niah-png", pn, "--json", jn])
+    ok = rn.returncode == 0
+    detail = rn.stderr.decode()[-400:]
+    if ok:
+        nh = json.load(open(jn)).get("niah", {})
+        ms = nh.get("methods", [])
+        ok = (nh.get("lengths") == [64, 128] and nh.get("depths") == [0.0, 0.5, 1.0] and
+              [m["method"] for m in ms] == ["full", "d2o", "h2o"] and
+              all(len(m[t]["accuracy_by_length_depth"]) == 2 and
+                  all(len(row) == 3 for row in m[t]["accuracy_by_length_depth"]) and m[t]["trials"] == 6
+                  for m in ms for t in ("passkey", "needles")))
+        detail = json.dumps(nh)[:400]
+    check("--niah grids per method in the JSON", ok, detail)
+    ok = os.path.exists(pn) and open(pn, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    if ok:
+        w, h = struct.unpack(">II", open(pn, "rb").read()[16:24])
+        ok = w > 400 and h > 200
+    check("--niah-png heat map written", ok)
+    check("--niah table", b"retrieval grids" in rn.stdout, rn.stdout.decode()[-300:])
 
     test_http(tmp)
 

@@ -115,6 +115,33 @@ TEST(kv_optional_keys) {
     api_gen_params_free(&p);
 }
 
+/* "preset": "official" = D2O as the official code runs it; explicit fields
+ * override it; it applies to d2o only. */
+TEST(kv_preset_official) {
+    api_gen_params p;
+    api_error err;
+    ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"preset\": \"official\"}", &p, &err));
+    ASSERT_EQ(p.kv.merge_rule, ENG_KV_MERGE_CODE);
+    ASSERT_YES(p.kv.exact);
+    ASSERT_NEAR(p.kv.heavy_share, 0.5, 1e-9);
+    ASSERT_NEAR(p.kv.ema_beta, 0.5, 1e-9);
+    ASSERT_EQ(p.kv.n_sink, 4);
+    for (int l = 0; l < 5; l++) ASSERT_EQ(eng_kv_layer_kept(&p.kv, 5, l), l == 0 || l == 1 || l == 4);
+    api_gen_params_free(&p);
+    ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"preset\": \"official\", \"exact\": false, \"budget\": 0.3}",
+                       &p, &err));
+    ASSERT_YES(!p.kv.exact);
+    ASSERT_EQ(p.kv.merge_rule, ENG_KV_MERGE_CODE);
+    ASSERT_NEAR(p.kv.budget_frac, 0.3, 1e-6);
+    api_gen_params_free(&p);
+    ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"preset\": \"default\"}", &p, &err));
+    ASSERT_EQ(p.kv.merge_rule, ENG_KV_MERGE_NORMALISED);
+    api_gen_params_free(&p);
+    expect_kv_error("{\"method\": \"h2o\", \"preset\": \"official\"}");
+    expect_kv_error("{\"method\": \"d2o\", \"preset\": \"nosuch\"}");
+    expect_kv_error("{\"method\": \"d2o\", \"preset\": 1}");
+}
+
 /* An 80-layer model: -1 names layer 79 and 70 is accepted (a 64-bit mask
  * capped the API at 64 layers, so -1 named layer 63 and 70 was refused). */
 TEST(kv_keep_layers_80) {
