@@ -55,6 +55,11 @@ int64_t eng__plan_pages_needed(const eng_engine *e, const eng_plan *p) {
         int64_t n = kvp_pages_needed_all_layers(e->pool, p->seqs[k].seq, p->seqs[k].n);
         if (n < 0) return INT64_MAX / 4; /* longer than a table can be: never fits */
         need += n;
+        /* a scoring sequence's shared pages are copied first (eng__step_execute) */
+        for (int l = 0; p->seqs[k].want_scores && l < e->model->cfg.n_layers; l++) {
+            int sh = kvp_shared_pages(e->pool, p->seqs[k].seq, l);
+            if (sh > 0) need += sh;
+        }
     }
     return need;
 }
@@ -81,6 +86,16 @@ int eng__step_execute(eng_engine *e, const eng_plan *p) {
     for (int k = 0; k < p->n_seqs; k++) {
         rc = kvp_reserve_all_layers(e->pool, p->seqs[k].seq, p->seqs[k].n);
         if (rc != D2_OK) return rc; /* a lone table longer than max_seq_tokens */
+    }
+    /* The backend adds this step's attention into the score of every live slot
+     * of a sequence that wants scores: a page it shares with a forked sequence
+     * is made private first, so that copy on write covers scores too (the
+     * pages were counted in `need`, so this cannot run out). */
+    for (int k = 0; k < p->n_seqs; k++) {
+        for (int l = 0; p->seqs[k].want_scores && l < e->model->cfg.n_layers; l++) {
+            rc = kvp_unshare_all(e->pool, p->seqs[k].seq, l);
+            if (rc != D2_OK) return rc;
+        }
     }
     int pt = kvp_get_config(e->pool)->page_tokens;
     int32_t *pos_base = kvp_pos_base(e->pool);

@@ -502,6 +502,30 @@ int kvp_unshare(kvp_pool *p, int seq, int layer, int i) {
     return D2_OK;
 }
 
+int kvp_shared_pages(const kvp_pool *p, int seq, int layer) {
+    int rc = check_ids(p, seq, layer, "kvp_shared_pages");
+    if (rc) return rc;
+    const kvp_tab *t = tab_at((kvp_pool *)p, seq, layer);
+    int n = 0, live = (t->n_tokens + p->pt - 1) / p->pt;
+    for (int q = 0; q < live; q++) n += p->refcount[t->pages[q]] > 1;
+    return n;
+}
+
+int kvp_unshare_all(kvp_pool *p, int seq, int layer) {
+    int need = kvp_shared_pages(p, seq, layer);
+    if (need <= 0) return need;
+    if (p->n_free < need) return D2_EKVFULL;
+    kvp_tab *t = tab_at(p, seq, layer);
+    int live = (t->n_tokens + p->pt - 1) / p->pt;
+    for (int q = 0; q < live; q++) {
+        if (p->refcount[t->pages[q]] <= 1) continue;
+        int n_live = t->n_tokens - q * p->pt < p->pt ? t->n_tokens - q * p->pt : p->pt;
+        page_cow(p, t, q, n_live);
+    }
+    flush_runs(p);
+    return D2_OK;
+}
+
 /* ---- slot access ------------------------------------------------------------------ */
 
 int32_t *kvp_pos_base(kvp_pool *p) { return p->pos; }

@@ -131,6 +131,13 @@ int kvp_compact(kvp_pool *p, int seq, int layer, const uint8_t *keep);
  * (D2O merges into retained slots). D2_EKVFULL (nothing changed) when a copy
  * is needed and no page is free; D2_EINVAL for a bad slot. */
 int kvp_unshare(kvp_pool *p, int seq, int layer, int i);
+/* Live pages of (seq, layer) that another table also holds (>= 0). */
+int kvp_shared_pages(const kvp_pool *p, int seq, int layer);
+/* Makes every live page of (seq, layer) private (copy on write of each
+ * shared one, payload moved through the copy hook): for a writer of every
+ * slot, such as a backend accumulating attention scores. D2_EKVFULL (nothing
+ * changed) when the copies need more pages than are free. */
+int kvp_unshare_all(kvp_pool *p, int seq, int layer);
 /* ceil(n_tokens / page_tokens): pages a table of n_tokens live slots holds.
  * D2_EINVAL for n_tokens < 0. */
 int kvp_pages_for_tokens(const kvp_pool *p, int n_tokens);

@@ -274,6 +274,48 @@ TEST(colsum_lives_from_prefill_to_compression) {
     tmodel_free(t);
 }
 
+/* Scores on shared pages: a forked child that accumulates attention scores
+ * must not write them into the pages it shares with its parent (the backend
+ * adds scores into every live slot; before copy on write covered scores, the
+ * parent's H2O/D2O scores moved with the child's decode steps). */
+TEST(scores_on_shared_pages_copy_on_write) {
+    enum { L = 2, NP = 40, PT = 16 };
+    tmodel *t = tmodel_make(L, 16, 2, 1, 64, 32, 1.0f, 11);
+    eng_engine *e = tengine_make(&t->m, 256, 64, 2, 64, PT, 1);
+    int32_t toks[NP + 4];
+    rand_tokens(toks, NP + 4, 64, 4);
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_H2O);
+    eng_kv_state *ks;
+    ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks), D2_OK);
+    int parent, child;
+    ASSERT_EQ(kvp_seq_new(e->pool, &parent), D2_OK);
+    prefill(e, parent, toks, NP, ks);
+    float before[L][NP], sc;
+    for (int l = 0; l < L; l++)
+        for (int i = 0; i < NP; i++)
+            ASSERT_EQ(e->be->ops->read_slot(e->be, parent, l, i, NULL, NULL, &before[l][i]), D2_OK);
+    ASSERT_EQ(kvp_seq_fork(e->pool, parent, &child), D2_OK);
+    for (int d = 0; d < 4; d++) step_seq(e, child, toks + NP + d, 1, NP + d, ks, NP); /* H2O: scoring */
+    int moved_child = 0;
+    for (int l = 0; l < L; l++) {
+        for (int i = 0; i < NP; i++) {
+            float sp;
+            ASSERT_EQ(e->be->ops->read_slot(e->be, parent, l, i, NULL, NULL, &sp), D2_OK);
+            ASSERT_EQ(e->be->ops->read_slot(e->be, child, l, i, NULL, NULL, &sc), D2_OK);
+            if (sp != before[l][i]) FAIL_("layer %d slot %d: the parent's score moved %g -> %g", l, i, before[l][i], sp);
+            moved_child += sc != before[l][i];
+        }
+    }
+    ASSERT_GT(moved_child, 0); /* the child did accumulate */
+    ASSERT_EQ(kvp_check(e->pool), D2_OK);
+    ASSERT_EQ(kvp_seq_free(e->pool, child), D2_OK);
+    ASSERT_EQ(kvp_seq_free(e->pool, parent), D2_OK);
+    eng_kv_state_free(ks);
+    tengine_free(e);
+    tmodel_free(t);
+}
+
 /* Models deeper than 64 layers: the default keeps the last layer, and an
  * explicit set names any layer (the set was one 64-bit word). */
 TEST(keep_layers_beyond_64) {
