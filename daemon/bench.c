@@ -24,6 +24,9 @@
  *     end-of-prefill compression as a share of the prefill), and (decode
  *     step with compression - decode step) / decode step (eviction amortised
  *     per step, net of the faster attention over a smaller cache).
+ *  5. The stall (daemon/bench_stall.c, --stall-prompt N, 0 skips): the p50/p99/
+ *     max inter-token latency of --stall-decoders decoders alone, beside one
+ *     N-token prompt with the full cache, and beside it compressed.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -33,6 +36,7 @@
 
 #include "common/status.h"
 #include "common/util.h"
+#include "daemon/bench_stall.h"
 #include "daemon/cli.h"
 #include "engine/engine.h"
 
@@ -253,7 +257,8 @@ static int parse_batches(const char *s, int *out, int max) {
 
 int d2_cmd_bench(int argc, char **argv) {
     const char *model = NULL, *batches_s = "1,8,32", *kv_method_s = "d2o";
-    long threads = 0, prompt_len = 32, gen = 64, kv_prompt = 256, kv_gen = 64;
+    long threads = 0, prompt_len = 32, gen = 64, kv_prompt = 256, kv_gen = 64, stall_prompt = 1024,
+         stall_decoders = 4;
     double kv_budget = 0.2;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -261,6 +266,7 @@ int d2_cmd_bench(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: d2od bench --model M [--batches 1,8,32] [--prompt N] [--gen N] [--threads N]\n"
                    "                  [--kv-method d2o|h2o|...|none] [--kv-budget F] [--kv-prompt N] [--kv-gen N]\n"
+                   "                  [--stall-prompt N (0: skip)] [--stall-decoders N]\n"
                    "\n"
                    "Measures copy bandwidth, the batch-1 decode roofline (weight bytes per token /\n"
                    "bandwidth) and decode tokens/s at each batch size through the engine loop; then\n"
@@ -283,6 +289,10 @@ int d2_cmd_bench(int argc, char **argv) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_float(a, v, 1e-4, 1, &kv_budget)) return 2;
         } else if (!strcmp(a, "--kv-prompt")) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 8, 1 << 20, &kv_prompt)) return 2;
+        } else if (!strcmp(a, "--stall-prompt")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 0, 1 << 20, &stall_prompt)) return 2;
+        } else if (!strcmp(a, "--stall-decoders")) {
+            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 1, 256, &stall_decoders)) return 2;
         } else if (!strcmp(a, "--kv-gen")) {
             if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 20, &kv_gen)) return 2;
         } else {
@@ -398,6 +408,18 @@ int d2_cmd_bench(int argc, char **argv) {
             return 1;
         }
         printf("%s\n", json);
+        if (stall_prompt > 0) {
+            eng_kv_config kv;
+            eng_kv_config_default(&kv, (eng_kv_method)kv_method);
+            kv.budget_frac = (float)kv_budget;
+            rc = d2_bench_kv_stall(model, (int)threads, &kv, (int)stall_prompt, (int)stall_decoders, json,
+                                   sizeof json);
+            if (rc != D2_OK) {
+                fprintf(stderr, "d2od bench: stall run failed: %s\n", d2_strerror(rc));
+                return 1;
+            }
+            printf("%s\n", json);
+        }
     }
     return 0;
 }
