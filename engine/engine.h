@@ -214,7 +214,11 @@ eng_kv_estimate eng_kv_estimate_pages(const eng_engine *e, const eng_kv_config *
  * the request's callback on the engine thread. When the pool runs out of pages
  * mid-decode, the newest running sequence is preempted (its pages freed) and
  * later recomputed from its prompt plus the tokens it already produced; the
- * client sees no difference. A cancelled request (client gone, timeout) is
+ * client sees no difference. A compressed sequence is recomputed by replay:
+ * its prompt is prefilled and compressed at the same point as the first time,
+ * then its generated tokens are fed one per step with decode-time eviction,
+ * so its cache and its next tokens are those of an unpreempted run (cost: one
+ * step per token it had generated). A cancelled request (client gone, timeout) is
  * retired and its pages freed at the next step.
  *
  * Threaded mode: eng_sched_start() runs the loop on its own thread.

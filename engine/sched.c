@@ -13,7 +13,9 @@
  *   5. if the plan needs more pages than are free, preempt the newest
  *      running sequence (free its pages, put it back at the head of the
  *      queue; it will recompute its prompt plus the tokens it already
- *      produced) and plan again;
+ *      produced — a compressed one by replay: prompt, compression at the
+ *      same point, then its tokens one per step with decode eviction, so
+ *      nothing the client sees changes) and plan again;
  *   6. execute: the step mechanism (step.c) reserves and appends the plan's
  *      pages and runs the backend;
  *   7. commit: compress the KV cache of compressed sequences, sample for every
@@ -391,6 +393,11 @@ static void publish_counts(eng_sched *s) {
 /* Known tokens of r: what the cache must hold before the next sample. */
 static int known(const sreq *r) { return r->n_prompt + r->n_gen; }
 
+/* Whether r, re-admitted, replays its generated tokens (compressed methods). */
+static bool replays(const sreq *r) {
+    return r->n_gen > 0 && r->kvs && r->kvs->cfg.method != ENG_KV_FULL;
+}
+
 static void preempt(eng_sched *s, sreq *r) {
     prefill_bytes_settle(s, r, true);
     kvp_seq_free(s->e->pool, r->kv);
@@ -550,12 +557,18 @@ static void sched_admit(eng_sched *s) {
         int64_t watermark = (int64_t)n_layers * s->running.n;
         if (need + watermark > free_pages && s->running.n > 0) break;
         if (need > free_pages) break; /* nothing running: pages will not come back; wait */
+        /* A compressed request re-admitted after a preemption replays: its
+         * prompt is prefilled and compressed at the same point as the first
+         * time, then the tokens it generated are fed one per step with
+         * decode-time eviction (build_plan), so its cache and its output are
+         * those of an unpreempted run. The cost: one step per generated token. */
+        int pend = replays(r) ? r->n_prompt : known(r);
         /* prefill scratch: within the limit, or alone (a prefill always runs) */
-        int64_t pb = r->kvs ? (int64_t)eng_kv_prefill_bytes(&r->kvs->cfg, &e->model->cfg, known(r)) : 0;
+        int64_t pb = r->kvs ? (int64_t)eng_kv_prefill_bytes(&r->kvs->cfg, &e->model->cfg, pend) : 0;
         if (pb > 0 && s->prefill_bytes > 0 && s->prefill_bytes + pb > s->prefill_bytes_limit) break;
         int rc = kvp_seq_new(e->pool, &r->kv);
         if (rc != D2_OK) break;
-        if (r->kvs && (rc = eng_kv_prefill_begin(r->kvs, known(r))) != D2_OK) {
+        if (r->kvs && (rc = eng_kv_prefill_begin(r->kvs, pend)) != D2_OK) {
             kvp_seq_free(e->pool, r->kv);
             r->kv = -1;
             break; /* no memory for the column sums now: wait */
@@ -564,7 +577,7 @@ static void sched_admit(eng_sched *s) {
         rl_push_back(&s->running, r);
         r->admit_seq = ++s->admit_counter;
         r->n_fed = 0;
-        r->prefill_end = known(r);
+        r->prefill_end = pend;
         r->prefill_bytes = pb;
         s->prefill_bytes += pb;
         atomic_store(&s->prefill_bytes_pub, s->prefill_bytes);
@@ -579,17 +592,22 @@ static void sched_admit(eng_sched *s) {
     }
 }
 
-/* One plan over the running sequences: decode tokens first, then prefill
- * chunks in admission order, up to max_batch_tokens. */
+/* One plan over the running sequences: decode tokens first (and the replayed
+ * tokens of a compressed request after a preemption, one per step), then
+ * prefill chunks in admission order, up to max_batch_tokens; a prefill chunk
+ * never crosses prefill_end, where the prompt compression runs. */
 static void build_plan(eng_sched *s) {
     eng_plan *p = &s->plan;
     eng__plan_reset(p);
     for (int pass = 0; pass < 2; pass++) {
         for (sreq *r = s->running.head; r; r = r->next) {
             int todo = known(r) - r->n_fed;
-            bool decode = todo == 1;
+            bool replay = todo > 1 && r->n_fed >= r->prefill_end;
+            bool decode = todo == 1 || replay;
             if ((pass == 0) != decode || todo <= 0) continue;
-            int take = todo;
+            int take = replay ? 1 : todo;
+            if (!decode && r->n_fed < r->prefill_end && take > r->prefill_end - r->n_fed)
+                take = r->prefill_end - r->n_fed;
             if (take > p->cap_tokens - p->n_tokens) take = p->cap_tokens - p->n_tokens;
             if (take <= 0) continue;
             eng_batch_seq *bs = eng__plan_add(p, r->kv, r->tokens + r->n_fed, take, r->n_fed,

@@ -270,6 +270,78 @@ TEST(prefill_scratch_counted_in_admission) {
     eng_engine_destroy(e);
 }
 
+/* A preempted D2O request must continue exactly as if it had not been
+ * preempted: the same greedy tokens and the same per-layer cache lengths at
+ * the end. (Re-admission used to prefill prompt + generated tokens as one
+ * prompt and compress it: the fractional budget grew with the tokens
+ * generated so far and evicted tokens came back.) */
+typedef struct kvrec {
+    int32_t toks[64];
+    int n, done, preempted;
+    int live[8];
+} kvrec;
+
+static int kvrec_event(void *user, const eng_event *ev) {
+    kvrec *k = user;
+    if (ev->type == ENG_EV_TOKEN) {
+        if (k->n < 64) k->toks[k->n++] = ev->token;
+        return 0;
+    }
+    k->done = 1;
+    k->preempted = ev->n_preempted;
+    for (int l = 0; ev->kv && l < ev->kv->n_layers && l < 8; l++) k->live[l] = ev->kv->layers[l].live;
+    return 0;
+}
+
+static void run_d2o_beside(int64_t kv_pages, int n_others, kvrec *out) {
+    eng_engine *e = open_engine(8, kv_pages);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 16};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    static int32_t p[8][80];
+    rec r[8];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < n_others; i++) { /* full-cache requests admitted first, growing long */
+        fill_prompt(p[i], 8, 10 + i);
+        eng_request q = mk_req(p[i], 8, 150, &r[i]);
+        ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
+    }
+    fill_prompt(p[7], 64, 3);
+    memset(out, 0, sizeof *out);
+    eng_request q = {.prompt = p[7], .n_prompt = 64, .max_tokens = 48, .ignore_eos = true,
+                     .on_event = kvrec_event, .user = out};
+    eng_sample_params_default(&q.sample);
+    q.sample.temperature = 0;
+    eng_kv_config_default(&q.kv, ENG_KV_D2O);
+    ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
+    int guard = 0;
+    while (eng_sched_step(s) > 0) ASSERT_LT(guard++, 100000);
+    ASSERT_EQ(out->done, 1);
+    ASSERT_EQ(out->n, 48);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
+
+TEST(preempted_d2o_request_replays_exactly) {
+    kvrec alone, squeezed;
+    run_d2o_beside(0, 0, &alone);
+    ASSERT_EQ(alone.preempted, 0);
+    /* 3 full-cache requests (8-token prompts, growing to 158 tokens) beside
+     * the D2O one in a 60-page pool (5 layers): around its 35th token the
+     * plan no longer fits and the newest running request, the D2O one, is
+     * preempted; it is re-admitted once pages return */
+    run_d2o_beside(60, 3, &squeezed);
+    ASSERT_GT(squeezed.preempted, 0);
+    for (int k = 0; k < 48; k++)
+        if (alone.toks[k] != squeezed.toks[k])
+            FAIL_("token %d: %d alone, %d after %d preemption(s)", k, alone.toks[k], squeezed.toks[k],
+                  squeezed.preempted);
+    for (int l = 0; l < 5; l++)
+        if (alone.live[l] != squeezed.live[l])
+            FAIL_("layer %d holds %d tokens alone, %d after %d preemption(s)", l, alone.live[l],
+                  squeezed.live[l], squeezed.preempted);
+}
+
 typedef struct submitter { eng_sched *s; rec *recs; int base; } submitter;
 static int32_t g_prompts[32][24];
 
