@@ -160,7 +160,28 @@ $(EMU_DIR)/bin/%: $(EMU_DIR)/src/tests/gpu/%.cu $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_
 $(EMU_DIR)/bin/test_emu: $(EMU_DIR)/src/tests/emu/test_emu.cu $(EMU_DIR)/obj/cuda_emu.o
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) $(EMU_FLAGS) -x c++ $< -x none $(EMU_DIR)/obj/cuda_emu.o -o $@
-.PRECIOUS: $(EMU_DIR)/src/% $(EMU_DIR)/obj/%.o
+# Host C code over the emulator (tests/emu/README, "C host code"): the CUDA
+# backend (engine/cuda/, built with D2_HAVE_CUDA against tests/emu/include_c/:
+# the C runtime subset and the cuBLASLt shim) and its test against the CPU
+# backend, linked with the emulated kernels and the normal libd2od.a (whose
+# engine/cuda/backend.o is the no-CUDA stub; the emulator build comes first).
+EMU_CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) -O2 -g -fno-omit-frame-pointer \
+              -fsanitize=address,undefined -fno-sanitize-recover=undefined -pthread \
+              -DD2_HAVE_CUDA -Itests/emu/include_c -I.
+EMU_HOST_OBJ := $(EMU_DIR)/cobj/engine/cuda/backend.o $(EMU_DIR)/cobj/tests/emu/cublaslt_emu.o \
+                $(EMU_DIR)/obj/cuda_rt_c.o
+$(EMU_DIR)/cobj/%.o: %.c $(wildcard tests/emu/include_c/*.h) kernels/kernels.h engine/backend.h
+	@mkdir -p $(dir $@)
+	$(CC) $(EMU_CFLAGS) -c $< -o $@
+$(EMU_DIR)/obj/cuda_rt_c.o: tests/emu/cuda_rt_c.cpp tests/emu/cuda_emu.h
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -c $< -o $@
+$(EMU_DIR)/bin/test_backend_cuda: $(EMU_DIR)/cobj/tests/gpu/test_backend_cuda.o $(EMU_HOST_OBJ) \
+                                  $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
+EMU_TEST_BIN += $(EMU_DIR)/bin/test_backend_cuda
+.PRECIOUS: $(EMU_DIR)/src/% $(EMU_DIR)/obj/%.o $(EMU_DIR)/cobj/%.o
 gpu-emu-build: $(EMU_TEST_BIN)
 test-gpu-emu: gpu-emu-build
 	@rc=0; for t in $(EMU_TEST_BIN); do echo "== $$t"; CUDAEMU_STRICT=1 $$t || rc=1; done; exit $$rc

@@ -197,10 +197,21 @@ typedef struct eng_backend_config {
      * and total, at most about 100 times; may be NULL. */
     void (*progress)(void *user, size_t done, size_t total);
     void *progress_user;
+    /* Device backends (additive): the CUDA device ordinal, and the share of its
+     * memory this process may fill (weights, activations, KV payload); 0 = 0.9. */
+    int device_id;
+    double gpu_memory_utilization;
 } eng_backend_config;
 
 /* The CPU backend (engine/cpu/backend.c): weights of any eng_dtype used in
  * place, f32 K/V payload in host memory, step() never allocates or logs. */
 int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg, eng_backend **out);
+
+/* The CUDA backend (engine/cuda/backend.c): bf16 weights and KV payload in
+ * device memory, kernels/kernels.h and cuBLASLt. D2_EUNSUPPORTED (logged) in
+ * a build without CUDA; D2_ECUDA when no device can be used. */
+int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, eng_backend **out);
+/* CUDA devices this process can use: 0 without CUDA, a driver or a device. */
+int eng_cuda_device_count(void);
 
 #endif

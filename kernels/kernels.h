@@ -144,6 +144,24 @@ int kern_kv_write(kern_bf16 *k_pages, kern_bf16 *v_pages, int32_t *pos_pages, fl
                   const int32_t *tok_pos, const int32_t *page_of, const int32_t *slot_of,
                   int n_tok, int n_kv_heads, int head_dim, int page_tokens, kern_stream s);
 
+/* Slot moves of the KV pool's payload hook (kvpool/kvpool.h, kvp_payload.copy)
+ * for copy on write and compaction: run r (int32 runs[5r..5r+4] = dst_page,
+ * src_page, dst_slot, src_slot, n, as kvp_slot_run) copies n whole slots --
+ * K, V, score and pos -- from (src_page, src_slot + j) to (dst_page,
+ * dst_slot + j). start[r] = slots of runs 0..r-1 (int32, n_runs entries),
+ * n_slots = all of them. Every source is read (into staging) before any
+ * destination is written, so the result equals running the runs in order
+ * only when no run reads a slot an earlier run of the call writes and no two
+ * runs write one slot: the caller splits a hook call into such segments.
+ *   k_pages, v_pages, score, pos_pages : the pool's payload (layout above)
+ *   staging : kern_kv_copy_staging_bytes(n_slots, ...) bytes, 4-byte aligned
+ * kern_kv_copy_staging_bytes: 0 for bad arguments. */
+size_t kern_kv_copy_staging_bytes(int n_slots, int n_kv_heads, int head_dim);
+int kern_kv_copy_runs(kern_bf16 *k_pages, kern_bf16 *v_pages, float *score, int32_t *pos_pages,
+                      const int32_t *runs, const int32_t *start, int n_runs, int n_slots,
+                      void *staging, int n_kv_heads, int head_dim, int page_tokens,
+                      kern_stream s);
+
 /* ---- attention ---- */
 
 /* One layer's view of the paged pool, passed by value. */

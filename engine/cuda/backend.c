@@ -1,0 +1,1235 @@
+/*
+ * engine/cuda/backend.c — the CUDA compute backend (contract: engine/backend.h):
+ * bf16 weights uploaded once, activations and the KV payload (bf16 K/V, fp32
+ * scores, an int32 position mirror) in device memory, the forward pass of a
+ * step as kernels/kernels.h launches and cuBLASLt GEMMs on one stream, KV
+ * compression through kern_d2o_* with the page bookkeeping on the host
+ * (kvpool), as engine/cpu/kvcomp.c does it.
+ *
+ * Callers: engine.c creates it (eng_cuda_backend_create) on any thread; every
+ * other op runs on the engine thread after attach_thread. Built for real only
+ * with D2_HAVE_CUDA (the Makefile defines it when it links the CUDA runtime,
+ * cuBLASLt and the kernels, or the emulator's stand-ins: tests/emu/README);
+ * without it eng_cuda_backend_create says so and fails with D2_EUNSUPPORTED.
+ *
+ * Memory: everything is reserved at create (weights, activations for
+ * max_batch_tokens, GEMM descriptors) and at kv_attach (the payload, the plan
+ * staging sized for the pool's max_seqs, compression scratch); step() never
+ * allocates and never logs. Host<->device traffic per step: one plan upload
+ * from pinned memory; a host synchronisation only when a plan carries colsum
+ * (the column sums are host memory) — logits and argmax copy out on demand.
+ *
+ * Row order: inside a step the backend keeps the decode tokens (one-token
+ * sequences without colsum) first, in plan order, then the other sequences'
+ * chunks, so the batched decode attention reads its queries as one block;
+ * logits come out in plan order.
+ *
+ * Errors: every CUDA runtime, cuBLASLt and kernel call is checked; last_error
+ * names the call, file and line. A CUDA or cuBLASLt failure is sticky: the
+ * backend then answers D2_ECUDA to everything (the daemon exits).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/status.h"
+#include "engine/backend.h"
+
+#ifndef D2_HAVE_CUDA
+
+int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, eng_backend **out) {
+    (void)m; (void)cfg;
+    *out = NULL;
+    D2_ERROR("engine: this build has no CUDA backend (built without nvcc; use --device cpu)");
+    return D2_EUNSUPPORTED;
+}
+
+int eng_cuda_device_count(void) { return 0; }
+
+#else
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include "engine/kvsel.h"
+#include "engine/model/rope.h"
+#include "kernels/kernels.h"
+
+#define CU_DEFAULT_UTIL 0.9
+#define CU_LT_WS_BYTES ((size_t)32 << 20) /* cuBLASLt workspace */
+#define CU_D2O_MOVE_SLOTS 256
+
+typedef struct cu_layer {
+    kern_bf16 *attn_norm, *ffn_norm; /* [dim] */
+    kern_bf16 *wqkv;                 /* [q_dim + 2 kv_dim][dim]: Wq | Wk | Wv */
+    float *bqkv;                     /* [q_dim + 2 kv_dim] or NULL (no bias) */
+    kern_bf16 *wo;                   /* [dim][q_dim] */
+    kern_bf16 *wgu;                  /* [2 ffn][dim]: Wgate | Wup */
+    kern_bf16 *wdown;                /* [dim][ffn] */
+} cu_layer;
+
+/* Where a step's plan lives in the staging buffer (int32 offsets). */
+typedef struct cu_layer_plan {
+    size_t page_of, slot_of;          /* [T] internal rows */
+    size_t dtab, dlen, dsplit, dwork; /* decode: [n_dec][dstride], [n_dec], [n_dec+1], [n_work] */
+    int dstride, n_work;
+} cu_layer_plan;
+
+typedef struct cu_seq_plan {
+    int row0;            /* internal first row */
+    int n_kv;            /* live slots of the table (this layer) */
+    size_t tab;          /* offset of its page list (this layer) */
+} cu_seq_plan;
+
+typedef struct cuda_be {
+    eng_backend base;
+    int device;
+    double util;
+    cudaStream_t st;
+    cudaEvent_t ev_plan, ev_hook;
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t mm_plain, mm_bias;
+    cublasLtMatrixLayout_t la, lb, lc;
+    void *lt_ws;
+    /* shapes */
+    int max_t, max_rows, max_seq, dim, qd, kvd, qkvd, hd, n_heads, n_kv, ffn, vocab, n_layers;
+    int pt, window, neox;
+    float eps;
+    /* weights (device) */
+    kern_bf16 *embd, *outw, *out_norm;
+    cu_layer *L;
+    float *inv_freq;
+    size_t weight_bytes;
+    /* activations (device) */
+    float *x, *qkv, *gu, *lse, *xsel, *logits;
+    kern_bf16 *xb, *ao, *hb, *xfb;
+    int32_t *amax_d;
+    /* sized at kv_attach */
+    int max_seqs;                 /* sequences one step may hold: min(max_t, pool max_seqs) */
+    int max_pages;                /* pages of the longest table */
+    int work_cap;                 /* decode splits per layer */
+    void *dec_ws;
+    float *colsum_d, *colsum_h;   /* [colsum_cap] */
+    size_t colsum_cap;
+    int32_t *plan_h, *plan_d;     /* staging (pinned) and its device twin */
+    size_t plan_cap;
+    int *irow;                    /* [max_t] plan row -> internal row */
+    int *seq_row0;                /* [max_t] per plan sequence: internal first row */
+    cu_layer_plan *lp;            /* [n_layers] */
+    cu_seq_plan *sp;              /* [n_layers][max_t] */
+    int32_t *dlen_h;              /* [max_t] host decode lengths */
+    /* the payload */
+    kern_bf16 *kv_k, *kv_v;
+    float *kv_score;
+    int32_t *kv_pos;
+    int64_t n_pages;
+    /* payload hook */
+    int32_t *hook_h, *hook_d;     /* runs [cap][5] then start [cap] */
+    int hook_cap;
+    void *hook_stage;
+    uint8_t *hook_mark;           /* [n_pages * pt] slot written in the open segment */
+    int32_t *hook_touched;        /* [hook_cap] marked slots */
+    int n_touched;
+    /* compression */
+    void *d2o_mem;
+    kern_d2o_ws d2o;
+    int32_t *tab_h, *tab_d;       /* [max_pages] one table */
+    uint8_t *keep_h;              /* [max_seq] */
+    int32_t *ev_h, *tgt_h;        /* [max_seq] */
+    float *sim_h, *stat_h, *tau_h; /* [max_seq], [2], [1] pinned */
+    float *tau_d;
+    /* the last step's logits */
+    float *logits_h;              /* pinned [max_rows][vocab] */
+    int32_t *amax_h;              /* pinned [max_rows] */
+    int n_logit_rows;
+    int amax_valid;
+    /* colsum of the current step: per plan sequence, offset into colsum_d or -1 */
+    size_t *cs_off;
+    int dead;
+    char err[320];
+} cuda_be;
+
+/* ---- errors ------------------------------------------------------------------------ */
+
+static int cu_fail(cuda_be *be, int rc, const char *call, const char *why) {
+    snprintf(be->err, sizeof be->err, "cuda backend: %s: %s (%s)", call, why, d2_strerror(rc));
+    return rc;
+}
+
+static int cu_fail_rt(cuda_be *be, cudaError_t e, const char *call, int line) {
+    be->dead = 1;
+    snprintf(be->err, sizeof be->err, "cuda backend: %s failed at engine/cuda/backend.c:%d: %s (%s)",
+             call, line, cudaGetErrorString(e), cudaGetErrorName(e));
+    return D2_ECUDA;
+}
+
+static int cu_fail_lt(cuda_be *be, cublasStatus_t s, const char *call, int line) {
+    be->dead = 1;
+    snprintf(be->err, sizeof be->err, "cuda backend: %s failed at engine/cuda/backend.c:%d: %s",
+             call, line, cublasLtGetStatusString(s));
+    return D2_ECUDA;
+}
+
+static int cu_fail_kern(cuda_be *be, int rc, const char *call, int line) {
+    if (rc == D2_ECUDA) {
+        kern_error ke = kern_last_error();
+        be->dead = 1;
+        snprintf(be->err, sizeof be->err,
+                 "cuda backend: %s failed at engine/cuda/backend.c:%d: %s in %s (%s:%d): %s", call,
+                 line, ke.stmt ? ke.stmt : "?", ke.func ? ke.func : "?", ke.file ? ke.file : "?",
+                 ke.line, ke.msg ? ke.msg : "?");
+        return D2_ECUDA;
+    }
+    snprintf(be->err, sizeof be->err,
+             "cuda backend: %s refused its arguments at engine/cuda/backend.c:%d (%s)", call, line,
+             d2_strerror(rc));
+    return rc;
+}
+
+#define CU(call)                                                                       \
+    do {                                                                               \
+        cudaError_t cu_e_ = (call);                                                    \
+        if (cu_e_ != cudaSuccess) return cu_fail_rt(be, cu_e_, #call, __LINE__);       \
+    } while (0)
+#define LT(call)                                                                       \
+    do {                                                                               \
+        cublasStatus_t cu_s_ = (call);                                                 \
+        if (cu_s_ != CUBLAS_STATUS_SUCCESS) return cu_fail_lt(be, cu_s_, #call, __LINE__); \
+    } while (0)
+#define KC(call)                                                                       \
+    do {                                                                               \
+        int cu_r_ = (call);                                                            \
+        if (cu_r_ != D2_OK) return cu_fail_kern(be, cu_r_, #call, __LINE__);           \
+    } while (0)
+#define DEAD_CHECK()                                                                   \
+    do {                                                                               \
+        if (be->dead) return D2_ECUDA;                                                 \
+    } while (0)
+
+/* ---- helpers ----------------------------------------------------------------------- */
+
+/* f32 -> bf16, round to nearest even; NaN stays NaN. */
+static uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static int dev_alloc(cuda_be *be, void **p, size_t bytes) {
+    CU(cudaMalloc(p, bytes ? bytes : 16));
+    return D2_OK;
+}
+
+static int cu_gemm(cuda_be *be, const kern_bf16 *W, int out, int in, const kern_bf16 *X, int ldx,
+                   int n_tok, float *Y, int ldy, int accumulate, const float *bias) {
+    /* Row-major Y[n_tok][out] = X[n_tok][in] . W[out][in]^T (+ Y) (+ bias). In
+     * cuBLASLt's column-major terms: W is an in x out matrix (ld in) used
+     * transposed, X an in x n_tok matrix (ld ldx), Y an out x n_tok matrix
+     * (ld ldy): D(out x n_tok) = op(A)=W^T (out x in) * B=X (in x n_tok). */
+    uint64_t rows, cols;
+    int64_t ld;
+    rows = (uint64_t)in; cols = (uint64_t)out; ld = in;
+    LT(cublasLtMatrixLayoutSetAttribute(be->la, CUBLASLT_MATRIX_LAYOUT_ROWS, &rows, sizeof rows));
+    LT(cublasLtMatrixLayoutSetAttribute(be->la, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
+    LT(cublasLtMatrixLayoutSetAttribute(be->la, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
+    rows = (uint64_t)in; cols = (uint64_t)n_tok; ld = ldx;
+    LT(cublasLtMatrixLayoutSetAttribute(be->lb, CUBLASLT_MATRIX_LAYOUT_ROWS, &rows, sizeof rows));
+    LT(cublasLtMatrixLayoutSetAttribute(be->lb, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
+    LT(cublasLtMatrixLayoutSetAttribute(be->lb, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
+    rows = (uint64_t)out; cols = (uint64_t)n_tok; ld = ldy;
+    LT(cublasLtMatrixLayoutSetAttribute(be->lc, CUBLASLT_MATRIX_LAYOUT_ROWS, &rows, sizeof rows));
+    LT(cublasLtMatrixLayoutSetAttribute(be->lc, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
+    LT(cublasLtMatrixLayoutSetAttribute(be->lc, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
+    cublasLtMatmulDesc_t d = be->mm_plain;
+    if (bias) {
+        d = be->mm_bias;
+        LT(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    LT(cublasLtMatmul(be->lt, d, &alpha, W, be->la, X, be->lb, &beta, Y, be->lc, Y, be->lc, NULL,
+                      be->lt_ws, CU_LT_WS_BYTES, be->st));
+    return D2_OK;
+}
+
+/* ---- create / destroy -------------------------------------------------------------- */
+
+static void cu_destroy(eng_backend *base);
+static int cu_attach_thread(eng_backend *base);
+static void cu_caps(const eng_backend *base, eng_backend_caps *out);
+static int cu_kv_attach(eng_backend *base, kvp_pool *pool);
+static int cu_step(eng_backend *base, const eng_batch *b);
+static int cu_logits(eng_backend *base, int row0, int n, const float **out);
+static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out);
+static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_compress_res *res);
+static int cu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score);
+static int cu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k,
+                         const float *v, const float *score);
+static int cu_sync(eng_backend *base);
+static const char *cu_last_error(const eng_backend *base);
+
+static const eng_backend_ops cu_ops = {
+    .attach_thread = cu_attach_thread,
+    .caps = cu_caps,
+    .kv_attach = cu_kv_attach,
+    .step = cu_step,
+    .logits = cu_logits,
+    .argmax = cu_argmax,
+    .kv_compress = cu_kv_compress,
+    .read_slot = cu_read_slot,
+    .write_slot = cu_write_slot,
+    .sync = cu_sync,
+    .last_error = cu_last_error,
+    .destroy = cu_destroy,
+};
+
+int eng_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError(); /* no driver / no device: not sticky */
+        return 0;
+    }
+    return n;
+}
+
+#define DFREE(p) do { if (p) cudaFree(p); } while (0)
+#define HFREE(p) do { if (p) cudaFreeHost(p); } while (0)
+
+static void cu_destroy(eng_backend *base) {
+    cuda_be *be = (cuda_be *)base;
+    if (!be) return;
+    if (be->st) cudaStreamSynchronize(be->st);
+    if (be->L) {
+        for (int l = 0; l < be->n_layers; l++) {
+            cu_layer *w = &be->L[l];
+            DFREE(w->attn_norm); DFREE(w->ffn_norm); DFREE(w->wqkv); DFREE(w->bqkv);
+            DFREE(w->wo); DFREE(w->wgu); DFREE(w->wdown);
+        }
+        free(be->L);
+    }
+    if (be->outw != be->embd) DFREE(be->outw);
+    DFREE(be->embd); DFREE(be->out_norm); DFREE(be->inv_freq);
+    DFREE(be->x); DFREE(be->qkv); DFREE(be->gu); DFREE(be->lse); DFREE(be->xsel);
+    DFREE(be->logits); DFREE(be->xb); DFREE(be->ao); DFREE(be->hb); DFREE(be->xfb);
+    DFREE(be->amax_d); DFREE(be->dec_ws); DFREE(be->colsum_d); DFREE(be->plan_d);
+    DFREE(be->kv_k); DFREE(be->kv_v); DFREE(be->kv_score); DFREE(be->kv_pos);
+    DFREE(be->hook_d); DFREE(be->hook_stage); DFREE(be->d2o_mem); DFREE(be->tab_d);
+    DFREE(be->tau_d); DFREE(be->lt_ws);
+    HFREE(be->colsum_h); HFREE(be->plan_h); HFREE(be->hook_h); HFREE(be->tab_h);
+    HFREE(be->keep_h); HFREE(be->ev_h); HFREE(be->tgt_h); HFREE(be->sim_h); HFREE(be->stat_h);
+    HFREE(be->tau_h); HFREE(be->logits_h); HFREE(be->amax_h);
+    free(be->irow); free(be->seq_row0); free(be->lp); free(be->sp); free(be->dlen_h);
+    free(be->hook_mark); free(be->hook_touched); free(be->cs_off);
+    if (be->la) cublasLtMatrixLayoutDestroy(be->la);
+    if (be->lb) cublasLtMatrixLayoutDestroy(be->lb);
+    if (be->lc) cublasLtMatrixLayoutDestroy(be->lc);
+    if (be->mm_plain) cublasLtMatmulDescDestroy(be->mm_plain);
+    if (be->mm_bias) cublasLtMatmulDescDestroy(be->mm_bias);
+    if (be->lt) cublasLtDestroy(be->lt);
+    if (be->ev_plan) cudaEventDestroy(be->ev_plan);
+    if (be->ev_hook) cudaEventDestroy(be->ev_hook);
+    if (be->st) cudaStreamDestroy(be->st);
+    free(be);
+}
+
+/* Weight upload: a host bf16 staging buffer, progress in bytes of bf16. */
+typedef struct up_ctx {
+    uint16_t *host;
+    float *row;
+    size_t done, total;
+    int last_pct;
+    const eng_backend_config *cfg;
+} up_ctx;
+
+static void up_progress(up_ctx *u, size_t add) {
+    u->done += add;
+    int pct = u->total ? (int)(u->done * 100 / u->total) : 100;
+    if (u->cfg->progress && pct != u->last_pct) {
+        u->last_pct = pct;
+        u->cfg->progress(u->cfg->progress_user, u->done, u->total);
+    }
+}
+
+/* Converts tensors ts[0..n) (each rows x cols, same cols) into one stacked bf16
+ * matrix on the device. */
+static int upload_stacked(cuda_be *be, up_ctx *u, const eng_tensor *const *ts, int n,
+                          kern_bf16 **out) {
+    int64_t rows = 0, cols = ts[0]->cols;
+    for (int i = 0; i < n; i++) rows += ts[i]->rows;
+    size_t bytes = (size_t)rows * (size_t)cols * 2;
+    int rc = dev_alloc(be, (void **)out, bytes);
+    if (rc) return rc;
+    int64_t r0 = 0;
+    for (int i = 0; i < n; i++) {
+        for (int64_t r = 0; r < ts[i]->rows; r++) {
+            eng_tensor_row_f32(ts[i], r, u->row);
+            uint16_t *dst = u->host + (size_t)(r0 + r) * (size_t)cols;
+            for (int64_t c = 0; c < cols; c++) dst[c] = f2bf(u->row[c]);
+        }
+        r0 += ts[i]->rows;
+    }
+    CU(cudaMemcpy(*out, u->host, bytes, cudaMemcpyHostToDevice));
+    be->weight_bytes += bytes;
+    up_progress(u, bytes);
+    return D2_OK;
+}
+
+static int upload_f32(cuda_be *be, const float *h, size_t n, float **out) {
+    int rc = dev_alloc(be, (void **)out, n * sizeof(float));
+    if (rc) return rc;
+    CU(cudaMemcpy(*out, h, n * sizeof(float), cudaMemcpyHostToDevice));
+    return D2_OK;
+}
+
+static int check_tensor(const eng_tensor *t, int64_t rows, int64_t cols, const char *what, int l) {
+    if (!t->data || t->rows != rows || t->cols != cols) {
+        D2_ERROR("cuda_backend: tensor %s (layer %d) missing or shaped %lldx%lld, want %lldx%lld",
+                 what, l, (long long)t->rows, (long long)t->cols, (long long)rows, (long long)cols);
+        return D2_ESHAPE;
+    }
+    return D2_OK;
+}
+
+static int create_weights(cuda_be *be, const eng_model *m, const eng_backend_config *cfg) {
+    const eng_model_config *c = &m->cfg;
+    int dim = c->dim;
+    up_ctx u = {.cfg = cfg, .last_pct = -1};
+    size_t max_elems = (size_t)c->vocab_size * (size_t)dim;
+    size_t e2 = (size_t)(be->qkvd > 2 * be->ffn ? be->qkvd : 2 * be->ffn) * (size_t)dim;
+    size_t e3 = (size_t)dim * (size_t)(be->ffn > be->qd ? be->ffn : be->qd);
+    if (e2 > max_elems) max_elems = e2;
+    if (e3 > max_elems) max_elems = e3;
+    int64_t max_cols = dim > be->ffn ? dim : be->ffn;
+    if (be->qd > max_cols) max_cols = be->qd;
+    if (be->qkvd > max_cols) max_cols = be->qkvd;
+    u.host = malloc(max_elems * sizeof(uint16_t));
+    u.row = malloc((size_t)max_cols * sizeof(float));
+    /* total for progress: every bf16 matrix */
+    u.total = (size_t)c->vocab_size * (size_t)dim * 2 * (m->output.data && m->output.data != m->tok_embd.data ? 2 : 1);
+    u.total += (size_t)c->n_layers *
+               ((size_t)be->qkvd * dim + (size_t)dim * be->qd + 3 * (size_t)be->ffn * dim) * 2;
+    int rc = u.host && u.row ? D2_OK : D2_ENOMEM;
+    if (rc) {
+        free(u.host); free(u.row);
+        return cu_fail(be, rc, "create", "host staging for the weight conversion");
+    }
+    const eng_tensor *te[1] = {&m->tok_embd};
+    rc = upload_stacked(be, &u, te, 1, &be->embd);
+    if (!rc) {
+        if (m->output.data && m->output.data != m->tok_embd.data) {
+            const eng_tensor *to[1] = {&m->output};
+            rc = upload_stacked(be, &u, to, 1, &be->outw);
+        } else {
+            be->outw = be->embd;
+        }
+    }
+    /* norms and biases: small, through f32 */
+    float *vec = malloc((size_t)(be->qkvd > dim ? be->qkvd : dim) * sizeof(float));
+    uint16_t *vb = malloc((size_t)dim * sizeof(uint16_t));
+    if (!vec || !vb) rc = D2_ENOMEM;
+#define NORM_UP(t, dst)                                                                   \
+    do {                                                                                  \
+        eng_tensor_row_f32((t), 0, vec);                                                  \
+        for (int i_ = 0; i_ < dim; i_++) vb[i_] = f2bf(vec[i_]);                          \
+        if (!rc) rc = dev_alloc(be, (void **)(dst), (size_t)dim * 2);                    \
+        if (!rc && cudaMemcpy(*(dst), vb, (size_t)dim * 2, cudaMemcpyHostToDevice) != cudaSuccess) \
+            rc = cu_fail(be, D2_ECUDA, "cudaMemcpy", "norm weights");                     \
+    } while (0)
+    if (!rc) NORM_UP(&m->out_norm, &be->out_norm);
+    for (int l = 0; l < c->n_layers && !rc; l++) {
+        const eng_layer_weights *w = &m->layers[l];
+        cu_layer *d = &be->L[l];
+        NORM_UP(&w->attn_norm, &d->attn_norm);
+        NORM_UP(&w->ffn_norm, &d->ffn_norm);
+        const eng_tensor *qkv[3] = {&w->wq, &w->wk, &w->wv};
+        if (!rc) rc = upload_stacked(be, &u, qkv, 3, &d->wqkv);
+        const eng_tensor *o[1] = {&w->wo};
+        if (!rc) rc = upload_stacked(be, &u, o, 1, &d->wo);
+        const eng_tensor *gu[2] = {&w->w_gate, &w->w_up};
+        if (!rc) rc = upload_stacked(be, &u, gu, 2, &d->wgu);
+        const eng_tensor *dn[1] = {&w->w_down};
+        if (!rc) rc = upload_stacked(be, &u, dn, 1, &d->wdown);
+        if (!rc && (w->bq.data || w->bk.data || w->bv.data)) {
+            memset(vec, 0, (size_t)be->qkvd * sizeof(float));
+            if (w->bq.data) eng_tensor_row_f32(&w->bq, 0, vec);
+            if (w->bk.data) eng_tensor_row_f32(&w->bk, 0, vec + be->qd);
+            if (w->bv.data) eng_tensor_row_f32(&w->bv, 0, vec + be->qd + be->kvd);
+            rc = upload_f32(be, vec, (size_t)be->qkvd, &d->bqkv);
+        }
+    }
+#undef NORM_UP
+    free(vec); free(vb); free(u.host); free(u.row);
+    return rc;
+}
+
+int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, eng_backend **out) {
+    *out = NULL;
+    const eng_model_config *c = &m->cfg;
+    if (!cfg || cfg->max_batch_tokens <= 0 || cfg->max_logit_rows <= 0 ||
+        cfg->max_seq_tokens <= 0 || c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads != 0 ||
+        c->head_dim % 2 != 0 || c->head_dim > KERN_MAX_HEAD_DIM ||
+        c->n_heads / c->n_kv_heads > KERN_MAX_GROUP) {
+        D2_ERROR("cuda_backend: bad config or a model shape the kernels do not support "
+                 "(head_dim %d <= %d and even, GQA group %d <= %d)",
+                 c->head_dim, KERN_MAX_HEAD_DIM, c->n_kv_heads > 0 ? c->n_heads / c->n_kv_heads : 0,
+                 KERN_MAX_GROUP);
+        return D2_EINVAL;
+    }
+    int hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    int rc = check_tensor(&m->tok_embd, c->vocab_size, c->dim, "tok_embd", -1);
+    const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
+    if (!rc) rc = check_tensor(outw, c->vocab_size, c->dim, "output", -1);
+    if (!rc) rc = check_tensor(&m->out_norm, 1, c->dim, "out_norm", -1);
+    for (int l = 0; l < c->n_layers && !rc; l++) {
+        const eng_layer_weights *w = &m->layers[l];
+        rc = check_tensor(&w->attn_norm, 1, c->dim, "attn_norm", l);
+        if (!rc) rc = check_tensor(&w->wq, qd, c->dim, "wq", l);
+        if (!rc) rc = check_tensor(&w->wk, kvd, c->dim, "wk", l);
+        if (!rc) rc = check_tensor(&w->wv, kvd, c->dim, "wv", l);
+        if (!rc) rc = check_tensor(&w->wo, c->dim, qd, "wo", l);
+        if (!rc) rc = check_tensor(&w->ffn_norm, 1, c->dim, "ffn_norm", l);
+        if (!rc) rc = check_tensor(&w->w_gate, c->ffn_dim, c->dim, "w_gate", l);
+        if (!rc) rc = check_tensor(&w->w_up, c->ffn_dim, c->dim, "w_up", l);
+        if (!rc) rc = check_tensor(&w->w_down, c->dim, c->ffn_dim, "w_down", l);
+        if (!rc && w->bq.data) rc = check_tensor(&w->bq, 1, qd, "bq", l);
+        if (!rc && w->bk.data) rc = check_tensor(&w->bk, 1, kvd, "bk", l);
+        if (!rc && w->bv.data) rc = check_tensor(&w->bv, 1, kvd, "bv", l);
+    }
+    if (rc) return rc;
+    int n_dev = eng_cuda_device_count();
+    if (n_dev <= 0) {
+        D2_ERROR("cuda_backend: no CUDA device (cudaGetDeviceCount found none)");
+        return D2_ECUDA;
+    }
+
+    cuda_be *be = calloc(1, sizeof *be);
+    if (!be) return D2_ENOMEM;
+    be->base.ops = &cu_ops;
+    be->base.model = m;
+    be->device = cfg->device_id;
+    be->util = cfg->gpu_memory_utilization > 0 ? cfg->gpu_memory_utilization : CU_DEFAULT_UTIL;
+    be->max_t = cfg->max_batch_tokens;
+    be->max_rows = cfg->max_logit_rows;
+    be->max_seq = cfg->max_seq_tokens;
+    be->dim = c->dim;
+    be->qd = qd;
+    be->kvd = kvd;
+    be->qkvd = qd + 2 * kvd;
+    be->hd = hd;
+    be->n_heads = c->n_heads;
+    be->n_kv = c->n_kv_heads;
+    be->ffn = c->ffn_dim;
+    be->vocab = c->vocab_size;
+    be->n_layers = c->n_layers;
+    be->pt = cfg->page_tokens > 0 ? cfg->page_tokens : 16;
+    be->window = c->sliding_window;
+    be->neox = c->rope_neox ? 1 : 0;
+    be->eps = c->rms_eps;
+    be->L = calloc((size_t)c->n_layers, sizeof(cu_layer));
+    if (!be->L) {
+        free(be);
+        return D2_ENOMEM;
+    }
+#define CREATE_TRY(x)                                                                     \
+    do {                                                                                  \
+        rc = (x);                                                                         \
+        if (rc != D2_OK) goto fail;                                                       \
+    } while (0)
+    CREATE_TRY(cu_attach_thread(&be->base));
+    if ((rc = cudaStreamCreateWithFlags(&be->st, cudaStreamNonBlocking)) != cudaSuccess) {
+        rc = cu_fail_rt(be, (cudaError_t)rc, "cudaStreamCreateWithFlags", __LINE__);
+        goto fail;
+    }
+    if ((rc = cudaEventCreateWithFlags(&be->ev_plan, cudaEventDisableTiming)) != cudaSuccess ||
+        (rc = cudaEventCreateWithFlags(&be->ev_hook, cudaEventDisableTiming)) != cudaSuccess) {
+        rc = cu_fail_rt(be, (cudaError_t)rc, "cudaEventCreateWithFlags", __LINE__);
+        goto fail;
+    }
+    {
+        cublasStatus_t s = cublasLtCreate(&be->lt);
+        int32_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
+        int32_t bias_t = CUDA_R_32F;
+        if (!s) s = cublasLtMatmulDescCreate(&be->mm_plain, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+        if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_plain, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+        if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_plain, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+        if (!s) s = cublasLtMatmulDescCreate(&be->mm_bias, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+        if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+        if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+        if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
+        if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_t, sizeof bias_t);
+        if (!s) s = cublasLtMatrixLayoutCreate(&be->la, CUDA_R_16BF, 1, 1, 1);
+        if (!s) s = cublasLtMatrixLayoutCreate(&be->lb, CUDA_R_16BF, 1, 1, 1);
+        if (!s) s = cublasLtMatrixLayoutCreate(&be->lc, CUDA_R_32F, 1, 1, 1);
+        if (s) {
+            rc = cu_fail_lt(be, s, "cuBLASLt handle and descriptors", __LINE__);
+            goto fail;
+        }
+    }
+    CREATE_TRY(dev_alloc(be, &be->lt_ws, CU_LT_WS_BYTES));
+    CREATE_TRY(create_weights(be, m, cfg));
+    {
+        float *inv = malloc((size_t)(hd / 2) * sizeof(float));
+        if (!inv) { rc = D2_ENOMEM; goto fail; }
+        eng_rope_inv_freq(c, inv);
+        rc = upload_f32(be, inv, (size_t)(hd / 2), &be->inv_freq);
+        free(inv);
+        if (rc) goto fail;
+    }
+    size_t T = (size_t)be->max_t, R = (size_t)be->max_rows;
+    CREATE_TRY(dev_alloc(be, (void **)&be->x, T * (size_t)be->dim * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->xb, T * (size_t)be->dim * 2));
+    CREATE_TRY(dev_alloc(be, (void **)&be->qkv, T * (size_t)be->qkvd * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->ao, T * (size_t)be->qd * 2));
+    CREATE_TRY(dev_alloc(be, (void **)&be->gu, T * (size_t)be->ffn * 2 * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->hb, T * (size_t)be->ffn * 2));
+    CREATE_TRY(dev_alloc(be, (void **)&be->lse, T * (size_t)be->n_heads * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->xsel, R * (size_t)be->dim * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->xfb, R * (size_t)be->dim * 2));
+    CREATE_TRY(dev_alloc(be, (void **)&be->logits, R * (size_t)be->vocab * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->amax_d, R * 4));
+    if (cudaMallocHost((void **)&be->logits_h, R * (size_t)be->vocab * 4) != cudaSuccess ||
+        cudaMallocHost((void **)&be->amax_h, R * 4) != cudaSuccess) {
+        rc = cu_fail_rt(be, cudaErrorMemoryAllocation, "cudaMallocHost", __LINE__);
+        goto fail;
+    }
+    be->irow = malloc(T * sizeof(int));
+    be->seq_row0 = malloc(T * sizeof(int));
+    be->lp = calloc((size_t)be->n_layers, sizeof(cu_layer_plan));
+    be->sp = calloc((size_t)be->n_layers * T, sizeof(cu_seq_plan));
+    be->dlen_h = malloc(T * sizeof(int32_t));
+    be->cs_off = malloc(T * sizeof(size_t));
+    if (!be->irow || !be->seq_row0 || !be->lp || !be->sp || !be->dlen_h || !be->cs_off) {
+        rc = D2_ENOMEM;
+        goto fail;
+    }
+#undef CREATE_TRY
+    *out = &be->base;
+    return D2_OK;
+fail:
+    D2_ERROR("cuda_backend: create failed: %s", be->err[0] ? be->err : d2_strerror(rc));
+    cu_destroy(&be->base);
+    return rc ? rc : D2_ECUDA;
+}
+
+/* ---- small ops --------------------------------------------------------------------- */
+
+static int cu_attach_thread(eng_backend *base) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    CU(cudaSetDevice(be->device));
+    return D2_OK;
+}
+
+static void cu_caps(const eng_backend *base, eng_backend_caps *out) {
+    const cuda_be *be = (const cuda_be *)base;
+    size_t per_slot = (size_t)be->kvd * 2 * 2 + (size_t)be->n_kv * 4 + 4;
+    int64_t avail = 0;
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+        /* the share of the device this process may use, less what is in use
+         * (weights, activations: this process or others), less room for the
+         * per-pool buffers kv_attach adds (plan staging, compression scratch) */
+        int64_t allowed = (int64_t)((double)total_b * be->util);
+        int64_t used = (int64_t)total_b - (int64_t)free_b;
+        int64_t extra = (int64_t)256 << 20;
+        avail = allowed - used - extra;
+        if (avail < (int64_t)per_slot * be->pt) avail = (int64_t)per_slot * be->pt;
+    } else {
+        (void)cudaGetLastError();
+    }
+    *out = (eng_backend_caps){
+        .name = "cuda",
+        .kv_dtype = ENG_KV_DT_BF16,
+        .kv_on_device = true,
+        .kv_bytes_per_slot = per_slot,
+        .kv_bytes_avail = avail,
+        .argmax_on_device = true,
+    };
+}
+
+static int cu_sync(eng_backend *base) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    CU(cudaStreamSynchronize(be->st));
+    return D2_OK;
+}
+
+static const char *cu_last_error(const eng_backend *base) { return ((const cuda_be *)base)->err; }
+
+/* ---- the payload hook ---------------------------------------------------------------- */
+
+static int hook_flush(cuda_be *be, int n_runs, int n_slots) {
+    for (int i = 0; i < be->n_touched; i++) be->hook_mark[be->hook_touched[i]] = 0;
+    be->n_touched = 0;
+    if (n_runs == 0) return D2_OK;
+    int32_t *start = be->hook_h + (size_t)be->hook_cap * 5;
+    /* the start table sits right after the runs actually used */
+    memmove(be->hook_h + (size_t)n_runs * 5, start, (size_t)n_runs * sizeof(int32_t));
+    CU(cudaMemcpyAsync(be->hook_d, be->hook_h, (size_t)n_runs * 6 * sizeof(int32_t),
+                       cudaMemcpyHostToDevice, be->st));
+    KC(kern_kv_copy_runs(be->kv_k, be->kv_v, be->kv_score, be->kv_pos, be->hook_d,
+                         be->hook_d + (size_t)n_runs * 5, n_runs, n_slots, be->hook_stage, be->n_kv,
+                         be->hd, be->pt, be->st));
+    CU(cudaEventRecord(be->ev_hook, be->st));
+    /* the next segment rewrites the pinned runs: wait for this upload */
+    CU(cudaEventSynchronize(be->ev_hook));
+    return D2_OK;
+}
+
+/* Runs in segments that a gather-then-scatter executes as the sequential copy
+ * (kernels.h, kern_kv_copy_runs): a run joins the open segment unless it reads
+ * or writes a slot the segment already writes, or the staging is full. */
+static int hook_copy(cuda_be *be, const kvp_slot_run *runs, int n_runs) {
+    int32_t *start = be->hook_h + (size_t)be->hook_cap * 5;
+    int nr = 0, ns = 0;
+    CU(cudaEventSynchronize(be->ev_hook));
+    for (int r = 0; r < n_runs; r++) {
+        kvp_slot_run u = runs[r];
+        while (u.n > 0) {
+            int n = u.n;
+            if (n > be->hook_cap) n = be->hook_cap;
+            size_t src = (size_t)u.src_page * be->pt + (size_t)u.src_slot;
+            size_t dst = (size_t)u.dst_page * be->pt + (size_t)u.dst_slot;
+            int conflict = ns + n > be->hook_cap || nr >= be->hook_cap;
+            for (int j = 0; j < n && !conflict; j++)
+                conflict = be->hook_mark[src + j] || be->hook_mark[dst + j];
+            if (conflict) {
+                int rc = hook_flush(be, nr, ns);
+                if (rc) return rc;
+                nr = ns = 0;
+            }
+            int32_t *w = be->hook_h + (size_t)nr * 5;
+            w[0] = u.dst_page; w[1] = u.src_page; w[2] = u.dst_slot; w[3] = u.src_slot; w[4] = n;
+            start[nr] = ns;
+            nr++;
+            ns += n;
+            for (int j = 0; j < n; j++) {
+                be->hook_mark[dst + j] = 1;
+                be->hook_touched[be->n_touched++] = (int32_t)(dst + j);
+            }
+            u.n -= n; u.src_slot += n; u.dst_slot += n;
+        }
+    }
+    return hook_flush(be, nr, ns);
+}
+
+static void cu_payload_copy(void *ctx, const kvp_slot_run *runs, int n_runs) {
+    cuda_be *be = ctx;
+    if (be->dead) return;
+    int rc = hook_copy(be, runs, n_runs);
+    if (rc != D2_OK) {
+        be->dead = 1; /* the payload no longer matches the pool: nothing may be trusted */
+        D2_ERROR("%s", be->err);
+    }
+}
+
+static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    const kvp_config *pc = kvp_get_config(pool);
+    if (be->kv_k) return cu_fail(be, D2_EINVAL, "kv_attach", "already attached");
+    if (pc->n_layers != be->n_layers || pc->n_kv_heads != be->n_kv || pc->head_dim != be->hd ||
+        pc->page_tokens != be->pt || pc->max_seq_tokens > be->max_seq)
+        return cu_fail(be, D2_ESHAPE, "kv_attach", "pool shape differs from the model");
+    be->n_pages = pc->n_pages;
+    size_t n_slots = (size_t)pc->n_pages * (size_t)be->pt;
+    int rc;
+#define ATT_TRY(x)                                                                        \
+    do {                                                                                  \
+        rc = (x);                                                                         \
+        if (rc != D2_OK) return rc;                                                       \
+    } while (0)
+#define PIN(p, bytes)                                                                     \
+    do {                                                                                  \
+        size_t b_ = (bytes);                                                              \
+        cudaError_t e_ = cudaMallocHost((void **)&(p), b_ ? b_ : 16);                     \
+        if (e_ != cudaSuccess) return cu_fail_rt(be, e_, "cudaMallocHost " #p, __LINE__); \
+    } while (0)
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_k, n_slots * (size_t)be->kvd * 2));
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_v, n_slots * (size_t)be->kvd * 2));
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_score, n_slots * (size_t)be->n_kv * 4));
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_pos, n_slots * 4));
+    CU(cudaMemset(be->kv_score, 0, n_slots * (size_t)be->n_kv * 4));
+    CU(cudaMemset(be->kv_pos, 0xff, n_slots * 4));
+    /* plan staging: sized for the most sequences a step can hold */
+    be->max_seqs = pc->max_seqs < be->max_t ? pc->max_seqs : be->max_t;
+    be->max_pages = (be->max_seq + be->pt - 1) / be->pt;
+    be->work_cap = be->max_seqs * ((be->max_seq + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT);
+    size_t S = (size_t)be->max_seqs, T = (size_t)be->max_t, Lc = (size_t)be->n_layers;
+    be->plan_cap = 3 * T + Lc * (2 * T + S * (size_t)be->max_pages + 2 * S + 1 + (size_t)be->work_cap) +
+                   Lc * S * (size_t)be->max_pages;
+    PIN(be->plan_h, be->plan_cap * 4);
+    ATT_TRY(dev_alloc(be, (void **)&be->plan_d, be->plan_cap * 4));
+    size_t ws = kern_attn_decode_workspace_bytes(be->max_seqs, be->work_cap, be->n_heads, be->hd, 1);
+    ATT_TRY(dev_alloc(be, &be->dec_ws, ws));
+    be->colsum_cap = Lc * (size_t)be->n_heads * (size_t)be->max_seq;
+    ATT_TRY(dev_alloc(be, (void **)&be->colsum_d, be->colsum_cap * 4));
+    PIN(be->colsum_h, be->colsum_cap * 4);
+    /* payload hook */
+    be->hook_cap = be->max_seq > 4 * be->pt ? be->max_seq : 4 * be->pt;
+    PIN(be->hook_h, (size_t)be->hook_cap * 6 * 4);
+    ATT_TRY(dev_alloc(be, (void **)&be->hook_d, (size_t)be->hook_cap * 6 * 4));
+    ATT_TRY(dev_alloc(be, &be->hook_stage, kern_kv_copy_staging_bytes(be->hook_cap, be->n_kv, be->hd)));
+    be->hook_mark = calloc(n_slots, 1);
+    be->hook_touched = malloc((size_t)be->hook_cap * sizeof(int32_t));
+    if (!be->hook_mark || !be->hook_touched)
+        return cu_fail(be, D2_ENOMEM, "kv_attach", "hook bookkeeping");
+    /* compression */
+    size_t d2o_bytes = kern_d2o_scratch_bytes(be->max_seq, be->n_kv, be->hd, CU_D2O_MOVE_SLOTS);
+    if (!d2o_bytes) return cu_fail(be, D2_EINVAL, "kv_attach", "kern_d2o_scratch_bytes");
+    ATT_TRY(dev_alloc(be, &be->d2o_mem, d2o_bytes));
+    KC(kern_d2o_ws_init(&be->d2o, be->d2o_mem, d2o_bytes, be->max_seq, be->n_kv, be->hd,
+                        CU_D2O_MOVE_SLOTS));
+    PIN(be->tab_h, (size_t)be->max_pages * 4);
+    ATT_TRY(dev_alloc(be, (void **)&be->tab_d, (size_t)be->max_pages * 4));
+    PIN(be->keep_h, (size_t)be->max_seq);
+    PIN(be->ev_h, (size_t)be->max_seq * 4);
+    PIN(be->tgt_h, (size_t)be->max_seq * 4);
+    PIN(be->sim_h, (size_t)be->max_seq * 4);
+    PIN(be->stat_h, 2 * 4);
+    PIN(be->tau_h, 4);
+    ATT_TRY(dev_alloc(be, (void **)&be->tau_d, 4));
+#undef ATT_TRY
+#undef PIN
+    be->base.pool = pool;
+    kvp_payload pl = {.copy = cu_payload_copy, .ctx = be};
+    kvp_set_payload(pool, &pl);
+    return D2_OK;
+}
+
+/* ---- the step ------------------------------------------------------------------------ */
+
+static int validate(const cuda_be *be, const eng_batch *b) {
+    if (b->n_tokens <= 0 || b->n_tokens > be->max_t || b->n_seqs <= 0 || b->n_seqs > b->n_tokens)
+        return D2_EINVAL;
+    int next = 0;
+    for (int i = 0; i < b->n_seqs; i++) {
+        const eng_batch_seq *s = &b->seqs[i];
+        if (s->start != next || s->n <= 0 || s->start + s->n > b->n_tokens) return D2_EINVAL;
+        next += s->n;
+    }
+    if (next != b->n_tokens) return D2_EINVAL;
+    for (int t = 0; t < b->n_tokens; t++)
+        if (b->tokens[t] < 0 || b->tokens[t] >= be->vocab || b->pos[t] < 0) return D2_EINVAL;
+    if (eng_batch_out_rows(b) > be->max_rows) return D2_EINVAL;
+    for (int i = 0; i < b->n_seqs; i++)
+        for (int l = 0; l < be->n_layers; l++)
+            if (kvp_get_table(be->base.pool, b->seqs[i].seq, l).n_tokens < b->seqs[i].n)
+                return D2_EINVAL;
+    return D2_OK;
+}
+
+static int is_decode(const eng_batch_seq *s) { return s->n == 1 && !(s->want_scores && s->colsum); }
+
+/* Fills the staging buffer (internal row order) and the per-layer plan. */
+static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used) {
+    kvp_pool *pool = be->base.pool;
+    int T = b->n_tokens, pt = be->pt;
+    int32_t *P = be->plan_h;
+    size_t off = 0;
+#define TAKE(var, n)                                                                      \
+    do {                                                                                  \
+        (var) = off;                                                                      \
+        off += (size_t)(n);                                                               \
+        if (off > be->plan_cap)                                                           \
+            return cu_fail(be, D2_EINVAL, "step", "plan larger than its staging");        \
+    } while (0)
+    size_t o_tok, o_pos, o_sf;
+    TAKE(o_tok, T);
+    TAKE(o_pos, T);
+    TAKE(o_sf, n_dec > 0 ? n_dec : 1);
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        int r0 = be->seq_row0[si];
+        for (int j = 0; j < s->n; j++) {
+            P[o_tok + (size_t)r0 + j] = b->tokens[s->start + j];
+            P[o_pos + (size_t)r0 + j] = b->pos[s->start + j];
+        }
+        if (is_decode(s)) P[o_sf + (size_t)r0] = s->want_scores ? s->score_from : INT32_MAX;
+    }
+    for (int l = 0; l < be->n_layers; l++) {
+        cu_layer_plan *lp = &be->lp[l];
+        TAKE(lp->page_of, T);
+        TAKE(lp->slot_of, T);
+        int dstride = 1;
+        for (int si = 0; si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            kvp_table tab = kvp_get_table(pool, s->seq, l);
+            int first = tab.n_tokens - s->n, r0 = be->seq_row0[si];
+            for (int j = 0; j < s->n; j++) {
+                int32_t page;
+                int slot;
+                kvp_locate(&tab, pt, first + j, &page, &slot);
+                P[lp->page_of + (size_t)r0 + j] = page;
+                P[lp->slot_of + (size_t)r0 + j] = slot;
+            }
+            if (is_decode(s) && tab.n_pages > dstride) dstride = tab.n_pages;
+        }
+        lp->dstride = dstride;
+        lp->n_work = 0;
+        if (n_dec > 0) {
+            TAKE(lp->dtab, (size_t)n_dec * (size_t)dstride);
+            TAKE(lp->dlen, n_dec);
+            TAKE(lp->dsplit, n_dec + 1);
+            for (int si = 0; si < b->n_seqs; si++) {
+                const eng_batch_seq *s = &b->seqs[si];
+                if (!is_decode(s)) continue;
+                int r0 = be->seq_row0[si];
+                kvp_table tab = kvp_get_table(pool, s->seq, l);
+                memcpy(P + lp->dtab + (size_t)r0 * (size_t)dstride, tab.pages,
+                       (size_t)tab.n_pages * sizeof(int32_t));
+                be->dlen_h[r0] = tab.n_tokens;
+                P[lp->dlen + (size_t)r0] = tab.n_tokens;
+            }
+            size_t room = be->plan_cap - off;
+            int cap = room > (size_t)be->work_cap ? be->work_cap : (int)room;
+            int rc = kern_attn_decode_plan(be->dlen_h, n_dec, P + lp->dsplit, P + off, cap, &lp->n_work);
+            if (rc) return cu_fail(be, rc, "kern_attn_decode_plan", "decode work list");
+            TAKE(lp->dwork, lp->n_work);
+        }
+        for (int si = 0; si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            if (is_decode(s)) continue;
+            kvp_table tab = kvp_get_table(pool, s->seq, l);
+            cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
+            sp->row0 = be->seq_row0[si];
+            sp->n_kv = tab.n_tokens;
+            TAKE(sp->tab, tab.n_pages);
+            memcpy(P + sp->tab, tab.pages, (size_t)tab.n_pages * sizeof(int32_t));
+        }
+    }
+#undef TAKE
+    *used = off;
+    return D2_OK;
+}
+
+static int cu_step(eng_backend *base, const eng_batch *b) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    if (!base->pool || !be->kv_k) return cu_fail(be, D2_EINVAL, "step", "no KV payload (kv_attach)");
+    int rc = validate(be, b);
+    if (rc) return cu_fail(be, rc, "step", "malformed plan");
+    int T = b->n_tokens, dim = be->dim, qd = be->qd, kvd = be->kvd, qkvd = be->qkvd;
+    /* internal order: decode tokens first */
+    int n_dec = 0;
+    for (int si = 0; si < b->n_seqs; si++)
+        if (is_decode(&b->seqs[si])) be->seq_row0[si] = n_dec++;
+    if (n_dec > be->max_seqs) return cu_fail(be, D2_EINVAL, "step", "more sequences than the pool holds");
+    int r = n_dec, dec_scores = 0;
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        if (is_decode(s)) {
+            dec_scores |= s->want_scores;
+            continue;
+        }
+        be->seq_row0[si] = r;
+        r += s->n;
+    }
+    /* colsum regions */
+    size_t cs_used = 0;
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        be->cs_off[si] = SIZE_MAX;
+        if (!s->want_scores || !s->colsum || s->colsum_len <= 0) continue;
+        size_t need = (size_t)be->n_layers * (size_t)be->n_heads * (size_t)s->colsum_len;
+        if (cs_used + need > be->colsum_cap)
+            return cu_fail(be, D2_EINVAL, "step", "column sums of this plan exceed the reserve");
+        be->cs_off[si] = cs_used;
+        cs_used += need;
+    }
+    /* the pinned staging of the previous step must have been consumed */
+    CU(cudaEventSynchronize(be->ev_plan));
+    size_t used = 0;
+    rc = build_plan(be, b, n_dec, &used);
+    if (rc) return rc;
+    CU(cudaMemcpyAsync(be->plan_d, be->plan_h, used * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
+    CU(cudaEventRecord(be->ev_plan, be->st));
+    if (cs_used) CU(cudaMemsetAsync(be->colsum_d, 0, cs_used * 4, be->st));
+    const int32_t *D = be->plan_d;
+    const int32_t *tok_d = D, *pos_d = D + T, *sf_d = D + 2 * T;
+    float scale = 1.0f / sqrtf((float)be->hd);
+    kern_kv_view view = {.k = be->kv_k, .v = be->kv_v, .pos = be->kv_pos, .page_tokens = be->pt,
+                         .n_kv_heads = be->n_kv, .head_dim = be->hd};
+
+    KC(kern_embed(be->x, KERN_F32, be->embd, tok_d, T, dim, be->vocab, be->st));
+    for (int l = 0; l < be->n_layers; l++) {
+        const cu_layer *w = &be->L[l];
+        const cu_layer_plan *lp = &be->lp[l];
+        KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->attn_norm, T, dim, be->eps, be->st));
+        rc = cu_gemm(be, w->wqkv, qkvd, dim, be->xb, dim, T, be->qkv, qkvd, 0, w->bqkv);
+        if (rc) return rc;
+        KC(kern_rope(be->qkv, pos_d, be->inv_freq, T, be->n_heads, be->hd, qkvd, be->neox, be->st));
+        KC(kern_rope(be->qkv + qd, pos_d, be->inv_freq, T, be->n_kv, be->hd, qkvd, be->neox, be->st));
+        KC(kern_kv_write(be->kv_k, be->kv_v, be->kv_pos, be->kv_score, be->qkv + qd,
+                         be->qkv + qd + kvd, qkvd, pos_d, D + lp->page_of, D + lp->slot_of, T,
+                         be->n_kv, be->hd, be->pt, be->st));
+        if (n_dec > 0)
+            KC(kern_attn_decode(be->ao, KERN_BF16, be->qkv, qkvd, view,
+                                dec_scores ? be->kv_score : NULL, dec_scores ? sf_d : NULL,
+                                D + lp->dtab, lp->dstride, D + lp->dlen, pos_d, D + lp->dsplit,
+                                D + lp->dwork, lp->n_work, n_dec, be->n_heads, scale, be->window,
+                                be->dec_ws, be->st));
+        for (int si = 0; si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            if (is_decode(s)) continue;
+            const cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
+            const float *q = be->qkv + (size_t)sp->row0 * (size_t)qkvd;
+            KC(kern_attn_prefill(be->ao + (size_t)sp->row0 * (size_t)qd, KERN_BF16,
+                                 s->want_scores ? be->lse : NULL, q, qkvd, view, D + sp->tab,
+                                 sp->n_kv, pos_d + sp->row0, s->n, be->n_heads, scale, be->window,
+                                 be->st));
+            if (s->want_scores) {
+                float *cs = NULL;
+                if (be->cs_off[si] != SIZE_MAX)
+                    cs = be->colsum_d + be->cs_off[si] +
+                         (size_t)l * (size_t)be->n_heads * (size_t)s->colsum_len;
+                KC(kern_attn_prefill_scores(be->kv_score, cs, s->colsum_len, s->score_from, q,
+                                            qkvd, be->lse, view, D + sp->tab, sp->n_kv,
+                                            pos_d + sp->row0, s->n, be->n_heads, scale,
+                                            be->window, be->st));
+            }
+        }
+        rc = cu_gemm(be, w->wo, dim, qd, be->ao, qd, T, be->x, dim, 1, NULL);
+        if (rc) return rc;
+        KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->ffn_norm, T, dim, be->eps, be->st));
+        rc = cu_gemm(be, w->wgu, 2 * be->ffn, dim, be->xb, dim, T, be->gu, 2 * be->ffn, 0, NULL);
+        if (rc) return rc;
+        KC(kern_swiglu(be->hb, KERN_BF16, be->gu, be->gu + be->ffn, T, be->ffn, 2 * be->ffn, be->st));
+        rc = cu_gemm(be, w->wdown, dim, be->ffn, be->hb, be->ffn, T, be->x, dim, 1, NULL);
+        if (rc) return rc;
+    }
+    /* logit rows, in plan order */
+    int rows = 0;
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        int src = -1, n = 0;
+        if (s->all_logits) {
+            src = be->seq_row0[si];
+            n = s->n;
+        } else if (s->want_logits) {
+            src = be->seq_row0[si] + s->n - 1;
+            n = 1;
+        }
+        if (n == 0) continue;
+        CU(cudaMemcpyAsync(be->xsel + (size_t)rows * (size_t)dim, be->x + (size_t)src * (size_t)dim,
+                           (size_t)n * (size_t)dim * 4, cudaMemcpyDeviceToDevice, be->st));
+        rows += n;
+    }
+    if (rows > 0) {
+        KC(kern_rmsnorm(be->xfb, KERN_BF16, be->xsel, be->out_norm, rows, dim, be->eps, be->st));
+        rc = cu_gemm(be, be->outw, be->vocab, dim, be->xfb, dim, rows, be->logits, be->vocab, 0, NULL);
+        if (rc) return rc;
+    }
+    be->n_logit_rows = rows;
+    be->amax_valid = 0;
+    if (cs_used) {
+        CU(cudaMemcpyAsync(be->colsum_h, be->colsum_d, cs_used * 4, cudaMemcpyDeviceToHost, be->st));
+        CU(cudaStreamSynchronize(be->st));
+        for (int si = 0; si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            if (be->cs_off[si] == SIZE_MAX) continue;
+            size_t n = (size_t)be->n_layers * (size_t)be->n_heads * (size_t)s->colsum_len;
+            const float *src = be->colsum_h + be->cs_off[si];
+            for (size_t i = 0; i < n; i++) s->colsum[i] += src[i];
+        }
+    }
+    return D2_OK;
+}
+
+/* ---- logits ------------------------------------------------------------------------ */
+
+static int cu_logits(eng_backend *base, int row0, int n, const float **out) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    if (row0 < 0 || n < 0 || row0 + n > be->n_logit_rows)
+        return cu_fail(be, D2_EINVAL, "logits", "rows outside the last step's logits");
+    size_t off = (size_t)row0 * (size_t)be->vocab;
+    if (n > 0) {
+        CU(cudaMemcpyAsync(be->logits_h + off, be->logits + off, (size_t)n * (size_t)be->vocab * 4,
+                           cudaMemcpyDeviceToHost, be->st));
+        CU(cudaStreamSynchronize(be->st));
+    }
+    *out = be->logits_h + off;
+    return D2_OK;
+}
+
+static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    for (int i = 0; i < n; i++)
+        if (rows[i] < 0 || rows[i] >= be->n_logit_rows)
+            return cu_fail(be, D2_EINVAL, "argmax", "row outside the last step's logits");
+    if (n > 0 && !be->amax_valid) {
+        KC(kern_argmax(be->amax_d, be->logits, be->n_logit_rows, be->vocab, be->vocab, be->st));
+        CU(cudaMemcpyAsync(be->amax_h, be->amax_d, (size_t)be->n_logit_rows * 4,
+                           cudaMemcpyDeviceToHost, be->st));
+        CU(cudaStreamSynchronize(be->st));
+        be->amax_valid = 1;
+    }
+    for (int i = 0; i < n; i++) out[i] = be->amax_h[rows[i]];
+    return D2_OK;
+}
+
+/* ---- KV compression (engine/backend.h steps 1-6) -------------------------------------- */
+
+static int upload_table(cuda_be *be, const kvp_table *tab) {
+    CU(cudaStreamSynchronize(be->st)); /* tab_h may still feed an earlier copy */
+    memcpy(be->tab_h, tab->pages, (size_t)tab->n_pages * sizeof(int32_t));
+    CU(cudaMemcpyAsync(be->tab_d, be->tab_h, (size_t)tab->n_pages * 4, cudaMemcpyHostToDevice, be->st));
+    return D2_OK;
+}
+
+static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_compress_res *res) {
+    cuda_be *be = (cuda_be *)base;
+    kvp_pool *pool = base->pool;
+    memset(res, 0, sizeof *res);
+    DEAD_CHECK();
+    if (!pool) return cu_fail(be, D2_EINVAL, "kv_compress", "no KV payload (kv_attach)");
+    if (rq->heavy < 0 || rq->recent < 0) return D2_OK;
+    if (rq->merge && !rq->threshold)
+        return cu_fail(be, D2_EINVAL, "kv_compress", "merge without a threshold policy");
+    kvp_table tab = kvp_get_table(pool, rq->seq, rq->layer);
+    int n = tab.n_tokens;
+    if (n <= rq->heavy + rq->recent) return D2_OK;
+    if (n > be->max_seq) return cu_fail(be, D2_EINVAL, "kv_compress", "table longer than max_seq_tokens");
+    kern_d2o_plan p;
+    KC(kern_d2o_plan_make(&p, n, rq->n_sink, rq->heavy, rq->recent));
+    int n_ev = p.n_evicted;
+    if (n_ev == 0) return D2_OK;
+    kern_d2o_pages pages = {.k = be->kv_k, .v = be->kv_v, .pos = be->kv_pos, .score = be->kv_score,
+                            .page_tokens = be->pt, .n_kv_heads = be->n_kv, .head_dim = be->hd};
+    int rc = upload_table(be, &tab);
+    if (rc) return rc;
+    KC(kern_d2o_scores(&be->d2o, pages, be->tab_d, &p, be->st));
+    if (rq->pooled) KC(kern_d2o_pool_scores(&be->d2o, &p, be->st));
+    KC(kern_d2o_select(&be->d2o, &p, be->st));
+    if (rq->merge) {
+        KC(kern_d2o_match(&be->d2o, pages, be->tab_d, &p, be->st));
+        KC(kern_d2o_tau(&be->d2o, &p, be->tau_d, 1, 0.0f, be->st));
+        CU(cudaMemcpyAsync(be->ev_h, be->d2o.ev, (size_t)n_ev * 4, cudaMemcpyDeviceToHost, be->st));
+        CU(cudaMemcpyAsync(be->tgt_h, be->d2o.tgt, (size_t)n_ev * 4, cudaMemcpyDeviceToHost, be->st));
+        CU(cudaMemcpyAsync(be->sim_h, be->d2o.sim, (size_t)n_ev * 4, cudaMemcpyDeviceToHost, be->st));
+        CU(cudaMemcpyAsync(be->stat_h, be->d2o.stat, 2 * 4, cudaMemcpyDeviceToHost, be->st));
+    }
+    CU(cudaMemcpyAsync(be->keep_h, be->d2o.keep, (size_t)n, cudaMemcpyDeviceToHost, be->st));
+    CU(cudaStreamSynchronize(be->st));
+    float tau = 0.0f;
+    int n_pass = 0;
+    if (rq->merge) {
+        tau = rq->threshold(rq->user, be->stat_h[0]);
+        for (int j = 0; j < n_ev; j++) n_pass += be->tgt_h[j] >= 0 && be->sim_h[j] >= tau;
+    }
+    /* 4: pages the merges and the compaction write become private */
+    int kept = n - n_ev, first_gap = 0, pt = be->pt;
+    while (first_gap < n && be->keep_h[first_gap]) first_gap++;
+    for (int q = first_gap / pt; kept > first_gap && q <= (kept - 1) / pt; q++) {
+        rc = kvp_unshare(pool, rq->seq, rq->layer, q * pt);
+        if (rc) return rc;
+    }
+    for (int j = 0; j < n_ev && n_pass > 0; j++) {
+        if (!(be->tgt_h[j] >= 0 && be->sim_h[j] >= tau)) continue;
+        rc = kvp_unshare(pool, rq->seq, rq->layer, be->tgt_h[j]);
+        if (rc) return rc;
+    }
+    DEAD_CHECK(); /* the hook may have failed */
+    tab = kvp_get_table(pool, rq->seq, rq->layer);
+    if (n_pass > 0) {
+        rc = upload_table(be, &tab);
+        if (rc) return rc;
+        *be->tau_h = tau;
+        CU(cudaMemcpyAsync(be->tau_d, be->tau_h, 4, cudaMemcpyHostToDevice, be->st));
+        KC(kern_d2o_merge(&be->d2o, pages, be->tab_d, &p, be->tau_d,
+                          rq->merge_code_rule ? KERN_D2O_MERGE_CODE : KERN_D2O_MERGE_NORMALISED,
+                          be->st));
+    }
+    int before = tab.n_pages;
+    rc = kvp_compact(pool, rq->seq, rq->layer, be->keep_h);
+    if (rc < 0) {
+        D2_ERROR("cuda_backend: compaction of seq %d layer %d failed after its pages were made "
+                 "private: %s", rq->seq, rq->layer, d2_strerror(rc));
+        return cu_fail(be, rc, "kv_compress", "kvp_compact");
+    }
+    DEAD_CHECK();
+    int after = kvp_pages_for_tokens(pool, rc);
+    res->n_evicted = n_ev;
+    res->n_merged = n_pass;
+    res->pages_freed = before > after ? before - after : 0;
+    res->tau = tau;
+    return D2_OK;
+}
+
+/* ---- slot access (tests, inspection) ------------------------------------------------ */
+
+static int64_t slot_index(cuda_be *be, int seq, int layer, int i) {
+    if (!be->base.pool) return -1;
+    kvp_table t = kvp_get_table(be->base.pool, seq, layer);
+    if (i < 0 || i >= t.n_tokens) return -1;
+    return (int64_t)t.pages[i / be->pt] * be->pt + i % be->pt;
+}
+
+static int cu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    int64_t s = slot_index(be, seq, layer, i);
+    if (s < 0) return cu_fail(be, D2_EINVAL, "read_slot", "no such live slot");
+    size_t kvd = (size_t)be->kvd;
+    uint16_t *tmp = malloc(kvd * 2 * 2);
+    if (!tmp) return cu_fail(be, D2_ENOMEM, "read_slot", "scratch");
+    CU(cudaStreamSynchronize(be->st));
+    cudaError_t e = cudaMemcpy(tmp, be->kv_k + (size_t)s * kvd, kvd * 2, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess)
+        e = cudaMemcpy(tmp + kvd, be->kv_v + (size_t)s * kvd, kvd * 2, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess && score)
+        e = cudaMemcpy(score, be->kv_score + (size_t)s * (size_t)be->n_kv, (size_t)be->n_kv * 4,
+                       cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess)
+        for (size_t j = 0; j < kvd; j++) {
+            if (k) k[j] = bf2f(tmp[j]);
+            if (v) v[j] = bf2f(tmp[kvd + j]);
+        }
+    free(tmp);
+    if (e != cudaSuccess) return cu_fail_rt(be, e, "cudaMemcpy (read_slot)", __LINE__);
+    return D2_OK;
+}
+
+static int cu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k,
+                         const float *v, const float *score) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    int64_t s = slot_index(be, seq, layer, i);
+    if (s < 0) return cu_fail(be, D2_EINVAL, "write_slot", "no such live slot");
+    size_t kvd = (size_t)be->kvd;
+    uint16_t *tmp = malloc(kvd * 2 * 2);
+    if (!tmp) return cu_fail(be, D2_ENOMEM, "write_slot", "scratch");
+    for (size_t j = 0; j < kvd; j++) {
+        tmp[j] = k ? f2bf(k[j]) : 0;
+        tmp[kvd + j] = v ? f2bf(v[j]) : 0;
+    }
+    int32_t pos = kvp_pos_base(be->base.pool)[s];
+    CU(cudaStreamSynchronize(be->st));
+    cudaError_t e = cudaSuccess;
+    if (k) e = cudaMemcpy(be->kv_k + (size_t)s * kvd, tmp, kvd * 2, cudaMemcpyHostToDevice);
+    if (e == cudaSuccess && v)
+        e = cudaMemcpy(be->kv_v + (size_t)s * kvd, tmp + kvd, kvd * 2, cudaMemcpyHostToDevice);
+    if (e == cudaSuccess && score)
+        e = cudaMemcpy(be->kv_score + (size_t)s * (size_t)be->n_kv, score, (size_t)be->n_kv * 4,
+                       cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = cudaMemcpy(be->kv_pos + s, &pos, 4, cudaMemcpyHostToDevice);
+    free(tmp);
+    if (e != cudaSuccess) return cu_fail_rt(be, e, "cudaMemcpy (write_slot)", __LINE__);
+    return D2_OK;
+}
+
+#endif /* D2_HAVE_CUDA */

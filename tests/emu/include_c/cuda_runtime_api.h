@@ -1,0 +1,101 @@
+/*
+ * tests/emu/include_c/cuda_runtime_api.h — the C-callable subset of the CUDA
+ * runtime API that host C11 code (engine/cuda/) uses, for builds against the
+ * emulator (tests/emu/README, "C host code"). On a real toolkit the same
+ * #include finds CUDA's own cuda_runtime_api.h, which is C as well.
+ *
+ * The names are macros onto emu_c_* functions (tests/emu/cuda_rt_c.cpp), which
+ * forward to the emulator's C++ runtime (cuda_emu.cpp): the emulator's own
+ * declarations have C++ linkage and default arguments, which C cannot call.
+ * Enum values and handle types are the emulator's (cuda_rt_c.cpp checks
+ * them at compile time). Streams and events are synchronous no-ops, pinned
+ * host memory is plain heap memory, device memory is the host heap.
+ */
+#ifndef D2_EMU_CUDA_RUNTIME_API_H
+#define D2_EMU_CUDA_RUNTIME_API_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+#error "C only: .cu files see tests/emu/cuda_emu.h through tests/emu/include/"
+#endif
+
+#define CUDAEMU_C 1
+
+typedef enum cudaError {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInitializationError = 3,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidDevicePointer = 17,
+    cudaErrorInvalidMemcpyDirection = 21,
+    cudaErrorInvalidDeviceFunction = 98,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorLaunchOutOfResources = 701,
+    cudaErrorLaunchFailure = 719,
+} cudaError_t;
+typedef struct CUstream_st *cudaStream_t;
+typedef struct CUevent_st *cudaEvent_t;
+typedef enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4,
+} cudaMemcpyKind;
+#define cudaStreamNonBlocking 0x01
+#define cudaEventDisableTiming 0x02
+#define cudaHostAllocDefault 0x00
+
+#define cudaMalloc emu_c_cudaMalloc
+#define cudaFree emu_c_cudaFree
+#define cudaMallocHost emu_c_cudaMallocHost
+#define cudaFreeHost emu_c_cudaFreeHost
+#define cudaMemcpy emu_c_cudaMemcpy
+#define cudaMemcpyAsync emu_c_cudaMemcpyAsync
+#define cudaMemset emu_c_cudaMemset
+#define cudaMemsetAsync emu_c_cudaMemsetAsync
+#define cudaMemGetInfo emu_c_cudaMemGetInfo
+#define cudaDeviceSynchronize emu_c_cudaDeviceSynchronize
+#define cudaGetDeviceCount emu_c_cudaGetDeviceCount
+#define cudaSetDevice emu_c_cudaSetDevice
+#define cudaGetLastError emu_c_cudaGetLastError
+#define cudaGetErrorString emu_c_cudaGetErrorString
+#define cudaGetErrorName emu_c_cudaGetErrorName
+#define cudaStreamCreateWithFlags emu_c_cudaStreamCreateWithFlags
+#define cudaStreamDestroy emu_c_cudaStreamDestroy
+#define cudaStreamSynchronize emu_c_cudaStreamSynchronize
+#define cudaEventCreateWithFlags emu_c_cudaEventCreateWithFlags
+#define cudaEventDestroy emu_c_cudaEventDestroy
+#define cudaEventRecord emu_c_cudaEventRecord
+#define cudaEventSynchronize emu_c_cudaEventSynchronize
+#define cudaEventElapsedTime emu_c_cudaEventElapsedTime
+
+cudaError_t emu_c_cudaMalloc(void **p, size_t n);
+cudaError_t emu_c_cudaFree(void *p);
+cudaError_t emu_c_cudaMallocHost(void **p, size_t n);
+cudaError_t emu_c_cudaFreeHost(void *p);
+cudaError_t emu_c_cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k);
+cudaError_t emu_c_cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k,
+                                  cudaStream_t s);
+cudaError_t emu_c_cudaMemset(void *p, int v, size_t n);
+cudaError_t emu_c_cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s);
+cudaError_t emu_c_cudaMemGetInfo(size_t *free_b, size_t *total_b);
+cudaError_t emu_c_cudaDeviceSynchronize(void);
+cudaError_t emu_c_cudaGetDeviceCount(int *n);
+cudaError_t emu_c_cudaSetDevice(int d);
+cudaError_t emu_c_cudaGetLastError(void);
+const char *emu_c_cudaGetErrorString(cudaError_t e);
+const char *emu_c_cudaGetErrorName(cudaError_t e);
+cudaError_t emu_c_cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
+cudaError_t emu_c_cudaStreamDestroy(cudaStream_t s);
+cudaError_t emu_c_cudaStreamSynchronize(cudaStream_t s);
+cudaError_t emu_c_cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
+cudaError_t emu_c_cudaEventDestroy(cudaEvent_t e);
+cudaError_t emu_c_cudaEventRecord(cudaEvent_t e, cudaStream_t s);
+cudaError_t emu_c_cudaEventSynchronize(cudaEvent_t e);
+cudaError_t emu_c_cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
+
+#endif

@@ -1,0 +1,388 @@
+/*
+ * tests/gpu/test_backend_cuda.c — the CUDA backend (engine/cuda/) against the
+ * CPU backend (engine/cpu/): the same plans through both, each with its own
+ * KV pool driven the way engine/step.c drives it, comparing logits (max
+ * absolute and relative difference, greedy agreement), the D2O column sums
+ * and scores, and the slots a compression keeps.
+ *
+ * Built twice: against the CUDA emulator (tests/emu/, `make test-gpu-emu`,
+ * part of `make test`: CUDA runtime and cuBLASLt stand-ins, the kernels run
+ * on the CPU) and, on a GPU machine, against the real toolkit (`make
+ * test-gpu`, tests/gpu/device_run.sh). Runs from the repository root (the
+ * shipped models/stories260K); further models from ../shared when present.
+ *
+ * Tolerances: the CUDA backend rounds weights, GEMM inputs and K/V to bf16
+ * (8 significant bits), the CPU backend keeps f32; differences of a few
+ * percent of the logit range are expected, larger ones are bugs (a wrong
+ * layout or a missed token gives differences of the order of the range).
+ */
+#include "tests/test.h"
+
+#include "engine/backend.h"
+#include "engine/model/model.h"
+#include "kvpool/kvpool.h"
+
+#define STORIES "models/stories260K/stories260K.gguf"
+#define MAX_T 64
+#define MAX_SEQ 256
+#define PAGE 16
+
+typedef struct side {
+    kvp_pool *pool;
+    eng_backend *be;
+    const char *name;
+} side;
+
+typedef struct pair {
+    eng_model *m;
+    side cpu, cu;
+    int vocab, n_layers, n_heads;
+    /* worst differences seen */
+    double max_abs, max_rel;
+    int rows, argmax_agree;
+} pair;
+
+static void side_init(side *s, const eng_model *m, int cuda, int n_pages) {
+    eng_backend_config bc = {.n_threads = 1, .max_batch_tokens = MAX_T, .max_logit_rows = MAX_T,
+                             .max_seq_tokens = MAX_SEQ, .page_tokens = PAGE};
+    s->name = cuda ? "cuda" : "cpu";
+    int rc = cuda ? eng_cuda_backend_create(m, &bc, &s->be) : eng_cpu_backend_create(m, &bc, &s->be);
+    if (rc != D2_OK) FAIL_("%s backend create: %s", s->name, d2_strerror(rc));
+    kvp_config pc = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads,
+                     .head_dim = m->cfg.head_dim, .page_tokens = PAGE, .n_pages = n_pages,
+                     .max_seqs = 8, .max_seq_tokens = MAX_SEQ};
+    ASSERT_OK(kvp_create(&pc, &s->pool));
+    ASSERT_OK(s->be->ops->attach_thread(s->be));
+    rc = s->be->ops->kv_attach(s->be, s->pool);
+    if (rc != D2_OK) FAIL_("%s kv_attach: %s", s->name, s->be->ops->last_error(s->be));
+}
+
+static void side_free(side *s) {
+    if (s->be) s->be->ops->destroy(s->be);
+    kvp_destroy(s->pool);
+}
+
+static void pair_init(pair *p, const char *path) {
+    memset(p, 0, sizeof *p);
+    ASSERT_OK(eng_model_load(path, false, &p->m));
+    p->vocab = p->m->cfg.vocab_size;
+    p->n_layers = p->m->cfg.n_layers;
+    p->n_heads = p->m->cfg.n_heads;
+    side_init(&p->cpu, p->m, 0, 96);
+    side_init(&p->cu, p->m, 1, 96);
+    eng_backend_caps caps;
+    p->cu.be->ops->caps(p->cu.be, &caps);
+    ASSERT_STREQ(caps.name, "cuda");
+    ASSERT(caps.kv_dtype == ENG_KV_DT_BF16 && caps.kv_on_device && caps.argmax_on_device);
+    ASSERT(caps.kv_bytes_per_slot > 0 && caps.kv_bytes_avail > 0);
+}
+
+static void pair_free(pair *p) {
+    side_free(&p->cpu);
+    side_free(&p->cu);
+    eng_model_free(p->m);
+}
+
+/* What engine/step.c does before the backend call: reserve, append, positions. */
+static void side_step(side *s, const eng_batch *b, int n_layers) {
+    for (int k = 0; k < b->n_seqs; k++)
+        ASSERT_OK(kvp_reserve_all_layers(s->pool, b->seqs[k].seq, b->seqs[k].n));
+    int32_t *pos = kvp_pos_base(s->pool);
+    for (int k = 0; k < b->n_seqs; k++) {
+        const eng_batch_seq *bs = &b->seqs[k];
+        for (int l = 0; l < n_layers; l++) {
+            int first = kvp_append(s->pool, bs->seq, l, bs->n);
+            ASSERT(first >= 0);
+            kvp_table tab = kvp_get_table(s->pool, bs->seq, l);
+            for (int j = 0; j < bs->n; j++) {
+                int32_t page;
+                int slot;
+                kvp_locate(&tab, PAGE, first + j, &page, &slot);
+                pos[(size_t)page * PAGE + (size_t)slot] = b->pos[bs->start + j];
+            }
+        }
+    }
+    int rc = s->be->ops->step(s->be, b);
+    if (rc != D2_OK) FAIL_("%s step: %s", s->name, s->be->ops->last_error(s->be));
+}
+
+static int argmax_row(const float *x, int n, float *margin) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    float second = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (i != best && x[i] > second) second = x[i];
+    *margin = x[best] - second;
+    return best;
+}
+
+/* Runs b through both sides and compares every logit row; greedy[r] gets the
+ * CPU's greedy token of row r. */
+static void step_both(pair *p, const eng_batch *b, int32_t *greedy, const char *what) {
+    side_step(&p->cpu, b, p->n_layers);
+    side_step(&p->cu, b, p->n_layers);
+    int rows = eng_batch_out_rows(b);
+    if (rows == 0) return;
+    const float *lc, *lg;
+    ASSERT_OK(p->cpu.be->ops->logits(p->cpu.be, 0, rows, &lc));
+    ASSERT_OK(p->cu.be->ops->logits(p->cu.be, 0, rows, &lg));
+    int rows_idx[MAX_T];
+    int32_t dev_greedy[MAX_T];
+    for (int r = 0; r < rows; r++) rows_idx[r] = r;
+    ASSERT_OK(p->cu.be->ops->argmax(p->cu.be, rows_idx, rows, dev_greedy));
+    for (int r = 0; r < rows; r++) {
+        const float *a = lc + (size_t)r * p->vocab, *g = lg + (size_t)r * p->vocab;
+        double mx = 0, lo = INFINITY, hi = -INFINITY;
+        for (int i = 0; i < p->vocab; i++) {
+            double d = fabs((double)a[i] - (double)g[i]);
+            if (!(d <= mx)) mx = d; /* NaN counts as huge */
+            if (a[i] < lo) lo = a[i];
+            if (a[i] > hi) hi = a[i];
+        }
+        double range = hi - lo > 1.0 ? hi - lo : 1.0;
+        double rel = mx / range;
+        float mc, mg;
+        int ac = argmax_row(a, p->vocab, &mc), ag = argmax_row(g, p->vocab, &mg);
+        if (dev_greedy[r] != ag)
+            FAIL_("%s row %d: device argmax %d, the device's logits say %d", what, r, dev_greedy[r], ag);
+        if (rel > p->max_rel) p->max_rel = rel;
+        if (mx > p->max_abs) p->max_abs = mx;
+        p->rows++;
+        p->argmax_agree += ac == ag;
+        /* bf16 rounding against f32: a few percent of the range at most */
+        if (!(rel <= 0.05))
+            FAIL_("%s row %d: max |cpu - cuda| = %.4g over a logit range of %.4g (%.2f%%)", what, r,
+                  mx, range, 100 * rel);
+        if (ac != ag && mc > 0.05 * range)
+            FAIL_("%s row %d: greedy %d (cpu) vs %d (cuda) with a cpu margin of %.4g", what, r, ac,
+                  ag, mc);
+        if (greedy) greedy[r] = ac;
+    }
+}
+
+static uint32_t rng_state = 12345;
+static int32_t rnd_tok(int vocab) {
+    rng_state = rng_state * 1103515245u + 12345u;
+    return (int32_t)(1 + (rng_state >> 8) % (uint32_t)(vocab - 1));
+}
+
+static float thr_mean(void *user, float mean_sim) {
+    (void)user;
+    return mean_sim;
+}
+
+static void new_seq(pair *p, int *seq) {
+    int a, b;
+    ASSERT_OK(kvp_seq_new(p->cpu.pool, &a));
+    ASSERT_OK(kvp_seq_new(p->cu.pool, &b));
+    ASSERT_EQ(a, b);
+    *seq = a;
+}
+
+/* Scores of every live slot of (seq, layer) on both sides. */
+static void compare_scores(pair *p, int seq, const char *what) {
+    int n_kv = p->m->cfg.n_kv_heads;
+    float sc[64], sg[64];
+    double worst = 0, total = 0, largest = 0;
+    for (int l = 0; l < p->n_layers; l++) {
+        int n = kvp_get_table(p->cpu.pool, seq, l).n_tokens;
+        ASSERT_EQ(n, kvp_get_table(p->cu.pool, seq, l).n_tokens);
+        for (int i = 0; i < n; i++) {
+            ASSERT_OK(p->cpu.be->ops->read_slot(p->cpu.be, seq, l, i, NULL, NULL, sc));
+            ASSERT_OK(p->cu.be->ops->read_slot(p->cu.be, seq, l, i, NULL, NULL, sg));
+            for (int h = 0; h < n_kv; h++) {
+                double d = fabs((double)sc[h] - (double)sg[h]);
+                if (!(d <= worst)) worst = d;
+                total += sc[h];
+                if (sc[h] > largest) largest = sc[h];
+            }
+        }
+    }
+    if (!(total > 0)) FAIL_("%s: no scores accumulated on the cpu side", what);
+    /* a score is a sum of probabilities (queries x group): compare to the largest */
+    if (!(worst <= 0.03 * largest)) FAIL_("%s: max score difference %.4g (largest %.4g)", what, worst, largest);
+    printf("  %s: max score difference %.3g (largest %.3g)\n", what, worst, largest);
+}
+
+static void run_scenarios(const char *path) {
+    pair p;
+    pair_init(&p, path);
+    int V = p.vocab, L = p.n_layers, H = p.n_heads;
+    int32_t toks[MAX_T], pos[MAX_T], greedy[MAX_T];
+    eng_batch_seq seqs[4];
+    eng_batch b;
+
+    /* 1. chunked prefill of A (40 tokens: 16 + 16 + 8) with scores and colsums */
+    int A, B, C;
+    new_seq(&p, &A);
+    enum { CS_LEN = 64 };
+    float *cs_cpu = calloc((size_t)L * H * CS_LEN, sizeof(float));
+    float *cs_cu = calloc((size_t)L * H * CS_LEN, sizeof(float));
+    int32_t promptA[40];
+    for (int i = 0; i < 40; i++) promptA[i] = rnd_tok(V);
+    int chunks[3] = {16, 16, 8}, at = 0;
+    for (int c = 0; c < 3; c++) {
+        int n = chunks[c];
+        for (int j = 0; j < n; j++) {
+            toks[j] = promptA[at + j];
+            pos[j] = at + j;
+        }
+        seqs[0] = (eng_batch_seq){.seq = A, .start = 0, .n = n, .want_scores = true,
+                                  .want_logits = true, .colsum_len = CS_LEN};
+        b = (eng_batch){.n_tokens = n, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = seqs};
+        /* each side gets its own colsum array */
+        seqs[0].colsum = cs_cpu;
+        side_step(&p.cpu, &b, L);
+        seqs[0].colsum = cs_cu;
+        side_step(&p.cu, &b, L);
+        const float *lc, *lg;
+        ASSERT_OK(p.cpu.be->ops->logits(p.cpu.be, 0, 1, &lc));
+        ASSERT_OK(p.cu.be->ops->logits(p.cu.be, 0, 1, &lg));
+        double mx = 0, lo = INFINITY, hi = -INFINITY;
+        for (int i = 0; i < V; i++) {
+            double d = fabs((double)lc[i] - (double)lg[i]);
+            if (!(d <= mx)) mx = d;
+            if (lc[i] < lo) lo = lc[i];
+            if (lc[i] > hi) hi = lc[i];
+        }
+        printf("  prefill chunk %d: max |diff| %.4g, logit range %.4g\n", c, mx, hi - lo);
+        if (!(mx <= 0.05 * (hi - lo > 1 ? hi - lo : 1))) FAIL_("prefill chunk %d differs", c);
+        at += n;
+    }
+    double cs_worst = 0, cs_sum = 0, cs_max = 0;
+    for (size_t i = 0; i < (size_t)L * H * CS_LEN; i++) {
+        double d = fabs((double)cs_cpu[i] - (double)cs_cu[i]);
+        if (!(d <= cs_worst)) cs_worst = d;
+        if (cs_cpu[i] > cs_max) cs_max = cs_cpu[i];
+        cs_sum += cs_cpu[i];
+    }
+    printf("  colsum: max difference %.3g (largest sum %.3g, total %.4g)\n", cs_worst, cs_max, cs_sum);
+    /* every query's probabilities sum to 1 per head: L * H * 40 in all */
+    ASSERT_NEAR(cs_sum, (double)L * H * 40, 0.01 * L * H * 40);
+    /* a column sum adds up to 40 probabilities: compare to the largest */
+    if (!(cs_worst <= 0.03 * cs_max)) FAIL_("column sums differ by %.4g (largest %.4g)", cs_worst, cs_max);
+    compare_scores(&p, A, "scores after prefill");
+
+    /* 2. a mixed step: B's 12-token prefill chunk and A's decode token (scoring) */
+    new_seq(&p, &B);
+    for (int j = 0; j < 12; j++) {
+        toks[j] = rnd_tok(V);
+        pos[j] = j;
+    }
+    toks[12] = rnd_tok(V);
+    pos[12] = 40;
+    seqs[0] = (eng_batch_seq){.seq = B, .start = 0, .n = 12, .want_logits = true};
+    seqs[1] = (eng_batch_seq){.seq = A, .start = 12, .n = 1, .want_logits = true, .want_scores = true};
+    b = (eng_batch){.n_tokens = 13, .tokens = toks, .pos = pos, .n_seqs = 2, .seqs = seqs};
+    step_both(&p, &b, greedy, "mixed prefill+decode");
+    compare_scores(&p, A, "scores after a decode step");
+    int32_t nextB = greedy[0], nextA = greedy[1];
+
+    /* 3. fork A -> C (shared pages, copy on write at the next append), decode all three */
+    int c1, c2;
+    ASSERT_OK(kvp_seq_fork(p.cpu.pool, A, &c1));
+    ASSERT_OK(kvp_seq_fork(p.cu.pool, A, &c2));
+    ASSERT_EQ(c1, c2);
+    C = c1;
+    int posA = 41, posB = 12, posC = 41;
+    int32_t nextC = rnd_tok(V);
+    for (int it = 0; it < 3; it++) {
+        /* C first: the decode rows are not in plan order inside the backend */
+        toks[0] = nextC; pos[0] = posC;
+        toks[1] = nextB; pos[1] = posB;
+        toks[2] = nextA; pos[2] = posA;
+        seqs[0] = (eng_batch_seq){.seq = C, .start = 0, .n = 1, .want_logits = true};
+        seqs[1] = (eng_batch_seq){.seq = B, .start = 1, .n = 1, .want_logits = true};
+        seqs[2] = (eng_batch_seq){.seq = A, .start = 2, .n = 1, .want_logits = true};
+        b = (eng_batch){.n_tokens = 3, .tokens = toks, .pos = pos, .n_seqs = 3, .seqs = seqs};
+        step_both(&p, &b, greedy, "decode after fork");
+        nextC = greedy[0]; nextB = greedy[1]; nextA = greedy[2];
+        posA++; posB++; posC++;
+    }
+    ASSERT_OK(kvp_check(p.cpu.pool));
+    ASSERT_OK(kvp_check(p.cu.pool));
+
+    /* 4. D2O compression of C on every layer (merging), then decode */
+    for (int l = 0; l < L; l++) {
+        eng_kv_compress_req rq = {.seq = C, .layer = l, .heavy = 10, .recent = 8, .n_sink = 2,
+                                  .merge = true, .threshold = thr_mean};
+        eng_kv_compress_res r1, r2;
+        int rc = p.cpu.be->ops->kv_compress(p.cpu.be, &rq, &r1);
+        if (rc) FAIL_("cpu kv_compress: %s", p.cpu.be->ops->last_error(p.cpu.be));
+        rc = p.cu.be->ops->kv_compress(p.cu.be, &rq, &r2);
+        if (rc) FAIL_("cuda kv_compress layer %d: %s", l, p.cu.be->ops->last_error(p.cu.be));
+        ASSERT_EQ(r1.n_evicted, r2.n_evicted);
+        ASSERT_GT(r1.n_evicted, 0);
+        ASSERT_NEAR(r1.tau, r2.tau, 0.02);
+        kvp_table t1 = kvp_get_table(p.cpu.pool, C, l), t2 = kvp_get_table(p.cu.pool, C, l);
+        ASSERT_EQ(t1.n_tokens, t2.n_tokens);
+        const int32_t *p1 = kvp_pos_base(p.cpu.pool), *p2 = kvp_pos_base(p.cu.pool);
+        for (int i = 0; i < t1.n_tokens; i++) {
+            int32_t a = p1[(size_t)t1.pages[i / PAGE] * PAGE + i % PAGE];
+            int32_t g = p2[(size_t)t2.pages[i / PAGE] * PAGE + i % PAGE];
+            if (a != g) FAIL_("layer %d kept slot %d: position %d (cpu) vs %d (cuda)", l, i, a, g);
+        }
+        if (l == 0) printf("  compression: %d evicted, %d merged (cpu) / %d (cuda), tau %.4f / %.4f\n",
+                           r1.n_evicted, r1.n_merged, r2.n_merged, r1.tau, r2.tau);
+    }
+    ASSERT_OK(kvp_check(p.cpu.pool));
+    ASSERT_OK(kvp_check(p.cu.pool));
+    for (int it = 0; it < 3; it++) {
+        toks[0] = nextA; pos[0] = posA;
+        toks[1] = nextC; pos[1] = posC;
+        seqs[0] = (eng_batch_seq){.seq = A, .start = 0, .n = 1, .want_logits = true};
+        seqs[1] = (eng_batch_seq){.seq = C, .start = 1, .n = 1, .want_logits = true};
+        b = (eng_batch){.n_tokens = 2, .tokens = toks, .pos = pos, .n_seqs = 2, .seqs = seqs};
+        step_both(&p, &b, greedy, "decode after compression");
+        nextA = greedy[0]; nextC = greedy[1];
+        posA++; posC++;
+    }
+
+    /* 5. all_logits (perplexity rows) of a chunk of B */
+    for (int j = 0; j < 5; j++) {
+        toks[j] = rnd_tok(V);
+        pos[j] = posB + j;
+    }
+    seqs[0] = (eng_batch_seq){.seq = B, .start = 0, .n = 5, .all_logits = true};
+    b = (eng_batch){.n_tokens = 5, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = seqs};
+    step_both(&p, &b, NULL, "all_logits chunk");
+
+    printf("  %s: %d logit rows, max |diff| %.4g, max diff/range %.3f%%, greedy agreement %d/%d\n",
+           path, p.rows, p.max_abs, 100 * p.max_rel, p.argmax_agree, p.rows);
+    free(cs_cpu);
+    free(cs_cu);
+    pair_free(&p);
+}
+
+TEST(stories260k_cpu_vs_cuda) {
+    REQUIRE_FILE(STORIES);
+    run_scenarios(STORIES);
+}
+
+TEST(plan_errors_and_last_error) {
+    REQUIRE_FILE(STORIES);
+    eng_model *m;
+    ASSERT_OK(eng_model_load(STORIES, false, &m));
+    side s;
+    side_init(&s, m, 1, 32);
+    int seq;
+    ASSERT_OK(kvp_seq_new(s.pool, &seq));
+    int32_t tok = m->cfg.vocab_size, pos = 0; /* out of the vocabulary */
+    eng_batch_seq bs = {.seq = seq, .start = 0, .n = 1, .want_logits = true};
+    eng_batch b = {.n_tokens = 1, .tokens = &tok, .pos = &pos, .n_seqs = 1, .seqs = &bs};
+    ASSERT_OK(kvp_reserve_all_layers(s.pool, seq, 1));
+    for (int l = 0; l < m->cfg.n_layers; l++) ASSERT(kvp_append(s.pool, seq, l, 1) >= 0);
+    ASSERT_EQ(s.be->ops->step(s.be, &b), D2_EINVAL);
+    ASSERT(strstr(s.be->ops->last_error(s.be), "step") != NULL);
+    const float *lg;
+    ASSERT_EQ(s.be->ops->logits(s.be, 0, 1, &lg), D2_EINVAL);
+    tok = 1;
+    ASSERT_OK(s.be->ops->step(s.be, &b));
+    ASSERT_OK(s.be->ops->logits(s.be, 0, 1, &lg));
+    ASSERT(isfinite(lg[0]));
+    side_free(&s);
+    eng_model_free(m);
+}
+
+
