@@ -34,6 +34,18 @@ ifeq ($(WERROR),1)
 WARN += -Werror
 endif
 
+# CUDA=1: the CUDA backend (engine/cuda/) in libd2od.a and d2od, with the kernels
+# (nvcc) and the toolkit's cudart and cuBLASLt; outputs in build/cuda. Without it
+# engine/cuda/ builds as a stub that refuses --device cuda (tests/emu/ runs the
+# backend on the CPU either way).
+ifeq ($(CUDA),1)
+ifeq ($(NVCC),)
+$(error CUDA=1 needs nvcc (PATH or /usr/local/cuda/bin))
+endif
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+BUILD ?= build/cuda
+endif
+
 ifeq ($(DEBUG),1)
 OPT := -O0 -g3 -DD2_DEBUG_BUILD=1
 BUILD ?= build/debug
@@ -55,6 +67,11 @@ CFLAGS ?=
 CFLAGS += -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) $(OPT) -pthread -MMD -MP -I. $(PKG_CFLAGS)
 LDFLAGS += -pthread $(LDSAN)
 LDLIBS += $(PKG_LIBS) -lm
+
+ifeq ($(CUDA),1)
+CFLAGS += -DD2_HAVE_CUDA -isystem $(CUDA_HOME)/include
+LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
+endif
 
 LIB_DIRS := common kvpool engine api kernels hub
 LIB_SRC := $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c $(d)/*/*.c)))
@@ -80,6 +97,9 @@ $(BUILD)/obj/%.o: %.c
 # api/ui.c embeds the page with .incbin: rebuild it when the page changes.
 $(BUILD)/obj/api/ui.o: api/ui.html
 
+ifeq ($(CUDA),1)
+LIB_OBJ += $(CU_OBJ)
+endif
 $(BUILD)/libd2od.a: $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
@@ -122,6 +142,16 @@ $(BUILD)/tests-gpu/%: tests/gpu/%.cu $(CU_SRC) kernels/kernels.h $(wildcard kern
 $(BUILD)/ptx/sample.fatbin: kernels/sample.cu kernels/kernels.h $(wildcard kernels/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -Xfatbin -compress=false -fatbin -I. $< -o $@
+# The CUDA backend against the CPU backend on a real device (CUDA=1 builds only).
+ifeq ($(CUDA),1)
+$(BUILD)/tests-gpu/test_backend_cuda: tests/gpu/test_backend_cuda.c $(BUILD)/libd2od.a tests/test.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
+GPU_TEST_BIN += $(BUILD)/tests-gpu/test_backend_cuda
+$(BUILD)/tests-gpu/bench_cuda: tests/gpu/bench_cuda.c $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
+endif
 gpu-test-build: $(GPU_TEST_BIN) $(BUILD)/ptx/sample.fatbin
 test-gpu: $(GPU_TEST_BIN)
 	@rc=0; for t in $(GPU_TEST_BIN); do echo "== $$t"; $$t || rc=1; done; exit $$rc
@@ -181,8 +211,13 @@ $(EMU_DIR)/bin/test_backend_cuda: $(EMU_DIR)/cobj/tests/gpu/test_backend_cuda.o 
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
 EMU_TEST_BIN += $(EMU_DIR)/bin/test_backend_cuda
+# The benchmark program of tests/gpu/device_run.sh, for its dry run (--tiny).
+$(EMU_DIR)/bin/bench_cuda: $(EMU_DIR)/cobj/tests/gpu/bench_cuda.o $(EMU_HOST_OBJ) \
+                           $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
 .PRECIOUS: $(EMU_DIR)/src/% $(EMU_DIR)/obj/%.o $(EMU_DIR)/cobj/%.o
-gpu-emu-build: $(EMU_TEST_BIN)
+gpu-emu-build: $(EMU_TEST_BIN) $(EMU_DIR)/bin/bench_cuda
 test-gpu-emu: gpu-emu-build
 	@rc=0; for t in $(EMU_TEST_BIN); do echo "== $$t"; CUDAEMU_STRICT=1 $$t || rc=1; done; exit $$rc
 

@@ -89,6 +89,7 @@ typedef struct dmn_config {
     double kv_budget_frac;                          /* derived: fraction in (0,1], or 0 */
     long kv_budget_tokens;                          /* derived: token count, or 0 */
     int device;                                     /* enum dmn_device */
+    double gpu_memory_utilization;                  /* CUDA: share of device memory, (0, 1] */
     /* admission and limits */
     int max_queue;                                  /* queued requests beyond this get 429 */
     int max_tokens_limit;

@@ -304,10 +304,18 @@ int d2_cmd_serve(int argc, char **argv) {
                             .n_threads = d->cfg.threads,
                             .page_tokens = d->cfg.page_tokens, .kv_mem_mb = d->cfg.kv_mem_mb,
                             .max_seqs = d->cfg.max_seqs, .max_batch_tokens = d->cfg.max_batch_tokens,
-                            .ctx_len = d->cfg.ctx_len};
+                            .ctx_len = d->cfg.ctx_len,
+                            .gpu_memory_utilization = d->cfg.gpu_memory_utilization};
     rc = eng_engine_create(&ec, &d->e);
     if (rc == D2_EUNSUPPORTED && ec.device == ENG_DEVICE_CUDA) {
-        fprintf(stderr, "d2od serve: device cuda: this build has no CUDA backend yet (use --device cpu or auto)\n");
+        fprintf(stderr, "d2od serve: device cuda: this build has no CUDA backend (build with make CUDA=1 "
+                        "where nvcc is installed; or use --device cpu or auto)\n");
+        free(d);
+        return 1;
+    }
+    if (rc == D2_ECUDA && ec.device == ENG_DEVICE_CUDA) {
+        fprintf(stderr, "d2od serve: device cuda: no usable CUDA device, or the CUDA backend failed "
+                        "(see the log)\n");
         free(d);
         return 1;
     }

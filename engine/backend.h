@@ -211,7 +211,8 @@ int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg, en
  * device memory, kernels/kernels.h and cuBLASLt. D2_EUNSUPPORTED (logged) in
  * a build without CUDA; D2_ECUDA when no device can be used. */
 int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, eng_backend **out);
-/* CUDA devices this process can use: 0 without CUDA, a driver or a device. */
+/* CUDA devices this process can use: D2_EUNSUPPORTED in a build without the
+ * CUDA backend, 0 without a driver or a device. */
 int eng_cuda_device_count(void);
 
 #endif

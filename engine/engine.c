@@ -19,13 +19,24 @@
 #include "engine/backend.h"
 #include "kvpool/kvpool.h"
 
-/* The backend a config asks for, checked before anything is loaded. Only the
- * CPU backend exists so far: AUTO resolves to it and CUDA is refused. */
+/* The backend a config asks for, checked before anything is loaded: CUDA
+ * needs a build with the CUDA backend (make CUDA=1: D2_EUNSUPPORTED without)
+ * and a usable device (D2_ECUDA without); AUTO takes the GPU when there is
+ * one, else the CPU. */
 static int check_device(const eng_engine_config *cfg) {
     if (cfg->device == ENG_DEVICE_CPU || cfg->device == ENG_DEVICE_AUTO) return D2_OK;
     if (cfg->device != ENG_DEVICE_CUDA) return D2_EINVAL;
-    D2_ERROR("engine: device cuda: this build has no CUDA backend yet (use --device cpu or auto)");
-    return D2_EUNSUPPORTED;
+    int n = eng_cuda_device_count();
+    if (n == D2_EUNSUPPORTED) {
+        D2_ERROR("engine: device cuda: this build has no CUDA backend (build with make CUDA=1 "
+                 "where nvcc is installed; or use --device cpu or auto)");
+        return D2_EUNSUPPORTED;
+    }
+    if (n <= 0) {
+        D2_ERROR("engine: device cuda: no CUDA device can be used (no GPU or no driver)");
+        return D2_ECUDA;
+    }
+    return D2_OK;
 }
 
 int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
@@ -72,6 +83,13 @@ static int create_backend(eng_engine *e, const eng_engine_config *cfg, int page_
         .progress = cfg->progress,
         .progress_user = cfg->progress_user,
     };
+    bool cuda = cfg->device == ENG_DEVICE_CUDA ||
+                (cfg->device == ENG_DEVICE_AUTO && eng_cuda_device_count() > 0);
+    if (cuda) {
+        bc.device_id = 0;
+        bc.gpu_memory_utilization = cfg->gpu_memory_utilization;
+        return eng_cuda_backend_create(e->model, &bc, &e->be);
+    }
     return eng_cpu_backend_create(e->model, &bc, &e->be);
 }
 

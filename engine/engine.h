@@ -38,9 +38,10 @@
 typedef struct eng_engine eng_engine;
 
 /* Where the engine computes. CPU is 0 so a zeroed config keeps meaning the
- * CPU backend. AUTO picks the best backend this build has (the CPU today);
- * CUDA asks for the CUDA backend, which this build does not have yet:
- * eng_engine_create then fails with D2_EUNSUPPORTED before loading anything. */
+ * CPU backend. AUTO picks the GPU when the build has the CUDA backend (make
+ * CUDA=1) and a device is present, else the CPU. CUDA asks for the CUDA
+ * backend: eng_engine_create fails before loading anything with
+ * D2_EUNSUPPORTED in a build without it, D2_ECUDA when no device is usable. */
 typedef enum eng_device { ENG_DEVICE_CPU = 0, ENG_DEVICE_CUDA, ENG_DEVICE_AUTO } eng_device;
 
 typedef struct eng_engine_config {
@@ -53,6 +54,7 @@ typedef struct eng_engine_config {
     int max_seqs;             /* concurrent sequences; 0: 64 */
     int max_batch_tokens;     /* tokens per step (prefill chunking); 0: 512 */
     int ctx_len;              /* 0: the model's context */
+    double gpu_memory_utilization; /* CUDA: share of the device memory to fill; 0: 0.9 */
     /* Weight preparation progress (conversion to the backend's dtype, upload):
      * bytes done and total, at most about 100 calls; may be NULL. */
     void (*progress)(void *user, size_t done, size_t total);

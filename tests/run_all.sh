@@ -55,6 +55,8 @@ for t in build/emu/bin/test_*; do
     run_part "gpu-emu $(basename "$t")" "$t"
 done
 [ -d build/emu/obj/kernels ] && run_part "kernel exports" bash tests/emu/check_exports.sh build/emu/obj/kernels
+# The prepared GPU run's dry run on the emulator (device-only stages skip).
+[ -x build/emu/bin/bench_cuda ] && OUT=build/device_run_dry run_part "device_run dry run" bash tests/gpu/device_run.sh --dry-run
 for t in tests/integration/*.py; do
   [ -f "$t" ] || continue
   run_part "integration $(basename "$t")" python3 "$t" build/d2od

@@ -47,7 +47,7 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
     return D2_EUNSUPPORTED;
 }
 
-int eng_cuda_device_count(void) { return 0; }
+int eng_cuda_device_count(void) { return D2_EUNSUPPORTED; }
 
 #else
 

@@ -86,6 +86,7 @@ TEST(defaults) {
     ASSERT_EQ(c.kv_method, DMN_KV_FULL);
     ASSERT_STREQ(c.kv_budget, "1.0");
     ASSERT_EQ(c.device, DMN_DEVICE_CPU);
+    ASSERT_NEAR(c.gpu_memory_utilization, 0.9, 0);
     for (int i = 0; i < N_DIRS; i++) ASSERT_EQ(c.source[i], DMN_SRC_DEFAULT);
     /* Names used by other modules keep their meaning. */
     ASSERT_STREQ(dmn_kv_method_name(DMN_KV_D2O), "d2o");
@@ -343,6 +344,7 @@ TEST(file_syntax_accepted) {
                       "kv_method streamingllm\n"
                       "kv_budget 0.25\n"
                       "device cuda\n"
+                      "gpu_memory_utilization 0.5\n"
                       "request_timeout_s 0.5\n"
                       "threads +3\n"
                       "max_queue 0"; /* no final newline */
@@ -360,6 +362,7 @@ TEST(file_syntax_accepted) {
     ASSERT_EQ(c.kv_method, DMN_KV_STREAMINGLLM);
     ASSERT_STREQ(c.kv_budget, "0.25");
     ASSERT_EQ(c.device, DMN_DEVICE_CUDA);
+    ASSERT_NEAR(c.gpu_memory_utilization, 0.5, 0);
     ASSERT_NEAR(c.request_timeout_s, 0.5, 0);
     ASSERT_EQ(c.threads, 3);
     ASSERT_EQ(c.max_queue, 0);
