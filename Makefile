@@ -211,13 +211,18 @@ $(EMU_DIR)/bin/test_backend_cuda: $(EMU_DIR)/cobj/tests/gpu/test_backend_cuda.o 
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
 EMU_TEST_BIN += $(EMU_DIR)/bin/test_backend_cuda
+# d2od itself with the CUDA backend on the emulator (tests/integration/test_device_cuda_emu.py:
+# --device cuda answers as --device cpu does).
+$(EMU_DIR)/bin/d2od: $(DAEMON_OBJ) $(EMU_HOST_OBJ) $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
 # The benchmark program of tests/gpu/device_run.sh, for its dry run (--tiny).
 $(EMU_DIR)/bin/bench_cuda: $(EMU_DIR)/cobj/tests/gpu/bench_cuda.o $(EMU_HOST_OBJ) \
                            $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(BUILD)/libd2od.a
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
 .PRECIOUS: $(EMU_DIR)/src/% $(EMU_DIR)/obj/%.o $(EMU_DIR)/cobj/%.o
-gpu-emu-build: $(EMU_TEST_BIN) $(EMU_DIR)/bin/bench_cuda
+gpu-emu-build: $(EMU_TEST_BIN) $(EMU_DIR)/bin/bench_cuda $(EMU_DIR)/bin/d2od
 test-gpu-emu: gpu-emu-build
 	@rc=0; for t in $(EMU_TEST_BIN); do echo "== $$t"; CUDAEMU_STRICT=1 $$t || rc=1; done; exit $$rc
 
