@@ -10,9 +10,11 @@
  * Extension "kv_compression": {"method": "d2o", "budget": 0.2, "heavy_share":
  * 0.75, "exact": false, "merge_rule": "normalised"|"code"} selects the
  * request's KV compression (eng_request.kv). "method" is required; "budget"
- * is a fraction of the prompt in (0, 1] (a JSON real) or a token count (a
- * JSON integer >= 2; the integer 1 means the whole prompt, as in the config
- * file's kv_budget). Unlike the top level, unknown keys inside the object
+ * has the engine's one meaning (eng_kv_budget_number, as the kv_budget
+ * directive and --kv-budget): a number in (0, 1] is the share of the prompt
+ * (1 and 1.0: as many tokens as the prompt), a JSON integer >= 2 is a token
+ * count.
+ * Unlike the top level, unknown keys inside the object
  * are rejected: a misspelt option must not silently fall back to a default.
  */
 #include <math.h>
@@ -113,9 +115,110 @@ static int get_bool(json_t *root, const char *key, bool *out, api_error *err) {
     return 1;
 }
 
+#define KV_P "kv_compression"
+
+/* Unknown keys inside "kv_compression" are refused: a misspelt option must not
+ * silently fall back to its default. 0 or -1 with *err. */
+static int kv_check_keys(json_t *o, api_error *err) {
+    static const char *const known[] = {"method", "preset", "budget", "heavy_share", "exact", "merge_rule",
+                                        "n_sink", "window", "ema_beta", "keep_layers"};
+    const char *key;
+    json_t *v;
+    json_object_foreach(o, key, v) {
+        size_t k = 0;
+        while (k < sizeof known / sizeof *known && strcmp(key, known[k])) k++;
+        if (k == sizeof known / sizeof *known) {
+            api_error_set(err, 400, "invalid_request_error", KV_P,
+                          "kv_compression: unknown key '%.64s' (known: method, preset, budget, heavy_share, "
+                          "exact, merge_rule, n_sink, window, ema_beta, keep_layers)",
+                          key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* "budget": the engine's one meaning of a budget (eng_kv_budget_number): a
+ * number in (0, 1] is the share of the prompt, an integer >= 2 a token count. */
+static int kv_parse_budget(json_t *o, eng_kv_config *kv, api_error *err) {
+    json_t *b = json_object_get(o, "budget");
+    if (!b || json_is_null(b)) return 0;
+    if (!json_is_number(b)) {
+        api_error_set(err, 400, "invalid_request_error", KV_P,
+                      "kv_compression.budget must be a share of the prompt in (0, 1] or a token count >= 2");
+        return -1;
+    }
+    const char *why = NULL;
+    if (eng_kv_budget_number(json_number_value(b), json_is_integer(b), &kv->budget_frac, &kv->budget_tokens,
+                             &why) != D2_OK) {
+        api_error_set(err, 400, "invalid_request_error", KV_P, "kv_compression.budget %.17g: %s",
+                      json_number_value(b), why ? why : "invalid");
+        return -1;
+    }
+    return 0;
+}
+
+/* A number in [lo, hi] under "kv_compression"; 0 when absent, 1 when set, -1 with *err. */
+static int kv_get_num(json_t *o, const char *key, double lo, double hi, double *out, api_error *err) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v) || !(json_number_value(v) >= lo && json_number_value(v) <= hi)) {
+        api_error_set(err, 400, "invalid_request_error", KV_P, "kv_compression.%s must be a number in [%g, %g]",
+                      key, lo, hi);
+        return -1;
+    }
+    *out = json_number_value(v);
+    return 1;
+}
+
+/* The same for an integer. */
+static int kv_get_int(json_t *o, const char *key, int lo, int hi, int *out, api_error *err) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) {
+        api_error_set(err, 400, "invalid_request_error", KV_P, "kv_compression.%s must be an integer in [%d, %d]",
+                      key, lo, hi);
+        return -1;
+    }
+    *out = (int)json_integer_value(v);
+    return 1;
+}
+
+/* heavy_share, exact, merge_rule, n_sink, window, ema_beta. 0 or -1 with *err. */
+static int kv_parse_tuning(json_t *o, eng_kv_config *kv, api_error *err) {
+    double d;
+    int r;
+    if ((r = kv_get_num(o, "heavy_share", 0.0, 1.0, &d, err)) < 0) return -1;
+    if (r) kv->heavy_share = (float)d;
+    if ((r = kv_get_num(o, "ema_beta", 0.0, 1.0, &d, err)) < 0) return -1;
+    if (r) kv->ema_beta = (float)d;
+    if (kv_get_int(o, "n_sink", 0, 1024, &kv->n_sink, err) < 0) return -1;
+    if (kv_get_int(o, "window", 1, 65536, &kv->window, err) < 0) return -1;
+    json_t *x = json_object_get(o, "exact");
+    if (x && !json_is_null(x)) {
+        if (!json_is_boolean(x)) {
+            api_error_set(err, 400, "invalid_request_error", KV_P, "kv_compression.exact must be a boolean");
+            return -1;
+        }
+        kv->exact = json_is_true(x);
+    }
+    json_t *mr = json_object_get(o, "merge_rule");
+    if (mr && !json_is_null(mr)) {
+        const char *rule = json_is_string(mr) ? json_string_value(mr) : "";
+        if (!strcmp(rule, "normalised") || !strcmp(rule, "normalized")) kv->merge_rule = ENG_KV_MERGE_NORMALISED;
+        else if (!strcmp(rule, "code")) kv->merge_rule = ENG_KV_MERGE_CODE;
+        else {
+            api_error_set(err, 400, "invalid_request_error", KV_P,
+                          "kv_compression.merge_rule must be \"normalised\" or \"code\"");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* "kv_compression" -> p->kv. 0 (absent or valid) or -1 with *err. */
 static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_error *err) {
-    const char *P = "kv_compression";
+    const char *P = KV_P;
     json_t *o = json_object_get(root, P);
     if (!o || json_is_null(o)) return 0;
     if (!json_is_object(o)) {
@@ -123,20 +226,7 @@ static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_
                       "'kv_compression' must be an object like {\"method\": \"d2o\", \"budget\": 0.2}");
         return -1;
     }
-    const char *key;
-    json_t *v;
-    json_object_foreach(o, key, v) {
-        if (strcmp(key, "method") && strcmp(key, "budget") && strcmp(key, "heavy_share") &&
-            strcmp(key, "exact") && strcmp(key, "merge_rule") && strcmp(key, "n_sink") &&
-            strcmp(key, "window") && strcmp(key, "ema_beta") && strcmp(key, "keep_layers") &&
-            strcmp(key, "preset")) {
-            api_error_set(err, 400, "invalid_request_error", P,
-                          "kv_compression: unknown key '%.64s' (known: method, preset, budget, heavy_share, "
-                          "exact, merge_rule, n_sink, window, ema_beta, keep_layers)",
-                          key);
-            return -1;
-        }
-    }
+    if (kv_check_keys(o, err) < 0) return -1;
     json_t *m = json_object_get(o, "method");
     if (!json_is_string(m)) {
         api_error_set(err, 400, "invalid_request_error", P,
@@ -161,88 +251,7 @@ static int parse_kv(json_t *root, const api_limits *lim, api_gen_params *p, api_
             return -1;
         }
     }
-    json_t *b = json_object_get(o, "budget");
-    if (b && !json_is_null(b)) {
-        if (json_is_integer(b)) {
-            json_int_t x = json_integer_value(b);
-            if (x < 1 || x > (1 << 30)) {
-                api_error_set(err, 400, "invalid_request_error", P,
-                              "kv_compression.budget as a token count must be between 1 and %d, got %lld",
-                              1 << 30, (long long)x);
-                return -1;
-            }
-            if (x == 1) { /* the whole prompt, as kv_budget "1" in the config file */
-                p->kv.budget_frac = 1.0f;
-                p->kv.budget_tokens = 0;
-            } else {
-                p->kv.budget_tokens = (int)x;
-            }
-        } else if (json_is_real(b)) {
-            double x = json_real_value(b);
-            if (!(x > 0.0 && x <= 1.0)) {
-                api_error_set(err, 400, "invalid_request_error", P,
-                              "kv_compression.budget as a fraction must be in (0, 1], got %g", x);
-                return -1;
-            }
-            p->kv.budget_frac = (float)x;
-            p->kv.budget_tokens = 0;
-        } else {
-            api_error_set(err, 400, "invalid_request_error", P,
-                          "kv_compression.budget must be a fraction in (0, 1] or a token count");
-            return -1;
-        }
-    }
-    json_t *h = json_object_get(o, "heavy_share");
-    if (h && !json_is_null(h)) {
-        if (!json_is_number(h) || !(json_number_value(h) >= 0.0 && json_number_value(h) <= 1.0)) {
-            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.heavy_share must be a number in [0, 1]");
-            return -1;
-        }
-        p->kv.heavy_share = (float)json_number_value(h);
-    }
-    json_t *x = json_object_get(o, "exact");
-    if (x && !json_is_null(x)) {
-        if (!json_is_boolean(x)) {
-            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.exact must be a boolean");
-            return -1;
-        }
-        p->kv.exact = json_is_true(x);
-    }
-    json_t *mr = json_object_get(o, "merge_rule");
-    if (mr && !json_is_null(mr)) {
-        const char *r = json_is_string(mr) ? json_string_value(mr) : "";
-        if (!strcmp(r, "normalised") || !strcmp(r, "normalized")) p->kv.merge_rule = ENG_KV_MERGE_NORMALISED;
-        else if (!strcmp(r, "code")) p->kv.merge_rule = ENG_KV_MERGE_CODE;
-        else {
-            api_error_set(err, 400, "invalid_request_error", P,
-                          "kv_compression.merge_rule must be \"normalised\" or \"code\"");
-            return -1;
-        }
-    }
-    json_t *ns = json_object_get(o, "n_sink");
-    if (ns && !json_is_null(ns)) {
-        if (!json_is_integer(ns) || json_integer_value(ns) < 0 || json_integer_value(ns) > 1024) {
-            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.n_sink must be an integer in [0, 1024]");
-            return -1;
-        }
-        p->kv.n_sink = (int)json_integer_value(ns);
-    }
-    json_t *w = json_object_get(o, "window");
-    if (w && !json_is_null(w)) {
-        if (!json_is_integer(w) || json_integer_value(w) < 1 || json_integer_value(w) > 65536) {
-            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.window must be an integer in [1, 65536]");
-            return -1;
-        }
-        p->kv.window = (int)json_integer_value(w);
-    }
-    json_t *eb = json_object_get(o, "ema_beta");
-    if (eb && !json_is_null(eb)) {
-        if (!json_is_number(eb) || !(json_number_value(eb) >= 0.0 && json_number_value(eb) <= 1.0)) {
-            api_error_set(err, 400, "invalid_request_error", P, "kv_compression.ema_beta must be a number in [0, 1]");
-            return -1;
-        }
-        p->kv.ema_beta = (float)json_number_value(eb);
-    }
+    if (kv_parse_budget(o, &p->kv, err) < 0 || kv_parse_tuning(o, &p->kv, err) < 0) return -1;
     /* keep_layers: layers never compressed; negative indices count from the
      * end (-1 = the last layer), as the official D2O code keeps 0, 1 and L-1. */
     json_t *kl = json_object_get(o, "keep_layers");

@@ -16,7 +16,8 @@
  *     roofline uses the larger of the two, so the fraction is conservative.
  * Reported: batch-1 tokens/s as a fraction of the roofline, and aggregate
  * tokens/s at batch B as a multiple of batch 1.
- *  4. KV-compression cost (--kv-method, default d2o; "none" skips): one
+ *  4. KV-compression cost (--kv-method, default d2o; "none" skips; --kv-budget
+ *     a share of the prompt or a token count, eng_kv_budget_parse): one
  *     sequence with a --kv-prompt token prompt through the scheduler (the
  *     daemon's path), full cache against the method, best of 5 each. The
  *     engine has no timer inside the compression, so its cost is measured as
@@ -38,6 +39,7 @@
 #include "common/util.h"
 #include "daemon/bench_stall.h"
 #include "daemon/cli.h"
+#include "daemon/opts.h"
 #include "engine/engine.h"
 
 typedef struct copy_job { char *dst; const char *src; size_t n; } copy_job;
@@ -177,10 +179,10 @@ static int kv_run_once(eng_sched *s, const int32_t *prompt, int n_prompt, int ge
 #define KV_REPS 5
 
 /* Section 4; writes its JSON object to json. */
-static int bench_kv(const char *model, int threads, int method, double budget, int n_prompt, int gen,
-                    char *json, size_t json_cap) {
-    eng_engine_config ec = {.model_path = model, .n_threads = threads, .max_seqs = 1,
-                            .ctx_len = n_prompt + gen + 1};
+static int bench_kv(const char *model, int threads, int device, int method, dmn_kv_budget budget, int n_prompt,
+                    int gen, char *json, size_t json_cap) {
+    eng_engine_config ec = {.model_path = model, .device = (eng_device)device, .n_threads = threads,
+                            .max_seqs = 1, .ctx_len = n_prompt + gen + 1};
     eng_engine *e = NULL;
     int rc = eng_engine_create(&ec, &e);
     if (rc != D2_OK) return rc;
@@ -198,8 +200,9 @@ static int bench_kv(const char *model, int threads, int method, double budget, i
     eng_kv_config full, kv;
     eng_kv_config_default(&full, ENG_KV_FULL);
     eng_kv_config_default(&kv, (eng_kv_method)method);
-    kv.budget_frac = (float)budget;
-    kv.budget_tokens = 0;
+    kv.budget_frac = budget.frac;
+    kv.budget_tokens = budget.tokens;
+    double budget_v = budget.tokens > 0 ? (double)budget.tokens : (double)budget.frac;
     const char *why = NULL;
     if (!prompt) rc = D2_ENOMEM;
     else if (eng_kv_config_validate(&kv, &why) != D2_OK) {
@@ -218,8 +221,8 @@ static int bench_kv(const char *model, int threads, int method, double budget, i
     eng_sched_stats st1 = eng_sched_get_stats(s);
     if (rc == D2_OK) {
         double pf_ratio = (pf_kv - pf_full) / pf_full, st_ratio = (st_kv - st_full) / st_full;
-        printf("\nKV compression cost: %s at budget %.2f, prompt %d tokens, %d generated, batch 1\n",
-               eng_kv_method_name(kv.method), budget, n_prompt, gen);
+        printf("\nKV compression cost: %s at budget %g%s, prompt %d tokens, %d generated, batch 1\n",
+               eng_kv_method_name(kv.method), budget_v, budget.tokens > 0 ? " tokens" : "", n_prompt, gen);
         printf("  prefill      full %8.2f ms   %s %8.2f ms   compression = %+6.1f%% of the prefill (%.3f ms per prompt token)\n",
                pf_full * 1e3, eng_kv_method_name(kv.method), pf_kv * 1e3, 100 * pf_ratio,
                (pf_kv - pf_full) * 1e3 / n_prompt);
@@ -230,10 +233,10 @@ static int bench_kv(const char *model, int threads, int method, double budget, i
                (long long)(st1.kv_tokens_merged - st0.kv_tokens_merged) / KV_REPS,
                (long long)(st1.kv_pages_freed - st0.kv_pages_freed) / KV_REPS);
         snprintf(json, json_cap,
-                 "{\"bench\":\"kv_compression\",\"method\":\"%s\",\"budget\":%.3f,\"prompt\":%d,\"gen\":%d,"
+                 "{\"bench\":\"kv_compression\",\"method\":\"%s\",\"budget\":%g,\"prompt\":%d,\"gen\":%d,"
                  "\"prefill_full_s\":%.6f,\"prefill_kv_s\":%.6f,\"prefill_overhead_frac\":%.4f,"
                  "\"step_full_s\":%.6f,\"step_kv_s\":%.6f,\"step_overhead_frac\":%.4f}",
-                 eng_kv_method_name(kv.method), budget, n_prompt, gen, pf_full, pf_kv, pf_ratio, st_full, st_kv,
+                 eng_kv_method_name(kv.method), budget_v, n_prompt, gen, pf_full, pf_kv, pf_ratio, st_full, st_kv,
                  st_ratio);
     }
     free(prompt);
@@ -242,155 +245,143 @@ static int bench_kv(const char *model, int threads, int method, double budget, i
     return rc;
 }
 
-static int parse_batches(const char *s, int *out, int max) {
-    int n = 0;
-    while (*s && n < max) {
-        char *end;
-        long v = strtol(s, &end, 10);
-        if (end == s || v < 1 || v > 4096) return -1;
-        out[n++] = (int)v;
-        s = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') return -1;
-    }
-    return n;
-}
+/* ---- options and entry -------------------------------------------------------------- */
 
-int d2_cmd_bench(int argc, char **argv) {
-    const char *model = NULL, *batches_s = "1,8,32", *kv_method_s = "d2o";
-    long threads = 0, prompt_len = 32, gen = 64, kv_prompt = 256, kv_gen = 64, stall_prompt = 1024,
-         stall_decoders = 4;
-    double kv_budget = 0.2;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            printf("usage: d2od bench --model M [--batches 1,8,32] [--prompt N] [--gen N] [--threads N]\n"
-                   "                  [--kv-method d2o|h2o|...|none] [--kv-budget F] [--kv-prompt N] [--kv-gen N]\n"
-                   "                  [--stall-prompt N (0: skip)] [--stall-decoders N]\n"
-                   "\n"
-                   "Measures copy bandwidth, the batch-1 decode roofline (weight bytes per token /\n"
-                   "bandwidth) and decode tokens/s at each batch size through the engine loop; then\n"
-                   "the cost of KV compression (default d2o at 0.2, prompt 256, 64 generated) as a\n"
-                   "share of the prefill and of a decode step. Prints tables and JSON lines.\n");
-            return 0;
-        } else if (!strcmp(a, "--model")) {
-            if (!(model = d2_cli_value(argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--batches")) {
-            if (!(batches_s = d2_cli_value(argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--threads")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 0, 1024, &threads)) return 2;
-        } else if (!strcmp(a, "--prompt")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 1, 1 << 20, &prompt_len)) return 2;
-        } else if (!strcmp(a, "--gen")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 20, &gen)) return 2;
-        } else if (!strcmp(a, "--kv-method")) {
-            if (!(kv_method_s = d2_cli_value(argc, argv, &i))) return 2;
-        } else if (!strcmp(a, "--kv-budget")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_float(a, v, 1e-4, 1, &kv_budget)) return 2;
-        } else if (!strcmp(a, "--kv-prompt")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 8, 1 << 20, &kv_prompt)) return 2;
-        } else if (!strcmp(a, "--stall-prompt")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 0, 1 << 20, &stall_prompt)) return 2;
-        } else if (!strcmp(a, "--stall-decoders")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 1, 256, &stall_decoders)) return 2;
-        } else if (!strcmp(a, "--kv-gen")) {
-            if (!(v = d2_cli_value(argc, argv, &i)) || d2_cli_int(a, v, 2, 1 << 20, &kv_gen)) return 2;
-        } else {
-            fprintf(stderr, "d2od bench: unknown option '%s'\n", a);
-            return 2;
-        }
-    }
-    if (!model) {
-        fprintf(stderr, "d2od bench: --model is required\n");
-        return 2;
-    }
-    int kv_method = -1;
-    if (strcmp(kv_method_s, "none") != 0) {
-        kv_method = eng_kv_method_parse(kv_method_s);
-        if (kv_method < 0 || kv_method == ENG_KV_FULL) {
-            fprintf(stderr, "d2od bench: --kv-method: '%s' is not a compression method (or 'none')\n", kv_method_s);
-            return 2;
-        }
-    }
-    int batches[16];
-    int nb = parse_batches(batches_s, batches, 16);
-    if (nb <= 0) {
-        fprintf(stderr, "d2od bench: --batches: expected a list like 1,8,32\n");
-        return 2;
-    }
-    int max_b = 1;
-    for (int k = 0; k < nb; k++) if (batches[k] > max_b) max_b = batches[k];
+/* --kv-method: "none" skips section 4; the others keep the engine's numbering
+ * (index 1 = ENG_KV_D2O, ...), "full" is not a compression method here. */
+static const char *const BENCH_KV_METHODS[] = {"none", "d2o", "h2o", "streamingllm", "snapkv", "pyramidkv", NULL};
+_Static_assert(ENG_KV_D2O == 1 && ENG_KV_H2O == 2 && ENG_KV_STREAMINGLLM == 3 && ENG_KV_SNAPKV == 4 &&
+                   ENG_KV_PYRAMIDKV == 5,
+               "BENCH_KV_METHODS follows eng_kv_method");
 
-    eng_engine_config ec = {.model_path = model, .n_threads = (int)threads, .max_seqs = max_b,
-                            .ctx_len = (int)(prompt_len + gen + 1)};
-    eng_engine *e = NULL;
-    int rc = eng_engine_create(&ec, &e);
-    if (rc != D2_OK) {
-        fprintf(stderr, "d2od bench: cannot load %s: %s\n", model, d2_strerror(rc));
-        return 1;
-    }
-    const eng_model *m = eng_engine_model(e);
+typedef struct bench_opts {
+    const char *model;
+    dmn_int_list batches;
+    int threads, device, prompt, gen, kv_method, kv_prompt, kv_gen, stall_prompt, stall_decoders;
+    dmn_kv_budget kv_budget;
+} bench_opts;
+
+#define OFF(f) offsetof(bench_opts, f)
+static const dmn_opt BENCH_OPTS[] = {
+    DMN_OPT_ROW_MODEL(bench_opts),
+    {.name = "batches", .type = DMN_OPT_INT_LIST, .offset = OFF(batches), .def = "1,8,32", .min = 1, .max = 4096,
+     .help = "batch sizes to time"},
+    {.name = "prompt", .type = DMN_OPT_INT, .offset = OFF(prompt), .def = "32", .min = 1, .max = 1 << 20,
+     .help = "prompt tokens per sequence"},
+    {.name = "gen", .type = DMN_OPT_INT, .offset = OFF(gen), .def = "64", .min = 2, .max = 1 << 20,
+     .help = "tokens generated per sequence"},
+    DMN_OPT_ROW_THREADS(bench_opts),
+    DMN_OPT_ROW_DEVICE(bench_opts),
+    {.name = "kv-method", .type = DMN_OPT_ENUM, .offset = OFF(kv_method), .def = "d2o", .names = BENCH_KV_METHODS,
+     .help = "KV-compression method to cost (none: skip)"},
+    {.name = "kv-budget", .type = DMN_OPT_KV_BUDGET, .offset = OFF(kv_budget), .def = "0.2",
+     .help = "share of the prompt's length kept in (0,1], or a token count >= 2, per layer"},
+    {.name = "kv-prompt", .type = DMN_OPT_INT, .offset = OFF(kv_prompt), .def = "256", .min = 8, .max = 1 << 20,
+     .help = "prompt tokens of the KV-compression run"},
+    {.name = "kv-gen", .type = DMN_OPT_INT, .offset = OFF(kv_gen), .def = "64", .min = 2, .max = 1 << 20,
+     .help = "tokens generated in the KV-compression run"},
+    {.name = "stall-prompt", .type = DMN_OPT_INT, .offset = OFF(stall_prompt), .def = "1024", .min = 0,
+     .max = 1 << 20, .help = "prompt of the stall run (section 5), 0 = skip it"},
+    {.name = "stall-decoders", .type = DMN_OPT_INT, .offset = OFF(stall_decoders), .def = "4", .min = 1, .max = 256,
+     .help = "concurrent decoders the stall run times"},
+};
+#undef OFF
+
+static const dmn_cmd_spec BENCH_CMD = {
+    .name = "bench",
+    .usage = "--model M [options]",
+    .about = "Measures copy bandwidth, the batch-1 decode roofline (weight bytes per token /\n"
+             "bandwidth) and decode tokens/s at each batch size through the engine loop; then\n"
+             "the cost of KV compression as a share of the prefill and of a decode step.\n"
+             "Prints tables and JSON lines.",
+    .opts = BENCH_OPTS,
+    .n_opts = (int)(sizeof BENCH_OPTS / sizeof BENCH_OPTS[0]),
+    .size = sizeof(bench_opts),
+};
+
+/* Sections 1 and 2: bandwidth and the roofline; prints the header. Returns
+ * the roofline in tokens/s and writes the opening of the JSON line. */
+static double bench_roofline(const bench_opts *o, const eng_model *m, char *json, size_t cap, int *jl) {
     int64_t wbytes = eng_model_weight_bytes(m);
     int64_t stream_bytes = wbytes;
     if (!m->cfg.tied_embeddings) {
         /* a decode step reads one embedding row, not the table */
         stream_bytes -= tensor_bytes(&m->tok_embd);
     }
-    int bw_threads = threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    int bw_threads = o->threads > 0 ? o->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     double bw_copy = measure_copy_bandwidth(bw_threads, (size_t)512 << 20, 5);
     double bw_read = measure_read_bandwidth(bw_threads, (size_t)512 << 20, 5);
     /* The roofline uses the larger of the two measurements, so the fraction
      * reported is the conservative one. */
     double bw = bw_copy > bw_read ? bw_copy : bw_read;
     double roofline = bw / (double)stream_bytes;
-
-    printf("model: %s (%.1fM params, %.1f MB weights, %.1f MB streamed per decode step)\n", model,
+    printf("model: %s (%.1fM params, %.1f MB weights, %.1f MB streamed per decode step)\n", o->model,
            (double)eng_model_n_params(m) / 1e6, (double)wbytes / 1e6, (double)stream_bytes / 1e6);
     printf("memory bandwidth: copy %.2f GB/s (read+write counted, as STREAM), read-only %.2f GB/s; %d threads\n",
            bw_copy / 1e9, bw_read / 1e9, bw_threads);
     printf("batch-1 decode roofline: %.1f tokens/s\n\n", roofline);
     printf("%6s %14s %12s %14s\n", "batch", "tokens/s", "vs batch 1", "of roofline");
+    *jl = snprintf(json, cap,
+                   "{\"bench\":\"cpu_decode\",\"params\":%lld,\"stream_bytes\":%lld,"
+                   "\"copy_bw_Bps\":%.0f,\"read_bw_Bps\":%.0f,\"roofline_tps\":%.2f,\"batches\":[",
+                   (long long)eng_model_n_params(m), (long long)stream_bytes, bw_copy, bw_read, roofline);
+    return roofline;
+}
 
-    double tps1 = 0;
-    char json[2048];
-    int jl = snprintf(json, sizeof json,
-                      "{\"bench\":\"cpu_decode\",\"params\":%lld,\"stream_bytes\":%lld,"
-                      "\"copy_bw_Bps\":%.0f,\"read_bw_Bps\":%.0f,\"roofline_tps\":%.2f,\"batches\":[",
-                      (long long)eng_model_n_params(m), (long long)stream_bytes, bw_copy, bw_read, roofline);
-    uint64_t rng = 12345;
-    for (int k = 0; k < nb; k++) {
-        int B = batches[k];
-        eng_gen_seq *seqs = calloc((size_t)B, sizeof *seqs);
-        int32_t *prompts = malloc(sizeof(int32_t) * (size_t)B * (size_t)prompt_len);
-        for (int s = 0; s < B; s++) {
-            for (int t = 0; t < prompt_len; t++) {
-                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
-                prompts[(size_t)s * (size_t)prompt_len + (size_t)t] = (int32_t)((rng >> 33) % (uint64_t)m->cfg.vocab_size);
-            }
-            seqs[s].prompt = prompts + (size_t)s * (size_t)prompt_len;
-            seqs[s].n_prompt = (int)prompt_len;
-            seqs[s].max_tokens = (int)gen;
-            seqs[s].ignore_eos = true;
-            eng_sample_params_default(&seqs[s].sample);
-            seqs[s].sample.temperature = 0;
-        }
-        rc = eng_run(e, seqs, B);
-        double first = 0, done = 0;
-        long toks = 0;
-        for (int s = 0; s < B; s++) {
-            if (seqs[s].status != D2_OK) rc = seqs[s].status;
-            if (seqs[s].t_first_token > first) first = seqs[s].t_first_token;
-            if (seqs[s].t_done > done) done = seqs[s].t_done;
-            toks += seqs[s].n_out - 1;
-        }
+/* Section 3 for one batch size: B random prompts through eng_run; *tps =
+ * aggregate decode tokens/s from the step where every sequence has its first
+ * token to the end. */
+static int bench_batch(eng_engine *e, int B, int prompt_len, int gen, uint64_t *rng, double *tps) {
+    const eng_model *m = eng_engine_model(e);
+    eng_gen_seq *seqs = calloc((size_t)B, sizeof *seqs);
+    int32_t *prompts = malloc(sizeof(int32_t) * (size_t)B * (size_t)prompt_len);
+    if (!seqs || !prompts) {
         free(seqs);
         free(prompts);
+        return D2_ENOMEM;
+    }
+    for (int s = 0; s < B; s++) {
+        for (int t = 0; t < prompt_len; t++) {
+            *rng = *rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            prompts[(size_t)s * (size_t)prompt_len + (size_t)t] = (int32_t)((*rng >> 33) % (uint64_t)m->cfg.vocab_size);
+        }
+        seqs[s].prompt = prompts + (size_t)s * (size_t)prompt_len;
+        seqs[s].n_prompt = prompt_len;
+        seqs[s].max_tokens = gen;
+        seqs[s].ignore_eos = true;
+        eng_sample_params_default(&seqs[s].sample);
+        seqs[s].sample.temperature = 0;
+    }
+    int rc = eng_run(e, seqs, B);
+    double first = 0, done = 0;
+    long toks = 0;
+    for (int s = 0; s < B; s++) {
+        if (seqs[s].status != D2_OK) rc = seqs[s].status;
+        if (seqs[s].t_first_token > first) first = seqs[s].t_first_token;
+        if (seqs[s].t_done > done) done = seqs[s].t_done;
+        toks += seqs[s].n_out - 1;
+    }
+    free(seqs);
+    free(prompts);
+    *tps = (double)toks / (done - first);
+    return rc;
+}
+
+/* Sections 1-3 on one engine; prints the table and the JSON line. */
+static int bench_decode(const bench_opts *o, eng_engine *e) {
+    char json[2048];
+    int jl = 0;
+    double roofline = bench_roofline(o, eng_engine_model(e), json, sizeof json, &jl);
+    double tps1 = 0;
+    uint64_t rng = 12345;
+    for (int k = 0; k < o->batches.n; k++) {
+        int B = o->batches.v[k];
+        double tps = 0;
+        int rc = bench_batch(e, B, o->prompt, o->gen, &rng, &tps);
         if (rc != D2_OK) {
             fprintf(stderr, "d2od bench: batch %d failed: %s\n", B, d2_strerror(rc));
-            eng_engine_destroy(e);
-            return 1;
+            return rc;
         }
-        double tps = (double)toks / (done - first);
         if (B == 1 || tps1 == 0) tps1 = B == 1 ? tps : tps1;
         if (B == 1) printf("%6d %14.1f %11.2fx %13.1f%%\n", B, tps, 1.0, 100.0 * tps / roofline);
         else printf("%6d %14.1f %11.2fx %14s\n", B, tps, tps1 > 0 ? tps / tps1 : 0, "-");
@@ -400,20 +391,41 @@ int d2_cmd_bench(int argc, char **argv) {
     snprintf(json + jl, sizeof json - (size_t)jl, "],\"batch1_roofline_frac\":%.4f}", tps1 / roofline);
     printf("\nbatch-1 decode = %.1f%% of the memory roofline\n", 100.0 * tps1 / roofline);
     printf("%s\n", json);
+    return D2_OK;
+}
+
+int d2_cmd_bench(int argc, char **argv) {
+    bench_opts o;
+    int ec_ = dmn_opts_main(&BENCH_CMD, &o, argc, argv);
+    if (ec_ >= 0) return ec_;
+    int max_b = 1;
+    for (int k = 0; k < o.batches.n; k++) if (o.batches.v[k] > max_b) max_b = o.batches.v[k];
+    eng_engine_config ec = {.model_path = o.model, .device = (eng_device)o.device, .n_threads = o.threads,
+                            .max_seqs = max_b, .ctx_len = o.prompt + o.gen + 1};
+    eng_engine *e = NULL;
+    int rc = eng_engine_create(&ec, &e);
+    if (rc != D2_OK) {
+        fprintf(stderr, "d2od bench: cannot load %s: %s\n", o.model, d2_strerror(rc));
+        return 1;
+    }
+    rc = bench_decode(&o, e);
     eng_engine_destroy(e);
-    if (kv_method >= 0) {
-        rc = bench_kv(model, (int)threads, kv_method, kv_budget, (int)kv_prompt, (int)kv_gen, json, sizeof json);
+    if (rc != D2_OK) return 1;
+    if (o.kv_method > 0) {
+        char json[2048];
+        rc = bench_kv(o.model, o.threads, o.device, o.kv_method, o.kv_budget, o.kv_prompt, o.kv_gen, json,
+                      sizeof json);
         if (rc != D2_OK) {
             fprintf(stderr, "d2od bench: KV-compression run failed: %s\n", d2_strerror(rc));
             return 1;
         }
         printf("%s\n", json);
-        if (stall_prompt > 0) {
+        if (o.stall_prompt > 0) {
             eng_kv_config kv;
-            eng_kv_config_default(&kv, (eng_kv_method)kv_method);
-            kv.budget_frac = (float)kv_budget;
-            rc = d2_bench_kv_stall(model, (int)threads, &kv, (int)stall_prompt, (int)stall_decoders, json,
-                                   sizeof json);
+            eng_kv_config_default(&kv, (eng_kv_method)o.kv_method);
+            kv.budget_frac = o.kv_budget.frac;
+            kv.budget_tokens = o.kv_budget.tokens;
+            rc = d2_bench_kv_stall(o.model, o.threads, &kv, o.stall_prompt, o.stall_decoders, json, sizeof json);
             if (rc != D2_OK) {
                 fprintf(stderr, "d2od bench: stall run failed: %s\n", d2_strerror(rc));
                 return 1;

@@ -25,6 +25,7 @@
 
 #include "common/status.h"
 #include "common/util.h"
+#include "engine/engine.h"
 #include "hub/hub.h"
 
 /* ---- the table ---------------------------------------------------------- */
@@ -91,7 +92,7 @@ static const cfg_directive g_dirs[] = {
     {"kv_method", CT_ENUM, NUM(kv_method), "full", 0, 0, kv_method_names, 0, NULL, NULL,
      "KV-cache eviction/compression policy"},
     {"kv_budget", CT_STRING, STR(kv_budget), "1.0", 0, 0, NULL, 0, check_kv_budget, "B",
-     "KV-cache budget per sequence: fraction in (0,1] or a token count"},
+     "KV-cache budget per layer: a share of the prompt's length in (0,1] or a token count >= 2"},
     {"kv_preset", CT_ENUM, NUM(kv_preset), "default", 0, 0, kv_preset_names, 0, NULL, NULL,
      "KV-compression preset: official = D2O as its official code runs it (kv_method d2o)"},
     {"device", CT_ENUM, NUM(device), "cpu", 0, 0, device_names, 0, NULL, NULL,
@@ -343,49 +344,28 @@ static int check_api_key(const char *v, char *why, size_t n) {
     return 0;
 }
 
+/* kv_budget through the engine's one budget reader (eng_kv_budget_parse):
+ * the derived fields of dmn_config. */
+static int kv_budget_split(const char *s, double *frac, long *tokens, const char **why) {
+    float f = 0.0f;
+    int t = 0;
+    int rc = eng_kv_budget_parse(s, &f, &t, why);
+    if (rc != D2_OK) return rc;
+    *frac = f;
+    *tokens = t;
+    return D2_OK;
+}
+
 static int check_kv_budget(const char *v, char *why, size_t n) {
     double f;
     long t;
     char sv[80];
-    if (dmn_kv_budget_parse(v, &f, &t) != D2_OK) {
-        snprintf(why, n, "value '%s' is neither a fraction in (0, 1] nor a positive token count",
-                 shown(v, sv, sizeof sv));
+    const char *reason = NULL;
+    if (kv_budget_split(v, &f, &t, &reason) != D2_OK) {
+        snprintf(why, n, "value '%s': %s", shown(v, sv, sizeof sv), reason ? reason : "invalid budget");
         return -1;
     }
     return 0;
-}
-
-int dmn_kv_budget_parse(const char *s, double *frac, long *tokens) {
-    if (!s || !*s) return D2_EINVAL;
-    int all_digits = 1;
-    for (const char *p = s; *p; p++)
-        if (!isdigit((unsigned char)*p)) all_digits = 0;
-    if (all_digits) {
-        errno = 0;
-        char *end;
-        long long x = strtoll(s, &end, 10);
-        if (errno == ERANGE || x <= 0 || x > (1ll << 30)) return D2_EINVAL;
-        if (x == 1) { /* "1" reads as the whole context, not one token */
-            *frac = 1.0;
-            *tokens = 0;
-        } else {
-            *frac = 0.0;
-            *tokens = (long)x;
-        }
-        return D2_OK;
-    }
-    /* A fraction: digits with one '.', no sign or exponent. */
-    int dots = 0;
-    for (const char *p = s; *p; p++) {
-        if (*p == '.') dots++;
-        else if (!isdigit((unsigned char)*p)) return D2_EINVAL;
-    }
-    if (dots != 1 || !strcmp(s, ".")) return D2_EINVAL;
-    double x = strtod(s, NULL);
-    if (!(x > 0.0 && x <= 1.0)) return D2_EINVAL;
-    *frac = x;
-    *tokens = 0;
-    return D2_OK;
 }
 
 const char *dmn_kv_method_name(int m) {
@@ -656,8 +636,9 @@ int dmn_config_finalize(dmn_config *cfg, char *err, size_t errlen) {
         if (!n) snprintf(cfg->served_model_name, sizeof cfg->served_model_name, "model");
         cfg->source[dir_index("served_model_name")] = DMN_SRC_DERIVED;
     }
-    if (dmn_kv_budget_parse(cfg->kv_budget, &cfg->kv_budget_frac, &cfg->kv_budget_tokens) != D2_OK) {
-        set_err(err, errlen, "kv_budget: invalid value '%s'", cfg->kv_budget);
+    const char *why = NULL;
+    if (kv_budget_split(cfg->kv_budget, &cfg->kv_budget_frac, &cfg->kv_budget_tokens, &why) != D2_OK) {
+        set_err(err, errlen, "kv_budget: invalid value '%s': %s", cfg->kv_budget, why ? why : "invalid budget");
         return D2_ECONFIG;
     }
     if (cfg->default_max_tokens > cfg->max_tokens_limit) {

@@ -84,10 +84,10 @@ typedef struct dmn_config {
     int page_tokens;
     int kv_mem_mb;                                  /* 0 = automatic */
     int kv_method;                                  /* enum dmn_kv_method */
-    char kv_budget[32];                             /* "0.2" (fraction) or "128" (tokens) */
+    char kv_budget[32];                             /* "0.2" (share) or "128" (tokens): eng_kv_budget_parse */
     int kv_preset;                                  /* 0 default, 1 official (eng_kv_preset_apply) */
-    double kv_budget_frac;                          /* derived: fraction in (0,1], or 0 */
-    long kv_budget_tokens;                          /* derived: token count, or 0 */
+    double kv_budget_frac;                          /* derived: share of the prompt in (0,1], or 0 */
+    long kv_budget_tokens;                          /* derived: token count >= 2, or 0 */
     int device;                                     /* enum dmn_device */
     double gpu_memory_utilization;                  /* CUDA: share of device memory, (0, 1] */
     /* admission and limits */
@@ -157,12 +157,6 @@ int dmn_config_reload(const dmn_config *current, dmn_config *next, int argc, cha
 void dmn_config_print_help(FILE *f);
 /* "name = value (source)" per directive, for the startup log; api_key masked. */
 void dmn_config_dump(const dmn_config *cfg, FILE *f);
-
-/* Parses a kv_budget string: "0.2" -> *frac 0.2, *tokens 0; "128" -> *frac 0,
- * *tokens 128. A fraction must lie in (0, 1] ("1" and "1.0" are the fraction
- * 1.0, i.e. keep everything); a count must be a positive integer. D2_OK or
- * D2_EINVAL. */
-int dmn_kv_budget_parse(const char *s, double *frac, long *tokens);
 
 const char *dmn_kv_method_name(int m);
 const char *dmn_device_name(int d);

@@ -197,6 +197,19 @@ bool eng_kv_layer_kept(const eng_kv_config *c, int n_layers, int l);
 
 /* Defaults for a method (budget 0.2, 1:1, 4 sinks, window 32, beta 0.5, normalised merge). */
 void eng_kv_config_default(eng_kv_config *c, eng_kv_method m);
+/* A KV budget, the one meaning everywhere (config file, flags, JSON; in
+ * engine/kv_budget.c): a number in (0, 1] is a share of the prompt — each
+ * layer keeps that share of the prompt's length ("0.2", ".5"; "1" and "1.0":
+ * as many tokens as the prompt) — and sets *frac (*tokens = 0); an integer
+ * >= 2 written without a decimal point is a token count per layer ("128")
+ * and sets *tokens (*frac = 0). Anything else ("1.5", "128.0",
+ * "0", "-1", "1e-1", " 2") is D2_EINVAL with *why a one-line reason (why may
+ * be NULL). On error *frac and *tokens are left alone. */
+#define ENG_KV_BUDGET_MAX_TOKENS (1 << 30)
+int eng_kv_budget_parse(const char *s, float *frac, int *tokens, const char **why);
+/* The same for a number already read (a JSON value): integer tells whether it
+ * was written without a decimal point (a JSON integer). */
+int eng_kv_budget_number(double x, bool integer, float *frac, int *tokens, const char **why);
 /* "full", "d2o", ...; -1 when unknown. */
 int eng_kv_method_parse(const char *name);
 const char *eng_kv_method_name(eng_kv_method m);

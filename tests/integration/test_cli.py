@@ -119,9 +119,58 @@ def main():
     b = run(["generate", "--model", GGUF, "--prompt", "Once", "--max-tokens", "40", "--seed", "7", "--temperature", "1"])
     check("generate same seed same output", a.returncode == 0 and a.stdout == b.stdout and len(a.stdout) > 0)
 
-    for cmd in ("generate", "tokenize", "perplexity", "bench", "serve"):
+    for cmd in ("generate", "tokenize", "perplexity", "bench", "serve", "eval", "batch"):
         r = run([cmd, "--help"])
         check(f"{cmd} --help", r.returncode == 0 and b"usage" in r.stdout)
+    # the option tables: --help lists every option with its default; errors name the option and reason
+    r = run(["generate", "--help"])
+    check("generate --help from the table: defaults and ranges",
+          b"--temperature T" in r.stdout and b"(default 0.8; 0..2)" in r.stdout and b"--device NAME" in r.stdout,
+          r.stdout.decode()[:400])
+    usage_cases = [
+        (["generate", "--model", GGUF, "--prompt", "x", "--top-k", "x"], b"--top-k: 'x' is not an integer"),
+        (["generate", "--model", GGUF, "--prompt", "x", "--max-tokens", "99999999"],
+         b"--max-tokens: 99999999 is out of range [0, 16777216]"),
+        (["generate", "--model", GGUF], b"--prompt or --prompt-file is required"),
+        (["generate", "--model", GGUF, "--prompt"], b"--prompt needs a value"),
+        (["generate", "--model", GGUF, "--prompt", "x", "--ignore-eos=1"], b"--ignore-eos takes no value"),
+        (["generate", "--model", GGUF, "--prompt", "x", "--device", "tpu"], b"--device: 'tpu' is not one of cpu|cuda|auto"),
+        (["tokenize", "--model", GGUF, "extra"], b"unexpected argument 'extra'"),
+        (["tokenize"], b"--model is required"),
+        (["perplexity", "--model", GGUF, "--file", "/dev/null", "--kv-method", "d2o", "--kv-budget", "1.5"],
+         b"--kv-budget: '1.5': a share of the prompt must be in (0, 1]"),
+        (["perplexity", "--model", GGUF, "--file", "/dev/null", "--kv-method", "bogus"], b"--kv-method: 'bogus' is not one of"),
+        (["bench", "--model", GGUF, "--batches", "1,,8"], b"--batches: empty element in '1,,8'"),
+        (["bench", "--model", GGUF, "--kv-method", "full"], b"--kv-method: 'full' is not one of none|d2o"),
+        (["eval", "--model", GGUF, "--frob"], b"unknown option '--frob'"),
+        (["batch", "--model", GGUF, "--input", "/dev/null"], b"--output is required"),
+        (["batch", "--model", GGUF, "--input", "/dev/null", "--output", "/dev/null", "--kv-budget", "2.5"],
+         b"--kv-budget: '2.5': a share of the prompt must be in (0, 1]"),
+    ]
+    for args, msg in usage_cases:
+        r = run(args, timeout=60)
+        check(f"usage error exits 2: {' '.join(a for a in args if a != GGUF)}",
+              r.returncode == 2 and msg in r.stderr and args[0].encode() in r.stderr,
+              f"rc={r.returncode} {r.stderr.decode()[-300:]}")
+    r = run(["generate", "--model=" + GGUF, "--prompt=Once", "--max-tokens=4", "--temperature=0"])
+    check("generate takes --name=value", r.returncode == 0 and len(r.stdout) > 0, r.stderr.decode()[-300:])
+    # one meaning of a KV budget: "1" is the share 1 (as many tokens as the 64-token prefill),
+    # the same as "1.0" and as the token count 64; perplexity used to read "1" as one token
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(nllref["text"])
+        ptext = f.name
+    runs = {b: run(["perplexity", "--model", GGUF, "--file", ptext, "--kv-method", "h2o", "--kv-budget", b,
+                    "--kv-prefill", "64"]) for b in ("1", "1.0", "64", "2")}
+    os.unlink(ptext)
+    try:
+        j = {b: json.loads(r.stdout) for b, r in runs.items()}
+        ok = (j["1"]["nll_sum"] == j["1.0"]["nll_sum"] == j["64"]["nll_sum"]
+              and j["2"]["nll_sum"] > j["1"]["nll_sum"] + 10 and j["1"]["kv_budget"] == 1
+              and j["64"]["kv_budget"] == 64)
+    except Exception as ex:  # noqa: BLE001 - any parse failure is a test failure
+        ok, j = False, str(ex)
+    check("perplexity --kv-budget 1 = 1.0 = 64 tokens after a 64-token prefill (not one token)", ok,
+          f"{j} {runs['1'].stderr.decode()[-200:]}")
     r = run(["--help"])
     check("d2od --help", r.returncode == 0 and b"generate" in r.stdout)
 

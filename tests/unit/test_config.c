@@ -283,9 +283,9 @@ TEST(file_errors_name_the_line) {
     EXPECT_FILE_ERR("max_seqs 4\n\n# x\nmax_seqs 8\n",
                     "t.conf:4: directive 'max_seqs': duplicate (first set on line 1)");
     EXPECT_FILE_ERR("kv_budget 0\n",
-                    "t.conf:1: directive 'kv_budget': value '0' is neither a fraction in (0, 1] nor a positive token count");
+                    "t.conf:1: directive 'kv_budget': value '0': a budget must be above 0: a share of the prompt in (0, 1] or a token count >= 2");
     EXPECT_FILE_ERR("kv_budget 1.5\n",
-                    "t.conf:1: directive 'kv_budget': value '1.5' is neither a fraction in (0, 1] nor a positive token count");
+                    "t.conf:1: directive 'kv_budget': value '1.5': a share of the prompt must be in (0, 1]; a token count is written as an integer");
     EXPECT_FILE_ERR("body_limit 1t\n",
                     "t.conf:1: directive 'body_limit': value '1t' is not a size (digits with an optional k, m or g)");
     EXPECT_FILE_ERR("Port 80\n", "t.conf:1: directive 'Port': unknown directive");
@@ -449,7 +449,7 @@ TEST(env_errors_and_values) {
     ASSERT_STREQ(c.model, "/x/y.gguf");
     ASSERT_STREQ(c.served_model_name, "y");
     ASSERT_STREQ(c.api_key, "sk-123");
-    ASSERT_NEAR(c.kv_budget_frac, 0.2, 1e-12);
+    ASSERT_NEAR(c.kv_budget_frac, 0.2, 1e-7);
     ASSERT_EQ(src_of(&c, "model"), DMN_SRC_ENV);
 }
 
@@ -506,26 +506,26 @@ TEST(cli_bool_forms) {
     EXPECT_CLI_ERR("unexpected argument 'later'", "--model", "m", "--watchdog", "later");
 }
 
-TEST(kv_budget_parse) {
-    double f;
-    long t;
-    ASSERT_EQ(dmn_kv_budget_parse("0.2", &f, &t), D2_OK);
-    ASSERT_NEAR(f, 0.2, 1e-12);
-    ASSERT_EQ(t, 0);
-    ASSERT_EQ(dmn_kv_budget_parse("1", &f, &t), D2_OK);
-    ASSERT_NEAR(f, 1.0, 0);
-    ASSERT_EQ(t, 0);
-    ASSERT_EQ(dmn_kv_budget_parse("1.0", &f, &t), D2_OK);
-    ASSERT_NEAR(f, 1.0, 0);
-    ASSERT_EQ(dmn_kv_budget_parse(".5", &f, &t), D2_OK);
-    ASSERT_NEAR(f, 0.5, 0);
-    ASSERT_EQ(dmn_kv_budget_parse("128", &f, &t), D2_OK);
-    ASSERT_EQ(t, 128);
-    ASSERT_NEAR(f, 0, 0);
-    const char *bad[] = {"", "0", "0.0", "1.01", "2.5", "-1", "+3", "1e-1", ".", "0.2.", "abc",
+/* kv_budget goes through the engine's one budget reader (eng_kv_budget_parse,
+ * tested in test_engine_config): the derived fields and the refusal reasons. */
+TEST(kv_budget_derived_fields) {
+    const char *ok[][3] = {{"0.2", "0.2", "0"}, {"1", "1", "0"}, {"1.0", "1", "0"}, {".5", "0.5", "0"},
+                           {"128", "0", "128"}};
+    for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
+        dmn_config c;
+        char err[256] = "";
+        ASSERT_EQ(LOAD(&c, NULL, err, "--model", "m", "--kv-budget", (char *)ok[i][0]), D2_OK);
+        ASSERT_NEAR(c.kv_budget_frac, atof(ok[i][1]), 1e-7);
+        ASSERT_EQ(c.kv_budget_tokens, atol(ok[i][2]));
+    }
+    const char *bad[] = {"", "0", "0.0", "1.01", "2.5", "128.0", "-1", "+3", "1e-1", ".", "0.2.", "abc",
                          " 0.2", "0.2 ", "99999999999999999999", "inf", "nan"};
-    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
-        if (dmn_kv_budget_parse(bad[i], &f, &t) != D2_EINVAL) FAIL_("accepted '%s'", bad[i]);
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        dmn_config c;
+        char err[256] = "";
+        if (LOAD(&c, NULL, err, "--model", "m", "--kv-budget", (char *)bad[i]) != D2_ECONFIG) FAIL_("accepted '%s'", bad[i]);
+        if (!strstr(err, "--kv-budget")) FAIL_("'%s': error does not name the flag: %s", bad[i], err);
+    }
 }
 
 TEST(reload_classifies_live_and_restart) {
