@@ -328,9 +328,12 @@ static int render_chat(batch_run *b, bjob *j, char **text, api_error *err) {
     return rc;
 }
 
-/* Parses, tokenises and submits one request line. Writes the error result
- * itself when the request is refused. */
-static void run_line(batch_run *b, const char *line, size_t len, long lineno, idset *seen, const idset *done) {
+/* The envelope of one line: a JSON object with a fresh custom_id, method POST,
+ * a known url and an object body. Returns the new job (custom_id and chat set)
+ * with the body as text in *btext, or NULL when the line was answered here (an
+ * error result written) or skipped (already in the output on resume). */
+static bjob *read_envelope(batch_run *b, const char *line, size_t len, long lineno, idset *seen, const idset *done,
+                           char **btext) {
     json_error_t je;
     json_t *root = json_loadb(line, len, 0, &je);
     char msg[600];
@@ -338,131 +341,127 @@ static void run_line(batch_run *b, const char *line, size_t len, long lineno, id
         snprintf(msg, sizeof msg, "line %ld: not a JSON object: %s", lineno, root ? "" : je.text);
         write_error(b, NULL, "invalid_json", msg);
         json_decref(root);
-        return;
+        return NULL;
     }
     const char *cid = json_string_value(json_object_get(root, "custom_id"));
     const char *method = json_string_value(json_object_get(root, "method"));
     const char *url = json_string_value(json_object_get(root, "url"));
     json_t *body = json_object_get(root, "body");
+    api_error err;
+    bool chat = url && !strcmp(url, "/v1/chat/completions");
+    bjob *j = NULL;
     if (!cid || !cid[0]) {
         snprintf(msg, sizeof msg, "line %ld: 'custom_id' (a non-empty string) is required", lineno);
         write_error(b, NULL, "missing_custom_id", msg);
-        json_decref(root);
-        return;
+        goto out;
     }
     if (idset_has(done, cid)) { /* resumed: already in the output */
         b->rep->skipped++;
-        json_decref(root);
-        return;
+        goto out;
     }
     b->total++;
     if (idset_has(seen, cid)) {
         snprintf(msg, sizeof msg, "line %ld: duplicate custom_id '%s'", lineno, cid);
         write_error(b, cid, "duplicate_custom_id", msg);
-        json_decref(root);
-        return;
+        goto out;
     }
     idset_add(seen, cid);
     if (!method || strcmp(method, "POST")) {
         snprintf(msg, sizeof msg, "line %ld: 'method' must be \"POST\"", lineno);
         write_error(b, cid, "invalid_method", msg);
-        json_decref(root);
-        return;
+        goto out;
     }
-    api_error err;
-    bool chat = url && !strcmp(url, "/v1/chat/completions");
     if (!url || (!chat && strcmp(url, "/v1/completions"))) {
         api_error_set(&err, 404, "not_found_error", "url", "'url' must be /v1/chat/completions or /v1/completions");
         write_http_error(b, cid, &err);
-        json_decref(root);
-        return;
+        goto out;
     }
     if (!json_is_object(body)) {
         api_error_set(&err, 400, "invalid_request_error", "body", "'body' must be a JSON object");
         write_http_error(b, cid, &err);
-        json_decref(root);
-        return;
+        goto out;
     }
-    bjob *j = calloc(1, sizeof *j);
-    char *btext = json_dumps(body, JSON_COMPACT);
+    j = calloc(1, sizeof *j);
+    *btext = json_dumps(body, JSON_COMPACT);
     if (j) j->custom_id = strdup(cid);
-    if (!j || !btext || !j->custom_id) {
-        free(btext);
+    if (!j || !*btext || !j->custom_id) {
+        free(*btext);
         if (j) free(j->custom_id);
         free(j);
+        j = NULL;
         write_error(b, cid, "internal_error", "out of memory");
-        json_decref(root);
-        return;
+        goto out;
     }
-    json_decref(root);
-    cid = j->custom_id; /* root is gone */
     j->chat = chat;
-    const eng_model_config *mc = &eng_engine_model(b->e)->cfg;
-    api_limits lim = {.max_n = b->cfg->max_n, .max_tokens_limit = b->cfg->max_tokens_limit,
-                      .n_vocab = mc->vocab_size, .n_layers = mc->n_layers};
-    int rc = api_parse_gen(btext, strlen(btext), chat ? API_CHAT : API_COMPLETIONS, &lim, &j->params, &err);
-    free(btext);
-    if (rc != D2_OK) {
-        write_http_error(b, cid, &err);
-        free(j->custom_id);
-        free(j);
-        return;
-    }
+out:
+    json_decref(root);
+    return j;
+}
+
+/* The prompt's token ids (*owned: the caller frees them) after the checks a
+ * batch job adds to the HTTP API's: no logprobs, one prompt, fits the context;
+ * max_tokens defaulted. D2_OK or an error with *err set (nothing to free). */
+static int job_prompt(batch_run *b, bjob *j, int32_t **ids_out, int *n_out, bool *owned, api_error *err) {
     api_gen_params *p = &j->params;
+    bool chat = j->chat;
     if (p->logprobs >= 0) {
-        api_error_set(&err, 400, "invalid_request_error", "logprobs", "logprobs are not supported in batch jobs");
-        goto refuse;
+        api_error_set(err, 400, "invalid_request_error", "logprobs", "logprobs are not supported in batch jobs");
+        return D2_EINVAL;
     }
-    int n_prompts = chat ? 1 : p->n_prompts;
-    if (n_prompts != 1) {
-        api_error_set(&err, 400, "invalid_request_error", "prompt", "batch jobs take one prompt per request");
-        goto refuse;
+    if ((chat ? 1 : p->n_prompts) != 1) {
+        api_error_set(err, 400, "invalid_request_error", "prompt", "batch jobs take one prompt per request");
+        return D2_EINVAL;
     }
     int32_t *ids = NULL;
-    int n_ids = 0;
-    bool owned = false;
+    int n_ids = 0, rc = D2_OK;
+    *owned = false;
     if (chat) {
         char *text = NULL;
-        if (render_chat(b, j, &text, &err) != D2_OK) goto refuse;
+        if (render_chat(b, j, &text, err) != D2_OK) return D2_EINVAL;
         size_t n = 0;
         rc = eng_tok_encode(b->tok, text, strlen(text), false, true, &ids, &n);
         free(text);
         n_ids = (int)n;
-        owned = true;
+        *owned = true;
     } else if (p->prompt_text[0]) {
         size_t n = 0;
         rc = eng_tok_encode(b->tok, p->prompt_text[0], strlen(p->prompt_text[0]), true, true, &ids, &n);
         n_ids = (int)n;
-        owned = true;
+        *owned = true;
     } else {
         ids = p->prompt_ids[0];
         n_ids = p->prompt_n_ids[0];
     }
     int ctx = eng_engine_ctx_len(b->e);
     if (rc != D2_OK || n_ids == 0) {
-        api_error_set(&err, 400, "invalid_request_error", chat ? "messages" : "prompt",
+        api_error_set(err, 400, "invalid_request_error", chat ? "messages" : "prompt",
                       rc != D2_OK ? "cannot tokenize the prompt" : "the prompt is empty");
-        if (owned) free(ids);
-        goto refuse;
+        if (*owned) free(ids);
+        return D2_EINVAL;
     }
     if (p->max_tokens <= 0) p->max_tokens = ctx - n_ids < b->cfg->default_max_tokens ? ctx - n_ids : b->cfg->default_max_tokens;
     if (p->max_tokens <= 0 || n_ids + p->max_tokens > ctx) {
-        api_error_set(&err, 400, "invalid_request_error", "max_tokens",
+        api_error_set(err, 400, "invalid_request_error", "max_tokens",
                       "This model's maximum context length is %d tokens. However, you requested %d tokens "
                       "(%d in the prompt, %d for the completion).", ctx, n_ids + p->max_tokens, n_ids, p->max_tokens);
-        if (owned) free(ids);
-        goto refuse;
+        if (*owned) free(ids);
+        return D2_EINVAL;
     }
+    *ids_out = ids;
+    *n_out = n_ids;
+    return D2_OK;
+}
+
+/* The job's choices: request id, detokenisers primed with the prompt's tail,
+ * the echoed prompt. D2_OK or D2_ENOMEM. */
+static int job_choices(batch_run *b, bjob *j, const int32_t *ids, int n_ids) {
+    api_gen_params *p = &j->params;
     j->prompt_tokens = n_ids;
     j->n_choices = p->n > 0 ? p->n : 1;
     j->choices = calloc((size_t)j->n_choices, sizeof *j->choices);
-    snprintf(j->req_id, sizeof j->req_id, "%s-%016llx", chat ? "chatcmpl" : "cmpl",
-             (unsigned long long)(hash_str(cid) ^ (uint64_t)time(NULL)));
-    if (!j->choices) {
-        if (owned) free(ids);
-        api_error_set(&err, 500, "internal_error", NULL, "out of memory");
-        goto refuse;
-    }
+    snprintf(j->req_id, sizeof j->req_id, "%s-%016llx", j->chat ? "chatcmpl" : "cmpl",
+             (unsigned long long)(hash_str(j->custom_id) ^ (uint64_t)time(NULL)));
+    if (!j->choices) return D2_ENOMEM;
     for (int c = 0; c < j->n_choices; c++) {
         bchoice *ch = &j->choices[c];
         ch->job = j;
@@ -470,31 +469,42 @@ static void run_line(batch_run *b, const char *line, size_t len, long lineno, id
         char sink[512];
         for (int k = n_ids > 8 ? n_ids - 8 : 0; k < n_ids; k++) eng_tok_stream_feed(b->tok, &ch->detok, ids[k], sink, sizeof sink);
         ch->detok.n_pending = 0;
-        if (p->echo && !chat) {
+        if (p->echo && !j->chat) {
             if (p->prompt_text[0]) text_add(ch, p->prompt_text[0], strlen(p->prompt_text[0]));
         }
     }
-    pthread_mutex_lock(&b->mu);
-    b->in_flight++;
-    pthread_mutex_unlock(&b->mu);
-    int submitted = 0;
+    return D2_OK;
+}
+
+/* The engine request of choice c (seeds differ per choice). */
+static void job_request(const batch_run *b, const api_gen_params *p, const int32_t *ids, int n_ids, int c,
+                        eng_request *q) {
+    *q = (eng_request){.prompt = ids, .n_prompt = n_ids, .max_tokens = p->max_tokens, .ignore_eos = p->ignore_eos,
+                       .on_event = on_event_ctx};
+    eng_sample_params_default(&q->sample);
+    q->sample.temperature = p->temperature;
+    q->sample.top_p = p->top_p;
+    q->sample.top_k = p->top_k;
+    q->sample.min_p = p->min_p;
+    q->sample.presence_penalty = p->presence_penalty;
+    q->sample.frequency_penalty = p->frequency_penalty;
+    q->sample.repetition_penalty = p->repetition_penalty;
+    q->sample.has_seed = p->has_seed;
+    q->sample.seed = p->seed + (uint64_t)c;
+    q->sample.logit_bias = p->logit_bias;
+    q->sample.n_logit_bias = p->n_logit_bias;
+    q->kv = p->has_kv ? p->kv : b->cfg->kv_default;
+}
+
+/* Submits every choice (waiting for room when the queue is full). Returns how
+ * many were queued; *rc_out is the status of the first that was not. */
+static int job_submit(batch_run *b, bjob *j, const int32_t *ids, int n_ids, int *rc_out) {
+    int submitted = 0, rc = D2_OK;
     for (int c = 0; c < j->n_choices; c++) {
         bctx *x = malloc(sizeof *x);
-        eng_request q = {.prompt = ids, .n_prompt = n_ids, .max_tokens = p->max_tokens, .ignore_eos = p->ignore_eos,
-                         .on_event = on_event_ctx, .user = x};
-        eng_sample_params_default(&q.sample);
-        q.sample.temperature = p->temperature;
-        q.sample.top_p = p->top_p;
-        q.sample.top_k = p->top_k;
-        q.sample.min_p = p->min_p;
-        q.sample.presence_penalty = p->presence_penalty;
-        q.sample.frequency_penalty = p->frequency_penalty;
-        q.sample.repetition_penalty = p->repetition_penalty;
-        q.sample.has_seed = p->has_seed;
-        q.sample.seed = p->seed + (uint64_t)c;
-        q.sample.logit_bias = p->logit_bias;
-        q.sample.n_logit_bias = p->n_logit_bias;
-        q.kv = p->has_kv ? p->kv : b->cfg->kv_default;
+        eng_request q;
+        job_request(b, &j->params, ids, n_ids, c, &q);
+        q.user = x;
         const char *why = NULL;
         if (!x) { rc = D2_ENOMEM; break; }
         x->b = b;
@@ -510,6 +520,42 @@ static void run_line(batch_run *b, const char *line, size_t len, long lineno, id
         }
         submitted++;
     }
+    *rc_out = rc;
+    return submitted;
+}
+
+/* Parses, tokenises and submits one request line. Writes the error result
+ * itself when the request is refused. */
+static void run_line(batch_run *b, const char *line, size_t len, long lineno, idset *seen, const idset *done) {
+    char *btext = NULL;
+    bjob *j = read_envelope(b, line, len, lineno, seen, done, &btext);
+    if (!j) return;
+    const char *cid = j->custom_id;
+    api_error err;
+    const eng_model_config *mc = &eng_engine_model(b->e)->cfg;
+    api_limits lim = {.max_n = b->cfg->max_n, .max_tokens_limit = b->cfg->max_tokens_limit,
+                      .n_vocab = mc->vocab_size, .n_layers = mc->n_layers};
+    int rc = api_parse_gen(btext, strlen(btext), j->chat ? API_CHAT : API_COMPLETIONS, &lim, &j->params, &err);
+    free(btext);
+    if (rc != D2_OK) {
+        write_http_error(b, cid, &err);
+        free(j->custom_id);
+        free(j);
+        return;
+    }
+    int32_t *ids = NULL;
+    int n_ids = 0;
+    bool owned = false;
+    if (job_prompt(b, j, &ids, &n_ids, &owned, &err) != D2_OK) goto refuse;
+    if (job_choices(b, j, ids, n_ids) != D2_OK) {
+        if (owned) free(ids);
+        api_error_set(&err, 500, "internal_error", NULL, "out of memory");
+        goto refuse;
+    }
+    pthread_mutex_lock(&b->mu);
+    b->in_flight++;
+    pthread_mutex_unlock(&b->mu);
+    int submitted = job_submit(b, j, ids, n_ids, &rc);
     if (owned) free(ids);
     if (submitted == 0) { /* nothing queued: answer as the HTTP API would */
         pthread_mutex_lock(&b->mu);

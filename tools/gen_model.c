@@ -194,103 +194,124 @@ static int arg_int(const char *s) {
     return (int)v;
 }
 
-int main(int argc, char **argv) {
-    const char *out = NULL, *shape_name = NULL, *dtype = NULL, *tok = NULL, *arch = "llama";
-    int layers = 0, dim = 0, heads = 0, kv = 0, ffn = 0, vocab = 0, ctx = 0, shards = 1,
-        tied = -2;
-    uint64_t seed = 1;
+/* Everything the command line decides, with the shape's defaults filled in. */
+typedef struct gm_spec {
+    const char *out, *shape_name, *dtype, *arch;
+    const shape *sh;
+    bool qwen, mistral;
+    int layers, dim, heads, kv, ffn, vocab, ctx, shards, tied, hd;
+    uint64_t seed;
+    char tokpath[4096]; /* tokenizer to copy; "" = none */
+} gm_spec;
+
+static void parse_args(int argc, char **argv, gm_spec *g, const char **tok) {
+    *g = (gm_spec){.arch = "llama", .shards = 1, .tied = -2, .seed = 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (i + 1 >= argc) usage();
         const char *v = argv[++i];
-        if (!strcmp(a, "--out")) out = v;
-        else if (!strcmp(a, "--shape")) shape_name = v;
-        else if (!strcmp(a, "--dtype")) dtype = v;
-        else if (!strcmp(a, "--tokenizer")) tok = v;
-        else if (!strcmp(a, "--arch")) arch = v;
-        else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10);
-        else if (!strcmp(a, "--layers")) layers = arg_int(v);
-        else if (!strcmp(a, "--dim")) dim = arg_int(v);
-        else if (!strcmp(a, "--heads")) heads = arg_int(v);
-        else if (!strcmp(a, "--kv-heads")) kv = arg_int(v);
-        else if (!strcmp(a, "--ffn")) ffn = arg_int(v);
-        else if (!strcmp(a, "--vocab")) vocab = arg_int(v);
-        else if (!strcmp(a, "--ctx")) ctx = arg_int(v);
-        else if (!strcmp(a, "--shards")) shards = arg_int(v);
-        else if (!strcmp(a, "--tied")) tied = atoi(v) ? 1 : 0;
+        if (!strcmp(a, "--out")) g->out = v;
+        else if (!strcmp(a, "--shape")) g->shape_name = v;
+        else if (!strcmp(a, "--dtype")) g->dtype = v;
+        else if (!strcmp(a, "--tokenizer")) *tok = v;
+        else if (!strcmp(a, "--arch")) g->arch = v;
+        else if (!strcmp(a, "--seed")) g->seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--layers")) g->layers = arg_int(v);
+        else if (!strcmp(a, "--dim")) g->dim = arg_int(v);
+        else if (!strcmp(a, "--heads")) g->heads = arg_int(v);
+        else if (!strcmp(a, "--kv-heads")) g->kv = arg_int(v);
+        else if (!strcmp(a, "--ffn")) g->ffn = arg_int(v);
+        else if (!strcmp(a, "--vocab")) g->vocab = arg_int(v);
+        else if (!strcmp(a, "--ctx")) g->ctx = arg_int(v);
+        else if (!strcmp(a, "--shards")) g->shards = arg_int(v);
+        else if (!strcmp(a, "--tied")) g->tied = atoi(v) ? 1 : 0;
         else usage();
     }
-    if (!out || !shape_name) usage();
-    const shape *sh = NULL;
-    for (size_t i = 0; i < sizeof SHAPES / sizeof SHAPES[0]; i++)
-        if (!strcmp(SHAPES[i].name, shape_name)) sh = &SHAPES[i];
-    if (!sh) die("unknown shape", shape_name);
-    bool qwen = !strcmp(arch, "qwen2"), mistral = !strcmp(arch, "mistral");
-    if (!qwen && !mistral && strcmp(arch, "llama")) die("unknown arch", arch);
-    layers = layers ? layers : sh->layers;
-    dim = dim ? dim : sh->dim;
-    heads = heads ? heads : sh->heads;
-    kv = kv ? kv : (heads == sh->heads ? sh->kv : heads);
-    ffn = ffn ? ffn : sh->ffn;
-    vocab = vocab ? vocab : sh->vocab;
-    ctx = ctx ? ctx : sh->ctx;
-    dtype = dtype ? dtype : sh->dtype;
-    if (strcmp(dtype, "f32") && strcmp(dtype, "f16") && strcmp(dtype, "bf16"))
-        die("unknown dtype", dtype);
-    if (dim % heads || heads % kv || (dim / heads) % 2) die("dim/heads/kv-heads do not divide", NULL);
-    if (tied == -2) tied = sh->tied >= 0 ? sh->tied : qwen;
-    int hd = dim / heads;
+    if (!g->out || !g->shape_name) usage();
+}
 
-    /* Tokenizer: explicit path, "none", or the shape's default if present. */
-    char tokpath[4096] = "";
+/* The shape's defaults for what the command line left unset, and the checks. */
+static void resolve_shape(gm_spec *g) {
+    for (size_t i = 0; i < sizeof SHAPES / sizeof SHAPES[0]; i++)
+        if (!strcmp(SHAPES[i].name, g->shape_name)) g->sh = &SHAPES[i];
+    const shape *sh = g->sh;
+    if (!sh) die("unknown shape", g->shape_name);
+    g->qwen = !strcmp(g->arch, "qwen2");
+    g->mistral = !strcmp(g->arch, "mistral");
+    if (!g->qwen && !g->mistral && strcmp(g->arch, "llama")) die("unknown arch", g->arch);
+    g->layers = g->layers ? g->layers : sh->layers;
+    g->dim = g->dim ? g->dim : sh->dim;
+    g->heads = g->heads ? g->heads : sh->heads;
+    g->kv = g->kv ? g->kv : (g->heads == sh->heads ? sh->kv : g->heads);
+    g->ffn = g->ffn ? g->ffn : sh->ffn;
+    g->vocab = g->vocab ? g->vocab : sh->vocab;
+    g->ctx = g->ctx ? g->ctx : sh->ctx;
+    g->dtype = g->dtype ? g->dtype : sh->dtype;
+    if (strcmp(g->dtype, "f32") && strcmp(g->dtype, "f16") && strcmp(g->dtype, "bf16"))
+        die("unknown dtype", g->dtype);
+    if (g->dim % g->heads || g->heads % g->kv || (g->dim / g->heads) % 2)
+        die("dim/heads/kv-heads do not divide", NULL);
+    if (g->tied == -2) g->tied = sh->tied >= 0 ? sh->tied : g->qwen;
+    g->hd = g->dim / g->heads;
+}
+
+/* Tokenizer: explicit path, "none", or the shape's default if present. */
+static void resolve_tokenizer(gm_spec *g, const char *tok) {
+    g->tokpath[0] = '\0';
     if (tok && strcmp(tok, "none")) {
-        snprintf(tokpath, sizeof tokpath, "%s", tok);
-    } else if (!tok && sh->tok_rel) {
+        snprintf(g->tokpath, sizeof g->tokpath, "%s", tok);
+    } else if (!tok && g->sh->tok_rel) {
         const char *shared = getenv("D2_SHARED");
-        snprintf(tokpath, sizeof tokpath, "%s/%s", shared && *shared ? shared : "../shared",
-                 sh->tok_rel);
-        FILE *t = fopen(tokpath, "rb");
+        snprintf(g->tokpath, sizeof g->tokpath, "%s/%s", shared && *shared ? shared : "../shared", g->sh->tok_rel);
+        FILE *t = fopen(g->tokpath, "rb");
         if (!t) {
-            fprintf(stderr, "gen_model: warning: default tokenizer %s not found; none copied\n",
-                    tokpath);
-            tokpath[0] = '\0';
+            fprintf(stderr, "gen_model: warning: default tokenizer %s not found; none copied\n", g->tokpath);
+            g->tokpath[0] = '\0';
         } else {
             fclose(t);
         }
     }
-    int bos = 1, eos = 2;
-    json_t *extra_eos = json_array();
-    if (tokpath[0]) {
-        json_error_t e;
-        json_t *tj = json_load_file(tokpath, 0, &e);
-        if (!tj) die("cannot parse tokenizer", tokpath);
-        int n = tok_size(tj);
-        if (n > vocab) {
-            char msg[64];
-            snprintf(msg, sizeof msg, "%d > vocab %d", n, vocab);
-            die("tokenizer ids exceed the vocabulary (use --vocab):", msg);
-        }
-        const char *bos_c[] = {"<s>", "<|begin_of_text|>"};
-        const char *eos_c[] = {"</s>", "<|end_of_text|>", "<|endoftext|>"};
-        const char *more[] = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>"};
-        bos = eos = -1;
-        for (size_t i = 0; i < 2 && bos < 0; i++) bos = tok_id(tj, bos_c[i]);
-        for (size_t i = 0; i < 3 && eos < 0; i++) eos = tok_id(tj, eos_c[i]);
-        if (eos >= 0) json_array_append_new(extra_eos, json_integer(eos));
-        for (size_t i = 0; i < 4; i++) {
-            int id = tok_id(tj, more[i]);
-            if (id >= 0 && id != eos) json_array_append_new(extra_eos, json_integer(id));
-        }
-        json_decref(tj);
-    } else {
-        json_array_append_new(extra_eos, json_integer(eos));
-    }
+}
 
-    /* Tensor list in file order. */
-    int nt_max = 3 + layers * 12;
-    wt *ws = calloc((size_t)nt_max, sizeof *ws);
+/* BOS and the EOS ids (first: the main one) from the tokenizer, or 1 and 2. */
+static json_t *special_ids(const gm_spec *g, int *bos) {
+    int eos = 2;
+    json_t *eos_ids = json_array();
+    *bos = 1;
+    if (!g->tokpath[0]) {
+        json_array_append_new(eos_ids, json_integer(eos));
+        return eos_ids;
+    }
+    json_error_t e;
+    json_t *tj = json_load_file(g->tokpath, 0, &e);
+    if (!tj) die("cannot parse tokenizer", g->tokpath);
+    int n = tok_size(tj);
+    if (n > g->vocab) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "%d > vocab %d", n, g->vocab);
+        die("tokenizer ids exceed the vocabulary (use --vocab):", msg);
+    }
+    const char *bos_c[] = {"<s>", "<|begin_of_text|>"};
+    const char *eos_c[] = {"</s>", "<|end_of_text|>", "<|endoftext|>"};
+    const char *more[] = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>"};
+    *bos = eos = -1;
+    for (size_t i = 0; i < 2 && *bos < 0; i++) *bos = tok_id(tj, bos_c[i]);
+    for (size_t i = 0; i < 3 && eos < 0; i++) eos = tok_id(tj, eos_c[i]);
+    if (eos >= 0) json_array_append_new(eos_ids, json_integer(eos));
+    for (size_t i = 0; i < 4; i++) {
+        int id = tok_id(tj, more[i]);
+        if (id >= 0 && id != eos) json_array_append_new(eos_ids, json_integer(id));
+    }
+    json_decref(tj);
+    return eos_ids;
+}
+
+/* The tensor list in file order; *nt its length. */
+static wt *tensor_list(const gm_spec *g, int *nt_out) {
+    wt *ws = calloc((size_t)(3 + g->layers * 12), sizeof *ws);
     if (!ws) die("out of memory", NULL);
     int nt = 0;
+    int64_t qd = (int64_t)g->heads * g->hd, kvd = (int64_t)g->kv * g->hd;
 #define ADD(nd, r, c, k, ...)                                                    \
     do {                                                                         \
         wt *w_ = &ws[nt++];                                                      \
@@ -300,33 +321,34 @@ int main(int argc, char **argv) {
         w_->cols = (c);                                                          \
         w_->kind = (k);                                                          \
     } while (0)
-    ADD(2, vocab, dim, 0, "model.embed_tokens.weight");
-    for (int l = 0; l < layers; l++) {
-        ADD(1, 1, dim, 1, "model.layers.%d.input_layernorm.weight", l);
-        ADD(2, (int64_t)heads * hd, dim, 0, "model.layers.%d.self_attn.q_proj.weight", l);
-        ADD(2, (int64_t)kv * hd, dim, 0, "model.layers.%d.self_attn.k_proj.weight", l);
-        ADD(2, (int64_t)kv * hd, dim, 0, "model.layers.%d.self_attn.v_proj.weight", l);
-        if (qwen) {
-            ADD(1, 1, (int64_t)heads * hd, 2, "model.layers.%d.self_attn.q_proj.bias", l);
-            ADD(1, 1, (int64_t)kv * hd, 2, "model.layers.%d.self_attn.k_proj.bias", l);
-            ADD(1, 1, (int64_t)kv * hd, 2, "model.layers.%d.self_attn.v_proj.bias", l);
+    ADD(2, g->vocab, g->dim, 0, "model.embed_tokens.weight");
+    for (int l = 0; l < g->layers; l++) {
+        ADD(1, 1, g->dim, 1, "model.layers.%d.input_layernorm.weight", l);
+        ADD(2, qd, g->dim, 0, "model.layers.%d.self_attn.q_proj.weight", l);
+        ADD(2, kvd, g->dim, 0, "model.layers.%d.self_attn.k_proj.weight", l);
+        ADD(2, kvd, g->dim, 0, "model.layers.%d.self_attn.v_proj.weight", l);
+        if (g->qwen) {
+            ADD(1, 1, qd, 2, "model.layers.%d.self_attn.q_proj.bias", l);
+            ADD(1, 1, kvd, 2, "model.layers.%d.self_attn.k_proj.bias", l);
+            ADD(1, 1, kvd, 2, "model.layers.%d.self_attn.v_proj.bias", l);
         }
-        ADD(2, dim, (int64_t)heads * hd, 0, "model.layers.%d.self_attn.o_proj.weight", l);
-        ADD(1, 1, dim, 1, "model.layers.%d.post_attention_layernorm.weight", l);
-        ADD(2, ffn, dim, 0, "model.layers.%d.mlp.gate_proj.weight", l);
-        ADD(2, ffn, dim, 0, "model.layers.%d.mlp.up_proj.weight", l);
-        ADD(2, dim, ffn, 0, "model.layers.%d.mlp.down_proj.weight", l);
+        ADD(2, g->dim, qd, 0, "model.layers.%d.self_attn.o_proj.weight", l);
+        ADD(1, 1, g->dim, 1, "model.layers.%d.post_attention_layernorm.weight", l);
+        ADD(2, g->ffn, g->dim, 0, "model.layers.%d.mlp.gate_proj.weight", l);
+        ADD(2, g->ffn, g->dim, 0, "model.layers.%d.mlp.up_proj.weight", l);
+        ADD(2, g->dim, g->ffn, 0, "model.layers.%d.mlp.down_proj.weight", l);
     }
-    ADD(1, 1, dim, 1, "model.norm.weight");
-    if (!tied) ADD(2, vocab, dim, 0, "lm_head.weight");
+    ADD(1, 1, g->dim, 1, "model.norm.weight");
+    if (!g->tied) ADD(2, g->vocab, g->dim, 0, "lm_head.weight");
 #undef ADD
-    if (shards > nt) shards = nt;
+    *nt_out = nt;
+    return ws;
+}
 
-    /* Balanced split by bytes. */
-    size_t es = dtype_size(dtype);
+/* Balanced split by bytes: sets ws[i].shard; returns the total bytes. */
+static uint64_t assign_shards(wt *ws, int nt, int shards, size_t es) {
     uint64_t total = 0, cum = 0;
-    int64_t nparams = 0;
-    for (int i = 0; i < nt; i++) total += (uint64_t)nelem(&ws[i]) * es, nparams += nelem(&ws[i]);
+    for (int i = 0; i < nt; i++) total += (uint64_t)nelem(&ws[i]) * es;
     int cur = 0;
     for (int i = 0; i < nt; i++) {
         /* Shard by cumulative bytes, but never leave a shard empty: the
@@ -339,77 +361,86 @@ int main(int argc, char **argv) {
         ws[i].shard = cur;
         cum += (uint64_t)nelem(&ws[i]) * es;
     }
+    return total;
+}
 
-    make_dirs(out);
-
-    json_t *wmap = json_object();
-    for (int s = 0; s < shards; s++) {
-        char fname[128], path[4096];
-        if (shards == 1) snprintf(fname, sizeof fname, "model.safetensors");
-        else snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", s + 1, shards);
-        if (d2_path_join(path, sizeof path, out, fname)) die("path too long", out);
-        json_t *hdr = json_object();
-        json_t *meta = json_object();
-        json_object_set_new(meta, "format", json_string("pt"));
-        json_object_set_new(hdr, "__metadata__", meta);
-        uint64_t off = 0;
-        for (int i = 0; i < nt; i++) {
-            if (ws[i].shard != s) continue;
-            uint64_t nb = (uint64_t)nelem(&ws[i]) * es;
-            json_t *e = json_object(), *shp = json_array(), *offs = json_array();
-            if (ws[i].ndim == 2) json_array_append_new(shp, json_integer(ws[i].rows));
-            json_array_append_new(shp, json_integer(ws[i].cols));
-            json_array_append_new(offs, json_integer((json_int_t)off));
-            json_array_append_new(offs, json_integer((json_int_t)(off + nb)));
-            json_object_set_new(e, "dtype", json_string(dtype_st(dtype)));
-            json_object_set_new(e, "shape", shp);
-            json_object_set_new(e, "data_offsets", offs);
-            json_object_set_new(hdr, ws[i].name, e);
-            json_object_set_new(wmap, ws[i].name, json_string(fname));
-            off += nb;
-        }
-        char *js = json_dumps(hdr, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        json_decref(hdr);
-        if (!js) die("out of memory", NULL);
-        size_t jl = strlen(js), padded = (jl + 7) / 8 * 8;
-        FILE *f = fopen(path, "wb");
-        if (!f) die("cannot create", path);
-        uint64_t hl = padded;
-        if (fwrite(&hl, 8, 1, f) != 1 || fwrite(js, 1, jl, f) != jl) die("write failed", path);
-        for (size_t k = jl; k < padded; k++) fputc(' ', f);
-        free(js);
-        for (int i = 0; i < nt; i++)
-            if (ws[i].shard == s) write_tensor(f, &ws[i], i, seed, dtype, path);
-        if (fclose(f) != 0) die("write failed", path);
+/* One safetensors file: the header (entries added to wmap) then the tensors. */
+static void write_shard(const gm_spec *g, const wt *ws, int nt, int s, json_t *wmap) {
+    size_t es = dtype_size(g->dtype);
+    char fname[128], path[4096];
+    if (g->shards == 1) snprintf(fname, sizeof fname, "model.safetensors");
+    else snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", s + 1, g->shards);
+    if (d2_path_join(path, sizeof path, g->out, fname)) die("path too long", g->out);
+    json_t *hdr = json_object();
+    json_t *meta = json_object();
+    json_object_set_new(meta, "format", json_string("pt"));
+    json_object_set_new(hdr, "__metadata__", meta);
+    uint64_t off = 0;
+    for (int i = 0; i < nt; i++) {
+        if (ws[i].shard != s) continue;
+        uint64_t nb = (uint64_t)nelem(&ws[i]) * es;
+        json_t *e = json_object(), *shp = json_array(), *offs = json_array();
+        if (ws[i].ndim == 2) json_array_append_new(shp, json_integer(ws[i].rows));
+        json_array_append_new(shp, json_integer(ws[i].cols));
+        json_array_append_new(offs, json_integer((json_int_t)off));
+        json_array_append_new(offs, json_integer((json_int_t)(off + nb)));
+        json_object_set_new(e, "dtype", json_string(dtype_st(g->dtype)));
+        json_object_set_new(e, "shape", shp);
+        json_object_set_new(e, "data_offsets", offs);
+        json_object_set_new(hdr, ws[i].name, e);
+        json_object_set_new(wmap, ws[i].name, json_string(fname));
+        off += nb;
     }
-    if (shards > 1) {
+    char *js = json_dumps(hdr, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(hdr);
+    if (!js) die("out of memory", NULL);
+    size_t jl = strlen(js), padded = (jl + 7) / 8 * 8;
+    FILE *f = fopen(path, "wb");
+    if (!f) die("cannot create", path);
+    uint64_t hl = padded;
+    if (fwrite(&hl, 8, 1, f) != 1 || fwrite(js, 1, jl, f) != jl) die("write failed", path);
+    for (size_t k = jl; k < padded; k++) fputc(' ', f);
+    free(js);
+    for (int i = 0; i < nt; i++)
+        if (ws[i].shard == s) write_tensor(f, &ws[i], i, g->seed, g->dtype, path);
+    if (fclose(f) != 0) die("write failed", path);
+}
+
+/* Every shard, and the index when there are several. */
+static void write_weights(const gm_spec *g, const wt *ws, int nt, uint64_t total) {
+    json_t *wmap = json_object();
+    for (int s = 0; s < g->shards; s++) write_shard(g, ws, nt, s, wmap);
+    if (g->shards > 1) {
         json_t *idx = json_object(), *meta = json_object();
         json_object_set_new(meta, "total_size", json_integer((json_int_t)total));
         json_object_set_new(idx, "metadata", meta);
         json_object_set_new(idx, "weight_map", wmap);
-        write_json(out, "model.safetensors.index.json", idx);
+        write_json(g->out, "model.safetensors.index.json", idx);
         json_decref(idx);
     } else {
         json_decref(wmap);
     }
+}
 
+/* config.json as transformers writes it for the arch. */
+static void write_config(const gm_spec *g, int bos, json_t *eos_ids) {
     json_t *c = json_object(), *archs = json_array();
-    json_array_append_new(archs, json_string(qwen ? "Qwen2ForCausalLM"
-                                             : mistral ? "MistralForCausalLM"
-                                                       : "LlamaForCausalLM"));
+    json_array_append_new(archs, json_string(g->qwen ? "Qwen2ForCausalLM"
+                                             : g->mistral ? "MistralForCausalLM"
+                                                          : "LlamaForCausalLM"));
     json_object_set_new(c, "architectures", archs);
-    json_object_set_new(c, "model_type", json_string(qwen ? "qwen2" : mistral ? "mistral" : "llama"));
-    json_object_set_new(c, "hidden_size", json_integer(dim));
-    json_object_set_new(c, "intermediate_size", json_integer(ffn));
-    json_object_set_new(c, "num_hidden_layers", json_integer(layers));
-    json_object_set_new(c, "num_attention_heads", json_integer(heads));
-    json_object_set_new(c, "num_key_value_heads", json_integer(kv));
-    json_object_set_new(c, "head_dim", json_integer(hd));
-    json_object_set_new(c, "vocab_size", json_integer(vocab));
-    json_object_set_new(c, "max_position_embeddings", json_integer(ctx));
-    json_object_set_new(c, "rms_norm_eps", json_real(qwen ? 1e-6 : 1e-5));
-    json_object_set_new(c, "rope_theta", json_real(sh->theta));
-    if (sh->llama3_rope && !qwen) {
+    json_object_set_new(c, "model_type", json_string(g->qwen ? "qwen2" : g->mistral ? "mistral" : "llama"));
+    json_object_set_new(c, "hidden_size", json_integer(g->dim));
+    json_object_set_new(c, "intermediate_size", json_integer(g->ffn));
+    json_object_set_new(c, "num_hidden_layers", json_integer(g->layers));
+    json_object_set_new(c, "num_attention_heads", json_integer(g->heads));
+    json_object_set_new(c, "num_key_value_heads", json_integer(g->kv));
+    json_object_set_new(c, "head_dim", json_integer(g->hd));
+    json_object_set_new(c, "vocab_size", json_integer(g->vocab));
+    json_object_set_new(c, "max_position_embeddings", json_integer(g->ctx));
+    json_object_set_new(c, "rms_norm_eps", json_real(g->qwen ? 1e-6 : 1e-5));
+    json_object_set_new(c, "rope_theta", json_real(g->sh->theta));
+    if (g->sh->llama3_rope && !g->qwen) {
         json_t *rs = json_object();
         json_object_set_new(rs, "rope_type", json_string("llama3"));
         json_object_set_new(rs, "factor", json_real(8.0));
@@ -421,49 +452,74 @@ int main(int argc, char **argv) {
         json_object_set_new(c, "rope_scaling", json_null());
     }
     json_object_set_new(c, "hidden_act", json_string("silu"));
-    json_object_set_new(c, "tie_word_embeddings", json_boolean(tied));
-    if (!qwen) json_object_set_new(c, "attention_bias", json_false());
-    if (qwen) {
+    json_object_set_new(c, "tie_word_embeddings", json_boolean(g->tied));
+    if (!g->qwen) json_object_set_new(c, "attention_bias", json_false());
+    if (g->qwen) {
         json_object_set_new(c, "use_sliding_window", json_false());
-        json_object_set_new(c, "sliding_window", json_integer(ctx));
+        json_object_set_new(c, "sliding_window", json_integer(g->ctx));
     }
-    if (mistral) json_object_set_new(c, "sliding_window", json_null());
+    if (g->mistral) json_object_set_new(c, "sliding_window", json_null());
     json_object_set_new(c, "bos_token_id", bos >= 0 ? json_integer(bos) : json_null());
-    json_object_set_new(c, "eos_token_id", json_integer(json_integer_value(json_array_get(extra_eos, 0))));
+    json_object_set_new(c, "eos_token_id", json_integer(json_integer_value(json_array_get(eos_ids, 0))));
     json_object_set_new(c, "torch_dtype",
-                        json_string(!strcmp(dtype, "f32") ? "float32"
-                                    : !strcmp(dtype, "f16") ? "float16" : "bfloat16"));
-    write_json(out, "config.json", c);
+                        json_string(!strcmp(g->dtype, "f32") ? "float32"
+                                    : !strcmp(g->dtype, "f16") ? "float16" : "bfloat16"));
+    write_json(g->out, "config.json", c);
     json_decref(c);
+}
 
-    json_t *g = json_object();
-    json_object_set_new(g, "bos_token_id", bos >= 0 ? json_integer(bos) : json_null());
-    json_object_set_new(g, "eos_token_id",
-                        json_array_size(extra_eos) == 1 ? json_incref(json_array_get(extra_eos, 0))
-                                                        : json_incref(extra_eos));
-    write_json(out, "generation_config.json", g);
-    json_decref(g);
-    json_decref(extra_eos);
+static void write_generation_config(const gm_spec *g, int bos, json_t *eos_ids) {
+    json_t *gc = json_object();
+    json_object_set_new(gc, "bos_token_id", bos >= 0 ? json_integer(bos) : json_null());
+    json_object_set_new(gc, "eos_token_id",
+                        json_array_size(eos_ids) == 1 ? json_incref(json_array_get(eos_ids, 0))
+                                                      : json_incref(eos_ids));
+    write_json(g->out, "generation_config.json", gc);
+    json_decref(gc);
+}
 
-    if (tokpath[0]) {
-        copy_file(tokpath, out, "tokenizer.json");
-        char cfgp[4096];
-        snprintf(cfgp, sizeof cfgp, "%s", tokpath);
-        char *slash = strrchr(cfgp, '/');
-        size_t room = slash ? sizeof cfgp - (size_t)(slash + 1 - cfgp) : 0;
-        if (slash && room > 22) {
-            snprintf(slash + 1, room, "tokenizer_config.json");
-            FILE *t = fopen(cfgp, "rb");
-            if (t) {
-                fclose(t);
-                copy_file(cfgp, out, "tokenizer_config.json");
-            }
+/* tokenizer.json, and tokenizer_config.json when it sits beside it. */
+static void copy_tokenizer(const gm_spec *g) {
+    if (!g->tokpath[0]) return;
+    copy_file(g->tokpath, g->out, "tokenizer.json");
+    char cfgp[4096];
+    snprintf(cfgp, sizeof cfgp, "%s", g->tokpath);
+    char *slash = strrchr(cfgp, '/');
+    size_t room = slash ? sizeof cfgp - (size_t)(slash + 1 - cfgp) : 0;
+    if (slash && room > 22) {
+        snprintf(slash + 1, room, "tokenizer_config.json");
+        FILE *t = fopen(cfgp, "rb");
+        if (t) {
+            fclose(t);
+            copy_file(cfgp, g->out, "tokenizer_config.json");
         }
     }
+}
+
+int main(int argc, char **argv) {
+    static gm_spec g; /* 4 KiB of path: not on the stack */
+    const char *tok = NULL;
+    parse_args(argc, argv, &g, &tok);
+    resolve_shape(&g);
+    resolve_tokenizer(&g, tok);
+    int bos;
+    json_t *eos_ids = special_ids(&g, &bos);
+    int nt;
+    wt *ws = tensor_list(&g, &nt);
+    if (g.shards > nt) g.shards = nt;
+    uint64_t total = assign_shards(ws, nt, g.shards, dtype_size(g.dtype));
+    int64_t nparams = 0;
+    for (int i = 0; i < nt; i++) nparams += nelem(&ws[i]);
+    make_dirs(g.out);
+    write_weights(&g, ws, nt, total);
+    write_config(&g, bos, eos_ids);
+    write_generation_config(&g, bos, eos_ids);
+    json_decref(eos_ids);
+    copy_tokenizer(&g);
     printf("gen_model: wrote %s: %s %s, %d layers, dim %d, %d/%d heads, ffn %d, vocab %d, "
            "%.2fM params, %d shard(s), %s\n",
-           out, shape_name, arch, layers, dim, heads, kv, ffn, vocab, (double)nparams / 1e6,
-           shards, dtype);
+           g.out, g.shape_name, g.arch, g.layers, g.dim, g.heads, g.kv, g.ffn, g.vocab, (double)nparams / 1e6,
+           g.shards, g.dtype);
     free(ws);
     return 0;
 }

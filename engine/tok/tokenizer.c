@@ -1085,9 +1085,13 @@ static int push_added(eng_tokenizer *t, const char *content, int32_t id, bool sp
     return D2_OK;
 }
 
-int eng_tok_load_hf(const char *tokenizer_json, const char *tokenizer_config_json, eng_tokenizer **out) {
-    if (!tokenizer_json || !out) return D2_EINVAL;
-    *out = NULL;
+/* ---- eng_tok_load_hf, step by step ------------------------------------------- */
+
+/* tokenizer.json into *root and, when the file exists, tokenizer_config.json
+ * into *cfg (NULL otherwise). */
+static int hf_read_json(const char *tokenizer_json, const char *tokenizer_config_json, json_t **root,
+                        json_t **cfg) {
+    *root = *cfg = NULL;
     FILE *f = fopen(tokenizer_json, "rb");
     if (!f) {
         D2_ERROR("%s: cannot open", tokenizer_json);
@@ -1095,174 +1099,187 @@ int eng_tok_load_hf(const char *tokenizer_json, const char *tokenizer_config_jso
     }
     fclose(f);
     json_error_t jerr;
-    json_t *root = json_load_file(tokenizer_json, 0, &jerr);
-    if (!root) {
+    *root = json_load_file(tokenizer_json, 0, &jerr);
+    if (!*root) {
         D2_ERROR("%s:%d: malformed JSON: %s", tokenizer_json, jerr.line, jerr.text);
         return D2_EJSON;
     }
-    json_t *cfg = NULL;
-    if (tokenizer_config_json) {
-        FILE *cf = fopen(tokenizer_config_json, "rb");
-        if (cf) {
-            fclose(cf);
-            /* model_max_length is often 1e30 written as an integer */
-            cfg = json_load_file(tokenizer_config_json, JSON_DECODE_INT_AS_REAL, &jerr);
-            if (!cfg) {
-                D2_ERROR("%s:%d: malformed JSON: %s", tokenizer_config_json, jerr.line, jerr.text);
-                json_decref(root);
-                return D2_EJSON;
-            }
-        }
+    if (!tokenizer_config_json) return D2_OK;
+    FILE *cf = fopen(tokenizer_config_json, "rb");
+    if (!cf) return D2_OK;
+    fclose(cf);
+    /* model_max_length is often 1e30 written as an integer */
+    *cfg = json_load_file(tokenizer_config_json, JSON_DECODE_INT_AS_REAL, &jerr);
+    if (!*cfg) {
+        D2_ERROR("%s:%d: malformed JSON: %s", tokenizer_config_json, jerr.line, jerr.text);
+        return D2_EJSON;
     }
-    int rc = D2_OK;
-    eng_tokenizer *t = tok_new();
-    if (!t) {
-        rc = D2_ENOMEM;
-        goto done;
-    }
-    t->kind = KIND_BPE;
-    const json_t *model = json_object_get(root, "model");
+    return D2_OK;
+}
+
+/* Only plain BPE with a vocab and merges is supported. */
+static int hf_check_model(const json_t *model, const char *path) {
     const json_t *vocab = json_object_get(model, "vocab");
     const json_t *merges = json_object_get(model, "merges");
     const char *mtype = jstr(model, "type");
     if (!json_is_object(vocab) || !json_is_array(merges) || (mtype && strcmp(mtype, "BPE") != 0)) {
-        D2_ERROR("%s: unsupported model (type %s): only BPE with vocab and merges", tokenizer_json,
-                 mtype ? mtype : "(none)");
-        rc = D2_EUNSUPPORTED;
-        goto done;
+        D2_ERROR("%s: unsupported model (type %s): only BPE with vocab and merges", path, mtype ? mtype : "(none)");
+        return D2_EUNSUPPORTED;
     }
     const json_t *drop = json_object_get(model, "dropout");
     const char *cswp = jstr(model, "continuing_subword_prefix"), *eows = jstr(model, "end_of_word_suffix");
     if ((json_is_number(drop) && json_number_value(drop) > 0) || (cswp && *cswp) || (eows && *eows)) {
-        D2_ERROR("%s: unsupported BPE options (dropout / subword prefix / suffix)", tokenizer_json);
-        rc = D2_EUNSUPPORTED;
-        goto done;
+        D2_ERROR("%s: unsupported BPE options (dropout / subword prefix / suffix)", path);
+        return D2_EUNSUPPORTED;
     }
-    /* ids */
+    return D2_OK;
+}
+
+/* Sizes the id tables from the largest vocab or added-token id, then fills
+ * the pieces and the vocab map. */
+static int hf_vocab(eng_tokenizer *t, const json_t *vocab, const json_t *added, const char *path) {
     int max_id = -1;
     const char *key;
     const json_t *val;
     json_object_foreach((json_t *)vocab, key, val) {
         json_int_t id = json_integer_value(val);
         if (!json_is_integer(val) || id < 0 || id > 0x7FFFFFF) {
-            D2_ERROR("%s: bad vocab id for %s", tokenizer_json, key);
-            rc = D2_EFORMAT;
-            goto done;
+            D2_ERROR("%s: bad vocab id for %s", path, key);
+            return D2_EFORMAT;
         }
         if (id > max_id) max_id = (int)id;
     }
-    const json_t *added = json_object_get(root, "added_tokens");
     size_t ai;
     const json_t *ax;
     json_array_foreach(added, ai, ax) {
         json_int_t id = json_integer_value(json_object_get(ax, "id"));
         if (!jstr(ax, "content") || id < 0 || id > 0x7FFFFFF) {
-            D2_ERROR("%s: bad added token %zu", tokenizer_json, ai);
-            rc = D2_EFORMAT;
-            goto done;
+            D2_ERROR("%s: bad added token %zu", path, ai);
+            return D2_EFORMAT;
         }
         if (id > max_id) max_id = (int)id;
     }
-    if ((rc = alloc_ids(t, max_id + 1))) goto done;
-    if ((rc = eng__tok_map_init(&t->vocab, (uint32_t)json_object_size(vocab)))) goto done;
+    int rc;
+    if ((rc = alloc_ids(t, max_id + 1))) return rc;
+    if ((rc = eng__tok_map_init(&t->vocab, (uint32_t)json_object_size(vocab)))) return rc;
     json_object_foreach((json_t *)vocab, key, val) {
         int id = (int)json_integer_value(val);
         size_t kl = strlen(key);
         if (t->piece[id]) continue;
-        if ((rc = set_piece(t, id, key, kl))) goto done;
-        if ((rc = eng__tok_map_put(&t->vocab, t->piece[id], kl, id, false))) goto done;
+        if ((rc = set_piece(t, id, key, kl))) return rc;
+        if ((rc = eng__tok_map_put(&t->vocab, t->piece[id], kl, id, false))) return rc;
     }
-    /* model options */
+    return D2_OK;
+}
+
+/* byte_fallback, ignore_merges, fuse_unk, unk_token and the <0xNN> byte tokens. */
+static void hf_model_options(eng_tokenizer *t, const json_t *model) {
     t->byte_fallback = jbool(model, "byte_fallback", false);
     t->ignore_merges = jbool(model, "ignore_merges", false);
     t->fuse_unk = jbool(model, "fuse_unk", false);
-    if (jstr(model, "unk_token")) t->unk_id = eng__tok_map_get(&t->vocab, jstr(model, "unk_token"), strlen(jstr(model, "unk_token")));
+    const char *unk = jstr(model, "unk_token");
+    if (unk) t->unk_id = eng__tok_map_get(&t->vocab, unk, strlen(unk));
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof(name), "<0x%02X>", b);
         t->byte_tok[b] = eng__tok_map_get(&t->vocab, name, 6);
     }
-    if ((rc = parse_normalizer(t, json_object_get(root, "normalizer"), tokenizer_json))) goto done;
-    if ((rc = parse_pretok(t, json_object_get(root, "pre_tokenizer"), tokenizer_json))) goto done;
-    parse_decoder(t, json_object_get(root, "decoder"));
-    {
-        const json_t *dec = json_object_get(root, "decoder");
-        const char *dt = jstr(dec, "type");
-        if (dt && !strcmp(dt, "ByteLevel")) t->kind = KIND_BYTELEVEL;
+}
+
+/* One merge entry ("a b" or ["a", "b"]) into its parts; false when malformed. */
+static bool hf_merge_parts(const json_t *mx, const char **a, size_t *al, const char **b, size_t *bl) {
+    if (json_is_string(mx)) {
+        const char *s = json_string_value(mx);
+        const char *sp = strchr(s, ' ');
+        if (!sp) return false;
+        *a = s;
+        *al = (size_t)(sp - s);
+        *b = sp + 1;
+        const char *sp2 = strchr(*b, ' ');
+        *bl = sp2 ? (size_t)(sp2 - *b) : strlen(*b);
+        return true;
     }
-    if (t->kind == KIND_BYTELEVEL) t->byte_fallback = false;
-    /* merges */
-    if ((rc = eng__tok_merges_init(&t->merges, (uint32_t)json_array_size(merges)))) goto done;
-    {
-        size_t mi;
-        const json_t *mx;
-        buf cat = {0};
-        size_t skipped = 0;
-        json_array_foreach(merges, mi, mx) {
-            const char *a, *b;
-            size_t al, bl;
-            if (json_is_string(mx)) {
-                const char *s = json_string_value(mx);
-                const char *sp = strchr(s, ' ');
-                if (!sp) { skipped++; continue; }
-                a = s;
-                al = (size_t)(sp - s);
-                b = sp + 1;
-                const char *sp2 = strchr(b, ' ');
-                bl = sp2 ? (size_t)(sp2 - b) : strlen(b);
-            } else if (json_is_array(mx) && json_array_size(mx) == 2) {
-                a = json_string_value(json_array_get(mx, 0));
-                b = json_string_value(json_array_get(mx, 1));
-                if (!a || !b) { skipped++; continue; }
-                al = strlen(a);
-                bl = strlen(b);
-            } else {
-                skipped++;
-                continue;
-            }
-            int32_t la = eng__tok_map_get(&t->vocab, a, al), lb = eng__tok_map_get(&t->vocab, b, bl);
-            cat.n = 0;
-            if ((rc = buf_add(&cat, a, al)) || (rc = buf_add(&cat, b, bl))) break;
-            int32_t m = eng__tok_map_get(&t->vocab, cat.p, cat.n);
-            if (la < 0 || lb < 0 || m < 0) {
-                skipped++;
-                continue;
-            }
-            if ((rc = eng__tok_merges_put(&t->merges, la, lb, (int32_t)mi, m))) break;
+    if (json_is_array(mx) && json_array_size(mx) == 2) {
+        *a = json_string_value(json_array_get(mx, 0));
+        *b = json_string_value(json_array_get(mx, 1));
+        if (!*a || !*b) return false;
+        *al = strlen(*a);
+        *bl = strlen(*b);
+        return true;
+    }
+    return false;
+}
+
+/* The merge table, ranked by position; merges whose parts or result are not
+ * in the vocabulary are skipped with one warning. */
+static int hf_merges(eng_tokenizer *t, const json_t *merges, const char *path) {
+    int rc = eng__tok_merges_init(&t->merges, (uint32_t)json_array_size(merges));
+    if (rc) return rc;
+    size_t mi;
+    const json_t *mx;
+    buf cat = {0};
+    size_t skipped = 0;
+    json_array_foreach(merges, mi, mx) {
+        const char *a, *b;
+        size_t al, bl;
+        if (!hf_merge_parts(mx, &a, &al, &b, &bl)) {
+            skipped++;
+            continue;
         }
-        free(cat.p);
-        if (rc) goto done;
-        if (skipped) D2_WARN("%s: %zu merges skipped (parts or result not in the vocabulary)", tokenizer_json, skipped);
+        int32_t la = eng__tok_map_get(&t->vocab, a, al), lb = eng__tok_map_get(&t->vocab, b, bl);
+        cat.n = 0;
+        if ((rc = buf_add(&cat, a, al)) || (rc = buf_add(&cat, b, bl))) break;
+        int32_t m = eng__tok_map_get(&t->vocab, cat.p, cat.n);
+        if (la < 0 || lb < 0 || m < 0) {
+            skipped++;
+            continue;
+        }
+        if ((rc = eng__tok_merges_put(&t->merges, la, lb, (int32_t)mi, m))) break;
     }
-    /* added tokens */
+    free(cat.p);
+    if (rc) return rc;
+    if (skipped) D2_WARN("%s: %zu merges skipped (parts or result not in the vocabulary)", path, skipped);
+    return D2_OK;
+}
+
+static int hf_added_tokens(eng_tokenizer *t, const json_t *added) {
+    size_t ai;
+    const json_t *ax;
     json_array_foreach(added, ai, ax) {
         bool special = jbool(ax, "special", false);
-        if ((rc = push_added(t, jstr(ax, "content"), (int32_t)json_integer_value(json_object_get(ax, "id")), special,
-                             jbool(ax, "lstrip", false), jbool(ax, "rstrip", false),
-                             jbool(ax, "normalized", !special))))
-            goto done;
+        int rc = push_added(t, jstr(ax, "content"), (int32_t)json_integer_value(json_object_get(ax, "id")), special,
+                            jbool(ax, "lstrip", false), jbool(ax, "rstrip", false), jbool(ax, "normalized", !special));
+        if (rc) return rc;
     }
-    /* config: extra special tokens, bos/eos */
-    if (cfg) {
-        size_t i;
-        const json_t *x;
-        json_array_foreach(json_object_get(cfg, "additional_special_tokens"), i, x) {
-            const char *c = json_is_string(x) ? json_string_value(x) : jstr(x, "content");
-            int id = c ? eng_tok_find(t, c) : -1;
-            if (id >= 0) t->flags[id] |= F_SPECIAL;
-        }
-        const char *bt = config_token(cfg, "bos_token"), *et = config_token(cfg, "eos_token");
-        if (bt) t->bos = eng_tok_find(t, bt);
-        if (et) t->eos = eng_tok_find(t, et);
+    return D2_OK;
+}
+
+/* tokenizer_config.json: extra special tokens, bos/eos. */
+static void hf_config_specials(eng_tokenizer *t, const json_t *cfg) {
+    size_t i;
+    const json_t *x;
+    json_array_foreach(json_object_get(cfg, "additional_special_tokens"), i, x) {
+        const char *c = json_is_string(x) ? json_string_value(x) : jstr(x, "content");
+        int id = c ? eng_tok_find(t, c) : -1;
+        if (id >= 0) t->flags[id] |= F_SPECIAL;
     }
+    const char *bt = config_token(cfg, "bos_token"), *et = config_token(cfg, "eos_token");
+    if (bt) t->bos = eng_tok_find(t, bt);
+    if (et) t->eos = eng_tok_find(t, et);
+}
+
+/* The ids added around an encoding: the post_processor's template, else the
+ * config's add_bos_token/add_eos_token; then whether they add BOS/EOS. */
+static int hf_affixes(eng_tokenizer *t, const json_t *root, const json_t *cfg) {
     bool has_template = false;
-    if ((rc = parse_post(t, json_object_get(root, "post_processor"), &has_template))) goto done;
+    int rc = parse_post(t, json_object_get(root, "post_processor"), &has_template);
+    if (rc) return rc;
     if (!has_template && cfg) {
         ivec pre = {0}, suf = {0};
-        if (jbool(cfg, "add_bos_token", false) && t->bos >= 0 && (rc = ivec_push(&pre, t->bos))) goto done;
+        if (jbool(cfg, "add_bos_token", false) && t->bos >= 0 && (rc = ivec_push(&pre, t->bos))) return rc;
         if (jbool(cfg, "add_eos_token", false) && t->eos >= 0 && (rc = ivec_push(&suf, t->eos))) {
             free(pre.p);
-            goto done;
+            return rc;
         }
         t->prefix = pre.p;
         t->n_prefix = (int)pre.n;
@@ -1274,8 +1291,42 @@ int eng_tok_load_hf(const char *tokenizer_json, const char *tokenizer_config_jso
         if (t->prefix[k] == t->bos) t->adds_bos = true;
     for (int k = 0; k < t->n_suffix; k++)
         if (t->suffix[k] == t->eos) t->adds_eos = true;
-    rc = finish(t);
-done:
+    return D2_OK;
+}
+
+/* Everything after the files are read: the steps above in the order the
+ * Hugging Face tokenizer applies them. */
+static int hf_build(eng_tokenizer *t, const json_t *root, const json_t *cfg, const char *path) {
+    t->kind = KIND_BPE;
+    const json_t *model = json_object_get(root, "model");
+    const json_t *added = json_object_get(root, "added_tokens");
+    int rc;
+    if ((rc = hf_check_model(model, path))) return rc;
+    if ((rc = hf_vocab(t, json_object_get(model, "vocab"), added, path))) return rc;
+    hf_model_options(t, model);
+    if ((rc = parse_normalizer(t, json_object_get(root, "normalizer"), path))) return rc;
+    if ((rc = parse_pretok(t, json_object_get(root, "pre_tokenizer"), path))) return rc;
+    parse_decoder(t, json_object_get(root, "decoder"));
+    const char *dt = jstr(json_object_get(root, "decoder"), "type");
+    if (dt && !strcmp(dt, "ByteLevel")) t->kind = KIND_BYTELEVEL;
+    if (t->kind == KIND_BYTELEVEL) t->byte_fallback = false;
+    if ((rc = hf_merges(t, json_object_get(model, "merges"), path))) return rc;
+    if ((rc = hf_added_tokens(t, added))) return rc;
+    if (cfg) hf_config_specials(t, cfg);
+    if ((rc = hf_affixes(t, root, cfg))) return rc;
+    return finish(t);
+}
+
+int eng_tok_load_hf(const char *tokenizer_json, const char *tokenizer_config_json, eng_tokenizer **out) {
+    if (!tokenizer_json || !out) return D2_EINVAL;
+    *out = NULL;
+    json_t *root = NULL, *cfg = NULL;
+    int rc = hf_read_json(tokenizer_json, tokenizer_config_json, &root, &cfg);
+    eng_tokenizer *t = NULL;
+    if (rc == D2_OK) {
+        t = tok_new();
+        rc = t ? hf_build(t, root, cfg, tokenizer_json) : D2_ENOMEM;
+    }
     json_decref(root);
     json_decref(cfg);
     if (rc) {
