@@ -88,7 +88,8 @@ TEST(kv_budget_token_count_and_one) {
     ASSERT_EQ(p.kv.method, ENG_KV_H2O);
     ASSERT_EQ(p.kv.budget_tokens, 128);
     api_gen_params_free(&p);
-    /* the integer 1 is the whole prompt (as kv_budget "1" in the config file) */
+    /* the integer 1 is the share 1 (as the length of the prompt), never one token: the engine's one
+     * meaning (eng_kv_budget_number), as kv_budget "1" in the config file and --kv-budget 1 */
     ASSERT_OK(parse_kv("{\"method\": \"h2o\", \"budget\": 1}", &p, &err));
     ASSERT_EQ(p.kv.budget_tokens, 0);
     ASSERT_NEAR(p.kv.budget_frac, 1.0, 1e-6);
@@ -97,6 +98,11 @@ TEST(kv_budget_token_count_and_one) {
     ASSERT_EQ(p.kv.budget_tokens, 0);
     ASSERT_NEAR(p.kv.budget_frac, 1.0, 1e-6);
     api_gen_params_free(&p);
+    /* a count is written as an integer: 64.0 is a share above 1, refused with the reason */
+    ASSERT_EQ(parse_kv("{\"method\": \"h2o\", \"budget\": 64.0}", &p, &err), -1);
+    ASSERT_EQ(err.http, 400);
+    ASSERT_STREQ(err.param, "kv_compression");
+    ASSERT(strstr(err.message, "kv_compression.budget 64: a share of the prompt must be in (0, 1]") != NULL);
 }
 
 TEST(kv_optional_keys) {
