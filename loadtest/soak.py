@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -417,7 +418,9 @@ def main():
         print("the SIGHUP reload was not logged")
     for t in tsan[:2]:
         print(t[:3000])
-    if log_path:
+    if tmp and ok:
+        shutil.rmtree(tmp, ignore_errors=True)  # kept (and named) only when something failed
+    elif log_path:
         print(f"daemon log: {log_path}")
     print(f"soak: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
