@@ -11,7 +11,12 @@
  *     batch 1.
  *  3. Decode tokens/s at each batch size through the real engine loop
  *     (eng_run: paged pool, batched backend, sampler), timed from the step
- *     where every sequence has its first token to the end.
+ *     where every sequence has its first token to the end. After one untimed
+ *     warm-up run the batch sizes are run --reps times, interleaved (1, 8, 32,
+ *     then 32, 8, 1, ...), so a change in the machine's load hits every size
+ *     alike; each size reports the median and the range of its runs, and the
+ *     ratio to batch 1 is the median of the per-round ratios (both measured
+ *     within one round).
  *     Bandwidth is also measured read-only (a multi-threaded sum); the
  *     roofline uses the larger of the two, so the fraction is conservative.
  * Reported: batch-1 tokens/s as a fraction of the roofline, and aggregate
@@ -19,7 +24,11 @@
  *  4. KV-compression cost (--kv-method, default d2o; "none" skips; --kv-budget
  *     a share of the prompt or a token count, eng_kv_budget_parse): one
  *     sequence with a --kv-prompt token prompt through the scheduler (the
- *     daemon's path), full cache against the method, best of 5 each. The
+ *     daemon's path), full cache against the method, --kv-reps rounds
+ *     (default 5) after an untimed full-cache run, in the order full, method /
+ *     method, full / ...; reported: the median and range of the per-round
+ *     shares, and the share of the best times (the figure before the rounds
+ *     were interleaved). The
  *     engine has no timer inside the compression, so its cost is measured as
  *     the difference: (prefill with compression - prefill) / prefill (the
  *     end-of-prefill compression as a share of the prefill), and (decode
@@ -131,6 +140,32 @@ static int64_t tensor_bytes(const eng_tensor *t) {
     return n * 4;
 }
 
+/* ---- repeated measurements ---------------------------------------------------------- */
+
+#define BENCH_MAX_REPS 64
+
+typedef struct spread { double med, lo, hi; } spread;
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median, minimum and maximum of v[0..n) (n >= 1, n <= BENCH_MAX_REPS). */
+static spread spread_of(const double *v, int n) {
+    double s[BENCH_MAX_REPS];
+    memcpy(s, v, sizeof(double) * (size_t)n);
+    qsort(s, (size_t)n, sizeof(double), cmp_double);
+    spread r = {n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]), s[0], s[n - 1]};
+    return r;
+}
+
+static double min_of(const double *v, int n) {
+    double m = v[0];
+    for (int i = 1; i < n; i++) if (v[i] < m) m = v[i];
+    return m;
+}
+
 /* ---- KV-compression cost ---------------------------------------------------------- */
 
 typedef struct kv_probe { double t_first, t_done; int n, done, status; } kv_probe;
@@ -176,11 +211,70 @@ static int kv_run_once(eng_sched *s, const int32_t *prompt, int n_prompt, int ge
     return D2_OK;
 }
 
-#define KV_REPS 5
+/* The rounds of section 4: per round r, prefill and step times of the full
+ * cache (*_full[r]) and of the method (*_kv[r]), in alternating order. */
+typedef struct kv_rounds {
+    double pf_full[BENCH_MAX_REPS], st_full[BENCH_MAX_REPS], pf_kv[BENCH_MAX_REPS], st_kv[BENCH_MAX_REPS];
+} kv_rounds;
+
+static int kv_run_rounds(eng_sched *s, const int32_t *prompt, int n_prompt, int gen, const eng_kv_config *full,
+                         const eng_kv_config *kv, int reps, kv_rounds *out) {
+    double w1, w2;
+    int rc = kv_run_once(s, prompt, n_prompt, gen, full, &w1, &w2); /* untimed warm-up */
+    for (int r = 0; rc == D2_OK && r < reps; r++) {
+        for (int j = 0; rc == D2_OK && j < 2; j++) {
+            bool use_kv = (j == 0) == (r % 2 == 1); /* full, kv | kv, full | ... */
+            rc = kv_run_once(s, prompt, n_prompt, gen, use_kv ? kv : full, use_kv ? &out->pf_kv[r] : &out->pf_full[r],
+                             use_kv ? &out->st_kv[r] : &out->st_full[r]);
+        }
+    }
+    return rc;
+}
+
+/* Prints section 4's table and writes its JSON object. */
+static void kv_report(const eng_kv_config *kv, dmn_kv_budget bud, int n_prompt, int gen, int reps, const kv_rounds *k,
+                      const eng_sched_stats *st0, const eng_sched_stats *st1, char *json, size_t json_cap) {
+    double pf_share[BENCH_MAX_REPS], st_share[BENCH_MAX_REPS];
+    for (int r = 0; r < reps; r++) {
+        pf_share[r] = (k->pf_kv[r] - k->pf_full[r]) / k->pf_full[r];
+        st_share[r] = (k->st_kv[r] - k->st_full[r]) / k->st_full[r];
+    }
+    spread pf = spread_of(pf_share, reps), st = spread_of(st_share, reps);
+    spread pff = spread_of(k->pf_full, reps), pfk = spread_of(k->pf_kv, reps);
+    spread stf = spread_of(k->st_full, reps), stk = spread_of(k->st_kv, reps);
+    double pf_full = min_of(k->pf_full, reps), pf_kv = min_of(k->pf_kv, reps);
+    double st_full = min_of(k->st_full, reps), st_kv = min_of(k->st_kv, reps);
+    double pf_best = (pf_kv - pf_full) / pf_full, st_best = (st_kv - st_full) / st_full;
+    const char *mn = eng_kv_method_name(kv->method);
+    double budget = bud.tokens > 0 ? (double)bud.tokens : (double)bud.frac;
+    printf("\nKV compression cost: %s at budget %g%s, prompt %d tokens, %d generated, batch 1, %d interleaved rounds\n",
+           mn, budget, bud.tokens > 0 ? " tokens" : "", n_prompt, gen, reps);
+    printf("  prefill      full %8.2f ms [%.2f-%.2f]   %s %8.2f ms [%.2f-%.2f]   (medians [range])\n", pff.med * 1e3,
+           pff.lo * 1e3, pff.hi * 1e3, mn, pfk.med * 1e3, pfk.lo * 1e3, pfk.hi * 1e3);
+    printf("    compression = %+6.1f%% of the prefill [%+.1f%% .. %+.1f%% over rounds]; best times: %+.1f%% "
+           "(%.3f ms per prompt token)\n",
+           100 * pf.med, 100 * pf.lo, 100 * pf.hi, 100 * pf_best, (pf_kv - pf_full) * 1e3 / n_prompt);
+    printf("  decode step  full %8.3f ms [%.3f-%.3f]   %s %8.3f ms [%.3f-%.3f]\n", stf.med * 1e3, stf.lo * 1e3,
+           stf.hi * 1e3, mn, stk.med * 1e3, stk.lo * 1e3, stk.hi * 1e3);
+    printf("    eviction (amortised, net) = %+6.1f%% of a step [%+.1f%% .. %+.1f%%]; best times: %+.1f%%\n",
+           100 * st.med, 100 * st.lo, 100 * st.hi, 100 * st_best);
+    printf("  per run: %lld tokens evicted, %lld merged, %lld pages freed\n",
+           (long long)(st1->kv_tokens_evicted - st0->kv_tokens_evicted) / reps,
+           (long long)(st1->kv_tokens_merged - st0->kv_tokens_merged) / reps,
+           (long long)(st1->kv_pages_freed - st0->kv_pages_freed) / reps);
+    snprintf(json, json_cap,
+             "{\"bench\":\"kv_compression\",\"method\":\"%s\",\"budget\":%g,\"prompt\":%d,\"gen\":%d,\"reps\":%d,"
+             "\"prefill_full_s\":%.6f,\"prefill_kv_s\":%.6f,\"prefill_overhead_frac\":%.4f,"
+             "\"prefill_overhead_median\":%.4f,\"prefill_overhead_min\":%.4f,\"prefill_overhead_max\":%.4f,"
+             "\"step_full_s\":%.6f,\"step_kv_s\":%.6f,\"step_overhead_frac\":%.4f,"
+             "\"step_overhead_median\":%.4f,\"step_overhead_min\":%.4f,\"step_overhead_max\":%.4f}",
+             mn, budget, n_prompt, gen, reps, pf_full, pf_kv, pf_best, pf.med, pf.lo, pf.hi, st_full, st_kv, st_best,
+             st.med, st.lo, st.hi);
+}
 
 /* Section 4; writes its JSON object to json. */
 static int bench_kv(const char *model, int threads, int device, int method, dmn_kv_budget budget, int n_prompt,
-                    int gen, char *json, size_t json_cap) {
+                    int gen, int reps, char *json, size_t json_cap) {
     eng_engine_config ec = {.model_path = model, .device = (eng_device)device, .n_threads = threads,
                             .max_seqs = 1, .ctx_len = n_prompt + gen + 1};
     eng_engine *e = NULL;
@@ -192,6 +286,7 @@ static int bench_kv(const char *model, int threads, int device, int method, dmn_
     if (rc != D2_OK) { eng_engine_destroy(e); return rc; }
     const eng_model *m = eng_engine_model(e);
     int32_t *prompt = malloc(sizeof(int32_t) * (size_t)n_prompt);
+    kv_rounds *k = calloc(1, sizeof *k);
     uint64_t rng = 777;
     for (int t = 0; prompt && t < n_prompt; t++) {
         rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
@@ -202,43 +297,17 @@ static int bench_kv(const char *model, int threads, int device, int method, dmn_
     eng_kv_config_default(&kv, (eng_kv_method)method);
     kv.budget_frac = budget.frac;
     kv.budget_tokens = budget.tokens;
-    double budget_v = budget.tokens > 0 ? (double)budget.tokens : (double)budget.frac;
     const char *why = NULL;
-    if (!prompt) rc = D2_ENOMEM;
+    if (!prompt || !k) rc = D2_ENOMEM;
     else if (eng_kv_config_validate(&kv, &why) != D2_OK) {
         fprintf(stderr, "d2od bench: --kv-method/--kv-budget: invalid %s\n", why ? why : "config");
         rc = D2_EINVAL;
     }
-    double pf_full = 1e30, st_full = 1e30, pf_kv = 1e30, st_kv = 1e30;
     eng_sched_stats st0 = eng_sched_get_stats(s);
-    for (int rep = 0; rc == D2_OK && rep < KV_REPS; rep++) { /* interleaved, best of KV_REPS */
-        double a, b;
-        rc = kv_run_once(s, prompt, n_prompt, gen, &full, &a, &b);
-        if (rc == D2_OK) { if (a < pf_full) pf_full = a; if (b < st_full) st_full = b; }
-        if (rc == D2_OK) rc = kv_run_once(s, prompt, n_prompt, gen, &kv, &a, &b);
-        if (rc == D2_OK) { if (a < pf_kv) pf_kv = a; if (b < st_kv) st_kv = b; }
-    }
+    if (rc == D2_OK) rc = kv_run_rounds(s, prompt, n_prompt, gen, &full, &kv, reps, k);
     eng_sched_stats st1 = eng_sched_get_stats(s);
-    if (rc == D2_OK) {
-        double pf_ratio = (pf_kv - pf_full) / pf_full, st_ratio = (st_kv - st_full) / st_full;
-        printf("\nKV compression cost: %s at budget %g%s, prompt %d tokens, %d generated, batch 1\n",
-               eng_kv_method_name(kv.method), budget_v, budget.tokens > 0 ? " tokens" : "", n_prompt, gen);
-        printf("  prefill      full %8.2f ms   %s %8.2f ms   compression = %+6.1f%% of the prefill (%.3f ms per prompt token)\n",
-               pf_full * 1e3, eng_kv_method_name(kv.method), pf_kv * 1e3, 100 * pf_ratio,
-               (pf_kv - pf_full) * 1e3 / n_prompt);
-        printf("  decode step  full %8.3f ms   %s %8.3f ms   eviction (amortised, net) = %+6.1f%% of a step\n",
-               st_full * 1e3, eng_kv_method_name(kv.method), st_kv * 1e3, 100 * st_ratio);
-        printf("  per run: %lld tokens evicted, %lld merged, %lld pages freed\n",
-               (long long)(st1.kv_tokens_evicted - st0.kv_tokens_evicted) / KV_REPS,
-               (long long)(st1.kv_tokens_merged - st0.kv_tokens_merged) / KV_REPS,
-               (long long)(st1.kv_pages_freed - st0.kv_pages_freed) / KV_REPS);
-        snprintf(json, json_cap,
-                 "{\"bench\":\"kv_compression\",\"method\":\"%s\",\"budget\":%g,\"prompt\":%d,\"gen\":%d,"
-                 "\"prefill_full_s\":%.6f,\"prefill_kv_s\":%.6f,\"prefill_overhead_frac\":%.4f,"
-                 "\"step_full_s\":%.6f,\"step_kv_s\":%.6f,\"step_overhead_frac\":%.4f}",
-                 eng_kv_method_name(kv.method), budget_v, n_prompt, gen, pf_full, pf_kv, pf_ratio, st_full, st_kv,
-                 st_ratio);
-    }
+    if (rc == D2_OK) kv_report(&kv, budget, n_prompt, gen, reps, k, &st0, &st1, json, json_cap);
+    free(k);
     free(prompt);
     eng_sched_destroy(s);
     eng_engine_destroy(e);
@@ -257,7 +326,7 @@ _Static_assert(ENG_KV_D2O == 1 && ENG_KV_H2O == 2 && ENG_KV_STREAMINGLLM == 3 &&
 typedef struct bench_opts {
     const char *model;
     dmn_int_list batches;
-    int threads, device, prompt, gen, kv_method, kv_prompt, kv_gen, stall_prompt, stall_decoders;
+    int threads, device, prompt, gen, reps, kv_method, kv_prompt, kv_gen, kv_reps, stall_prompt, stall_decoders;
     dmn_kv_budget kv_budget;
 } bench_opts;
 
@@ -270,6 +339,8 @@ static const dmn_opt BENCH_OPTS[] = {
      .help = "prompt tokens per sequence"},
     {.name = "gen", .type = DMN_OPT_INT, .offset = OFF(gen), .def = "64", .min = 2, .max = 1 << 20,
      .help = "tokens generated per sequence"},
+    {.name = "reps", .type = DMN_OPT_INT, .offset = OFF(reps), .def = "3", .min = 1, .max = BENCH_MAX_REPS,
+     .help = "interleaved rounds over the batch sizes (median and range printed)"},
     DMN_OPT_ROW_THREADS(bench_opts),
     DMN_OPT_ROW_DEVICE(bench_opts),
     {.name = "kv-method", .type = DMN_OPT_ENUM, .offset = OFF(kv_method), .def = "d2o", .names = BENCH_KV_METHODS,
@@ -280,6 +351,8 @@ static const dmn_opt BENCH_OPTS[] = {
      .help = "prompt tokens of the KV-compression run"},
     {.name = "kv-gen", .type = DMN_OPT_INT, .offset = OFF(kv_gen), .def = "64", .min = 2, .max = 1 << 20,
      .help = "tokens generated in the KV-compression run"},
+    {.name = "kv-reps", .type = DMN_OPT_INT, .offset = OFF(kv_reps), .def = "5", .min = 1, .max = BENCH_MAX_REPS,
+     .help = "interleaved rounds of the KV-compression run (full and compressed alternate)"},
     {.name = "stall-prompt", .type = DMN_OPT_INT, .offset = OFF(stall_prompt), .def = "1024", .min = 0,
      .max = 1 << 20, .help = "prompt of the stall run (section 5), 0 = skip it"},
     {.name = "stall-decoders", .type = DMN_OPT_INT, .offset = OFF(stall_decoders), .def = "4", .min = 1, .max = 256,
@@ -291,8 +364,9 @@ static const dmn_cmd_spec BENCH_CMD = {
     .name = "bench",
     .usage = "--model M [options]",
     .about = "Measures copy bandwidth, the batch-1 decode roofline (weight bytes per token /\n"
-             "bandwidth) and decode tokens/s at each batch size through the engine loop; then\n"
-             "the cost of KV compression as a share of the prefill and of a decode step.\n"
+             "bandwidth) and decode tokens/s at each batch size through the engine loop, over\n"
+             "--reps interleaved rounds; then the cost of KV compression as a share of the\n"
+             "prefill and of a decode step over --kv-reps rounds. Medians and ranges.\n"
              "Prints tables and JSON lines.",
     .opts = BENCH_OPTS,
     .n_opts = (int)(sizeof BENCH_OPTS / sizeof BENCH_OPTS[0]),
@@ -320,11 +394,10 @@ static double bench_roofline(const bench_opts *o, const eng_model *m, char *json
     printf("memory bandwidth: copy %.2f GB/s (read+write counted, as STREAM), read-only %.2f GB/s; %d threads\n",
            bw_copy / 1e9, bw_read / 1e9, bw_threads);
     printf("batch-1 decode roofline: %.1f tokens/s\n\n", roofline);
-    printf("%6s %14s %12s %14s\n", "batch", "tokens/s", "vs batch 1", "of roofline");
     *jl = snprintf(json, cap,
                    "{\"bench\":\"cpu_decode\",\"params\":%lld,\"stream_bytes\":%lld,"
-                   "\"copy_bw_Bps\":%.0f,\"read_bw_Bps\":%.0f,\"roofline_tps\":%.2f,\"batches\":[",
-                   (long long)eng_model_n_params(m), (long long)stream_bytes, bw_copy, bw_read, roofline);
+                   "\"copy_bw_Bps\":%.0f,\"read_bw_Bps\":%.0f,\"roofline_tps\":%.2f,\"reps\":%d,\"batches\":[",
+                   (long long)eng_model_n_params(m), (long long)stream_bytes, bw_copy, bw_read, roofline, o->reps);
     return roofline;
 }
 
@@ -363,33 +436,60 @@ static int bench_batch(eng_engine *e, int B, int prompt_len, int gen, uint64_t *
     }
     free(seqs);
     free(prompts);
-    *tps = (double)toks / (done - first);
+    *tps = done > first ? (double)toks / (done - first) : 0;
     return rc;
 }
 
-/* Sections 1-3 on one engine; prints the table and the JSON line. */
+/* Sections 1-3 on one engine: the batch sizes interleaved over o->reps
+ * rounds (forward, then backward, ...); prints the table and the JSON line.
+ * The reference size is batch 1 when listed, else the first listed. */
 static int bench_decode(const bench_opts *o, eng_engine *e) {
-    char json[2048];
+    char json[4096];
     int jl = 0;
     double roofline = bench_roofline(o, eng_engine_model(e), json, sizeof json, &jl);
-    double tps1 = 0;
+    double tps[16][BENCH_MAX_REPS];
+    double ratio[BENCH_MAX_REPS];
+    int ref = 0;
+    for (int k = 0; k < o->batches.n; k++) if (o->batches.v[k] == 1) { ref = k; break; }
     uint64_t rng = 12345;
-    for (int k = 0; k < o->batches.n; k++) {
-        int B = o->batches.v[k];
-        double tps = 0;
-        int rc = bench_batch(e, B, o->prompt, o->gen, &rng, &tps);
-        if (rc != D2_OK) {
-            fprintf(stderr, "d2od bench: batch %d failed: %s\n", B, d2_strerror(rc));
-            return rc;
-        }
-        if (B == 1 || tps1 == 0) tps1 = B == 1 ? tps : tps1;
-        if (B == 1) printf("%6d %14.1f %11.2fx %13.1f%%\n", B, tps, 1.0, 100.0 * tps / roofline);
-        else printf("%6d %14.1f %11.2fx %14s\n", B, tps, tps1 > 0 ? tps / tps1 : 0, "-");
-        jl += snprintf(json + jl, sizeof json - (size_t)jl, "%s{\"batch\":%d,\"tps\":%.2f,\"x_batch1\":%.3f}",
-                       k ? "," : "", B, tps, tps1 > 0 ? tps / tps1 : 0);
+    /* One untimed run at the largest size first: page faults in the pool and
+     * the first touch of the weights would otherwise land in round 0. */
+    int max_k = 0;
+    for (int k = 0; k < o->batches.n; k++) if (o->batches.v[k] > o->batches.v[max_k]) max_k = k;
+    int wrc = bench_batch(e, o->batches.v[max_k], o->prompt, o->gen, &rng, &tps[max_k][0]);
+    if (wrc != D2_OK) {
+        fprintf(stderr, "d2od bench: warm-up at batch %d failed: %s\n", o->batches.v[max_k], d2_strerror(wrc));
+        return wrc;
     }
-    snprintf(json + jl, sizeof json - (size_t)jl, "],\"batch1_roofline_frac\":%.4f}", tps1 / roofline);
-    printf("\nbatch-1 decode = %.1f%% of the memory roofline\n", 100.0 * tps1 / roofline);
+    for (int r = 0; r < o->reps; r++) {
+        for (int j = 0; j < o->batches.n; j++) {
+            int k = r % 2 ? o->batches.n - 1 - j : j;
+            int rc = bench_batch(e, o->batches.v[k], o->prompt, o->gen, &rng, &tps[k][r]);
+            if (rc != D2_OK) {
+                fprintf(stderr, "d2od bench: batch %d failed: %s\n", o->batches.v[k], d2_strerror(rc));
+                return rc;
+            }
+        }
+    }
+    printf("%d interleaved rounds; median [min-max] over rounds; the ratio is taken within each round\n", o->reps);
+    printf("%6s %28s %26s %14s\n", "batch", "tokens/s", "vs batch 1", "of roofline");
+    spread t1 = spread_of(tps[ref], o->reps);
+    for (int k = 0; k < o->batches.n; k++) {
+        for (int r = 0; r < o->reps; r++) ratio[r] = tps[ref][r] > 0 ? tps[k][r] / tps[ref][r] : 0;
+        spread t = spread_of(tps[k], o->reps), x = spread_of(ratio, o->reps);
+        char a[64], b[64];
+        snprintf(a, sizeof a, "%.1f [%.1f-%.1f]", t.med, t.lo, t.hi);
+        snprintf(b, sizeof b, "%.2fx [%.2f-%.2f]", x.med, x.lo, x.hi);
+        if (k == ref) printf("%6d %28s %26s %13.1f%%\n", o->batches.v[k], a, b, 100.0 * t.med / roofline);
+        else printf("%6d %28s %26s %14s\n", o->batches.v[k], a, b, "-");
+        jl += snprintf(json + jl, sizeof json - (size_t)jl,
+                       "%s{\"batch\":%d,\"tps\":%.2f,\"tps_min\":%.2f,\"tps_max\":%.2f,\"x_batch1\":%.3f,"
+                       "\"x_min\":%.3f,\"x_max\":%.3f}",
+                       k ? "," : "", o->batches.v[k], t.med, t.lo, t.hi, x.med, x.lo, x.hi);
+    }
+    snprintf(json + jl, sizeof json - (size_t)jl, "],\"batch1_roofline_frac\":%.4f}", t1.med / roofline);
+    printf("\nbatch-1 decode = %.1f%% of the memory roofline (median; %.1f-%.1f%%)\n", 100.0 * t1.med / roofline,
+           100.0 * t1.lo / roofline, 100.0 * t1.hi / roofline);
     printf("%s\n", json);
     return D2_OK;
 }
@@ -413,8 +513,8 @@ int d2_cmd_bench(int argc, char **argv) {
     if (rc != D2_OK) return 1;
     if (o.kv_method > 0) {
         char json[2048];
-        rc = bench_kv(o.model, o.threads, o.device, o.kv_method, o.kv_budget, o.kv_prompt, o.kv_gen, json,
-                      sizeof json);
+        rc = bench_kv(o.model, o.threads, o.device, o.kv_method, o.kv_budget, o.kv_prompt, o.kv_gen, o.kv_reps,
+                      json, sizeof json);
         if (rc != D2_OK) {
             fprintf(stderr, "d2od bench: KV-compression run failed: %s\n", d2_strerror(rc));
             return 1;
