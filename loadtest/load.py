@@ -426,8 +426,7 @@ async def build_requests(args, n, seed):
     for i, (prompt, p_len, o_len) in enumerate(items):
         b = dict(base, max_tokens=o_len, seed=seed * 1000003 + i)
         if args.chat:
-            text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-            b["messages"] = [{"role": "user", "content": text}]
+            b["messages"] = [{"role": "user", "content": prompt}]
         else:
             b["prompt"] = prompt
         reqs.append({"body": json.dumps(b).encode(), "prompt_len": p_len})
@@ -666,6 +665,8 @@ def parse_args(argv=None):
         ap.error(str(ex))
     if args.dataset_path and args.input_len:
         ap.error("--dataset-path and --input-len are exclusive")
+    if args.chat and args.input_len:
+        ap.error("--input-len sends token ids, which only /v1/completions takes: not with --chat")
     try:
         addr = ipaddress.ip_address(socket.gethostbyname(args.host))
     except (OSError, ValueError):
