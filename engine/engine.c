@@ -50,8 +50,9 @@ int eng_engine_create(const eng_engine_config *cfg_in, eng_engine **out) {
 }
 
 /* Pool size in pages: kv_pages when given, else kv_mem_mb of payload (default:
- * enough for max_seqs full contexts, capped at 4096 MB and at what the
- * backend says it can hold). */
+ * enough for max_seqs full contexts, capped at 4096 MB for a host payload, and
+ * at what the backend says it can hold: a GPU's memory left after weights and
+ * activations, times --gpu-memory-utilization). */
 static int64_t pool_pages(const eng_engine *e, const eng_engine_config *cfg, int page_tokens) {
     const eng_model_config *mc = &e->model->cfg;
     int64_t page_bytes = (int64_t)page_tokens * (int64_t)e->caps.kv_bytes_per_slot;
@@ -61,12 +62,15 @@ static int64_t pool_pages(const eng_engine *e, const eng_engine_config *cfg, int
         int64_t need = (int64_t)e->max_seqs * mc->n_layers *
                        eng__pages_for(e->ctx_len, page_tokens) * page_bytes;
         mb = need / (1024 * 1024) + 1;
-        if (mb > 4096) mb = 4096;
+        /* host memory is shared with everything else; a device backend's
+         * room (kv_bytes_avail, after weights and activations) is the cap */
+        if (mb > 4096 && !e->caps.kv_on_device) mb = 4096;
     }
     int64_t bytes = mb * 1024 * 1024;
     if (e->caps.kv_bytes_avail > 0 && bytes > e->caps.kv_bytes_avail) {
-        D2_WARN("engine: %lld MB of KV cache asked, the %s backend has room for %lld MB",
-                (long long)mb, e->caps.name, (long long)(e->caps.kv_bytes_avail >> 20));
+        if (cfg->kv_mem_mb > 0)
+            D2_WARN("engine: %lld MB of KV cache asked, the %s backend has room for %lld MB",
+                    (long long)mb, e->caps.name, (long long)(e->caps.kv_bytes_avail >> 20));
         bytes = e->caps.kv_bytes_avail;
     }
     return bytes / page_bytes;

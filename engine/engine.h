@@ -50,7 +50,8 @@ typedef struct eng_engine_config {
     int n_threads;            /* 0: all online CPUs */
     int page_tokens;          /* KV page size in tokens; 0: 16 */
     int64_t kv_pages;         /* pool size in pages; 0: derived from kv_mem_mb */
-    int64_t kv_mem_mb;        /* 0: enough for max_seqs full contexts, capped at 4096 MB */
+    int64_t kv_mem_mb;        /* 0: enough for max_seqs full contexts, capped at 4096 MB
+                                 (host payload) or at the device's room (CUDA) */
     int max_seqs;             /* concurrent sequences; 0: 64 */
     int max_batch_tokens;     /* tokens per step (prefill chunking); 0: 512 */
     int ctx_len;              /* 0: the model's context */
