@@ -34,6 +34,9 @@ run_part() { # name, command...
 }
 run_part "unit" bash tests/run_unit.sh build/tests
 if [ -d build/san/tests ]; then
+  # Sanitized code runs ~3x slower: the per-test hang timeout (tests/test.h, 60 s) scales
+  # with it, so a slow runner does not turn a long test (the 32-layer D2O one) into a failure.
+  D2_TEST_TIMEOUT_MULT=${D2_TEST_TIMEOUT_MULT:-3} \
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
     run_part "unit (ASan/UBSan)" bash tests/run_unit.sh build/san/tests
 fi
