@@ -530,6 +530,13 @@ int kvp_unshare_all(kvp_pool *p, int seq, int layer) {
 
 int32_t *kvp_pos_base(kvp_pool *p) { return p->pos; }
 
+int64_t kvp_slot_index(const kvp_pool *p, int seq, int layer, int i) {
+    if (!p || seq < 0 || seq >= p->cfg.max_seqs || layer < 0 || layer >= p->cfg.n_layers) return -1;
+    const kvp_tab *t = tab_at(p, seq, layer);
+    if (i < 0 || i >= t->n_tokens) return -1;
+    return (int64_t)t->pages[i / p->pt] * p->pt + i % p->pt;
+}
+
 /* ---- all layers at once (the step's reservation) ------------------------------------ */
 
 int64_t kvp_pages_needed_all_layers(const kvp_pool *p, int seq, int n) {

@@ -180,6 +180,11 @@ void kvp_set_payload(kvp_pool *p, const kvp_payload *pl);
 /* Positions of every slot: int32 [n_pages][page_tokens], -1 = empty. */
 int32_t *kvp_pos_base(kvp_pool *p);
 
+/* Index of live slot i of (seq, layer) in the pool's slot arrays (page id *
+ * page_tokens + slot in page: what pos and a backend's payload are indexed by),
+ * or -1 for a bad id or a slot that is not live. */
+int64_t kvp_slot_index(const kvp_pool *p, int seq, int layer, int i);
+
 /* Page id and slot-in-page of logical slot i of a table. */
 static inline void kvp_locate(const kvp_table *t, int page_tokens, int i, int32_t *page,
                               int *slot) {

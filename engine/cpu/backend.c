@@ -245,19 +245,6 @@ static float *falloc(size_t n) {
     return aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64 + 64);
 }
 
-static int check_tensor(const eng_tensor *t, int64_t rows, int64_t cols, const char *what,
-                        int layer) {
-    if (!t->data || t->rows != rows || t->cols != cols ||
-        (t->dtype == ENG_Q8_0 && cols % 32 != 0)) {
-        D2_ERROR("cpu_backend: tensor %s (layer %d, name %s) missing or shaped %lldx%lld, "
-                 "want %lldx%lld",
-                 what, layer, t->name ? t->name : "?", (long long)t->rows, (long long)t->cols,
-                 (long long)rows, (long long)cols);
-        return D2_ESHAPE;
-    }
-    return D2_OK;
-}
-
 int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg,
                            eng_backend **out) {
     *out = NULL;
@@ -269,25 +256,7 @@ int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg,
         return D2_EINVAL;
     }
     int hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
-    int rc = check_tensor(&m->tok_embd, c->vocab_size, c->dim, "tok_embd", -1);
-    const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
-    if (!rc) rc = check_tensor(outw, c->vocab_size, c->dim, "output", -1);
-    if (!rc) rc = check_tensor(&m->out_norm, 1, c->dim, "out_norm", -1);
-    for (int l = 0; l < c->n_layers && !rc; l++) {
-        const eng_layer_weights *w = &m->layers[l];
-        rc = check_tensor(&w->attn_norm, 1, c->dim, "attn_norm", l);
-        if (!rc) rc = check_tensor(&w->wq, qd, c->dim, "wq", l);
-        if (!rc) rc = check_tensor(&w->wk, kvd, c->dim, "wk", l);
-        if (!rc) rc = check_tensor(&w->wv, kvd, c->dim, "wv", l);
-        if (!rc) rc = check_tensor(&w->wo, c->dim, qd, "wo", l);
-        if (!rc) rc = check_tensor(&w->ffn_norm, 1, c->dim, "ffn_norm", l);
-        if (!rc) rc = check_tensor(&w->w_gate, c->ffn_dim, c->dim, "w_gate", l);
-        if (!rc) rc = check_tensor(&w->w_up, c->ffn_dim, c->dim, "w_up", l);
-        if (!rc) rc = check_tensor(&w->w_down, c->dim, c->ffn_dim, "w_down", l);
-        if (!rc && w->bq.data) rc = check_tensor(&w->bq, 1, qd, "bq", l);
-        if (!rc && w->bk.data) rc = check_tensor(&w->bk, 1, kvd, "bk", l);
-        if (!rc && w->bv.data) rc = check_tensor(&w->bv, 1, kvd, "bv", l);
-    }
+    int rc = eng_model_check_tensors(m, "cpu_backend");
     if (rc) return rc;
 
     cpu_be *be = calloc(1, sizeof *be);

@@ -225,17 +225,9 @@ int cpu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_com
     return D2_OK;
 }
 
-/* Payload index of live slot i of (seq, layer), or -1. */
-static int64_t slot_index(cpu_be *be, int seq, int layer, int i) {
-    if (!be->base.pool) return -1;
-    kvp_table t = kvp_get_table(be->base.pool, seq, layer);
-    if (i < 0 || i >= t.n_tokens) return -1;
-    return (int64_t)t.pages[i / be->pt] * be->pt + i % be->pt;
-}
-
 int cpu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score) {
     cpu_be *be = (cpu_be *)base;
-    int64_t s = slot_index(be, seq, layer, i);
+    int64_t s = kvp_slot_index(be->base.pool, seq, layer, i);
     if (s < 0) return cpu_fail(be, D2_EINVAL, "read_slot", "no such live slot");
     size_t sf = be->slot_floats, h = (size_t)be->n_kv;
     if (k) memcpy(k, be->kv_k + (size_t)s * sf, sf * sizeof(float));
@@ -247,7 +239,7 @@ int cpu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float 
 int cpu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k, const float *v,
                    const float *score) {
     cpu_be *be = (cpu_be *)base;
-    int64_t s = slot_index(be, seq, layer, i);
+    int64_t s = kvp_slot_index(be->base.pool, seq, layer, i);
     if (s < 0) return cpu_fail(be, D2_EINVAL, "write_slot", "no such live slot");
     size_t sf = be->slot_floats, h = (size_t)be->n_kv;
     if (k) memcpy(be->kv_k + (size_t)s * sf, k, sf * sizeof(float));

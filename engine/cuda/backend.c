@@ -392,15 +392,6 @@ static int upload_f32(cuda_be *be, const float *h, size_t n, float **out) {
     return D2_OK;
 }
 
-static int check_tensor(const eng_tensor *t, int64_t rows, int64_t cols, const char *what, int l) {
-    if (!t->data || t->rows != rows || t->cols != cols) {
-        D2_ERROR("cuda_backend: tensor %s (layer %d) missing or shaped %lldx%lld, want %lldx%lld",
-                 what, l, (long long)t->rows, (long long)t->cols, (long long)rows, (long long)cols);
-        return D2_ESHAPE;
-    }
-    return D2_OK;
-}
-
 static int create_weights(cuda_be *be, const eng_model *m, const eng_backend_config *cfg) {
     const eng_model_config *c = &m->cfg;
     int dim = c->dim;
@@ -487,25 +478,7 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
         return D2_EINVAL;
     }
     int hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
-    int rc = check_tensor(&m->tok_embd, c->vocab_size, c->dim, "tok_embd", -1);
-    const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
-    if (!rc) rc = check_tensor(outw, c->vocab_size, c->dim, "output", -1);
-    if (!rc) rc = check_tensor(&m->out_norm, 1, c->dim, "out_norm", -1);
-    for (int l = 0; l < c->n_layers && !rc; l++) {
-        const eng_layer_weights *w = &m->layers[l];
-        rc = check_tensor(&w->attn_norm, 1, c->dim, "attn_norm", l);
-        if (!rc) rc = check_tensor(&w->wq, qd, c->dim, "wq", l);
-        if (!rc) rc = check_tensor(&w->wk, kvd, c->dim, "wk", l);
-        if (!rc) rc = check_tensor(&w->wv, kvd, c->dim, "wv", l);
-        if (!rc) rc = check_tensor(&w->wo, c->dim, qd, "wo", l);
-        if (!rc) rc = check_tensor(&w->ffn_norm, 1, c->dim, "ffn_norm", l);
-        if (!rc) rc = check_tensor(&w->w_gate, c->ffn_dim, c->dim, "w_gate", l);
-        if (!rc) rc = check_tensor(&w->w_up, c->ffn_dim, c->dim, "w_up", l);
-        if (!rc) rc = check_tensor(&w->w_down, c->dim, c->ffn_dim, "w_down", l);
-        if (!rc && w->bq.data) rc = check_tensor(&w->bq, 1, qd, "bq", l);
-        if (!rc && w->bk.data) rc = check_tensor(&w->bk, 1, kvd, "bk", l);
-        if (!rc && w->bv.data) rc = check_tensor(&w->bv, 1, kvd, "bv", l);
-    }
+    int rc = eng_model_check_tensors(m, "cuda_backend");
     if (rc) return rc;
     int n_dev = eng_cuda_device_count();
     if (n_dev <= 0) {
@@ -1172,17 +1145,10 @@ static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_
 
 /* ---- slot access (tests, inspection) ------------------------------------------------ */
 
-static int64_t slot_index(cuda_be *be, int seq, int layer, int i) {
-    if (!be->base.pool) return -1;
-    kvp_table t = kvp_get_table(be->base.pool, seq, layer);
-    if (i < 0 || i >= t.n_tokens) return -1;
-    return (int64_t)t.pages[i / be->pt] * be->pt + i % be->pt;
-}
-
 static int cu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score) {
     cuda_be *be = (cuda_be *)base;
     DEAD_CHECK();
-    int64_t s = slot_index(be, seq, layer, i);
+    int64_t s = kvp_slot_index(be->base.pool, seq, layer, i);
     if (s < 0) return cu_fail(be, D2_EINVAL, "read_slot", "no such live slot");
     size_t kvd = (size_t)be->kvd;
     uint16_t *tmp = malloc(kvd * 2 * 2);
@@ -1208,7 +1174,7 @@ static int cu_write_slot(eng_backend *base, int seq, int layer, int i, const flo
                          const float *v, const float *score) {
     cuda_be *be = (cuda_be *)base;
     DEAD_CHECK();
-    int64_t s = slot_index(be, seq, layer, i);
+    int64_t s = kvp_slot_index(be->base.pool, seq, layer, i);
     if (s < 0) return cu_fail(be, D2_EINVAL, "write_slot", "no such live slot");
     size_t kvd = (size_t)be->kvd;
     uint16_t *tmp = malloc(kvd * 2 * 2);

@@ -1302,3 +1302,42 @@ int eng_model_load_tokenizer(const char *path, struct eng_tokenizer **out) {
     d2_mmap_close(&map);
     return rc;
 }
+
+/* ---- shapes every forward pass relies on ------------------------------------- */
+
+static int shape_ok(const eng_tensor *t, int64_t rows, int64_t cols, const char *what, int layer,
+                    const char *who) {
+    if (!t->data || t->rows != rows || t->cols != cols ||
+        (t->dtype == ENG_Q8_0 && cols % 32 != 0)) {
+        D2_ERROR("%s: tensor %s (layer %d, name %s) missing or shaped %lldx%lld, want %lldx%lld", who,
+                 what, layer, t->name ? t->name : "?", (long long)t->rows, (long long)t->cols,
+                 (long long)rows, (long long)cols);
+        return D2_ESHAPE;
+    }
+    return D2_OK;
+}
+
+int eng_model_check_tensors(const eng_model *m, const char *who) {
+    const eng_model_config *c = &m->cfg;
+    int hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    int rc = shape_ok(&m->tok_embd, c->vocab_size, c->dim, "tok_embd", -1, who);
+    const eng_tensor *outw = m->output.data ? &m->output : &m->tok_embd;
+    if (!rc) rc = shape_ok(outw, c->vocab_size, c->dim, "output", -1, who);
+    if (!rc) rc = shape_ok(&m->out_norm, 1, c->dim, "out_norm", -1, who);
+    for (int l = 0; l < c->n_layers && !rc; l++) {
+        const eng_layer_weights *w = &m->layers[l];
+        rc = shape_ok(&w->attn_norm, 1, c->dim, "attn_norm", l, who);
+        if (!rc) rc = shape_ok(&w->wq, qd, c->dim, "wq", l, who);
+        if (!rc) rc = shape_ok(&w->wk, kvd, c->dim, "wk", l, who);
+        if (!rc) rc = shape_ok(&w->wv, kvd, c->dim, "wv", l, who);
+        if (!rc) rc = shape_ok(&w->wo, c->dim, qd, "wo", l, who);
+        if (!rc) rc = shape_ok(&w->ffn_norm, 1, c->dim, "ffn_norm", l, who);
+        if (!rc) rc = shape_ok(&w->w_gate, c->ffn_dim, c->dim, "w_gate", l, who);
+        if (!rc) rc = shape_ok(&w->w_up, c->ffn_dim, c->dim, "w_up", l, who);
+        if (!rc) rc = shape_ok(&w->w_down, c->dim, c->ffn_dim, "w_down", l, who);
+        if (!rc && w->bq.data) rc = shape_ok(&w->bq, 1, qd, "bq", l, who);
+        if (!rc && w->bk.data) rc = shape_ok(&w->bk, 1, kvd, "bk", l, who);
+        if (!rc && w->bv.data) rc = shape_ok(&w->bv, 1, kvd, "bv", l, who);
+    }
+    return rc;
+}

@@ -137,4 +137,9 @@ int64_t eng_model_weight_bytes(const eng_model *m);
 /* Dequantises row r of t into out[t->cols] (f32). Reference path, any dtype. */
 void eng_tensor_row_f32(const eng_tensor *t, int64_t r, float *out);
 
+/* Checks that every tensor a forward pass reads exists with the shape the config
+ * implies (Q8_0 rows a multiple of 32). D2_ESHAPE, logged naming the tensor and
+ * `who` (the caller, e.g. "cpu_backend"). Any thread. */
+int eng_model_check_tensors(const eng_model *m, const char *who);
+
 #endif
