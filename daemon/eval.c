@@ -1056,251 +1056,355 @@ static int write_json(const char *path, const ev_result *res, int n_res, const e
     return rc;
 }
 
-/* ---- entry ------------------------------------------------------------------------------- */
+/* ---- the run, step by step ------------------------------------------------------------ */
 
-int d2_cmd_eval(int argc, char **argv) {
+/* Everything one `d2od eval` run owns; eval_free releases it whatever step
+ * stopped the run. */
+typedef struct ev_run {
     ev_opts o;
-    int prc = parse_opts(argc, argv, &o);
-    if (prc == 1) return 0;
-    if (prc) return 2;
-    int max_seqs = o.agree_prompts;
-    int n_pk_total = o.pk_trials * (o.n_pk_lengths ? o.n_pk_lengths : 3);
-    if (n_pk_total > max_seqs) max_seqs = n_pk_total;
+    eng_engine *e;
+    eng_sched *s;
+    int ctx;                 /* the context the run uses: the model's, capped by --max-ctx */
+    int n_pk_total;          /* passkey cases allocated: trials x lengths */
+    ev_seq *texts;           /* [o.n_texts] evaluation windows, n_texts filled */
+    int n_texts;
+    long text_tokens;
+    int prefill;             /* tokens of each window prefilled before compression */
+    ev_seq *agree;           /* [o.agree_prompts] prefixes of the texts (borrowed ids) */
+    int32_t **ref;           /* [o.agree_prompts] the full cache's greedy tokens */
+    gen_slot *slots;         /* [o.agree_prompts] */
+    pk_case *pk;             /* [n_pk_total + 1] */
+    int n_pk;
+    ev_result *res;          /* [1 + methods x budgets]: the full cache first */
+    int n_res;
+    ev_layer_acc *layer_bufs;/* [same][n_layers] */
+    niah_grid *grids;        /* --niah: [1 + methods] */
+    int n_grids;
+} ev_run;
+
+/* Creates the engine for the options (a --max-ctx beyond the model's falls
+ * back to the model's) and checks it has a tokenizer. -1 to go on, else the
+ * exit code. */
+static int eval_open_engine(ev_run *r) {
+    const ev_opts *o = &r->o;
+    int max_seqs = o->agree_prompts;
+    r->n_pk_total = o->pk_trials * (o->n_pk_lengths ? o->n_pk_lengths : 3);
+    if (r->n_pk_total > max_seqs) max_seqs = r->n_pk_total;
     if (max_seqs < 1) max_seqs = 1;
-    eng_engine_config ec = {.model_path = o.model, .n_threads = o.threads, .max_seqs = max_seqs,
-                            .ctx_len = o.max_ctx};
-    eng_engine *e = NULL;
-    int rc = eng_engine_create(&ec, &e);
-    if (rc == D2_EINVAL && o.max_ctx) { /* --max-ctx beyond the model's: use the model's */
+    eng_engine_config ec = {.model_path = o->model, .n_threads = o->threads, .max_seqs = max_seqs,
+                            .ctx_len = o->max_ctx};
+    int rc = eng_engine_create(&ec, &r->e);
+    if (rc == D2_EINVAL && o->max_ctx) {
         ec.ctx_len = 0;
-        rc = eng_engine_create(&ec, &e);
+        rc = eng_engine_create(&ec, &r->e);
     }
     if (rc != D2_OK) {
-        fprintf(stderr, "d2od eval: cannot load %s: %s\n", o.model, d2_strerror(rc));
+        fprintf(stderr, "d2od eval: cannot load %s: %s\n", o->model, d2_strerror(rc));
         return 1;
     }
-    if (!eng_engine_tokenizer(e)) {
-        fprintf(stderr, "d2od eval: %s has no tokenizer\n", o.model);
-        eng_engine_destroy(e);
+    if (!eng_engine_tokenizer(r->e)) {
+        fprintf(stderr, "d2od eval: %s has no tokenizer\n", o->model);
+        eng_engine_destroy(r->e);
+        r->e = NULL;
         return 1;
     }
-    int ctx = eng_engine_ctx_len(e);
-    if (o.max_ctx && o.max_ctx < ctx) ctx = o.max_ctx;
-    if (!o.n_pk_lengths) {
-        o.pk_lengths[0] = ctx / 4;
-        o.pk_lengths[1] = ctx / 2;
-        o.pk_lengths[2] = ctx * 7 / 8;
-        o.n_pk_lengths = 3;
-    }
-    for (int k = 0; k < o.n_pk_lengths; k++)
-        if (o.pk_lengths[k] > ctx - 8) o.pk_lengths[k] = ctx - 8;
-    if (o.niah && !o.nh.n_lengths) {
-        o.nh.lengths[0] = ctx / 4;
-        o.nh.lengths[1] = ctx / 2;
-        o.nh.lengths[2] = ctx * 7 / 8;
-        o.nh.n_lengths = 3;
-    }
-    for (int k = 0; k < o.nh.n_lengths; k++)
-        if (o.nh.lengths[k] > ctx - 16) o.nh.lengths[k] = ctx - 16;
+    return -1;
+}
 
-    double t_start = d2_now();
-    int exit_code = 1;
-    ev_seq *texts = calloc((size_t)o.n_texts, sizeof *texts);
-    ev_seq *agree = calloc((size_t)o.agree_prompts + 1, sizeof *agree);
-    int32_t **ref = calloc((size_t)o.agree_prompts + 1, sizeof *ref);
-    pk_case *pk = calloc((size_t)n_pk_total + 1, sizeof *pk);
-    ev_result *res = calloc((size_t)(o.n_methods * o.n_budgets + 1), sizeof *res);
-    ev_layer_acc *layer_bufs = NULL;
-    niah_grid *grids = o.niah ? calloc((size_t)o.n_methods + 1, sizeof *grids) : NULL;
-    int n_grids = 0;
-    gen_slot *slots = calloc((size_t)o.agree_prompts + 1, sizeof *slots);
-    eng_sched *s = NULL;
-    int n_texts = 0, n_res = 0, n_pk = 0;
-    if (!texts || !agree || !ref || !pk || !res || !slots) { rc = D2_ENOMEM; goto done; }
+/* Three lengths at 1/4, 1/2 and 7/8 of the context when none were given;
+ * every length capped at the context less room for the answer. */
+static void fit_lengths(int *lengths, int *n, int ctx, int room) {
+    if (!*n) {
+        lengths[0] = ctx / 4;
+        lengths[1] = ctx / 2;
+        lengths[2] = ctx * 7 / 8;
+        *n = 3;
+    }
+    for (int k = 0; k < *n; k++)
+        if (lengths[k] > ctx - room) lengths[k] = ctx - room;
+}
 
-    /* texts */
-    if (o.text_file) {
-        rc = text_windows(e, o.text_file, ctx, o.n_texts, texts, &n_texts);
+/* The run's context and the passkey and retrieval lengths that fit it. */
+static void eval_fit_lengths(ev_run *r) {
+    ev_opts *o = &r->o;
+    r->ctx = eng_engine_ctx_len(r->e);
+    if (o->max_ctx && o->max_ctx < r->ctx) r->ctx = o->max_ctx;
+    fit_lengths(o->pk_lengths, &o->n_pk_lengths, r->ctx, 8);
+    if (o->niah) fit_lengths(o->nh.lengths, &o->nh.n_lengths, r->ctx, 16);
+}
+
+static int eval_alloc(ev_run *r) {
+    const ev_opts *o = &r->o;
+    size_t n_cfg = (size_t)(o->n_methods * o->n_budgets + 1);
+    r->texts = calloc((size_t)o->n_texts, sizeof *r->texts);
+    r->agree = calloc((size_t)o->agree_prompts + 1, sizeof *r->agree);
+    r->ref = calloc((size_t)o->agree_prompts + 1, sizeof *r->ref);
+    r->pk = calloc((size_t)r->n_pk_total + 1, sizeof *r->pk);
+    r->res = calloc(n_cfg, sizeof *r->res);
+    r->layer_bufs = calloc(n_cfg * (size_t)eng_engine_model(r->e)->cfg.n_layers, sizeof *r->layer_bufs);
+    r->grids = o->niah ? calloc((size_t)o->n_methods + 1, sizeof *r->grids) : NULL;
+    r->slots = calloc((size_t)o->agree_prompts + 1, sizeof *r->slots);
+    if (!r->texts || !r->agree || !r->ref || !r->pk || !r->res || !r->layer_bufs || !r->slots ||
+        (o->niah && !r->grids))
+        return D2_ENOMEM;
+    for (int k = 0; k < o->agree_prompts; k++) {
+        r->ref[k] = calloc((size_t)o->agree_tokens, sizeof(int32_t));
+        if (!r->ref[k]) return D2_ENOMEM;
+        r->slots[k].out = r->ref[k];
+    }
+    return D2_OK;
+}
+
+/* The evaluation windows (--text, else stories the model writes) and the
+ * prefill length derived from the first one. */
+static int eval_load_texts(ev_run *r) {
+    const ev_opts *o = &r->o;
+    int rc = D2_OK;
+    if (o->text_file) {
+        rc = text_windows(r->e, o->text_file, r->ctx, o->n_texts, r->texts, &r->n_texts);
     } else {
-        for (n_texts = 0; n_texts < o.n_texts; n_texts++) {
-            rc = generate_text(e, ctx, n_texts, o.seed, &texts[n_texts]);
+        for (r->n_texts = 0; r->n_texts < o->n_texts; r->n_texts++) {
+            rc = generate_text(r->e, r->ctx, r->n_texts, o->seed, &r->texts[r->n_texts]);
             if (rc != D2_OK) break;
         }
     }
-    if (rc != D2_OK) goto done;
-    long text_tokens = 0;
-    for (int t = 0; t < n_texts; t++) text_tokens += texts[t].n;
-    int prefill = (int)lround(o.prefill_frac * texts[0].n);
-    if (prefill < 2) prefill = 2;
-    fprintf(stderr, "[eval] %d text window(s), %ld tokens, prefill %d, context %d\n", n_texts, text_tokens,
-            prefill, ctx);
+    if (rc != D2_OK) return rc;
+    for (int t = 0; t < r->n_texts; t++) r->text_tokens += r->texts[t].n;
+    r->prefill = (int)lround(o->prefill_frac * r->texts[0].n);
+    if (r->prefill < 2) r->prefill = 2;
+    fprintf(stderr, "[eval] %d text window(s), %ld tokens, prefill %d, context %d\n", r->n_texts, r->text_tokens,
+            r->prefill, r->ctx);
+    return D2_OK;
+}
 
-    /* agreement prompts: prefixes of the texts, shorter for later rounds */
-    for (int k = 0; k < o.agree_prompts; k++) {
-        const ev_seq *t = &texts[k % n_texts];
-        int len = prefill - 16 * (k / n_texts);
-        if (len > ctx - o.agree_tokens) len = ctx - o.agree_tokens;
+/* Agreement prompts (prefixes of the texts, shorter for later rounds) and
+ * the passkey prompts. */
+static int eval_build_prompts(ev_run *r) {
+    const ev_opts *o = &r->o;
+    for (int k = 0; k < o->agree_prompts; k++) {
+        const ev_seq *t = &r->texts[k % r->n_texts];
+        int len = r->prefill - 16 * (k / r->n_texts);
+        if (len > r->ctx - o->agree_tokens) len = r->ctx - o->agree_tokens;
         if (len > t->n) len = t->n;
         if (len < 8) len = 8 < t->n ? 8 : t->n;
-        agree[k] = (ev_seq){t->ids, len};
+        r->agree[k] = (ev_seq){t->ids, len};
     }
-    if (o.agree_prompts > 0 && agree[0].n + o.agree_tokens > ctx) {
-        fprintf(stderr, "d2od eval: --agree-tokens %d does not fit the context %d\n", o.agree_tokens, ctx);
-        rc = D2_EINVAL;
-        goto done;
+    if (o->agree_prompts > 0 && r->agree[0].n + o->agree_tokens > r->ctx) {
+        fprintf(stderr, "d2od eval: --agree-tokens %d does not fit the context %d\n", o->agree_tokens, r->ctx);
+        return D2_EINVAL;
     }
-    /* passkey prompts */
-    {
-        uint64_t rng = o.seed * 0x2545F4914F6CDD1DULL + 7;
-        for (int k = 0; k < o.n_pk_lengths; k++)
-            for (int t = 0; t < o.pk_trials; t++) {
-                rc = build_passkey(eng_engine_tokenizer(e), o.pk_lengths[k], &rng, &pk[n_pk]);
-                if (rc != D2_OK) goto done;
-                pk[n_pk++].length_index = k;
-            }
-    }
-    eng_sched_config sc = {.max_queue = 4096};
-    rc = eng_sched_create(e, &sc, &s);
-    if (rc != D2_OK) goto done;
+    uint64_t rng = o->seed * 0x2545F4914F6CDD1DULL + 7;
+    for (int k = 0; k < o->n_pk_lengths; k++)
+        for (int t = 0; t < o->pk_trials; t++) {
+            int rc = build_passkey(eng_engine_tokenizer(r->e), o->pk_lengths[k], &rng, &r->pk[r->n_pk]);
+            if (rc != D2_OK) return rc;
+            r->pk[r->n_pk++].length_index = k;
+        }
+    return D2_OK;
+}
 
-    /* the full cache first: the reference generations */
+/* Measures one configuration into the next result row. */
+static int eval_measure_row(ev_run *r, const eng_kv_config *kv, int variant, double budget) {
+    const int n_layers = eng_engine_model(r->e)->cfg.n_layers;
+    ev_result *row = &r->res[r->n_res];
+    *row = (ev_result){.method = kv->method, .variant = variant, .budget = budget,
+                       .layers = r->layer_bufs + (size_t)r->n_res * (size_t)n_layers, .n_layers = n_layers};
+    int rc = measure(r->e, r->s, &r->o, kv, r->texts, r->n_texts, r->prefill, r->agree, r->o.agree_prompts, r->ref,
+                     r->pk, r->n_pk, row);
+    if (rc == D2_OK) r->n_res++;
+    return rc;
+}
+
+/* The full cache first: its greedy generations are the reference the
+ * agreement of every method is measured against. */
+static int eval_full_cache(ev_run *r) {
     eng_kv_config kv;
     eng_kv_config_default(&kv, ENG_KV_FULL);
-    for (int k = 0; k < o.agree_prompts; k++) {
-        ref[k] = calloc((size_t)o.agree_tokens, sizeof(int32_t));
-        slots[k].out = ref[k];
-        if (!ref[k]) { rc = D2_ENOMEM; goto done; }
+    if (r->o.agree_prompts > 0) {
+        int rc = run_greedy(r->s, r->agree, r->o.agree_prompts, r->o.agree_tokens, &kv, r->slots, NULL);
+        if (rc != D2_OK) return rc;
     }
-    if (o.agree_prompts > 0) {
-        rc = run_greedy(s, agree, o.agree_prompts, o.agree_tokens, &kv, slots, NULL);
-        if (rc != D2_OK) goto done;
-    }
-    const int n_layers = eng_engine_model(e)->cfg.n_layers;
-    layer_bufs = calloc((size_t)(o.n_methods * o.n_budgets + 1) * (size_t)n_layers, sizeof(ev_layer_acc));
-    if (!layer_bufs) { rc = D2_ENOMEM; goto done; }
-    res[n_res] = (ev_result){.method = ENG_KV_FULL, .variant = 0, .budget = 1.0, .layers = layer_bufs,
-                             .n_layers = n_layers};
-    rc = measure(e, s, &o, &kv, texts, n_texts, prefill, agree, o.agree_prompts, ref, pk, n_pk, &res[n_res]);
-    if (rc != D2_OK) goto done;
-    n_res++;
-    fprintf(stderr, "[eval] full: ppl %.4f (%.1f s)\n", res[0].ppl, res[0].seconds);
-    for (int mi = 0; mi < o.n_methods; mi++) {
-        if (o.methods[mi] == 0) continue; /* the full cache ran first */
-        for (int bi = 0; bi < o.n_budgets; bi++) {
-            variant_config(o.methods[mi], o.budgets[bi], &kv);
+    int rc = eval_measure_row(r, &kv, 0, 1.0);
+    if (rc == D2_OK) fprintf(stderr, "[eval] full: ppl %.4f (%.1f s)\n", r->res[0].ppl, r->res[0].seconds);
+    return rc;
+}
+
+/* Every method (but the full cache, measured first) at every budget. */
+static int eval_methods(ev_run *r) {
+    const ev_opts *o = &r->o;
+    for (int mi = 0; mi < o->n_methods; mi++) {
+        if (o->methods[mi] == 0) continue;
+        for (int bi = 0; bi < o->n_budgets; bi++) {
+            eng_kv_config kv;
+            variant_config(o->methods[mi], o->budgets[bi], &kv);
             const char *why = NULL;
             if (eng_kv_config_validate(&kv, &why) != D2_OK) {
-                fprintf(stderr, "d2od eval: %s at budget %g: invalid %s\n", VARIANTS[o.methods[mi]].label,
-                        o.budgets[bi], why ? why : "config");
-                rc = D2_EINVAL;
-                goto done;
+                fprintf(stderr, "d2od eval: %s at budget %g: invalid %s\n", VARIANTS[o->methods[mi]].label,
+                        o->budgets[bi], why ? why : "config");
+                return D2_EINVAL;
             }
-            ev_result *r = &res[n_res];
-            *r = (ev_result){.method = kv.method, .variant = o.methods[mi], .budget = o.budgets[bi],
-                             .layers = layer_bufs + (size_t)n_res * (size_t)n_layers, .n_layers = n_layers};
-            rc = measure(e, s, &o, &kv, texts, n_texts, prefill, agree, o.agree_prompts, ref, pk, n_pk, r);
-            if (rc != D2_OK) goto done;
-            n_res++;
+            int rc = eval_measure_row(r, &kv, o->methods[mi], o->budgets[bi]);
+            if (rc != D2_OK) return rc;
+            const ev_result *row = &r->res[r->n_res - 1];
             fprintf(stderr, "[eval] %s %.2f: ppl %.4f agree %.3f passkey %d/%d kv %.1f tokens (%.1f s)\n",
-                    VARIANTS[r->variant].label, r->budget, r->ppl, r->agree_prefix, r->pk_pass_all,
-                    r->pk_n_all, r->kv_tokens_mean, r->seconds);
+                    VARIANTS[row->variant].label, row->budget, row->ppl, row->agree_prefix, row->pk_pass_all,
+                    row->pk_n_all, row->kv_tokens_mean, row->seconds);
         }
     }
+    return D2_OK;
+}
 
-    /* retrieval grids: the full cache, then every method at --niah-budget */
-    if (o.niah) {
-        if (!grids) { rc = D2_ENOMEM; goto done; }
-        for (int mi = -1; mi < o.n_methods; mi++) {
-            if (mi >= 0 && o.methods[mi] == 0) continue;
-            int v = mi < 0 ? 0 : o.methods[mi];
-            variant_config(v, o.niah_budget, &kv);
-            niah_grid *g = &grids[n_grids];
-            snprintf(g->label, sizeof g->label, "%s", VARIANTS[v].label);
-            double t0 = d2_now();
-            rc = niah_run(e, s, &o.nh, &kv, g);
-            if (rc != D2_OK) goto done;
-            n_grids++;
-            fprintf(stderr, "[eval] niah %s: %.1f s\n", g->label, d2_now() - t0);
-        }
+/* --niah: the retrieval grids of the full cache, then of every method at
+ * --niah-budget. */
+static int eval_niah_grids(ev_run *r) {
+    const ev_opts *o = &r->o;
+    for (int mi = -1; mi < o->n_methods; mi++) {
+        if (mi >= 0 && o->methods[mi] == 0) continue;
+        int v = mi < 0 ? 0 : o->methods[mi];
+        eng_kv_config kv;
+        variant_config(v, o->niah_budget, &kv);
+        niah_grid *g = &r->grids[r->n_grids];
+        snprintf(g->label, sizeof g->label, "%s", VARIANTS[v].label);
+        double t0 = d2_now();
+        int rc = niah_run(r->e, r->s, &o->nh, &kv, g);
+        if (rc != D2_OK) return rc;
+        r->n_grids++;
+        fprintf(stderr, "[eval] niah %s: %.1f s\n", g->label, d2_now() - t0);
     }
+    return D2_OK;
+}
 
-    /* table */
+/* Every measurement, in order; stops at the first failure. */
+static int eval_measure_all(ev_run *r) {
+    eng_sched_config sc = {.max_queue = 4096};
+    int rc = eval_alloc(r);
+    if (rc == D2_OK) rc = eval_load_texts(r);
+    if (rc == D2_OK) rc = eval_build_prompts(r);
+    if (rc == D2_OK) rc = eng_sched_create(r->e, &sc, &r->s);
+    if (rc == D2_OK) rc = eval_full_cache(r);
+    if (rc == D2_OK) rc = eval_methods(r);
+    if (rc == D2_OK && r->o.niah) rc = eval_niah_grids(r);
+    return rc;
+}
+
+/* The retrieval grids' summary: each method's share passed per task. */
+static void print_niah_table(const ev_run *r) {
+    const ev_opts *o = &r->o;
+    printf("\nretrieval grids at budget %.0f%% (%d lengths x %d depths x %d trials; needles: %d per prompt):\n",
+           100 * o->niah_budget, o->nh.n_lengths, o->nh.n_depths, o->nh.trials, o->nh.needles);
+    printf("%-13s %9s %9s\n", "method", "passkey", "needles");
+    for (int k = 0; k < r->n_grids; k++) {
+        int p[NIAH_N_TASKS] = {0}, m[NIAH_N_TASKS] = {0};
+        for (int t = 0; t < NIAH_N_TASKS; t++)
+            for (int li = 0; li < o->nh.n_lengths; li++)
+                for (int di = 0; di < o->nh.n_depths; di++) {
+                    p[t] += r->grids[k].pass[t][li][di];
+                    m[t] += r->grids[k].n[t][li][di];
+                }
+        printf("%-13s %8.0f%% %8.0f%%\n", r->grids[k].label, m[0] ? 100.0 * p[0] / m[0] : 0.0,
+               m[1] ? 100.0 * p[1] / m[1] : 0.0);
+    }
+}
+
+/* The table on stdout: the setting, one row per configuration, the methods
+ * at equal memory, passkey by length, and the retrieval grids. */
+static void eval_print_table(const ev_run *r) {
+    const ev_opts *o = &r->o;
+    const ev_result *res = r->res;
     printf("model: %s | context %d | %d text window(s), %ld tokens (%s) | prefill %d, ppl over the rest\n",
-           o.model, ctx, n_texts, text_tokens, o.text_file ? o.text_file : "generated by the model, T=0.8",
-           prefill);
-    printf("agreement: %d prompts x %d greedy tokens | passkey: %d trials at lengths", o.agree_prompts,
-           o.agree_tokens, o.pk_trials);
-    for (int k = 0; k < o.n_pk_lengths; k++) printf(" %d", o.pk_lengths[k]);
+           o->model, r->ctx, r->n_texts, r->text_tokens, o->text_file ? o->text_file : "generated by the model, T=0.8",
+           r->prefill);
+    printf("agreement: %d prompts x %d greedy tokens | passkey: %d trials at lengths", o->agree_prompts,
+           o->agree_tokens, o->pk_trials);
+    for (int k = 0; k < o->n_pk_lengths; k++) printf(" %d", o->pk_lengths[k]);
     printf("\n\n%-13s %7s %10s %8s %13s %10s %9s %9s %8s %9s %6s\n", "method", "budget", "ppl", "d_ppl%",
            "agree_prefix", "agree_all", "passkey", "evicted", "merged", "kv_tok", "mem%");
-    for (int i = 0; i < n_res; i++) {
-        const ev_result *r = &res[i];
+    for (int i = 0; i < r->n_res; i++) {
+        const ev_result *x = &res[i];
         char pkb[32];
-        snprintf(pkb, sizeof pkb, "%d/%d", r->pk_pass_all, r->pk_n_all);
+        snprintf(pkb, sizeof pkb, "%d/%d", x->pk_pass_all, x->pk_n_all);
         printf("%-13s %6.0f%% %10.4f %+7.2f%% %13.3f %10.3f %9s %9lld %8lld %9.1f %5.1f%%\n",
-               VARIANTS[r->variant].label, 100 * r->budget, r->ppl, 100 * (r->ppl / res[0].ppl - 1),
-               r->agree_prefix, r->agree_all, pkb, (long long)r->evicted, (long long)r->merged,
-               r->kv_tokens_mean, 100 * mem_frac(r, &res[0]));
+               VARIANTS[x->variant].label, 100 * x->budget, x->ppl, 100 * (x->ppl / res[0].ppl - 1),
+               x->agree_prefix, x->agree_all, pkb, (long long)x->evicted, (long long)x->merged,
+               x->kv_tokens_mean, 100 * mem_frac(x, &res[0]));
     }
-    print_equal_memory(res, n_res, &o);
+    print_equal_memory(res, r->n_res, o);
     printf("\npasskey by length (pass/trials):");
-    for (int k = 0; k < o.n_pk_lengths; k++) printf(" %d:%d/%d", o.pk_lengths[k], res[0].pk_pass[k], res[0].pk_n[k]);
+    for (int k = 0; k < o->n_pk_lengths; k++) printf(" %d:%d/%d", o->pk_lengths[k], res[0].pk_pass[k], res[0].pk_n[k]);
     printf(" (full cache)\n");
-    if (o.niah) {
-        printf("\nretrieval grids at budget %.0f%% (%d lengths x %d depths x %d trials; needles: %d per prompt):\n",
-               100 * o.niah_budget, o.nh.n_lengths, o.nh.n_depths, o.nh.trials, o.nh.needles);
-        printf("%-13s %9s %9s\n", "method", "passkey", "needles");
-        for (int k = 0; k < n_grids; k++) {
-            int p[NIAH_N_TASKS] = {0}, m[NIAH_N_TASKS] = {0};
-            for (int t = 0; t < NIAH_N_TASKS; t++)
-                for (int li = 0; li < o.nh.n_lengths; li++)
-                    for (int di = 0; di < o.nh.n_depths; di++) {
-                        p[t] += grids[k].pass[t][li][di];
-                        m[t] += grids[k].n[t][li][di];
-                    }
-            printf("%-13s %8.0f%% %8.0f%%\n", grids[k].label, m[0] ? 100.0 * p[0] / m[0] : 0.0,
-                   m[1] ? 100.0 * p[1] / m[1] : 0.0);
-        }
-    }
-    fprintf(stderr, "[eval] done in %.1f s\n", d2_now() - t_start);
-    exit_code = 0;
-    if (o.json_file && write_json(o.json_file, res, n_res, &o, ctx, prefill, n_texts, (int)text_tokens, pk, n_pk,
-                                  grids, n_grids) != D2_OK)
-        exit_code = 1;
-    if (o.niah_png) {
+    if (o->niah) print_niah_table(r);
+}
+
+/* --json, --niah-png, --out-png, --out-svg: 0, or 1 when one could not be
+ * written (the others are still tried). */
+static int eval_write_outputs(const ev_run *r) {
+    const ev_opts *o = &r->o;
+    int code = 0;
+    if (o->json_file && write_json(o->json_file, r->res, r->n_res, o, r->ctx, r->prefill, r->n_texts,
+                                   (int)r->text_tokens, r->pk, r->n_pk, r->grids, r->n_grids) != D2_OK)
+        code = 1;
+    if (o->niah_png) {
         char title[256];
-        const char *base = o.model + strlen(o.model); /* the last two path components */
-        for (int slashes = 0; base > o.model; base--)
+        const char *base = o->model + strlen(o->model); /* the last two path components */
+        for (int slashes = 0; base > o->model; base--)
             if (base[-1] == '/' && base[1] && ++slashes == 2) break;
         snprintf(title, sizeof title, "retrieval accuracy - %s - methods at budget %.0f%% - full cache first", base,
-                 100 * o.niah_budget);
-        if (niah_plot(o.niah_png, &o.nh, grids, n_grids, title) != D2_OK) {
-            fprintf(stderr, "d2od eval: cannot write %s\n", o.niah_png);
-            exit_code = 1;
+                 100 * o->niah_budget);
+        if (niah_plot(o->niah_png, &o->nh, r->grids, r->n_grids, title) != D2_OK) {
+            fprintf(stderr, "d2od eval: cannot write %s\n", o->niah_png);
+            code = 1;
         }
     }
-    if (o.out_png && write_plot(o.out_png, false, res, n_res, &o, o.model) != D2_OK) {
-        fprintf(stderr, "d2od eval: cannot write %s\n", o.out_png);
-        exit_code = 1;
+    if (o->out_png && write_plot(o->out_png, false, r->res, r->n_res, o, o->model) != D2_OK) {
+        fprintf(stderr, "d2od eval: cannot write %s\n", o->out_png);
+        code = 1;
     }
-    if (o.out_svg && write_plot(o.out_svg, true, res, n_res, &o, o.model) != D2_OK) {
-        fprintf(stderr, "d2od eval: cannot write %s\n", o.out_svg);
-        exit_code = 1;
+    if (o->out_svg && write_plot(o->out_svg, true, r->res, r->n_res, o, o->model) != D2_OK) {
+        fprintf(stderr, "d2od eval: cannot write %s\n", o->out_svg);
+        code = 1;
     }
-done:
-    if (rc != D2_OK) fprintf(stderr, "d2od eval: failed: %s\n", d2_strerror(rc));
-    eng_sched_destroy(s);
-    if (texts) for (int t = 0; t < o.n_texts; t++) free(texts[t].ids);
-    if (ref) for (int k = 0; k < o.agree_prompts; k++) free(ref[k]);
-    if (pk) for (int i = 0; i <= n_pk && i < n_pk_total + 1; i++) free(pk[i].prompt.ids); /* [n_pk]: a half-built case */
-    free(texts);
-    free(agree);
-    free(ref);
-    free(pk);
-    free(res);
-    free(layer_bufs);
-    free(grids);
-    free(slots);
-    eng_engine_destroy(e);
-    return rc == D2_OK ? exit_code : 1;
+    return code;
+}
+
+static void eval_free(ev_run *r) {
+    eng_sched_destroy(r->s);
+    if (r->texts)
+        for (int t = 0; t < r->o.n_texts; t++) free(r->texts[t].ids);
+    if (r->ref)
+        for (int k = 0; k < r->o.agree_prompts; k++) free(r->ref[k]);
+    if (r->pk) /* [n_pk]: a half-built case */
+        for (int i = 0; i <= r->n_pk && i < r->n_pk_total + 1; i++) free(r->pk[i].prompt.ids);
+    free(r->texts);
+    free(r->agree);
+    free(r->ref);
+    free(r->pk);
+    free(r->res);
+    free(r->layer_bufs);
+    free(r->grids);
+    free(r->slots);
+    eng_engine_destroy(r->e);
+}
+
+/* ---- entry ------------------------------------------------------------------------------- */
+
+int d2_cmd_eval(int argc, char **argv) {
+    ev_run r = {0};
+    int prc = parse_opts(argc, argv, &r.o);
+    if (prc == 1) return 0;
+    if (prc) return 2;
+    int code = eval_open_engine(&r);
+    if (code >= 0) return code;
+    eval_fit_lengths(&r);
+    double t_start = d2_now();
+    int rc = eval_measure_all(&r);
+    if (rc == D2_OK) {
+        eval_print_table(&r);
+        fprintf(stderr, "[eval] done in %.1f s\n", d2_now() - t_start);
+        code = eval_write_outputs(&r);
+    } else {
+        fprintf(stderr, "d2od eval: failed: %s\n", d2_strerror(rc));
+        code = 1;
+    }
+    eval_free(&r);
+    return code;
 }

@@ -238,90 +238,91 @@ static void on_watchdog(uv_timer_t *t) {
     dmn_notify_watchdog();
 }
 
-/* ---- entry ---------------------------------------------------------------------- */
+/* ---- startup steps ------------------------------------------------------------------ */
+/* Each returns -1 to go on, or the process exit code to return (what it
+ * created is released by its caller's teardown, never twice). */
 
-int d2_cmd_serve(int argc, char **argv) {
-    daemon_state *d = calloc(1, sizeof *d);
-    if (!d) return 1;
-    d->argc = argc;
-    d->argv = argv;
+/* Reads the configuration (file < environment < command line) and checks the
+ * KV-compression default it describes; prints --help. */
+static int serve_load_config(daemon_state *d) {
     char err[1024];
-    int rc = dmn_config_load(&d->cfg, NULL, argc, argv, err, sizeof err);
+    int rc = dmn_config_load(&d->cfg, NULL, d->argc, d->argv, err, sizeof err);
     if (rc == DMN_CONFIG_HELP) {
         printf("usage: d2od serve --model M [--host 127.0.0.1] [--port 8000] [--config FILE] [options]\n\n"
                "Serves M over an OpenAI-compatible HTTP API. Every option is also a config-file\n"
                "directive and a D2OD_* environment variable (command line > environment > file).\n\n");
         dmn_config_print_help(stdout);
-        free(d);
         return 0;
     }
     if (rc != D2_OK) {
         fprintf(stderr, "d2od serve: %s\n", err);
-        free(d);
         return 2;
     }
-    {
-        api_config probe;
-        api_config_from(&d->cfg, &probe);
-        const char *why = NULL;
-        eng_kv_config pc;
-        eng_kv_config_default(&pc, (eng_kv_method)d->cfg.kv_method);
-        if (d->cfg.kv_preset == 1 && eng_kv_preset_apply(&pc, "official", &why) != D2_OK) {
-            fprintf(stderr, "d2od serve: kv_preset official: %s (set kv_method d2o)\n", why ? why : "invalid");
-            free(d);
-            return 2;
-        }
-        if (eng_kv_config_validate(&probe.kv_default, &why) != D2_OK) {
-            fprintf(stderr, "d2od serve: kv_method %s with kv_budget %s: invalid %s\n",
-                    dmn_kv_method_name(d->cfg.kv_method), d->cfg.kv_budget, why ? why : "configuration");
-            free(d);
-            return 2;
-        }
+    api_config probe;
+    api_config_from(&d->cfg, &probe);
+    const char *why = NULL;
+    eng_kv_config pc;
+    eng_kv_config_default(&pc, (eng_kv_method)d->cfg.kv_method);
+    if (d->cfg.kv_preset == 1 && eng_kv_preset_apply(&pc, "official", &why) != D2_OK) {
+        fprintf(stderr, "d2od serve: kv_preset official: %s (set kv_method d2o)\n", why ? why : "invalid");
+        return 2;
     }
+    if (eng_kv_config_validate(&probe.kv_default, &why) != D2_OK) {
+        fprintf(stderr, "d2od serve: kv_method %s with kv_budget %s: invalid %s\n",
+                dmn_kv_method_name(d->cfg.kv_method), d->cfg.kv_budget, why ? why : "configuration");
+        return 2;
+    }
+    return -1;
+}
+
+/* Process-wide settings: log level, SIGPIPE ignored (a client that hangs up
+ * is an error return, not a signal), and the descriptor limit raised to the
+ * hard limit (connections cost a descriptor each; the HTTP server keeps its
+ * connection limit below whatever this gives). */
+static void serve_setup_process(const daemon_state *d) {
     d2_log_set_level(to_log_level(d->cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
-    /* Connections cost a descriptor each: take the hard limit (the HTTP
-     * server keeps its connection limit below whatever this gives). */
     struct rlimit nofile;
     if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
         nofile.rlim_cur = nofile.rlim_max;
         setrlimit(RLIMIT_NOFILE, &nofile);
     }
-    /* A hub id resolves to a snapshot in the Hugging Face cache (downloading
-     * what is missing) before the engine sees a path. */
+}
+
+/* The engine config serve's directives describe, for the model at path. */
+static eng_engine_config serve_engine_config(const dmn_config *c, const char *path) {
+    _Static_assert((int)ENG_DEVICE_CUDA == DMN_DEVICE_CUDA && (int)ENG_DEVICE_AUTO == DMN_DEVICE_AUTO,
+                   "dmn_device and eng_device share their numbering");
+    return (eng_engine_config){.model_path = path, .device = (eng_device)c->device, .n_threads = c->threads,
+                               .page_tokens = c->page_tokens, .kv_mem_mb = c->kv_mem_mb,
+                               .max_seqs = c->max_seqs, .max_batch_tokens = c->max_batch_tokens,
+                               .ctx_len = c->ctx_len, .gpu_memory_utilization = c->gpu_memory_utilization};
+}
+
+/* Resolves the model (a hub id through the Hugging Face cache, downloading
+ * what is missing), creates the engine (weights, backend, KV pool) and copies
+ * the weights into anonymous memory. */
+static int serve_load_model(daemon_state *d) {
     static char model_path[4096];
     dmn_notify_status("resolving %s", d->cfg.model);
-    if (d2_model_resolve(d->cfg.model, d->cfg.gguf_file, model_path, sizeof model_path) != D2_OK) {
-        free(d);
-        return 1;
-    }
+    if (d2_model_resolve(d->cfg.model, d->cfg.gguf_file, model_path, sizeof model_path) != D2_OK) return 1;
     dmn_notify_status("loading %s", model_path);
     D2_INFO("serve: loading %s", model_path);
     double t0 = d2_now();
-    _Static_assert((int)ENG_DEVICE_CUDA == DMN_DEVICE_CUDA && (int)ENG_DEVICE_AUTO == DMN_DEVICE_AUTO,
-                   "dmn_device and eng_device share their numbering");
-    eng_engine_config ec = {.model_path = model_path, .device = (eng_device)d->cfg.device,
-                            .n_threads = d->cfg.threads,
-                            .page_tokens = d->cfg.page_tokens, .kv_mem_mb = d->cfg.kv_mem_mb,
-                            .max_seqs = d->cfg.max_seqs, .max_batch_tokens = d->cfg.max_batch_tokens,
-                            .ctx_len = d->cfg.ctx_len,
-                            .gpu_memory_utilization = d->cfg.gpu_memory_utilization};
-    rc = eng_engine_create(&ec, &d->e);
+    eng_engine_config ec = serve_engine_config(&d->cfg, model_path);
+    int rc = eng_engine_create(&ec, &d->e);
     if (rc == D2_EUNSUPPORTED && ec.device == ENG_DEVICE_CUDA) {
         fprintf(stderr, "d2od serve: device cuda: this build has no CUDA backend (build with make CUDA=1 "
                         "where nvcc is installed; or use --device cpu or auto)\n");
-        free(d);
         return 1;
     }
     if (rc == D2_ECUDA && ec.device == ENG_DEVICE_CUDA) {
         fprintf(stderr, "d2od serve: device cuda: no usable CUDA device, or the CUDA backend failed "
                         "(see the log)\n");
-        free(d);
         return 1;
     }
     if (rc != D2_OK) {
         fprintf(stderr, "d2od serve: cannot load %s: %s\n", model_path, d2_strerror(rc));
-        free(d);
         return 1;
     }
     /* Copy the weights into anonymous memory now (with a progress bar on a
@@ -331,15 +332,19 @@ int d2_cmd_serve(int argc, char **argv) {
     rc = eng_engine_detach_weights(d->e, isatty(STDERR_FILENO) ? load_progress : NULL, NULL);
     if (rc != D2_OK) {
         fprintf(stderr, "d2od serve: cannot copy the weights of %s into memory: %s\n", d->cfg.model, d2_strerror(rc));
-        eng_engine_destroy(d->e);
-        free(d);
         return 1;
     }
     eng_pool_stats ps = eng_engine_pool_stats(d->e);
     D2_INFO("serve: model loaded in %.2f s; context %d; KV pool %lld pages of %d tokens", d2_now() - t0,
             eng_engine_ctx_len(d->e), (long long)ps.pages_total, ps.page_tokens);
+    return -1;
+}
+
+/* Starts the engine thread and HTTP, runs one warm-up generation, then turns
+ * /health to 200 and tells systemd READY=1. */
+static int serve_start(daemon_state *d) {
     eng_sched_config sc = {.max_queue = d->cfg.max_queue};
-    rc = eng_sched_create(d->e, &sc, &d->sched);
+    int rc = eng_sched_create(d->e, &sc, &d->sched);
     if (rc == D2_OK) rc = eng_sched_start(d->sched);
     api_config ac;
     api_config_from(&d->cfg, &ac);
@@ -350,19 +355,11 @@ int d2_cmd_serve(int argc, char **argv) {
             fprintf(stderr, "d2od serve: cannot listen on %s:%d: address in use\n", d->cfg.host, d->cfg.port);
         else
             fprintf(stderr, "d2od serve: cannot start: %s\n", d2_strerror(rc));
-        api_server_destroy(d->srv);
-        eng_sched_destroy(d->sched);
-        eng_engine_destroy(d->e);
-        free(d);
         return 1;
     }
     rc = warm_up(d);
     if (rc != D2_OK) {
         fprintf(stderr, "d2od serve: warm-up generation failed: %s\n", d2_strerror(rc));
-        api_server_destroy(d->srv);
-        eng_sched_destroy(d->sched);
-        eng_engine_destroy(d->e);
-        free(d);
         return 1;
     }
     api_server_set_ready(d->srv, true);
@@ -370,7 +367,12 @@ int d2_cmd_serve(int argc, char **argv) {
             d->cfg.served_model_name);
     dmn_notify_status("serving %s on %s:%d", d->cfg.served_model_name, d->cfg.host, api_server_port(d->srv));
     dmn_notify_ready();
+    return -1;
+}
 
+/* The libuv loop: signals and timers until the drain (or a second signal)
+ * stops it; then its handles are closed and the loop with them. */
+static void serve_run_loop(daemon_state *d) {
     uv_loop_init(&d->loop);
     uv_signal_init(&d->loop, &d->sig_term);
     uv_signal_init(&d->loop, &d->sig_int);
@@ -388,7 +390,6 @@ int d2_cmd_serve(int argc, char **argv) {
     if (d->cfg.watchdog && wd > 0) uv_timer_start(&d->watchdog, on_watchdog, 0, wd / 2000 > 0 ? wd / 2000 : 1);
     uv_run(&d->loop, UV_RUN_DEFAULT);
 
-    /* closing order: HTTP (nothing in flight any more), engine thread, engine */
     uv_close((uv_handle_t *)&d->sig_term, NULL);
     uv_close((uv_handle_t *)&d->sig_int, NULL);
     uv_close((uv_handle_t *)&d->sig_hup, NULL);
@@ -397,11 +398,38 @@ int d2_cmd_serve(int argc, char **argv) {
     uv_close((uv_handle_t *)&d->drain, NULL);
     uv_run(&d->loop, UV_RUN_DEFAULT);
     uv_loop_close(&d->loop);
+}
+
+/* Closing order: HTTP (nothing in flight any more), engine thread, engine.
+ * Each destroy accepts NULL, so this also undoes a startup that stopped
+ * half-way. */
+static void serve_teardown(daemon_state *d) {
     api_server_destroy(d->srv);
     eng_sched_destroy(d->sched);
     eng_engine_destroy(d->e);
-    int code = d->exit_code;
     free(d);
+}
+
+/* ---- entry ---------------------------------------------------------------------- */
+
+int d2_cmd_serve(int argc, char **argv) {
+    daemon_state *d = calloc(1, sizeof *d);
+    if (!d) return 1;
+    d->argc = argc;
+    d->argv = argv;
+    int code = serve_load_config(d);
+    if (code < 0) {
+        serve_setup_process(d);
+        code = serve_load_model(d);
+    }
+    if (code < 0) code = serve_start(d);
+    if (code >= 0) {
+        serve_teardown(d);
+        return code;
+    }
+    serve_run_loop(d);
+    code = d->exit_code;
+    serve_teardown(d);
     D2_INFO("serve: stopped");
     return code;
 }
