@@ -15,18 +15,8 @@ int d2_cmd_serve(int argc, char **argv);
 int d2_cmd_eval(int argc, char **argv);
 int d2_cmd_batch(int argc, char **argv);
 
-/* Options: every subcommand but serve and eval declares a table read by
- * daemon/opts.h (serve's settings are the directive table of daemon/config.h).
- * eval still reads its own (it was reworked in parallel: retrieval grids, D2O
- * variants) with the three readers below; moving it to a table is pending. */
-
-/* Returns the value of --name (advancing *i), or NULL and prints an error when
- * the value is missing. */
-const char *d2_cli_value(int argc, char **argv, int *i);
-/* Parses an int/float option value with range checks; 0 ok, -1 after
- * printing "option: reason" to stderr. */
-int d2_cli_int(const char *opt, const char *s, long lo, long hi, long *out);
-int d2_cli_float(const char *opt, const char *s, double lo, double hi, double *out);
+/* Options: every subcommand but serve declares a table read by daemon/opts.h
+ * (serve's settings are the directive table of daemon/config.h). */
 
 /* A --model argument to a loadable local path (daemon/model_ref.c): an
  * existing path as is; a hub id org/name[@rev] through the Hugging Face cache

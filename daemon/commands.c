@@ -24,48 +24,6 @@
 #include "daemon/opts.h"
 #include "engine/engine.h"
 
-/* The hand-rolled option readers `d2od eval` still uses (see daemon/cli.h). */
-const char *d2_cli_value(int argc, char **argv, int *i) {
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "d2od: option %s needs a value\n", argv[*i]);
-        return NULL;
-    }
-    *i += 1;
-    return argv[*i];
-}
-
-int d2_cli_int(const char *opt, const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end) {
-        fprintf(stderr, "d2od: %s: '%s' is not an integer\n", opt, s);
-        return -1;
-    }
-    if (v < lo || v > hi) {
-        fprintf(stderr, "d2od: %s: %ld is out of range [%ld, %ld]\n", opt, v, lo, hi);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-int d2_cli_float(const char *opt, const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || isnan(v)) {
-        fprintf(stderr, "d2od: %s: '%s' is not a number\n", opt, s);
-        return -1;
-    }
-    if (v < lo || v > hi) {
-        fprintf(stderr, "d2od: %s: %g is out of range [%g, %g]\n", opt, v, lo, hi);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
 static int read_stream(FILE *f, char **out, size_t *len) {
     size_t cap = 1 << 16, n = 0;
     char *buf = malloc(cap);

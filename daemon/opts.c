@@ -133,7 +133,8 @@ static int set_budget(const dmn_opt *o, const char *v, dmn_kv_budget *dst, char 
     char sv[80];
     const char *why = NULL;
     dmn_kv_budget b = {0};
-    if (eng_kv_budget_parse(v, &b.frac, &b.tokens, &why) != D2_OK) {
+    float frac = 0.0f;
+    if (eng_kv_budget_parse(v, &frac, &b.tokens, &why) != D2_OK) {
         set_err(err, errlen, "--%s: '%s': %s", o->name, shown(v, sv, sizeof sv), why ? why : "invalid budget");
         return D2_EINVAL;
     }
@@ -142,15 +143,17 @@ static int set_budget(const dmn_opt *o, const char *v, dmn_kv_budget *dst, char 
                 "not token counts", o->name, shown(v, sv, sizeof sv));
         return D2_EINVAL;
     }
+    if (b.tokens == 0) b.frac = strtod(v, NULL); /* the reader checked it: digits and one '.' */
     *dst = b;
     return D2_OK;
 }
 
 /* Comma-separated lists: each element through the type's own reader. */
 static int set_list(const dmn_opt *o, const char *v, void *dst, char *err, size_t errlen) {
-    int n = 0;
+    int n = 0, max = o->max_count > 0 && o->max_count < DMN_OPT_LIST_MAX ? o->max_count : DMN_OPT_LIST_MAX;
     const char *p = v;
     dmn_int_list il = {0};
+    dmn_float_list fl = {0};
     dmn_kv_budget_list bl = {0};
     for (;;) {
         const char *comma = strchr(p, ',');
@@ -159,8 +162,8 @@ static int set_list(const dmn_opt *o, const char *v, void *dst, char *err, size_
             set_err(err, errlen, "--%s: %s in '%.64s'", o->name, len ? "element too long" : "empty element", v);
             return D2_EINVAL;
         }
-        if (n >= DMN_OPT_LIST_MAX) {
-            set_err(err, errlen, "--%s: at most %d values", o->name, DMN_OPT_LIST_MAX);
+        if (n >= max) {
+            set_err(err, errlen, "--%s: at most %d values", o->name, max);
             return D2_EINVAL;
         }
         char one[64];
@@ -168,6 +171,7 @@ static int set_list(const dmn_opt *o, const char *v, void *dst, char *err, size_
         one[len] = '\0';
         int rc, x = 0;
         if (o->type == DMN_OPT_INT_LIST) rc = set_int(o, one, &il.v[n], err, errlen);
+        else if (o->type == DMN_OPT_FLOAT_LIST) rc = set_float(o, one, &fl.v[n], err, errlen);
         else if (o->type == DMN_OPT_KV_BUDGET_LIST) rc = set_budget(o, one, &bl.v[n], err, errlen);
         else rc = set_enum(o, one, len, &x, err, errlen);
         if (rc != D2_OK) return rc;
@@ -181,8 +185,9 @@ static int set_list(const dmn_opt *o, const char *v, void *dst, char *err, size_
         if (!comma) break;
         p = comma + 1;
     }
-    il.n = bl.n = n;
+    il.n = fl.n = bl.n = n;
     if (o->type == DMN_OPT_KV_BUDGET_LIST) *(dmn_kv_budget_list *)dst = bl;
+    else if (o->type == DMN_OPT_FLOAT_LIST) *(dmn_float_list *)dst = fl;
     else *(dmn_int_list *)dst = il;
     return D2_OK;
 }
@@ -198,6 +203,7 @@ static int set_value(const dmn_opt *o, void *out, const char *v, char *err, size
     case DMN_OPT_ENUM: return set_enum(o, v, strlen(v), dst, err, errlen);
     case DMN_OPT_KV_BUDGET: return set_budget(o, v, dst, err, errlen);
     case DMN_OPT_INT_LIST:
+    case DMN_OPT_FLOAT_LIST:
     case DMN_OPT_ENUM_LIST:
     case DMN_OPT_KV_BUDGET_LIST: return set_list(o, v, dst, err, errlen);
     }
@@ -309,6 +315,7 @@ static const char *metavar_of(const dmn_opt *o) {
     case DMN_OPT_FLAG: return "";
     case DMN_OPT_ENUM: return "NAME";
     case DMN_OPT_INT_LIST: return "N,N,...";
+    case DMN_OPT_FLOAT_LIST: return "X,X,...";
     case DMN_OPT_ENUM_LIST: return "NAME,...";
     case DMN_OPT_KV_BUDGET: return "B";
     case DMN_OPT_KV_BUDGET_LIST: return "B,B,...";
@@ -339,8 +346,10 @@ static void help_suffix(const dmn_opt *o, char *buf, size_t n) {
     if (o->type == DMN_OPT_ENUM || o->type == DMN_OPT_ENUM_LIST)
         add_part(buf, n, &j, "%s", joined(o->names, all, sizeof all));
     if (o->def && o->type != DMN_OPT_FLAG) add_part(buf, n, &j, "default %s", o->def);
-    if ((o->type == DMN_OPT_INT || o->type == DMN_OPT_FLOAT || o->type == DMN_OPT_INT_LIST) && o->max > o->min)
+    if ((o->type == DMN_OPT_INT || o->type == DMN_OPT_FLOAT || o->type == DMN_OPT_INT_LIST ||
+         o->type == DMN_OPT_FLOAT_LIST) && o->max > o->min)
         add_part(buf, n, &j, "%s..%s", fmt_num(o->min, lo, sizeof lo), fmt_num(o->max, hi, sizeof hi));
+    if (o->max_count > 0 && o->max_count < DMN_OPT_LIST_MAX) add_part(buf, n, &j, "at most %d values", o->max_count);
     if (j && j + 1 < n) {
         buf[j++] = ')';
         buf[j] = '\0';

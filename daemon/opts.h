@@ -37,6 +37,7 @@ typedef enum dmn_opt_type {
     DMN_OPT_FLAG,           /* bool, true when present; takes no value */
     DMN_OPT_ENUM,           /* int: index of the value in names */
     DMN_OPT_INT_LIST,       /* dmn_int_list: "1,8,32", each in [min, max] */
+    DMN_OPT_FLOAT_LIST,     /* dmn_float_list: "0,0.5,1", each in [min, max] */
     DMN_OPT_ENUM_LIST,      /* dmn_int_list: "full,d2o", indices into names, repeats dropped */
     DMN_OPT_KV_BUDGET,      /* dmn_kv_budget via eng_kv_budget_parse */
     DMN_OPT_KV_BUDGET_LIST, /* dmn_kv_budget_list: "0.1,0.2", each via eng_kv_budget_parse */
@@ -45,8 +46,11 @@ typedef enum dmn_opt_type {
 #define DMN_OPT_LIST_MAX 16
 
 typedef struct dmn_int_list { int n; int v[DMN_OPT_LIST_MAX]; } dmn_int_list;
-/* One KV budget as eng_kv_config holds it: frac > 0 (share of the prompt) or tokens > 0. */
-typedef struct dmn_kv_budget { float frac; int tokens; } dmn_kv_budget;
+typedef struct dmn_float_list { int n; double v[DMN_OPT_LIST_MAX]; } dmn_float_list;
+/* One KV budget as eng_kv_config holds it: frac > 0 (share of the prompt) or tokens > 0.
+ * frac is the share as written ("0.3" is the double 0.3, not the float
+ * nearest it), so reports print what was asked. */
+typedef struct dmn_kv_budget { double frac; int tokens; } dmn_kv_budget;
 typedef struct dmn_kv_budget_list { int n; dmn_kv_budget v[DMN_OPT_LIST_MAX]; } dmn_kv_budget_list;
 
 /* dmn_opt.flags */
@@ -59,7 +63,8 @@ typedef struct dmn_opt {
     dmn_opt_type type;
     size_t offset;            /* of the field in the command's options struct */
     const char *def;          /* default as command-line text; NULL: none (field stays zero) */
-    double min, max;          /* INT, FLOAT and INT_LIST elements: inclusive range */
+    double min, max;          /* INT, FLOAT and the elements of INT_LIST, FLOAT_LIST: inclusive range */
+    int max_count;            /* lists: most values (0: DMN_OPT_LIST_MAX) */
     const char *const *names; /* ENUM, ENUM_LIST: NULL-terminated; index = value */
     unsigned flags;           /* DMN_OPT_* above */
     size_t seen_offset;       /* with DMN_OPT_SEEN: a bool in the options struct */

@@ -127,6 +127,7 @@ def main():
     check("generate --help from the table: defaults and ranges",
           b"--temperature T" in r.stdout and b"(default 0.8; 0..2)" in r.stdout and b"--device NAME" in r.stdout,
           r.stdout.decode()[:400])
+    NOMODEL = "/nonexistent/model.gguf"  # a usage error must come before the model is loaded
     usage_cases = [
         (["generate", "--model", GGUF, "--prompt", "x", "--top-k", "x"], b"--top-k: 'x' is not an integer"),
         (["generate", "--model", GGUF, "--prompt", "x", "--max-tokens", "99999999"],
@@ -143,6 +144,23 @@ def main():
         (["bench", "--model", GGUF, "--batches", "1,,8"], b"--batches: empty element in '1,,8'"),
         (["bench", "--model", GGUF, "--kv-method", "full"], b"--kv-method: 'full' is not one of none|d2o"),
         (["eval", "--model", GGUF, "--frob"], b"unknown option '--frob'"),
+        # eval's options come from its table: every bad value is a usage error naming the option.
+        # NOMODEL: the hand-rolled parser let the first four through (the run then failed at the model
+        # with exit 1), and named no command in its messages ("d2od: --texts: ...").
+        (["eval", "--model", NOMODEL, "--budgets", "0.1,,0.2"], b"--budgets: empty element in '0.1,,0.2'"),
+        (["eval", "--model", NOMODEL, "--budgets", "1e-1"], b"--budgets: '1e-1': a budget is written with digits"),
+        (["eval", "--model", NOMODEL, "--passkey-lengths", ",64"], b"--passkey-lengths: empty element in ',64'"),
+        (["eval", "--model", NOMODEL, "--methods", "full,"], b"--methods: empty element in 'full,'"),
+        (["eval", "--model", NOMODEL, "--texts", "x"], b"--texts: 'x' is not an integer"),
+        (["eval", "--model", NOMODEL, "--budgets", "128"], b"--budgets: '128': this command takes budgets as shares"),
+        (["eval", "--model", NOMODEL, "--methods", "full,nosuch"], b"--methods: 'nosuch' is not one of"),
+        (["eval", "--model", NOMODEL, "--niah-depths", "0,2"], b"--niah-depths: 2 is out of range [0, 1]"),
+        (["eval", "--model", NOMODEL, "--niah-budget", "0"], b"--niah-budget: '0': a budget must be above 0"),
+        (["eval", "--model", NOMODEL, "--niah-lengths", "16,17,18,19,20,21,22,23,24"],
+         b"--niah-lengths: at most 8 values"),
+        (["eval", "--model", NOMODEL, "--seed", "-1"], b"--seed: -1 is out of range [0, 2147483647]"),
+        (["eval", "--model", NOMODEL, "--niah=1"], b"--niah takes no value"),
+        (["eval", "--methods", "full"], b"--model is required"),
         (["batch", "--model", GGUF, "--input", "/dev/null"], b"--output is required"),
         (["batch", "--model", GGUF, "--input", "/dev/null", "--output", "/dev/null", "--kv-budget", "2.5"],
          b"--kv-budget: '2.5': a share of the prompt must be in (0, 1]"),

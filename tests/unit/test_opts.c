@@ -15,6 +15,7 @@ typedef struct t_opts {
     double x;
     bool flag, has_seed;
     dmn_int_list ints, modes;
+    dmn_float_list xs;
     dmn_kv_budget budget;
     dmn_kv_budget_list shares;
 } t_opts;
@@ -35,6 +36,8 @@ static const dmn_opt T_OPTS[] = {
     {.name = "ints", .type = DMN_OPT_INT_LIST, .offset = OFF(ints), .def = "1,8,32", .min = 1, .max = 64,
      .help = "sizes"},
     {.name = "modes", .type = DMN_OPT_ENUM_LIST, .offset = OFF(modes), .names = MODES, .help = "modes"},
+    {.name = "xs", .type = DMN_OPT_FLOAT_LIST, .offset = OFF(xs), .def = "0,0.5", .min = 0, .max = 1, .max_count = 3,
+     .flags = DMN_OPT_SEEN, .seen_offset = OFF(has_seed), .help = "shares (also marks has_seed: a shared seen bool)"},
     {.name = "budget", .type = DMN_OPT_KV_BUDGET, .offset = OFF(budget), .def = "0.2", .help = "a budget"},
     {.name = "shares", .type = DMN_OPT_KV_BUDGET_LIST, .offset = OFF(shares), .def = "0.1,0.4",
      .flags = DMN_OPT_SHARES, .help = "shares"},
@@ -143,6 +146,23 @@ TEST(lists) {
     EXPECT_ERR("--modes: 'zeta' is not one of alpha|beta|gamma", "--model", "m", "--modes", "alpha,zeta");
 }
 
+TEST(float_lists_and_a_list_cap_below_the_table_maximum) {
+    t_opts o;
+    ASSERT_EQ(PARSE(&o, "--model", "m"), D2_OK);
+    ASSERT_EQ(o.xs.n, 2);
+    ASSERT(o.xs.v[0] == 0.0 && o.xs.v[1] == 0.5);
+    ASSERT_EQ(o.has_seed, false); /* a default does not count as given */
+    ASSERT_EQ(PARSE(&o, "--model", "m", "--xs", "1,0.25,0.125"), D2_OK);
+    ASSERT_EQ(o.xs.n, 3);
+    ASSERT(o.xs.v[0] == 1.0 && o.xs.v[1] == 0.25 && o.xs.v[2] == 0.125);
+    ASSERT_EQ(o.has_seed, true); /* the seen bool of another option's row */
+    ASSERT_EQ(o.seed, 0);
+    EXPECT_ERR("--xs: at most 3 values", "--model", "m", "--xs", "0,0,0,0");
+    EXPECT_ERR("--xs: 2 is out of range [0, 1]", "--model", "m", "--xs", "0.5,2");
+    EXPECT_ERR("--xs: 'x' is not a number", "--model", "m", "--xs", "0.5,x");
+    EXPECT_ERR("--xs: empty element in ',0.5'", "--model", "m", "--xs", ",0.5");
+}
+
 TEST(kv_budgets_have_the_engine_meaning) {
     t_opts o;
     ASSERT_EQ(PARSE(&o, "--model", "m", "--budget", "128"), D2_OK);
@@ -153,7 +173,7 @@ TEST(kv_budgets_have_the_engine_meaning) {
     ASSERT_EQ(o.budget.tokens, 0);
     ASSERT_EQ(PARSE(&o, "--model", "m", "--shares", "0.05,1"), D2_OK);
     ASSERT_EQ(o.shares.n, 2);
-    ASSERT_NEAR(o.shares.v[0].frac, 0.05, 1e-7);
+    ASSERT(o.shares.v[0].frac == 0.05); /* the share as written, not the nearest float */
     ASSERT_NEAR(o.shares.v[1].frac, 1.0, 0);
     EXPECT_ERR("--budget: '1.5': a share of the prompt must be in (0, 1]; a token count is written as an integer",
                "--model", "m", "--budget", "1.5");
@@ -194,6 +214,7 @@ TEST(help_lists_every_option_with_default_range_and_choices) {
     ASSERT(strstr(buf, "a count (default 7; -5..100)") != NULL);
     ASSERT(strstr(buf, "a mode (alpha|beta|gamma; default beta)") != NULL);
     ASSERT(strstr(buf, "a switch\n") != NULL);
+    ASSERT(strstr(buf, "--xs X,X,...") && strstr(buf, "(default 0,0.5; 0..1; at most 3 values)"));
     ASSERT(strstr(buf, "-h, --help") != NULL);
     free(buf);
 }
