@@ -108,7 +108,8 @@ __device__ __forceinline__ bool dec_scoring(const float *score, const int32_t *s
 /* Pass 1. grid (work item = one split of one sequence, kv head). */
 static __global__ void __launch_bounds__(DEC_THREADS)
 dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
-                 const int32_t *block_tab, int tab_stride, const int32_t *len,
+                 const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
+                 const int32_t *len,
                  const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
                  const float *score, const int32_t *score_from, int n_heads, float scale,
                  int window) {
@@ -125,6 +126,7 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
     int n = min(KERN_DECODE_SPLIT, L - t0);
     if (n <= 0) return; /* whole CTA leaves: pass 2 never reads this split */
     const int qp = q_pos[b];
+    const int32_t *tab = block_tab + (int64_t)(tab_row ? tab_row[b] : b) * tab_stride;
     const int lane = threadIdx.x % KERN_WARP, warp = threadIdx.x / KERN_WARP;
     const int n_warps = DEC_THREADS / KERN_WARP;
     const int64_t row0 = (int64_t)wi * n_heads + (int64_t)kvh * G; /* first head's partial row */
@@ -140,7 +142,7 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
      * into registers and dotted with every query head of the group. */
     for (int t = warp; t < n; t += n_warps) {
         int slot = t0 + t;
-        int64_t page = block_tab[(int64_t)b * tab_stride + slot / pt];
+        int64_t page = tab[slot / pt];
         int64_t ps = page * pt + slot % pt;
         int p = kv.pos[ps];
         bool vis = att_visible(p, qp, window);
@@ -257,7 +259,7 @@ dec_combine_kernel(dec_ws w, void *out, kern_dtype out_dtype, const int32_t *len
 /* Pass 3. grid (work item, kv head), a thread per slot: D2O decode scores. */
 static __global__ void __launch_bounds__(DEC_SCORE_THREADS)
 dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_t *block_tab,
-                 int tab_stride, const int32_t *len, const int32_t *q_pos,
+                 int tab_stride, const int32_t *tab_row, const int32_t *len, const int32_t *q_pos,
                  const int32_t *split_base, const int32_t *work, int n_heads, int nkv, int pt) {
     const int wi = blockIdx.x, kvh = blockIdx.y;
     const int b = work[wi], sp = wi - split_base[b];
@@ -271,13 +273,14 @@ dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_
     for (int g = 0; g < G; g++)
         sum += kern_exp_sub(w.logits[(row0 + g) * KERN_DECODE_SPLIT + t], w.lse[lrow0 + g]);
     if (sum == 0.0f) return;
-    int64_t page = block_tab[(int64_t)b * tab_stride + slot / pt];
+    int64_t page = block_tab[(int64_t)(tab_row ? tab_row[b] : b) * tab_stride + slot / pt];
     atomicAdd(&score[(page * pt + slot % pt) * nkv + kvh], sum);
 }
 
 extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
                                 kern_kv_view kv, float *score, const int32_t *score_from,
-                                const int32_t *block_tab, int tab_stride, const int32_t *len,
+                                const int32_t *block_tab, int tab_stride,
+                                const int32_t *tab_row, const int32_t *len,
                                 const int32_t *q_pos, const int32_t *split_base,
                                 const int32_t *work, int n_work, int n_seq, int n_heads,
                                 float scale, int window, void *workspace, kern_stream s) {
@@ -302,7 +305,8 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
     dec_ws_floats(n_seq, n_work, n_heads, kv.head_dim, score != NULL, &w, (float *)workspace);
 
     dim3 g1((unsigned)n_work, kv.n_kv_heads);
-    dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride, len,
+    dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride,
+                                                tab_row, len,
                                                 q_pos, split_base, work, score, score_from,
                                                 n_heads, scale, window);
     KERN_LAUNCH_CHECK("dec_split_kernel");
@@ -313,7 +317,7 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
     if (score) {
         dim3 g3((unsigned)n_work, kv.n_kv_heads);
         dec_score_kernel<<<g3, DEC_SCORE_THREADS, 0, s>>>(w, score, score_from, block_tab,
-                                                          tab_stride, len, q_pos, split_base,
+                                                          tab_stride, tab_row, len, q_pos, split_base,
                                                           work, n_heads, kv.n_kv_heads,
                                                           kv.page_tokens);
         KERN_LAUNCH_CHECK("dec_score_kernel");

@@ -162,6 +162,13 @@ int kern_kv_copy_runs(kern_bf16 *k_pages, kern_bf16 *v_pages, float *score, int3
                       void *staging, int n_kv_heads, int head_dim, int page_tokens,
                       kern_stream s);
 
+/* Patches of int32 arrays (a backend's resident block tables): for each of
+ * the n patches p, hdr[3p..3p+2] = {dst_off, src_off, count}, copies
+ * src[src_off .. src_off+count) to dst[dst_off .. dst_off+count). Patches
+ * must not overlap in dst; hdr and src are device memory (typically one
+ * uploaded plan). n == 0 launches nothing. */
+int kern_patch_i32(int32_t *dst, const int32_t *src, const int32_t *hdr, int n, kern_stream s);
+
 /* ---- attention ---- */
 
 /* One layer's view of the paged pool, passed by value. */
@@ -231,7 +238,10 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads, int 
  *   kv         : the layer's pages (the new token's K/V already written)
  *   score      : fp32 [n_pages][page_tokens][n_kv_heads] or NULL
  *   score_from : int32 [n_seq] or NULL (every sequence scores)
- *   block_tab  : int32 [n_seq][tab_stride] page ids of each sequence's table
+ *   block_tab  : int32 [rows][tab_stride] page ids of the tables
+ *   tab_row    : int32 [n_seq] the row of block_tab holding sequence b's
+ *                table, or NULL (row b): lets a caller keep the tables
+ *                resident, one row per sequence id, across steps
  *   len        : int32 [n_seq] live slots of each (sequence, layer), as given
  *                to kern_attn_decode_plan (a larger value is clamped to the
  *                splits the plan gave the sequence)
@@ -242,10 +252,10 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads, int 
  *                head_dim, score != NULL) bytes, 16-byte aligned */
 int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
                      kern_kv_view kv, float *score, const int32_t *score_from,
-                     const int32_t *block_tab, int tab_stride, const int32_t *len,
-                     const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
-                     int n_work, int n_seq, int n_heads, float scale, int window,
-                     void *workspace, kern_stream s);
+                     const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
+                     const int32_t *len, const int32_t *q_pos, const int32_t *split_base,
+                     const int32_t *work, int n_work, int n_seq, int n_heads, float scale,
+                     int window, void *workspace, kern_stream s);
 
 /* Prefill attention for a chunk of n_q queries of one sequence against the
  * first n_kv live slots of its (layer) block table (which already holds the

@@ -9,6 +9,9 @@
  * the sequential result of the runs as long as no run reads a slot an earlier
  * run of the same call writes and no two runs write the same slot; the caller
  * splits a hook call into such segments (engine/cuda/backend.c).
+ *
+ * Also kern_patch_i32: the changed entries of the backend's resident block
+ * tables, applied from the step's uploaded plan (one CTA per patch).
  */
 #include "kernels/common.cuh"
 
@@ -83,5 +86,21 @@ extern "C" int kern_kv_copy_runs(kern_bf16 *k_pages, kern_bf16 *v_pages, float *
             runs, start, n_runs, kvd, n_kv_heads, page_tokens);
         KERN_LAUNCH_CHECK("kv_copy_kernel");
     }
+    return D2_OK;
+}
+
+static __global__ void patch_i32_kernel(int32_t *dst, const int32_t *src, const int32_t *hdr) {
+    const int32_t *h = hdr + 3 * (int64_t)blockIdx.x; /* dst_off, src_off, count */
+    int32_t *d = dst + h[0];
+    const int32_t *x = src + h[1];
+    for (int i = threadIdx.x; i < h[2]; i += blockDim.x) d[i] = x[i];
+}
+
+extern "C" int kern_patch_i32(int32_t *dst, const int32_t *src, const int32_t *hdr, int n,
+                              kern_stream s) {
+    KERN_REQUIRE(n >= 0 && (n == 0 || (dst && src && hdr)));
+    if (n == 0) return D2_OK;
+    patch_i32_kernel<<<(unsigned)n, 64, 0, s>>>(dst, src, hdr);
+    KERN_LAUNCH_CHECK("patch_i32_kernel");
     return D2_OK;
 }

@@ -13,11 +13,17 @@
  * without it eng_cuda_backend_create says so and fails with D2_EUNSUPPORTED.
  *
  * Memory: everything is reserved at create (weights, activations for
- * max_batch_tokens, GEMM descriptors) and at kv_attach (the payload, the plan
- * staging sized for the pool's max_seqs, compression scratch); step() never
- * allocates and never logs. Host<->device traffic per step: one plan upload
- * from pinned memory; a host synchronisation only when a plan carries colsum
- * (the column sums are host memory) — logits and argmax copy out on demand.
+ * max_batch_tokens, GEMM descriptors, layouts and heuristic results per
+ * shape and token-count bucket) and at kv_attach (the payload, the plan
+ * staging sized for the pool's max_seqs, the resident block tables,
+ * compression scratch); step() never allocates and never logs. Host<->device
+ * traffic per step: one plan upload from pinned memory (tokens, positions,
+ * slot maps, the decode plan, and only the block-table entries that changed
+ * since the device last saw them: the tables stay resident, one row per
+ * (layer, sequence id), checked against a host shadow); a host
+ * synchronisation only when a plan carries colsum (the column sums are host
+ * memory) — logits and argmax copy out on demand, and the next step waits
+ * for its staging only when no synchronisation came between.
  *
  * Row order: inside a step the backend keeps the decode tokens (one-token
  * sequences without colsum) first, in plan order, then the other sequences'
@@ -61,6 +67,21 @@ int eng_cuda_device_count(void) { return D2_EUNSUPPORTED; }
 #define CU_DEFAULT_UTIL 0.9
 #define CU_LT_WS_BYTES ((size_t)32 << 20) /* cuBLASLt workspace */
 #define CU_D2O_MOVE_SLOTS 256
+#define CU_GEMM_BUCKETS 24 /* token-count buckets 1, 2, 4, ... 2^23 */
+
+/* The GEMMs of the model, each with its own cuBLASLt layouts and, per
+ * power-of-two bucket of the token count, the algorithm the heuristic chose
+ * for the bucket's largest count (queried once at create: step() makes no
+ * heuristic query and allocates nothing). */
+enum { G_QKV, G_QKV_BIAS, G_O, G_GU, G_DOWN, G_LM, G_KINDS };
+
+typedef struct cu_gemm_shape {
+    int out, in, max_n;             /* Y[n][out] = X[n][in] . W[out][in]^T, n <= max_n */
+    cublasLtMatrixLayout_t la, lb, lc; /* lb and lc get COLS = n per call */
+    int n_buckets;
+    uint8_t have[CU_GEMM_BUCKETS];  /* 0: no algorithm cached, cuBLASLt's implicit query */
+    cublasLtMatmulAlgo_t algo[CU_GEMM_BUCKETS];
+} cu_gemm_shape;
 
 typedef struct cu_layer {
     kern_bf16 *attn_norm, *ffn_norm; /* [dim] */
@@ -73,15 +94,15 @@ typedef struct cu_layer {
 
 /* Where a step's plan lives in the staging buffer (int32 offsets). */
 typedef struct cu_layer_plan {
-    size_t page_of, slot_of;          /* [T] internal rows */
-    size_t dtab, dlen, dsplit, dwork; /* decode: [n_dec][dstride], [n_dec], [n_dec+1], [n_work] */
-    int dstride, n_work;
+    size_t page_of, slot_of;   /* [T] internal rows */
+    size_t dlen, dsplit, dwork; /* decode: [n_dec], [n_dec+1], [n_work] */
+    int n_work;
 } cu_layer_plan;
 
 typedef struct cu_seq_plan {
     int row0;            /* internal first row */
     int n_kv;            /* live slots of the table (this layer) */
-    size_t tab;          /* offset of its page list (this layer) */
+    size_t tab;          /* offset of its resident table row in rtab_d */
 } cu_seq_plan;
 
 typedef struct cuda_be {
@@ -92,7 +113,7 @@ typedef struct cuda_be {
     cudaEvent_t ev_plan, ev_hook;
     cublasLtHandle_t lt;
     cublasLtMatmulDesc_t mm_plain, mm_bias;
-    cublasLtMatrixLayout_t la, lb, lc;
+    cu_gemm_shape gemm[G_KINDS];
     void *lt_ws;
     /* shapes */
     int max_t, max_rows, max_seq, dim, qd, kvd, qkvd, hd, n_heads, n_kv, ffn, vocab, n_layers;
@@ -121,6 +142,16 @@ typedef struct cuda_be {
     cu_layer_plan *lp;            /* [n_layers] */
     cu_seq_plan *sp;              /* [n_layers][max_t] */
     int32_t *dlen_h;              /* [max_t] host decode lengths */
+    /* Resident block tables: one row of max_pages per (layer, sequence id),
+     * kept on the device across steps; rtab_h is the host's copy of what the
+     * device rows hold (rtab_n valid entries each). A step uploads only the
+     * entries that differ (patches in its plan, kern_patch_i32). */
+    int n_ids;                    /* the pool's max_seqs */
+    int32_t *rtab_d, *rtab_h;     /* [n_layers][n_ids][max_pages] */
+    int32_t *rtab_n;              /* [n_layers][n_ids] */
+    int32_t *patch_hdr;           /* [patch_cap][3] headers of the patches being built */
+    int n_patch, patch_cap;
+    int plan_pending;             /* plan_h may still feed an upload (ev_plan not yet passed) */
     /* the payload */
     kern_bf16 *kv_k, *kv_v;
     float *kv_score;
@@ -148,6 +179,7 @@ typedef struct cuda_be {
     int amax_valid;
     /* colsum of the current step: per plan sequence, offset into colsum_d or -1 */
     size_t *cs_off;
+    int gemm_fallbacks;           /* cached algorithms the library refused (dropped) */
     int dead;
     char err[320];
 } cuda_be;
@@ -204,6 +236,13 @@ static int cu_fail_kern(cuda_be *be, int rc, const char *call, int line) {
         int cu_r_ = (call);                                                            \
         if (cu_r_ != D2_OK) return cu_fail_kern(be, cu_r_, #call, __LINE__);           \
     } while (0)
+/* A host synchronisation with the stream: everything queued has run, so no
+ * pinned staging is in flight any more. */
+#define STREAM_SYNC()                                                                  \
+    do {                                                                               \
+        CU(cudaStreamSynchronize(be->st));                                             \
+        be->plan_pending = 0;                                                          \
+    } while (0)
 #define DEAD_CHECK()                                                                   \
     do {                                                                               \
         if (be->dead) return D2_ECUDA;                                                 \
@@ -232,34 +271,101 @@ static int dev_alloc(cuda_be *be, void **p, size_t bytes) {
     return D2_OK;
 }
 
-static int cu_gemm(cuda_be *be, const kern_bf16 *W, int out, int in, const kern_bf16 *X, int ldx,
-                   int n_tok, float *Y, int ldy, int accumulate, const float *bias) {
-    /* Row-major Y[n_tok][out] = X[n_tok][in] . W[out][in]^T (+ Y) (+ bias). In
-     * cuBLASLt's column-major terms: W is an in x out matrix (ld in) used
-     * transposed, X an in x n_tok matrix (ld ldx), Y an out x n_tok matrix
-     * (ld ldy): D(out x n_tok) = op(A)=W^T (out x in) * B=X (in x n_tok). */
-    uint64_t rows, cols;
-    int64_t ld;
-    rows = (uint64_t)in; cols = (uint64_t)out; ld = in;
-    LT(cublasLtMatrixLayoutSetAttribute(be->la, CUBLASLT_MATRIX_LAYOUT_ROWS, &rows, sizeof rows));
-    LT(cublasLtMatrixLayoutSetAttribute(be->la, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
-    LT(cublasLtMatrixLayoutSetAttribute(be->la, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
-    rows = (uint64_t)in; cols = (uint64_t)n_tok; ld = ldx;
-    LT(cublasLtMatrixLayoutSetAttribute(be->lb, CUBLASLT_MATRIX_LAYOUT_ROWS, &rows, sizeof rows));
-    LT(cublasLtMatrixLayoutSetAttribute(be->lb, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
-    LT(cublasLtMatrixLayoutSetAttribute(be->lb, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
-    rows = (uint64_t)out; cols = (uint64_t)n_tok; ld = ldy;
-    LT(cublasLtMatrixLayoutSetAttribute(be->lc, CUBLASLT_MATRIX_LAYOUT_ROWS, &rows, sizeof rows));
-    LT(cublasLtMatrixLayoutSetAttribute(be->lc, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
-    LT(cublasLtMatrixLayoutSetAttribute(be->lc, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
+static int gemm_bucket(int n) {
+    int b = 0;
+    while (b < CU_GEMM_BUCKETS - 1 && (1 << b) < n) b++;
+    return b;
+}
+
+/* Layouts and the heuristic's algorithms of one GEMM shape (create time).
+ * Row-major Y[n][out] = X[n][in] . W[out][in]^T in cuBLASLt's column-major
+ * terms: W is an in x out matrix (ld in) used transposed (TRANSA = T), X an
+ * in x n matrix (ld in), Y an out x n matrix (ld out): D(out x n) = op(A)
+ * (out x in) * B (in x n). Every operand is a whole cudaMalloc buffer, so
+ * the 256-byte alignment the heuristic assumes by default holds. */
+static int gemm_shape_init(cuda_be *be, cu_gemm_shape *g, cublasLtMatmulDesc_t d,
+                           cublasLtMatmulPreference_t pref, int out, int in, int max_n) {
+    g->out = out;
+    g->in = in;
+    g->max_n = max_n;
+    LT(cublasLtMatrixLayoutCreate(&g->la, CUDA_R_16BF, (uint64_t)in, (uint64_t)out, in));
+    LT(cublasLtMatrixLayoutCreate(&g->lb, CUDA_R_16BF, (uint64_t)in, (uint64_t)max_n, in));
+    LT(cublasLtMatrixLayoutCreate(&g->lc, CUDA_R_32F, (uint64_t)out, (uint64_t)max_n, out));
+    g->n_buckets = gemm_bucket(max_n) + 1;
+    for (int b = 0; b < g->n_buckets; b++) {
+        uint64_t n = (uint64_t)(1 << b) < (uint64_t)max_n ? (uint64_t)(1 << b) : (uint64_t)max_n;
+        LT(cublasLtMatrixLayoutSetAttribute(g->lb, CUBLASLT_MATRIX_LAYOUT_COLS, &n, sizeof n));
+        LT(cublasLtMatrixLayoutSetAttribute(g->lc, CUBLASLT_MATRIX_LAYOUT_COLS, &n, sizeof n));
+        cublasLtMatmulHeuristicResult_t r;
+        int got = 0;
+        cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(be->lt, d, g->la, g->lb, g->lc, g->lc,
+                                                          pref, 1, &r, &got);
+        /* none found: cublasLtMatmul's own query decides (and fails if nothing runs it) */
+        g->have[b] = s == CUBLAS_STATUS_SUCCESS && got > 0 && r.state == CUBLAS_STATUS_SUCCESS;
+        if (g->have[b]) g->algo[b] = r.algo;
+    }
+    return D2_OK;
+}
+
+static void gemm_shape_free(cu_gemm_shape *g) {
+    if (g->la) cublasLtMatrixLayoutDestroy(g->la);
+    if (g->lb) cublasLtMatrixLayoutDestroy(g->lb);
+    if (g->lc) cublasLtMatrixLayoutDestroy(g->lc);
+}
+
+static int create_gemms(cuda_be *be) {
+    cublasLtMatmulPreference_t pref = NULL;
+    uint64_t ws = CU_LT_WS_BYTES;
+    LT(cublasLtMatmulPreferenceCreate(&pref));
+    cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        cublasLtMatmulPreferenceDestroy(pref);
+        return cu_fail_lt(be, s, "cublasLtMatmulPreferenceSetAttribute", __LINE__);
+    }
+    int T = be->max_t, R = be->max_rows, rc = D2_OK;
+    const struct { int kind, out, in, max_n; } sh[G_KINDS] = {
+        {G_QKV, be->qkvd, be->dim, T},    {G_QKV_BIAS, be->qkvd, be->dim, T},
+        {G_O, be->dim, be->qd, T},        {G_GU, 2 * be->ffn, be->dim, T},
+        {G_DOWN, be->dim, be->ffn, T},    {G_LM, be->vocab, be->dim, R},
+    };
+    for (int i = 0; i < G_KINDS && !rc; i++)
+        rc = gemm_shape_init(be, &be->gemm[sh[i].kind],
+                             sh[i].kind == G_QKV_BIAS ? be->mm_bias : be->mm_plain, pref,
+                             sh[i].out, sh[i].in, sh[i].max_n);
+    cublasLtMatmulPreferenceDestroy(pref);
+    return rc;
+}
+
+/* Y[n][out] (+)= X[n][in] . W[out][in]^T (+ bias) with the shape's cached
+ * layouts and algorithm (gemm_shape_init); X and Y are dense (ld = in, out).
+ * An algorithm the library refuses for this n (it was chosen for the
+ * bucket's largest) is dropped for the bucket and the call repeated with the
+ * implicit query. */
+static int cu_gemm(cuda_be *be, int kind, const kern_bf16 *W, const kern_bf16 *X, int n, float *Y,
+                   int accumulate, const float *bias) {
+    cu_gemm_shape *g = &be->gemm[kind];
+    uint64_t cols = (uint64_t)n;
+    LT(cublasLtMatrixLayoutSetAttribute(g->lb, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
+    LT(cublasLtMatrixLayoutSetAttribute(g->lc, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols));
     cublasLtMatmulDesc_t d = be->mm_plain;
-    if (bias) {
+    if (kind == G_QKV_BIAS) {
         d = be->mm_bias;
         LT(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     }
+    int b = gemm_bucket(n);
     float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    LT(cublasLtMatmul(be->lt, d, &alpha, W, be->la, X, be->lb, &beta, Y, be->lc, Y, be->lc, NULL,
-                      be->lt_ws, CU_LT_WS_BYTES, be->st));
+    cublasStatus_t s = cublasLtMatmul(be->lt, d, &alpha, W, g->la, X, g->lb, &beta, Y, g->lc, Y,
+                                      g->lc, g->have[b] ? &g->algo[b] : NULL, be->lt_ws,
+                                      CU_LT_WS_BYTES, be->st);
+    if (s != CUBLAS_STATUS_SUCCESS && g->have[b] &&
+        (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE)) {
+        g->have[b] = 0;
+        be->gemm_fallbacks++;
+        s = cublasLtMatmul(be->lt, d, &alpha, W, g->la, X, g->lb, &beta, Y, g->lc, Y, g->lc, NULL,
+                           be->lt_ws, CU_LT_WS_BYTES, be->st);
+    }
+    if (s != CUBLAS_STATUS_SUCCESS) return cu_fail_lt(be, s, "cublasLtMatmul", __LINE__);
     return D2_OK;
 }
 
@@ -323,6 +429,7 @@ static void cu_destroy(eng_backend *base) {
     DFREE(be->x); DFREE(be->qkv); DFREE(be->gu); DFREE(be->lse); DFREE(be->xsel);
     DFREE(be->logits); DFREE(be->xb); DFREE(be->ao); DFREE(be->hb); DFREE(be->xfb);
     DFREE(be->amax_d); DFREE(be->dec_ws); DFREE(be->colsum_d); DFREE(be->plan_d);
+    DFREE(be->rtab_d); free(be->rtab_h); free(be->rtab_n); free(be->patch_hdr);
     DFREE(be->kv_k); DFREE(be->kv_v); DFREE(be->kv_score); DFREE(be->kv_pos);
     DFREE(be->hook_d); DFREE(be->hook_stage); DFREE(be->d2o_mem); DFREE(be->tab_d);
     DFREE(be->tau_d); DFREE(be->lt_ws);
@@ -331,9 +438,7 @@ static void cu_destroy(eng_backend *base) {
     HFREE(be->tau_h); HFREE(be->logits_h); HFREE(be->amax_h);
     free(be->irow); free(be->seq_row0); free(be->lp); free(be->sp); free(be->dlen_h);
     free(be->hook_mark); free(be->hook_touched); free(be->cs_off);
-    if (be->la) cublasLtMatrixLayoutDestroy(be->la);
-    if (be->lb) cublasLtMatrixLayoutDestroy(be->lb);
-    if (be->lc) cublasLtMatrixLayoutDestroy(be->lc);
+    for (int i = 0; i < G_KINDS; i++) gemm_shape_free(&be->gemm[i]);
     if (be->mm_plain) cublasLtMatmulDescDestroy(be->mm_plain);
     if (be->mm_bias) cublasLtMatmulDescDestroy(be->mm_bias);
     if (be->lt) cublasLtDestroy(be->lt);
@@ -542,15 +647,13 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
         if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
         if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
         if (!s) s = cublasLtMatmulDescSetAttribute(be->mm_bias, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_t, sizeof bias_t);
-        if (!s) s = cublasLtMatrixLayoutCreate(&be->la, CUDA_R_16BF, 1, 1, 1);
-        if (!s) s = cublasLtMatrixLayoutCreate(&be->lb, CUDA_R_16BF, 1, 1, 1);
-        if (!s) s = cublasLtMatrixLayoutCreate(&be->lc, CUDA_R_32F, 1, 1, 1);
         if (s) {
             rc = cu_fail_lt(be, s, "cuBLASLt handle and descriptors", __LINE__);
             goto fail;
         }
     }
     CREATE_TRY(dev_alloc(be, &be->lt_ws, CU_LT_WS_BYTES));
+    CREATE_TRY(create_gemms(be));
     CREATE_TRY(create_weights(be, m, cfg));
     {
         float *inv = malloc((size_t)(hd / 2) * sizeof(float));
@@ -635,7 +738,7 @@ static void cu_caps(const eng_backend *base, eng_backend_caps *out) {
 static int cu_sync(eng_backend *base) {
     cuda_be *be = (cuda_be *)base;
     DEAD_CHECK();
-    CU(cudaStreamSynchronize(be->st));
+    STREAM_SYNC();
     return D2_OK;
 }
 
@@ -741,8 +844,23 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
     be->max_pages = (be->max_seq + be->pt - 1) / be->pt;
     be->work_cap = be->max_seqs * ((be->max_seq + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT);
     size_t S = (size_t)be->max_seqs, T = (size_t)be->max_t, Lc = (size_t)be->n_layers;
-    be->plan_cap = 3 * T + Lc * (2 * T + S * (size_t)be->max_pages + 2 * S + 1 + (size_t)be->work_cap) +
-                   Lc * S * (size_t)be->max_pages;
+    size_t MP = (size_t)be->max_pages;
+    /* per step: tokens, positions, score_from, decode rows' sequence ids;
+     * per layer the slot maps and the decode plan; the changed table
+     * entries (at most every table of the step in full) and their headers */
+    be->patch_cap = (int)(Lc * S);
+    be->plan_cap = 4 * T + Lc * (2 * T + 2 * S + 1 + (size_t)be->work_cap) + Lc * S * MP +
+                   3 * (size_t)be->patch_cap;
+    be->n_ids = pc->max_seqs;
+    size_t rt = Lc * (size_t)be->n_ids * MP;
+    if (rt > INT32_MAX || be->plan_cap > INT32_MAX)
+        return cu_fail(be, D2_EINVAL, "kv_attach", "block tables beyond int32 offsets");
+    ATT_TRY(dev_alloc(be, (void **)&be->rtab_d, rt * 4));
+    be->rtab_h = malloc(rt * 4 + 4);
+    be->rtab_n = calloc(Lc * (size_t)be->n_ids, sizeof(int32_t));
+    be->patch_hdr = malloc((size_t)be->patch_cap * 3 * sizeof(int32_t));
+    if (!be->rtab_h || !be->rtab_n || !be->patch_hdr)
+        return cu_fail(be, D2_ENOMEM, "kv_attach", "resident block tables");
     PIN(be->plan_h, be->plan_cap * 4);
     ATT_TRY(dev_alloc(be, (void **)&be->plan_d, be->plan_cap * 4));
     size_t ws = kern_attn_decode_workspace_bytes(be->max_seqs, be->work_cap, be->n_heads, be->hd, 1);
@@ -791,6 +909,7 @@ static int validate(const cuda_be *be, const eng_batch *b) {
     for (int i = 0; i < b->n_seqs; i++) {
         const eng_batch_seq *s = &b->seqs[i];
         if (s->start != next || s->n <= 0 || s->start + s->n > b->n_tokens) return D2_EINVAL;
+        if (s->seq < 0 || s->seq >= be->n_ids) return D2_EINVAL;
         next += s->n;
     }
     if (next != b->n_tokens) return D2_EINVAL;
@@ -806,8 +925,53 @@ static int validate(const cuda_be *be, const eng_batch *b) {
 
 static int is_decode(const eng_batch_seq *s) { return s->n == 1 && !(s->want_scores && s->colsum); }
 
-/* Fills the staging buffer (internal row order) and the per-layer plan. */
-static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used) {
+/* Offset of the resident table row of (seq, layer) in rtab_d / rtab_h. */
+static size_t rtab_row(const cuda_be *be, int seq, int l) {
+    return ((size_t)l * (size_t)be->n_ids + (size_t)seq) * (size_t)be->max_pages;
+}
+
+/* Brings the resident row of (seq, l) up to the pool's table: the entries
+ * from the first one that differs from the shadow to the end of the table go
+ * into the staging at *off (a patch and its header); nothing when the row is
+ * current (a steady decode step changes a row only when it gains a page). */
+static int rtab_patch(cuda_be *be, int seq, int l, const kvp_table *tab, int32_t *P, size_t *off) {
+    size_t row = rtab_row(be, seq, l);
+    int32_t *sh = be->rtab_h + row;
+    int32_t *valid = &be->rtab_n[(size_t)l * (size_t)be->n_ids + (size_t)seq];
+    int n = tab->n_pages, m = *valid < n ? *valid : n, i0 = m;
+    if (m > 0 && memcmp(sh, tab->pages, (size_t)m * sizeof(int32_t)) != 0)
+        for (i0 = 0; sh[i0] == tab->pages[i0]; i0++) {}
+    if (i0 == n) {
+        *valid = n;
+        return D2_OK;
+    }
+    size_t cnt = (size_t)(n - i0);
+    if (*off + cnt > be->plan_cap || be->n_patch >= be->patch_cap)
+        return cu_fail(be, D2_EINVAL, "step", "table patches larger than their staging");
+    memcpy(P + *off, tab->pages + i0, cnt * sizeof(int32_t));
+    memcpy(sh + i0, tab->pages + i0, cnt * sizeof(int32_t));
+    int32_t *h = be->patch_hdr + (size_t)be->n_patch * 3;
+    h[0] = (int32_t)(row + (size_t)i0);
+    h[1] = (int32_t)*off;
+    h[2] = (int32_t)cnt;
+    be->n_patch++;
+    *off += cnt;
+    *valid = n;
+    return D2_OK;
+}
+
+/* The shadow rows of the plan's sequences no longer say what the device
+ * holds (a plan that failed after patching them): resend them in full. */
+static void rtab_forget(cuda_be *be, const eng_batch *b) {
+    for (int si = 0; si < b->n_seqs; si++)
+        for (int l = 0; l < be->n_layers; l++)
+            be->rtab_n[(size_t)l * (size_t)be->n_ids + (size_t)b->seqs[si].seq] = 0;
+}
+
+/* Fills the staging buffer (internal row order), the per-layer plan and the
+ * patches of the resident tables (headers at *o_hdr, be->n_patch of them). */
+static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used, size_t *o_hdr,
+                      size_t *o_trow) {
     kvp_pool *pool = be->base.pool;
     int T = b->n_tokens, pt = be->pt;
     int32_t *P = be->plan_h;
@@ -823,6 +987,7 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used) 
     TAKE(o_tok, T);
     TAKE(o_pos, T);
     TAKE(o_sf, n_dec > 0 ? n_dec : 1);
+    TAKE(*o_trow, n_dec > 0 ? n_dec : 1);
     for (int si = 0; si < b->n_seqs; si++) {
         const eng_batch_seq *s = &b->seqs[si];
         int r0 = be->seq_row0[si];
@@ -830,13 +995,16 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used) 
             P[o_tok + (size_t)r0 + j] = b->tokens[s->start + j];
             P[o_pos + (size_t)r0 + j] = b->pos[s->start + j];
         }
-        if (is_decode(s)) P[o_sf + (size_t)r0] = s->want_scores ? s->score_from : INT32_MAX;
+        if (is_decode(s)) {
+            P[o_sf + (size_t)r0] = s->want_scores ? s->score_from : INT32_MAX;
+            P[*o_trow + (size_t)r0] = s->seq;
+        }
     }
+    be->n_patch = 0;
     for (int l = 0; l < be->n_layers; l++) {
         cu_layer_plan *lp = &be->lp[l];
         TAKE(lp->page_of, T);
         TAKE(lp->slot_of, T);
-        int dstride = 1;
         for (int si = 0; si < b->n_seqs; si++) {
             const eng_batch_seq *s = &b->seqs[si];
             kvp_table tab = kvp_get_table(pool, s->seq, l);
@@ -848,23 +1016,26 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used) 
                 P[lp->page_of + (size_t)r0 + j] = page;
                 P[lp->slot_of + (size_t)r0 + j] = slot;
             }
-            if (is_decode(s) && tab.n_pages > dstride) dstride = tab.n_pages;
+            int rc = rtab_patch(be, s->seq, l, &tab, P, &off);
+            if (rc) return rc;
+            if (!is_decode(s)) {
+                cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
+                sp->row0 = r0;
+                sp->n_kv = tab.n_tokens;
+                sp->tab = rtab_row(be, s->seq, l);
+            }
         }
-        lp->dstride = dstride;
         lp->n_work = 0;
         if (n_dec > 0) {
-            TAKE(lp->dtab, (size_t)n_dec * (size_t)dstride);
             TAKE(lp->dlen, n_dec);
             TAKE(lp->dsplit, n_dec + 1);
             for (int si = 0; si < b->n_seqs; si++) {
                 const eng_batch_seq *s = &b->seqs[si];
                 if (!is_decode(s)) continue;
                 int r0 = be->seq_row0[si];
-                kvp_table tab = kvp_get_table(pool, s->seq, l);
-                memcpy(P + lp->dtab + (size_t)r0 * (size_t)dstride, tab.pages,
-                       (size_t)tab.n_pages * sizeof(int32_t));
-                be->dlen_h[r0] = tab.n_tokens;
-                P[lp->dlen + (size_t)r0] = tab.n_tokens;
+                int n_tok = kvp_get_table(pool, s->seq, l).n_tokens;
+                be->dlen_h[r0] = n_tok;
+                P[lp->dlen + (size_t)r0] = n_tok;
             }
             size_t room = be->plan_cap - off;
             int cap = room > (size_t)be->work_cap ? be->work_cap : (int)room;
@@ -872,17 +1043,9 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used) 
             if (rc) return cu_fail(be, rc, "kern_attn_decode_plan", "decode work list");
             TAKE(lp->dwork, lp->n_work);
         }
-        for (int si = 0; si < b->n_seqs; si++) {
-            const eng_batch_seq *s = &b->seqs[si];
-            if (is_decode(s)) continue;
-            kvp_table tab = kvp_get_table(pool, s->seq, l);
-            cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
-            sp->row0 = be->seq_row0[si];
-            sp->n_kv = tab.n_tokens;
-            TAKE(sp->tab, tab.n_pages);
-            memcpy(P + sp->tab, tab.pages, (size_t)tab.n_pages * sizeof(int32_t));
-        }
     }
+    TAKE(*o_hdr, (size_t)be->n_patch * 3);
+    memcpy(P + *o_hdr, be->patch_hdr, (size_t)be->n_patch * 3 * sizeof(int32_t));
 #undef TAKE
     *used = off;
     return D2_OK;
@@ -922,13 +1085,21 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         be->cs_off[si] = cs_used;
         cs_used += need;
     }
-    /* the pinned staging of the previous step must have been consumed */
-    CU(cudaEventSynchronize(be->ev_plan));
-    size_t used = 0;
-    rc = build_plan(be, b, n_dec, &used);
-    if (rc) return rc;
+    /* the pinned staging of the previous step must have been consumed (it
+     * has when the stream was synchronised since: argmax, logits) */
+    if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
+    be->plan_pending = 0;
+    size_t used = 0, o_hdr = 0, o_trow = 0;
+    rc = build_plan(be, b, n_dec, &used, &o_hdr, &o_trow);
+    if (rc) {
+        rtab_forget(be, b);
+        return rc;
+    }
+    /* the step's one upload: tokens, positions, maps and the table patches */
     CU(cudaMemcpyAsync(be->plan_d, be->plan_h, used * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
     CU(cudaEventRecord(be->ev_plan, be->st));
+    be->plan_pending = 1;
+    KC(kern_patch_i32(be->rtab_d, be->plan_d, be->plan_d + o_hdr, be->n_patch, be->st));
     if (cs_used) CU(cudaMemsetAsync(be->colsum_d, 0, cs_used * 4, be->st));
     const int32_t *D = be->plan_d;
     const int32_t *tok_d = D, *pos_d = D + T, *sf_d = D + 2 * T;
@@ -941,7 +1112,7 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         const cu_layer *w = &be->L[l];
         const cu_layer_plan *lp = &be->lp[l];
         KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->attn_norm, T, dim, be->eps, be->st));
-        rc = cu_gemm(be, w->wqkv, qkvd, dim, be->xb, dim, T, be->qkv, qkvd, 0, w->bqkv);
+        rc = cu_gemm(be, w->bqkv ? G_QKV_BIAS : G_QKV, w->wqkv, be->xb, T, be->qkv, 0, w->bqkv);
         if (rc) return rc;
         KC(kern_rope(be->qkv, pos_d, be->inv_freq, T, be->n_heads, be->hd, qkvd, be->neox, be->st));
         KC(kern_rope(be->qkv + qd, pos_d, be->inv_freq, T, be->n_kv, be->hd, qkvd, be->neox, be->st));
@@ -951,7 +1122,8 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         if (n_dec > 0)
             KC(kern_attn_decode(be->ao, KERN_BF16, be->qkv, qkvd, view,
                                 dec_scores ? be->kv_score : NULL, dec_scores ? sf_d : NULL,
-                                D + lp->dtab, lp->dstride, D + lp->dlen, pos_d, D + lp->dsplit,
+                                be->rtab_d + rtab_row(be, 0, l), be->max_pages, D + o_trow,
+                                D + lp->dlen, pos_d, D + lp->dsplit,
                                 D + lp->dwork, lp->n_work, n_dec, be->n_heads, scale, be->window,
                                 be->dec_ws, be->st));
         for (int si = 0; si < b->n_seqs; si++) {
@@ -960,7 +1132,7 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
             const cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
             const float *q = be->qkv + (size_t)sp->row0 * (size_t)qkvd;
             KC(kern_attn_prefill(be->ao + (size_t)sp->row0 * (size_t)qd, KERN_BF16,
-                                 s->want_scores ? be->lse : NULL, q, qkvd, view, D + sp->tab,
+                                 s->want_scores ? be->lse : NULL, q, qkvd, view, be->rtab_d + sp->tab,
                                  sp->n_kv, pos_d + sp->row0, s->n, be->n_heads, scale, be->window,
                                  be->st));
             if (s->want_scores) {
@@ -969,18 +1141,18 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
                     cs = be->colsum_d + be->cs_off[si] +
                          (size_t)l * (size_t)be->n_heads * (size_t)s->colsum_len;
                 KC(kern_attn_prefill_scores(be->kv_score, cs, s->colsum_len, s->score_from, q,
-                                            qkvd, be->lse, view, D + sp->tab, sp->n_kv,
+                                            qkvd, be->lse, view, be->rtab_d + sp->tab, sp->n_kv,
                                             pos_d + sp->row0, s->n, be->n_heads, scale,
                                             be->window, be->st));
             }
         }
-        rc = cu_gemm(be, w->wo, dim, qd, be->ao, qd, T, be->x, dim, 1, NULL);
+        rc = cu_gemm(be, G_O, w->wo, be->ao, T, be->x, 1, NULL);
         if (rc) return rc;
         KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->ffn_norm, T, dim, be->eps, be->st));
-        rc = cu_gemm(be, w->wgu, 2 * be->ffn, dim, be->xb, dim, T, be->gu, 2 * be->ffn, 0, NULL);
+        rc = cu_gemm(be, G_GU, w->wgu, be->xb, T, be->gu, 0, NULL);
         if (rc) return rc;
         KC(kern_swiglu(be->hb, KERN_BF16, be->gu, be->gu + be->ffn, T, be->ffn, 2 * be->ffn, be->st));
-        rc = cu_gemm(be, w->wdown, dim, be->ffn, be->hb, be->ffn, T, be->x, dim, 1, NULL);
+        rc = cu_gemm(be, G_DOWN, w->wdown, be->hb, T, be->x, 1, NULL);
         if (rc) return rc;
     }
     /* logit rows, in plan order */
@@ -1002,14 +1174,14 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
     }
     if (rows > 0) {
         KC(kern_rmsnorm(be->xfb, KERN_BF16, be->xsel, be->out_norm, rows, dim, be->eps, be->st));
-        rc = cu_gemm(be, be->outw, be->vocab, dim, be->xfb, dim, rows, be->logits, be->vocab, 0, NULL);
+        rc = cu_gemm(be, G_LM, be->outw, be->xfb, rows, be->logits, 0, NULL);
         if (rc) return rc;
     }
     be->n_logit_rows = rows;
     be->amax_valid = 0;
     if (cs_used) {
         CU(cudaMemcpyAsync(be->colsum_h, be->colsum_d, cs_used * 4, cudaMemcpyDeviceToHost, be->st));
-        CU(cudaStreamSynchronize(be->st));
+        STREAM_SYNC();
         for (int si = 0; si < b->n_seqs; si++) {
             const eng_batch_seq *s = &b->seqs[si];
             if (be->cs_off[si] == SIZE_MAX) continue;
@@ -1032,7 +1204,7 @@ static int cu_logits(eng_backend *base, int row0, int n, const float **out) {
     if (n > 0) {
         CU(cudaMemcpyAsync(be->logits_h + off, be->logits + off, (size_t)n * (size_t)be->vocab * 4,
                            cudaMemcpyDeviceToHost, be->st));
-        CU(cudaStreamSynchronize(be->st));
+        STREAM_SYNC();
     }
     *out = be->logits_h + off;
     return D2_OK;
@@ -1048,7 +1220,7 @@ static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
         KC(kern_argmax(be->amax_d, be->logits, be->n_logit_rows, be->vocab, be->vocab, be->st));
         CU(cudaMemcpyAsync(be->amax_h, be->amax_d, (size_t)be->n_logit_rows * 4,
                            cudaMemcpyDeviceToHost, be->st));
-        CU(cudaStreamSynchronize(be->st));
+        STREAM_SYNC();
         be->amax_valid = 1;
     }
     for (int i = 0; i < n; i++) out[i] = be->amax_h[rows[i]];
@@ -1058,7 +1230,7 @@ static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
 /* ---- KV compression (engine/backend.h steps 1-6) -------------------------------------- */
 
 static int upload_table(cuda_be *be, const kvp_table *tab) {
-    CU(cudaStreamSynchronize(be->st)); /* tab_h may still feed an earlier copy */
+    STREAM_SYNC(); /* tab_h may still feed an earlier copy */
     memcpy(be->tab_h, tab->pages, (size_t)tab->n_pages * sizeof(int32_t));
     CU(cudaMemcpyAsync(be->tab_d, be->tab_h, (size_t)tab->n_pages * 4, cudaMemcpyHostToDevice, be->st));
     return D2_OK;
@@ -1097,7 +1269,7 @@ static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_
         CU(cudaMemcpyAsync(be->stat_h, be->d2o.stat, 2 * 4, cudaMemcpyDeviceToHost, be->st));
     }
     CU(cudaMemcpyAsync(be->keep_h, be->d2o.keep, (size_t)n, cudaMemcpyDeviceToHost, be->st));
-    CU(cudaStreamSynchronize(be->st));
+    STREAM_SYNC();
     float tau = 0.0f;
     int n_pass = 0;
     if (rq->merge) {
@@ -1153,7 +1325,7 @@ static int cu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, 
     size_t kvd = (size_t)be->kvd;
     uint16_t *tmp = malloc(kvd * 2 * 2);
     if (!tmp) return cu_fail(be, D2_ENOMEM, "read_slot", "scratch");
-    CU(cudaStreamSynchronize(be->st));
+    STREAM_SYNC();
     cudaError_t e = cudaMemcpy(tmp, be->kv_k + (size_t)s * kvd, kvd * 2, cudaMemcpyDeviceToHost);
     if (e == cudaSuccess)
         e = cudaMemcpy(tmp + kvd, be->kv_v + (size_t)s * kvd, kvd * 2, cudaMemcpyDeviceToHost);
@@ -1184,7 +1356,7 @@ static int cu_write_slot(eng_backend *base, int seq, int layer, int i, const flo
         tmp[kvd + j] = v ? f2bf(v[j]) : 0;
     }
     int32_t pos = kvp_pos_base(be->base.pool)[s];
-    CU(cudaStreamSynchronize(be->st));
+    STREAM_SYNC();
     cudaError_t e = cudaSuccess;
     if (k) e = cudaMemcpy(be->kv_k + (size_t)s * kvd, tmp, kvd * 2, cudaMemcpyHostToDevice);
     if (e == cudaSuccess && v)

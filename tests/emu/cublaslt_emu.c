@@ -16,6 +16,12 @@
  *     column after the alpha/beta combination.
  * Only the combinations of include_c/cublasLt.h are accepted; the rest is
  * CUBLAS_STATUS_NOT_SUPPORTED / INVALID_VALUE, as a caller must handle.
+ * An algorithm from cublasLtMatmulAlgoGetHeuristic records the operation it
+ * was found for (transposes, epilogue, m, k); cublasLtMatmul refuses it for
+ * another one with CUBLAS_STATUS_INVALID_VALUE -- stricter than the library,
+ * which may run it or fail, so that a cache handing out the wrong GEMM's
+ * algorithm is caught here. Heuristic queries are counted
+ * (emu_cublaslt_counters).
  * Callers: emulator builds of host code (tests), one thread at a time.
  */
 #include <stdlib.h>
@@ -29,6 +35,9 @@ struct cublasLtContext {
 struct cublasLtMatmulDescOpaque {
     int compute, scale, transa, transb, epilogue, bias_type;
     const void *bias;
+};
+struct cublasLtMatmulPreferenceOpaque {
+    uint64_t max_ws;
 };
 struct cublasLtMatrixLayoutOpaque {
     int type, order;
@@ -139,6 +148,101 @@ cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l,
     }
 }
 
+#define ALGO_MAGIC 0x6c74616c676f3031ull
+
+static unsigned long long g_explicit, g_implicit;
+
+void emu_cublaslt_counters(unsigned long long *explicit_queries,
+                           unsigned long long *implicit_queries) {
+    if (explicit_queries) *explicit_queries = g_explicit;
+    if (implicit_queries) *implicit_queries = g_implicit;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *pref) {
+    if (!pref) return CUBLAS_STATUS_INVALID_VALUE;
+    *pref = calloc(1, sizeof **pref);
+    return *pref ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_ALLOC_FAILED;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) {
+    free(pref);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref,
+                                                    cublasLtMatmulPreferenceAttributes_t attr,
+                                                    const void *buf, size_t size) {
+    if (!pref || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+    if (attr == CUBLASLT_MATMUL_PREF_SEARCH_MODE) return CUBLAS_STATUS_SUCCESS;
+    if (attr != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (size != sizeof(uint64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy(&pref->max_ws, buf, sizeof(uint64_t));
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* The checks cublasLtMatmul makes of an operation, without the pointers;
+ * m and k out. */
+static cublasStatus_t check_op(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t Adesc,
+                               cublasLtMatrixLayout_t Bdesc, cublasLtMatrixLayout_t Cdesc,
+                               cublasLtMatrixLayout_t Ddesc, int64_t *m_out, int64_t *k_out) {
+    if (!d) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!Adesc || !Bdesc || !Cdesc || !Ddesc) return CUBLAS_STATUS_INVALID_VALUE;
+    if (d->compute != CUBLAS_COMPUTE_32F || d->scale != CUDA_R_32F ||
+        Adesc->type != CUDA_R_16BF || Bdesc->type != CUDA_R_16BF || Cdesc->type != CUDA_R_32F ||
+        Ddesc->type != CUDA_R_32F)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if ((d->transa != CUBLAS_OP_N && d->transa != CUBLAS_OP_T) ||
+        (d->transb != CUBLAS_OP_N && d->transb != CUBLAS_OP_T))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT && d->epilogue != CUBLASLT_EPILOGUE_BIAS)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    int64_t m = (int64_t)Ddesc->rows, n = (int64_t)Ddesc->cols;
+    int64_t am = d->transa == CUBLAS_OP_N ? (int64_t)Adesc->rows : (int64_t)Adesc->cols;
+    int64_t k = d->transa == CUBLAS_OP_N ? (int64_t)Adesc->cols : (int64_t)Adesc->rows;
+    int64_t bk = d->transb == CUBLAS_OP_N ? (int64_t)Bdesc->rows : (int64_t)Bdesc->cols;
+    int64_t bn = d->transb == CUBLAS_OP_N ? (int64_t)Bdesc->cols : (int64_t)Bdesc->rows;
+    if (am != m || bk != k || bn != n || (int64_t)Cdesc->rows != m || (int64_t)Cdesc->cols != n)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (Adesc->ld < (int64_t)Adesc->rows || Bdesc->ld < (int64_t)Bdesc->rows ||
+        Cdesc->ld < m || Ddesc->ld < m)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    *m_out = m;
+    *k_out = k;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static void algo_fill(cublasLtMatmulAlgo_t *a, cublasLtMatmulDesc_t d, int64_t m, int64_t k) {
+    memset(a, 0, sizeof *a);
+    a->data[0] = ALGO_MAGIC;
+    a->data[1] = (uint64_t)d->transa | (uint64_t)d->transb << 8 | (uint64_t)d->epilogue << 16;
+    a->data[2] = (uint64_t)m;
+    a->data[3] = (uint64_t)k;
+}
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
+                                              cublasLtMatrixLayout_t Adesc,
+                                              cublasLtMatrixLayout_t Bdesc,
+                                              cublasLtMatrixLayout_t Cdesc,
+                                              cublasLtMatrixLayout_t Ddesc,
+                                              cublasLtMatmulPreference_t pref, int requested,
+                                              cublasLtMatmulHeuristicResult_t *results,
+                                              int *returned) {
+    g_explicit++;
+    if (!h || h->magic != 0x1234) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!pref || requested < 1 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
+    int64_t m, k;
+    cublasStatus_t st = check_op(d, Adesc, Bdesc, Cdesc, Ddesc, &m, &k);
+    *returned = 0;
+    if (st != CUBLAS_STATUS_SUCCESS) return st;
+    memset(&results[0], 0, sizeof results[0]);
+    algo_fill(&results[0].algo, d, m, k);
+    results[0].workspaceSize = 0;
+    results[0].state = CUBLAS_STATUS_SUCCESS;
+    results[0].wavesCount = 1.0f;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 static float bf16_value(const uint16_t *p, int64_t i) {
     uint32_t u = (uint32_t)p[i] << 16;
     float f;
@@ -159,31 +263,21 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const 
                               size_t workspace_bytes, cudaStream_t stream) {
     (void)workspace; (void)workspace_bytes; (void)stream;
     if (!h || h->magic != 0x1234 || !d) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!alpha || !beta || !A || !B || !D || !Adesc || !Bdesc || !Cdesc || !Ddesc)
-        return CUBLAS_STATUS_INVALID_VALUE;
-    if (algo) return CUBLAS_STATUS_NOT_SUPPORTED;
-    if (d->compute != CUBLAS_COMPUTE_32F || d->scale != CUDA_R_32F ||
-        Adesc->type != CUDA_R_16BF || Bdesc->type != CUDA_R_16BF || Cdesc->type != CUDA_R_32F ||
-        Ddesc->type != CUDA_R_32F)
-        return CUBLAS_STATUS_NOT_SUPPORTED;
-    if ((d->transa != CUBLAS_OP_N && d->transa != CUBLAS_OP_T) ||
-        (d->transb != CUBLAS_OP_N && d->transb != CUBLAS_OP_T))
-        return CUBLAS_STATUS_NOT_SUPPORTED;
-    if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT && d->epilogue != CUBLASLT_EPILOGUE_BIAS)
-        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!alpha || !beta || !A || !B || !D) return CUBLAS_STATUS_INVALID_VALUE;
+    int64_t m, k;
+    cublasStatus_t st = check_op(d, Adesc, Bdesc, Cdesc, Ddesc, &m, &k);
+    if (st != CUBLAS_STATUS_SUCCESS) return st;
     if (d->epilogue == CUBLASLT_EPILOGUE_BIAS &&
         (!d->bias || (d->bias_type != -1 && d->bias_type != CUDA_R_32F)))
         return CUBLAS_STATUS_INVALID_VALUE;
-    int64_t m = (int64_t)Ddesc->rows, n = (int64_t)Ddesc->cols;
-    int64_t am = d->transa == CUBLAS_OP_N ? (int64_t)Adesc->rows : (int64_t)Adesc->cols;
-    int64_t k = d->transa == CUBLAS_OP_N ? (int64_t)Adesc->cols : (int64_t)Adesc->rows;
-    int64_t bk = d->transb == CUBLAS_OP_N ? (int64_t)Bdesc->rows : (int64_t)Bdesc->cols;
-    int64_t bn = d->transb == CUBLAS_OP_N ? (int64_t)Bdesc->cols : (int64_t)Bdesc->rows;
-    if (am != m || bk != k || bn != n || (int64_t)Cdesc->rows != m || (int64_t)Cdesc->cols != n)
-        return CUBLAS_STATUS_INVALID_VALUE;
-    if (Adesc->ld < (int64_t)Adesc->rows || Bdesc->ld < (int64_t)Bdesc->rows ||
-        Cdesc->ld < m || Ddesc->ld < m)
-        return CUBLAS_STATUS_INVALID_VALUE;
+    if (algo) {
+        cublasLtMatmulAlgo_t want;
+        algo_fill(&want, d, m, k);
+        if (memcmp(algo, &want, sizeof want) != 0) return CUBLAS_STATUS_INVALID_VALUE;
+    } else {
+        g_implicit++;
+    }
+    int64_t n = (int64_t)Ddesc->cols;
     float al, be;
     memcpy(&al, alpha, sizeof al);
     memcpy(&be, beta, sizeof be);

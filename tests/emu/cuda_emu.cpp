@@ -15,6 +15,8 @@
  * Environment: CUDAEMU_STRICT=1 makes a __syncthreads after some thread of
  * the block exited an error.
  */
+#include <chrono>
+
 #include "cuda_emu.h"
 
 #include <stdarg.h>
@@ -761,7 +763,9 @@ struct CUstream_st {
     int dummy;
 };
 struct CUevent_st {
-    int dummy;
+    unsigned flags;
+    bool recorded;
+    std::chrono::steady_clock::time_point at; /* host time of the last record */
 };
 cudaError_t cudaStreamCreate(cudaStream_t *s) {
     if (!s) return cudaErrorInvalidValue;
@@ -786,27 +790,36 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
     (void)flags;
     return cudaSuccess;
 }
-cudaError_t cudaEventCreate(cudaEvent_t *e) {
+cudaError_t cudaEventCreate(cudaEvent_t *e) { return cudaEventCreateWithFlags(e, 0); }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
     if (!e) return cudaErrorInvalidValue;
     *e = new CUevent_st();
+    (*e)->flags = flags;
+    (*e)->recorded = false;
     return cudaSuccess;
-}
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
-    (void)flags;
-    return cudaEventCreate(e);
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
     delete e;
     return cudaSuccess;
 }
+/* Work runs at once on the calling thread, so the host time at the record is
+ * when everything queued before it finished: elapsed times between two
+ * records are the emulated work's CPU time between them (plausible values,
+ * nothing like a GPU's). */
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     (void)s;
-    return e ? cudaSuccess : cudaErrorInvalidValue;
+    if (!e) return cudaErrorInvalidValue;
+    e->recorded = true;
+    e->at = std::chrono::steady_clock::now();
+    return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : cudaErrorInvalidValue; }
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     if (!ms || !a || !b) return cudaErrorInvalidValue;
-    *ms = 0.0f; /* no timing under emulation */
+    /* as CUDA: both recorded, and both created with timing */
+    if ((a->flags | b->flags) & cudaEventDisableTiming) return cudaErrorInvalidValue;
+    if (!a->recorded || !b->recorded) return cudaErrorInvalidValue;
+    *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
     return cudaSuccess;
 }
 

@@ -22,6 +22,11 @@
 #include "engine/model/model.h"
 #include "kvpool/kvpool.h"
 
+#ifdef D2_HAVE_CUDA
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+#endif
+
 #define STORIES "models/stories260K/stories260K.gguf"
 #define MAX_T 64
 #define MAX_SEQ 256
@@ -445,3 +450,120 @@ TEST(plan_errors_and_last_error) {
 }
 
 
+
+#ifdef CUDAEMU_C
+/* The emulator's counters of host synchronisations, host-to-device bytes and
+ * cuBLASLt heuristic queries (tests/emu/include_c/). */
+typedef struct traffic {
+    unsigned long long syncs, h2d_bytes, h2d_copies, heuristic;
+} traffic;
+
+static traffic traffic_now(void) {
+    unsigned long long c[EMU_C_N_COUNTERS], ex, im;
+    emu_c_counters(c);
+    emu_cublaslt_counters(&ex, &im);
+    return (traffic){.syncs = c[EMU_C_SYNCS], .h2d_bytes = c[EMU_C_H2D_BYTES],
+                     .h2d_copies = c[EMU_C_H2D_COPIES], .heuristic = ex + im};
+}
+
+static traffic traffic_since(traffic a) {
+    traffic b = traffic_now();
+    return (traffic){.syncs = b.syncs - a.syncs, .h2d_bytes = b.h2d_bytes - a.h2d_bytes,
+                     .h2d_copies = b.h2d_copies - a.h2d_copies, .heuristic = b.heuristic - a.heuristic};
+}
+#endif
+
+/* A steady decode batch: NSEQ sequences decode together for NDEC steps
+ * (crossing page boundaries), compared with the CPU backend at every step.
+ * Per step the CUDA backend makes no cuBLASLt heuristic query (the
+ * algorithms are cached per shape at create), at most one host
+ * synchronisation (the argmax read-back), and uploads the plan in one copy
+ * whose size does not grow with the context (only changed block-table
+ * entries travel). */
+TEST(steady_decode_traffic) {
+#ifndef CUDAEMU_C
+    SKIP("counts the emulator's calls");
+#else
+    REQUIRE_FILE(STORIES);
+    enum { NSEQ = 4, PROMPT = 20, NDEC = 40 };
+    model_opts o = {.heavy = 10, .range_floor = 1.0};
+    pair p;
+    pair_init(&p, STORIES, &o);
+    int V = p.vocab, L = p.n_layers;
+    int seq[NSEQ], posn[NSEQ];
+    int32_t next[NSEQ], toks[MAX_T], pos[MAX_T], greedy[MAX_T];
+    eng_batch_seq seqs[NSEQ];
+    eng_batch b;
+    for (int i = 0; i < NSEQ; i++) {
+        new_seq(&p, &seq[i]);
+        for (int j = 0; j < PROMPT + i; j++) {
+            toks[j] = rnd_tok(V);
+            pos[j] = j;
+        }
+        seqs[0] = (eng_batch_seq){.seq = seq[i], .start = 0, .n = PROMPT + i, .want_logits = true};
+        b = (eng_batch){.n_tokens = PROMPT + i, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = seqs};
+        step_both(&p, &b, greedy, "prompt");
+        next[i] = greedy[0];
+        posn[i] = PROMPT + i;
+    }
+    unsigned long long first_bytes = 0, max_bytes = 0, max_syncs = 0, max_copies = 0, heur = 0;
+    unsigned long long steady = 0; /* bytes of a step in which no table gains a page */
+    int n_cross_steps = 0;
+    for (int it = 0; it < NDEC; it++) {
+        int crossing = 0; /* sequences whose tables gain a page at this step */
+        for (int i = 0; i < NSEQ; i++) crossing += posn[i] % PAGE == 0;
+        for (int i = 0; i < NSEQ; i++) {
+            toks[i] = next[i];
+            pos[i] = posn[i];
+            seqs[i] = (eng_batch_seq){.seq = seq[i], .start = i, .n = 1, .want_logits = true};
+        }
+        b = (eng_batch){.n_tokens = NSEQ, .tokens = toks, .pos = pos, .n_seqs = NSEQ, .seqs = seqs};
+        side_step(&p.cpu, &b, L);
+        traffic t0 = traffic_now();
+        side_step(&p.cu, &b, L);
+        int rows_idx[NSEQ];
+        int32_t dev[NSEQ];
+        for (int i = 0; i < NSEQ; i++) rows_idx[i] = i;
+        ASSERT_OK(p.cu.be->ops->argmax(p.cu.be, rows_idx, NSEQ, dev));
+        traffic t = traffic_since(t0);
+        const float *lc;
+        ASSERT_OK(p.cpu.be->ops->logits(p.cpu.be, 0, NSEQ, &lc));
+        for (int i = 0; i < NSEQ; i++) {
+            float margin;
+            int ac = argmax_row(lc + (size_t)i * V, V, &margin);
+            if (ac != dev[i] && margin > 0.05f)
+                FAIL_("decode step %d seq %d: cpu greedy %d, cuda %d (margin %.3g)", it, i, ac,
+                      dev[i], margin);
+            next[i] = dev[i];
+            posn[i]++;
+        }
+        if (it == 0) first_bytes = t.h2d_bytes;
+        /* one upload; the same size whatever the context length, plus a patch
+         * (one page id and its 3-word header) per table that gained a page */
+        ASSERT_EQ(t.h2d_copies, 1ull);
+        if (crossing == 0) {
+            if (steady == 0) steady = t.h2d_bytes;
+            if (t.h2d_bytes != steady)
+                FAIL_("decode step %d uploads %llu bytes, %llu at an earlier step without a new page",
+                      it, t.h2d_bytes, steady);
+        } else {
+            n_cross_steps++;
+            if (steady && t.h2d_bytes > steady + (unsigned long long)crossing * L * 16)
+                FAIL_("decode step %d uploads %llu bytes for %d new pages per layer (steady %llu)",
+                      it, t.h2d_bytes, crossing, steady);
+        }
+        if (t.syncs > 1) FAIL_("decode step %d makes %llu host synchronisations", it, t.syncs);
+        if (t.h2d_bytes > max_bytes) max_bytes = t.h2d_bytes;
+        if (t.syncs > max_syncs) max_syncs = t.syncs;
+        if (t.h2d_copies > max_copies) max_copies = t.h2d_copies;
+        heur += t.heuristic;
+    }
+    printf("  steady decode of %d sequences, %d steps: plan upload %llu bytes at the first step, "
+           "at most %llu bytes in %llu copies per step; at most %llu host syncs per step; "
+           "%llu heuristic queries; %llu bytes at a step where no table gains a page\n",
+           NSEQ, NDEC, first_bytes, max_bytes, max_copies, max_syncs, heur, steady);
+    ASSERT_EQ(heur, 0ull);
+    ASSERT(steady > 0 && n_cross_steps >= 2);
+    pair_free(&p);
+#endif
+}

@@ -429,7 +429,7 @@ static double ref_attn_row(const pool &P, const float *q, int kvh, float scale, 
  * (sequence 3 does not score, sequence 4 starts scoring after this token),
  * else NULL (every sequence scores). */
 static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dtype odt, bool with_score,
-                        int window, bool use_score_from = false) {
+                        int window, bool use_score_from = false, bool use_tab_row = false) {
     const int pt = 16, n_pages = 160, n_seq = 6;
     const float scale = 1.0f / sqrtf((float)hd);
     pool P = make_pool(n_pages, pt, nkv, hd);
@@ -484,7 +484,16 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
         }
 
     dev_pool D = upload(P);
-    int32_t *d_tab = dev_copy(tab), *d_qpos = dev_copy(qpos);
+    /* use_tab_row: the tables as resident rows (tab_row), reversed and after
+     * two rows of garbage page ids that no sequence may read */
+    std::vector<int32_t> trow(n_seq), rows_tab((size_t)(n_seq + 2) * tab_stride, 999999);
+    for (int b = 0; b < n_seq; b++) {
+        trow[b] = 2 + (n_seq - 1 - b);
+        std::copy(tab.begin() + (size_t)b * tab_stride, tab.begin() + (size_t)(b + 1) * tab_stride,
+                  rows_tab.begin() + (size_t)trow[b] * tab_stride);
+    }
+    int32_t *d_tab = dev_copy(use_tab_row ? rows_tab : tab), *d_qpos = dev_copy(qpos);
+    int32_t *d_trow = dev_copy(trow);
     std::vector<int32_t> len32(lens.begin(), lens.end());
     int32_t *d_len = dev_copy(len32), *d_sf = dev_copy(sfrom);
     float *d_q = dev_copy(q);
@@ -502,7 +511,8 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     std::vector<float> o0(ref_out.size(), 0.0f);
     float *d_out = dev_copy(o0);
     KCALL(kern_attn_decode(d_out, odt, d_q, q_stride, D.view(P), with_score ? D.score : NULL,
-                           use_score_from ? d_sf : NULL, d_tab, tab_stride, d_len, d_qpos, d_sb, d_wk,
+                           use_score_from ? d_sf : NULL, d_tab, tab_stride,
+                           use_tab_row ? d_trow : NULL, d_len, d_qpos, d_sb, d_wk,
                            n_work, n_seq, n_heads, scale, window, d_ws, 0));
     std::vector<float> got = odt == KERN_F32 ? host_copy(d_out, ref_out.size())
                                              : bf_to_f(host_copy((kern_bf16 *)d_out, ref_out.size()));
@@ -523,6 +533,27 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     cudaFree(d_sf);
     cudaFree(d_sb);
     cudaFree(d_wk);
+    cudaFree(d_trow);
+}
+
+/* kern_patch_i32: patches of different lengths (0, 1, more than a CTA's
+ * threads) land where their headers say, nothing else changes. */
+static void test_patch_i32(void) {
+    std::vector<int32_t> dst(1000), src(400);
+    for (int i = 0; i < 1000; i++) dst[i] = -i;
+    for (int i = 0; i < 400; i++) src[i] = 10000 + i;
+    std::vector<int32_t> hdr = {500, 0, 150, 3, 200, 1, 900, 300, 0, 10, 310, 7};
+    std::vector<int32_t> want = dst;
+    for (size_t p = 0; p < hdr.size() / 3; p++)
+        for (int i = 0; i < hdr[3 * p + 2]; i++) want[hdr[3 * p] + i] = src[hdr[3 * p + 1] + i];
+    int32_t *d_dst = dev_copy(dst), *d_src = dev_copy(src), *d_hdr = dev_copy(hdr);
+    bool ok = kern_patch_i32(d_dst, d_src, d_hdr, (int)hdr.size() / 3, 0) == D2_OK;
+    ok = ok && kern_patch_i32(d_dst, d_src, d_hdr, 0, 0) == D2_OK;
+    ok = ok && host_copy(d_dst, dst.size()) == want;
+    report("patch_i32", ok);
+    cudaFree(d_dst);
+    cudaFree(d_src);
+    cudaFree(d_hdr);
 }
 
 /* The decode workspace and grids follow what each sequence needs: one
@@ -768,6 +799,8 @@ int main(void) {
     test_decode("decode_gqa4_bf16_noscore", 8, 2, 128, KERN_BF16, false, 0);
     test_decode("decode_gqa4_window101", 8, 2, 128, KERN_F32, true, 101); /* Mistral-style */
     test_decode("decode_gqa8_hd256_score_from", 8, 1, 256, KERN_BF16, true, 0, true);
+    test_decode("decode_gqa4_tab_row", 8, 2, 128, KERN_F32, true, 0, true, true);
+    test_patch_i32();
     test_decode_bounds();
     test_prefill("prefill_gqa4_hd128", 8, 2, 128, 137, 37, 0);
     test_prefill("prefill_mha_hd64", 2, 2, 64, 50, 50, 0);

@@ -98,4 +98,19 @@ cudaError_t emu_c_cudaEventRecord(cudaEvent_t e, cudaStream_t s);
 cudaError_t emu_c_cudaEventSynchronize(cudaEvent_t e);
 cudaError_t emu_c_cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 
+/* Emulator only (no CUDA name; tests guard it with #ifdef CUDAEMU_C): running
+ * totals since the process started, out[EMU_C_N_COUNTERS]. A host
+ * synchronisation is a call of cudaStreamSynchronize, cudaEventSynchronize,
+ * cudaDeviceSynchronize or the synchronous cudaMemcpy; copies count
+ * cudaMemcpy and cudaMemcpyAsync by direction. */
+enum {
+    EMU_C_SYNCS,
+    EMU_C_H2D_BYTES,
+    EMU_C_H2D_COPIES,
+    EMU_C_D2H_BYTES,
+    EMU_C_D2H_COPIES,
+    EMU_C_N_COUNTERS
+};
+void emu_c_counters(unsigned long long *out);
+
 #endif
