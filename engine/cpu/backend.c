@@ -22,9 +22,17 @@
  *
  * Parallelism: GEMMs over chunks of output rows; attention over (token, kv
  * head) tasks, each handling all query heads of the GQA group so a K/V row
- * is loaded once per group. A sequence that accumulates scores is split per
- * kv head only (all its tokens in one task), so no two threads add into the
- * same score entry. Sequences sharing pages (kvp_seq_fork) must not both
+ * is loaded once per group. A sequence that accumulates scores (slot scores,
+ * and D2O's column sums) with more than ATT_SPLIT_ROWS rows in the step is
+ * split into (row chunk, kv head) tasks: the number of chunks depends only on
+ * its row count (never on the thread count), each chunk adds into partials
+ * of its own, and reduction tasks (column ranges, each column owned by one
+ * task) add the partials to the real scores in chunk order — so the scores
+ * are bit-identical whatever the number of threads. With few rows (decode) a
+ * scoring sequence is one task per kv head that adds straight into the
+ * scores. The partials' scratch holds one sequence of the longest table at
+ * ATT_SPLIT_MAX chunks; when the split sequences of a step need more, they
+ * run in rounds. Sequences sharing pages (kvp_seq_fork) must not both
  * accumulate scores in one step.
  */
 #include <math.h>
@@ -46,6 +54,11 @@
 #define CHUNK_BYTES (192 * 1024)
 /* Tokens per pass over a task's weight rows (x block stays in L2). */
 #define TOKEN_BLOCK 64
+/* Score-accumulating attention: rows per chunk at least, chunks at most, and
+ * columns per reduction task. */
+#define ATT_SPLIT_ROWS 32
+#define ATT_SPLIT_MAX 8
+#define ATT_RED_COLS 256
 
 /* ---- GEMM dispatch ---------------------------------------------------------- */
 
@@ -111,9 +124,19 @@ static void swiglu_task(void *ctx, int task, int thread) {
 
 /* ---- attention ------------------------------------------------------------------ */
 
+/* Where a split task's partials go: [gs][width] column sums, then [width]
+ * slot scores, both by table index; zeroed over the table's n columns. */
+static float *att_partials(cpu_be *be, const att_task *tk, int n) {
+    const att_split *sp = &be->splits[tk->split];
+    size_t w = (size_t)sp->width, rows = (size_t)be->gs + 1;
+    float *part = be->att_part + sp->off + ((size_t)tk->chunk * (size_t)be->n_kv + (size_t)tk->g) * rows * w;
+    for (size_t r = 0; r < rows; r++) memset(part + r * w, 0, (size_t)n * sizeof(float));
+    return part;
+}
+
 static void att_task_run(void *ctx, int ti, int thread) {
     cpu_be *be = ctx;
-    const att_task *tk = &be->tasks[ti];
+    const att_task *tk = &be->tasks[be->round->t0 + ti];
     const eng_batch *b = be->b;
     const eng_batch_seq *sq = &b->seqs[tk->si];
     const kvp_table *tab = &be->tables[tk->si];
@@ -130,6 +153,14 @@ static void att_task_run(void *ctx, int ti, int thread) {
     if (cs)
         cs += ((size_t)be->layer * (size_t)be->n_heads + (size_t)g * (size_t)gs) * (size_t)cs_len;
     float *att = be->att_scratch + (size_t)thread * be->att_stride; /* [gs][n] */
+    float *part = NULL; /* a split task adds into its partials instead */
+    size_t pw = 0;
+    if (tk->split >= 0) {
+        part = att_partials(be, tk, n);
+        pw = (size_t)be->splits[tk->split].width;
+        sc = NULL;
+        cs = NULL;
+    }
 
     for (int t = tk->t0; t < tk->t1; t++) {
         int32_t p = b->pos[t];
@@ -191,6 +222,11 @@ static void att_task_run(void *ctx, int ti, int thread) {
                     if (a != 0.0f) eng_axpy_f32(o + (size_t)h * (size_t)hd, a, vr, hd);
                     tot += a;
                 }
+                if (part && scoring) {
+                    for (int h = 0; h < gs; h++)
+                        part[(size_t)h * pw + (size_t)i] += att[(size_t)h * (size_t)n + (size_t)i];
+                    part[(size_t)gs * pw + (size_t)i] += tot;
+                }
                 if (scp) scp[(size_t)s * (size_t)n_kv] += tot;
                 if (cs && scoring && pp[s] >= 0 && pp[s] < cs_len)
                     for (int h = 0; h < gs; h++)
@@ -199,6 +235,125 @@ static void att_task_run(void *ctx, int ti, int thread) {
             }
         }
     }
+}
+
+/* Reduction task: for the round's split sequences, columns [i0, i1) of the
+ * table: slot scores and column sums += each chunk's partial, in chunk order. */
+static void att_reduce_run(void *ctx, int ri, int thread) {
+    cpu_be *be = ctx;
+    const att_round *rd = be->round;
+    int si = rd->s0;
+    while (ri >= be->splits[si].n_red) ri -= be->splits[si++].n_red;
+    const att_split *sp = &be->splits[si];
+    const eng_batch_seq *sq = &be->b->seqs[sp->si];
+    const kvp_table *tab = &be->tables[sp->si];
+    const int32_t *pb = kvp_pos_base(be->base.pool);
+    int pt = be->pt, gs = be->gs, n_kv = be->n_kv, n = tab->n_tokens;
+    size_t w = (size_t)sp->width, blk = (size_t)n_kv * (size_t)(gs + 1) * w; /* one chunk */
+    int i0 = ri * ATT_RED_COLS, i1 = i0 + ATT_RED_COLS < n ? i0 + ATT_RED_COLS : n;
+    int cs_len = sq->colsum_len;
+    float *cs = sq->colsum ? sq->colsum + (size_t)be->layer * (size_t)be->n_heads * (size_t)cs_len : NULL;
+    const float *part = be->att_part + sp->off;
+    for (int i = i0; i < i1; i++) {
+        size_t slot = (size_t)tab->pages[i / pt] * (size_t)pt + (size_t)(i % pt);
+        int32_t pos = pb[slot];
+        bool in_cs = cs && pos >= 0 && pos < cs_len;
+        for (int g = 0; g < n_kv; g++) {
+            const float *pg = part + (size_t)g * (size_t)(gs + 1) * w + (size_t)i;
+            float *d = &be->kv_score[slot * (size_t)n_kv + (size_t)g];
+            for (int c = 0; c < sp->n_chunks; c++) *d += pg[(size_t)c * blk + (size_t)gs * w];
+            if (!in_cs) continue;
+            for (int h = 0; h < gs; h++) {
+                float *dc = &cs[(size_t)(g * gs + h) * (size_t)cs_len + (size_t)pos];
+                for (int c = 0; c < sp->n_chunks; c++) *dc += pg[(size_t)c * blk + (size_t)h * w];
+            }
+        }
+    }
+}
+
+/* Row chunks of a scoring sequence with `rows` rows this step: a function of
+ * the row count only, so the sums do not depend on the thread count. */
+static int att_n_chunks(int rows) {
+    int c = (rows + ATT_SPLIT_ROWS - 1) / ATT_SPLIT_ROWS;
+    return c > ATT_SPLIT_MAX ? ATT_SPLIT_MAX : c;
+}
+
+/* Appends sequence si's tasks: a split one's (chunk, kv head) tasks, the
+ * longest chunks (the last rows see the most keys) first; an unsplit scoring
+ * one's task per kv head; any other one's task per (token, kv head). */
+static void att_add_tasks(cpu_be *be, int *n_tasks, int si, int split) {
+    const eng_batch_seq *s = &be->b->seqs[si];
+    if (split >= 0) {
+        int nc = be->splits[split].n_chunks;
+        for (int c = nc - 1; c >= 0; c--) {
+            int t0 = s->start + (int)((int64_t)s->n * c / nc);
+            int t1 = s->start + (int)((int64_t)s->n * (c + 1) / nc);
+            for (int g = 0; g < be->n_kv; g++) be->tasks[(*n_tasks)++] = (att_task){si, t0, t1, g, split, c};
+        }
+        return;
+    }
+    for (int g = 0; g < be->n_kv; g++) {
+        if (s->want_scores) {
+            be->tasks[(*n_tasks)++] = (att_task){si, s->start, s->start + s->n, g, -1, 0};
+        } else {
+            for (int t = s->start; t < s->start + s->n; t++)
+                be->tasks[(*n_tasks)++] = (att_task){si, t, t + 1, g, -1, 0};
+        }
+    }
+}
+
+/* The step's attention tasks, splits and rounds (the same for every layer):
+ * split sequences packed into rounds while their partials fit the scratch;
+ * round 0 also runs every unsplit sequence. */
+static void att_plan(cpu_be *be, const eng_batch *b) {
+    size_t per_col = (size_t)be->n_heads + (size_t)be->n_kv; /* partial floats per column and chunk */
+    int n_splits = 0, n_rounds = 1;
+    size_t used = 0;
+    be->rounds[0] = (att_round){0, 0, 0, 0, 0};
+    for (int si = 0; si < b->n_seqs; si++) {
+        const eng_batch_seq *s = &b->seqs[si];
+        int nc = s->want_scores ? att_n_chunks(s->n) : 1;
+        if (nc <= 1) continue;
+        int width = 0;
+        for (int l = 0; l < be->n_layers; l++) {
+            int n = kvp_get_table(be->base.pool, s->seq, l).n_tokens;
+            if (n > width) width = n;
+        }
+        size_t need = (size_t)nc * per_col * (size_t)width;
+        att_round *rd = &be->rounds[n_rounds - 1];
+        if (used + need > be->att_part_cap && rd->s1 > rd->s0) {
+            rd = &be->rounds[n_rounds++];
+            *rd = (att_round){0, 0, n_splits, n_splits, 0};
+            used = 0;
+        }
+        be->splits[n_splits] = (att_split){si, nc, width, (width + ATT_RED_COLS - 1) / ATT_RED_COLS, used};
+        used += need;
+        rd->n_red += be->splits[n_splits].n_red;
+        rd->s1 = ++n_splits;
+    }
+    int n_tasks = 0;
+    for (int r = 0; r < n_rounds; r++) {
+        att_round *rd = &be->rounds[r];
+        rd->t0 = n_tasks;
+        for (int k = rd->s0; k < rd->s1; k++) att_add_tasks(be, &n_tasks, be->splits[k].si, k);
+        if (r == 0)
+            for (int si = 0; si < b->n_seqs; si++) {
+                const eng_batch_seq *s = &b->seqs[si];
+                if (!s->want_scores || att_n_chunks(s->n) <= 1) att_add_tasks(be, &n_tasks, si, -1);
+            }
+        rd->t1 = n_tasks;
+    }
+    be->n_rounds = n_rounds;
+}
+
+/* The attention of one layer: each round's tasks, then its reductions. */
+static void att_run(cpu_be *be) {
+    for (int r = 0; r < be->n_rounds; r++) {
+        be->round = &be->rounds[r];
+        eng_tp_run(be->tp, att_task_run, be, be->round->t1 - be->round->t0);
+        eng_tp_run(be->tp, att_reduce_run, be, be->round->n_red);
+    }
+    be->round = NULL;
 }
 
 /* ---- create / destroy ------------------------------------------------------------- */
@@ -211,6 +366,7 @@ static void cpu_destroy(eng_backend *base) {
     free(be->tmp); free(be->hb); free(be->hb2); free(be->xf); free(be->logits); free(be->out_rows);
     free(be->cosv); free(be->sinv); free(be->inv_freq); free(be->norm_f32);
     free(be->bias_f32); free(be->mm_scratch); free(be->att_scratch); free(be->tasks);
+    free(be->splits); free(be->rounds); free(be->att_part);
     free(be->tables);
     free(be->kv_k); free(be->kv_v); free(be->kv_score);
     cpu_kv_ws_free(be);
@@ -314,11 +470,15 @@ int eng_cpu_backend_create(const eng_model *m, const eng_backend_config *cfg,
     be->att_stride = ((size_t)be->gs * (size_t)be->max_seq + 15) & ~(size_t)15;
     be->att_scratch = falloc((size_t)nt * be->att_stride);
     be->tasks = calloc(T * (size_t)c->n_kv_heads, sizeof(att_task));
+    be->splits = calloc(T, sizeof(att_split));
+    be->rounds = calloc(T + 1, sizeof(att_round));
+    be->att_part_cap = (size_t)ATT_SPLIT_MAX * (size_t)(c->n_heads + c->n_kv_heads) * (size_t)be->max_seq;
+    be->att_part = falloc(be->att_part_cap);
     be->tables = calloc(T, sizeof(kvp_table));
     if (!be->x || !be->xb || !be->tmp || !be->q || !be->ao || !be->k || !be->v || !be->hb ||
         !be->hb2 || !be->xf || !be->logits || !be->out_rows || !be->cosv || !be->sinv || !be->inv_freq ||
         !be->norm_f32 || !be->bias_f32 || !be->mm_scratch || !be->att_scratch || !be->tasks ||
-        !be->tables) {
+        !be->splits || !be->rounds || !be->att_part || !be->tables) {
         D2_ERROR("cpu_backend: out of memory sizing scratch for %d tokens", be->max_t);
         cpu_destroy(&be->base);
         return D2_ENOMEM;
@@ -393,19 +553,7 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
             sn[i] = sinf(a);
         }
     }
-    /* Attention tasks are the same for every layer. */
-    int n_tasks = 0;
-    for (int si = 0; si < b->n_seqs; si++) {
-        const eng_batch_seq *s = &b->seqs[si];
-        for (int g = 0; g < be->n_kv; g++) {
-            if (s->want_scores) {
-                be->tasks[n_tasks++] = (att_task){si, s->start, s->start + s->n, g};
-            } else {
-                for (int t = s->start; t < s->start + s->n; t++)
-                    be->tasks[n_tasks++] = (att_task){si, t, t + 1, g};
-            }
-        }
-    }
+    att_plan(be, b); /* attention tasks are the same for every layer */
     float *kbase = be->kv_k, *vbase = be->kv_v, *sbase = be->kv_score;
     size_t stride = be->page_stride;
     int n_kv = be->n_kv;
@@ -455,7 +603,7 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
             }
             be->tables[si] = tab;
         }
-        eng_tp_run(be->tp, att_task_run, be, n_tasks);
+        att_run(be);
 
         mm_add(be, &w->wo, be->ao, qd, T, be->tmp, dim);
         mm_run(be);

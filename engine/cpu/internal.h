@@ -17,7 +17,29 @@ typedef struct att_task {
     int si;       /* index into b->seqs */
     int t0, t1;   /* batch rows */
     int g;        /* kv head */
+    int split;    /* >= 0: a row chunk of be->splits[split], whose scores go to partials */
+    int chunk;    /* with split: the chunk's index (its partials) */
 } att_task;
+
+/* A score-accumulating sequence whose rows are split into chunks (see
+ * backend.c, "Parallelism"): chunk c's column sums and slot scores go to
+ * partials [n_chunks][n_kv][gs + 1][width] at att_part + off, which the
+ * round's reduction tasks add to the real ones in chunk order. */
+typedef struct att_split {
+    int si;        /* index into b->seqs */
+    int n_chunks;
+    int width;     /* the sequence's longest table this step */
+    int n_red;     /* reduction tasks (column ranges) */
+    size_t off;    /* floats into att_part */
+} att_split;
+
+/* The attention of a step runs in rounds: each round's tasks, then its
+ * splits' reductions. Round 0 also holds every unsplit task. */
+typedef struct att_round {
+    int t0, t1;    /* tasks */
+    int s0, s1;    /* splits */
+    int n_red;     /* reduction tasks of its splits together */
+} att_round;
 
 typedef struct mm_job {
     const eng_tensor *w;
@@ -30,14 +52,16 @@ typedef struct mm_job {
     int n_chunks;
 } mm_job;
 
-/* KV-compression scratch, sized once at kv_attach from max_seq_tokens. */
+/* KV-compression scratch, sized once at kv_attach from max_seq_tokens (and
+ * the thread count). */
 typedef struct cpu_kv_ws {
     int cap;
     float *score, *pooled, *sim, *kn; /* kn: [cap][kvd] per-head-normalised keys */
     uint8_t *keep, *pass;
     eng_kv_cand *cand;
-    int32_t *kept, *tgt, *order, *start;
-    float *acc_k, *acc_v;
+    int32_t *kept, *ev, *tgt, *order, *start; /* kept / evicted token indices, in order */
+    int n_kept;
+    float *acc_k, *acc_v; /* [n_threads][kvd] merge accumulators */
 } cpu_kv_ws;
 
 typedef struct cpu_be {
@@ -67,6 +91,12 @@ typedef struct cpu_be {
     float *att_scratch;  /* [n_threads][att_stride] */
     size_t att_stride;
     att_task *tasks;     /* [max_t * n_kv] */
+    att_split *splits;   /* [max_t] */
+    att_round *rounds;   /* [max_t + 1] */
+    int n_rounds;
+    float *att_part;     /* [ATT_SPLIT_MAX * (n_heads + n_kv) * max_seq] score partials */
+    size_t att_part_cap; /* floats */
+    const att_round *round; /* the round running (task indices are relative to it) */
     kvp_table *tables;   /* [max_t] per batch sequence, current layer */
     /* per-step context for the parallel tasks */
     const eng_batch *b;

@@ -7,6 +7,17 @@
  * Callers: the engine thread, through the backend vtable. The scratch
  * (cpu_kv_ws) is sized once at kv_attach from max_seq_tokens; nothing here
  * allocates.
+ *
+ * Threads: the heavy parts run on the backend's pool (threadpool.h) — key
+ * normalisation over token ranges, the matching (every evicted token against
+ * every kept one: O(evicted x kept x kv_dim)) over ranges of the evicted
+ * list, the merges over ranges of the kept list. Each output (a normalised
+ * key, an evicted token's target and similarity, a merged slot) is written
+ * by exactly one task and computed exactly as a single thread computes it;
+ * the one reduction (the mean similarity) is summed afterwards in token
+ * order. So the result is bit-identical whatever the thread count. Scores,
+ * selection, unsharing and compaction are O(n) or O(n log n) and stay on the
+ * calling thread.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -31,11 +42,13 @@ int cpu_kv_ws_init(cpu_be *be) {
     ws->kept = malloc(cap * sizeof(int32_t));
     ws->tgt = malloc(cap * sizeof(int32_t));
     ws->order = malloc(cap * sizeof(int32_t));
+    ws->ev = malloc(cap * sizeof(int32_t));
     ws->start = malloc((cap + 1) * sizeof(int32_t));
-    ws->acc_k = malloc(kvd * sizeof(float));
-    ws->acc_v = malloc(kvd * sizeof(float));
+    size_t nt = (size_t)be->n_threads; /* one merge accumulator per thread */
+    ws->acc_k = malloc(nt * kvd * sizeof(float));
+    ws->acc_v = malloc(nt * kvd * sizeof(float));
     if (!ws->score || !ws->pooled || !ws->sim || !ws->kn || !ws->keep || !ws->pass || !ws->cand ||
-        !ws->kept || !ws->tgt || !ws->order || !ws->start || !ws->acc_k || !ws->acc_v) {
+        !ws->kept || !ws->tgt || !ws->order || !ws->ev || !ws->start || !ws->acc_k || !ws->acc_v) {
         cpu_kv_ws_free(be);
         return D2_ENOMEM;
     }
@@ -46,7 +59,7 @@ void cpu_kv_ws_free(cpu_be *be) {
     cpu_kv_ws *ws = &be->kvws;
     free(ws->score); free(ws->pooled); free(ws->sim); free(ws->kn); free(ws->keep);
     free(ws->pass); free(ws->cand); free(ws->kept); free(ws->tgt); free(ws->order);
-    free(ws->start); free(ws->acc_k); free(ws->acc_v);
+    free(ws->ev); free(ws->start); free(ws->acc_k); free(ws->acc_v);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -72,41 +85,97 @@ static int score_and_select(cpu_be *be, const kvp_table *tab, const eng_kv_compr
     return eng_kv_select(ws->cand, score, n, rq->n_sink, rq->heavy, rq->recent, ws->keep);
 }
 
-/* 3: every evicted token's most similar kept token (mean per-head cosine of the
- * post-RoPE keys), tau from the caller's policy, and which tokens pass it. */
-static int match(cpu_be *be, const kvp_table *tab, int n_ev, const eng_kv_compress_req *rq,
-                 float *tau_out) {
-    cpu_kv_ws *ws = &be->kvws;
-    int n = tab->n_tokens, pt = be->pt, n_kv = be->n_kv, hd = be->hd;
+/* One parallel phase of a compression: items [0, n_items) in n_tasks ranges;
+ * lives on the caller's stack for the phase. */
+typedef struct kv_job {
+    cpu_be *be;
+    const kvp_table *tab;
+    const eng_kv_compress_req *rq;
+    int n_items, n_tasks;
+} kv_job;
+
+/* Tasks for n items: a few per thread (ranges differ in cost), at least
+ * min_items items each; 1 when the pool has one thread. */
+static int kv_tasks(const cpu_be *be, int n_items, int min_items) {
+    int t = be->n_threads > 1 ? be->n_threads * 4 : 1;
+    int by_size = n_items / (min_items > 0 ? min_items : 1);
+    if (t > by_size) t = by_size;
+    return t < 1 ? 1 : t;
+}
+
+static void kv_range(const kv_job *j, int task, int *i0, int *i1) {
+    *i0 = (int)((int64_t)j->n_items * task / j->n_tasks);
+    *i1 = (int)((int64_t)j->n_items * (task + 1) / j->n_tasks);
+}
+
+static void kv_run(cpu_be *be, eng_tp_fn fn, kv_job *j, int min_items) {
+    j->n_tasks = kv_tasks(be, j->n_items, min_items);
+    eng_tp_run(be->tp, fn, j, j->n_tasks);
+}
+
+/* Task: per-head unit keys of tokens [i0, i1). */
+static void normalise_task(void *ctx, int task, int thread) {
+    const kv_job *j = ctx;
+    cpu_be *be = j->be;
+    int i0, i1, hd = be->hd, n_kv = be->n_kv;
     size_t kvd = be->slot_floats;
-    int nk = 0;
-    for (int i = 0; i < n; i++) {
-        const float *k = slot_ptr(be->kv_k, be->page_stride, tab, pt, kvd, i);
-        float *kn = ws->kn + (size_t)i * kvd;
+    kv_range(j, task, &i0, &i1);
+    for (int i = i0; i < i1; i++) {
+        const float *k = slot_ptr(be->kv_k, be->page_stride, j->tab, be->pt, kvd, i);
+        float *kn = be->kvws.kn + (size_t)i * kvd;
         for (int g = 0; g < n_kv; g++) {
             const float *kh = k + (size_t)g * (size_t)hd;
             float nn = sqrtf(eng_dot_f32(kh, kh, hd));
             float inv = nn > 1e-30f ? 1.0f / nn : 0.0f;
             for (int d = 0; d < hd; d++) kn[g * hd + d] = kh[d] * inv;
         }
-        if (ws->keep[i]) ws->kept[nk++] = i;
     }
-    double ssum = 0.0;
-    float inv_h = 1.0f / (float)n_kv;
-    for (int e = 0; e < n; e++) {
-        ws->tgt[e] = -1;
-        if (ws->keep[e]) continue;
+}
+
+/* Task: for evicted tokens ev[i0..i1), the most similar kept token (the
+ * first of equals, in kept order) and the similarity. */
+static void match_task(void *ctx, int task, int thread) {
+    const kv_job *j = ctx;
+    cpu_be *be = j->be;
+    cpu_kv_ws *ws = &be->kvws;
+    size_t kvd = be->slot_floats;
+    int i0, i1;
+    kv_range(j, task, &i0, &i1);
+    float inv_h = 1.0f / (float)be->n_kv;
+    int n_kept = ws->n_kept;
+    for (int x = i0; x < i1; x++) {
+        int e = ws->ev[x];
         const float *ke = ws->kn + (size_t)e * kvd;
         float best = -INFINITY;
         int bt = -1;
-        for (int j = 0; j < nk; j++) {
-            float u = eng_dot_f32(ke, ws->kn + (size_t)ws->kept[j] * kvd, (int)kvd) * inv_h;
-            if (u > best) { best = u; bt = ws->kept[j]; }
+        for (int q = 0; q < n_kept; q++) {
+            float u = eng_dot_f32(ke, ws->kn + (size_t)ws->kept[q] * kvd, (int)kvd) * inv_h;
+            if (u > best) { best = u; bt = ws->kept[q]; }
         }
         ws->tgt[e] = bt;
         ws->sim[e] = best;
-        ssum += best;
     }
+}
+
+/* 3: every evicted token's most similar kept token (mean per-head cosine of the
+ * post-RoPE keys), tau from the caller's policy, and which tokens pass it. */
+static int match(cpu_be *be, const kvp_table *tab, int n_ev, const eng_kv_compress_req *rq,
+                 float *tau_out) {
+    cpu_kv_ws *ws = &be->kvws;
+    int n = tab->n_tokens;
+    int nk = 0, ne = 0;
+    for (int i = 0; i < n; i++) {
+        ws->tgt[i] = -1;
+        if (ws->keep[i]) ws->kept[nk++] = i;
+        else ws->ev[ne++] = i;
+    }
+    ws->n_kept = nk;
+    kv_job j = {.be = be, .tab = tab, .rq = rq, .n_items = n};
+    kv_run(be, normalise_task, &j, 64);
+    j.n_items = ne;
+    kv_run(be, match_task, &j, 8);
+    double ssum = 0.0; /* in token order, whatever the tasks were */
+    for (int x = 0; x < ne; x++) ssum += ws->sim[ws->ev[x]];
     float tau = rq->threshold(rq->user, (float)(ssum / n_ev));
     *tau_out = tau;
     int n_pass = 0;
@@ -136,12 +205,60 @@ static int unshare_written(cpu_be *be, const eng_kv_compress_req *rq, int n, int
     return D2_OK;
 }
 
+/* Task: the merges into kept tokens kept[i0..i1) (each target's group of
+ * passed tokens in token order, accumulated in fp32 in this thread's
+ * accumulator, then written back). */
+static void merge_task(void *ctx, int task, int thread) {
+    const kv_job *j = ctx;
+    cpu_be *be = j->be;
+    cpu_kv_ws *ws = &be->kvws;
+    const eng_kv_compress_req *rq = j->rq;
+    const kvp_table *tab = j->tab;
+    int pt = be->pt, i0, i1;
+    size_t kvd = be->slot_floats, stride = be->page_stride;
+    float *acc_k = ws->acc_k + (size_t)thread * kvd, *acc_v = ws->acc_v + (size_t)thread * kvd;
+    const float self_e = expf(1.0f);
+    kv_range(j, task, &i0, &i1);
+    for (int q = i0; q < i1; q++) {
+        int c = ws->kept[q];
+        int g0 = c == 0 ? 0 : ws->start[c - 1], g1 = ws->start[c];
+        int cnt = g1 - g0;
+        if (cnt <= 0) continue;
+        float *kc = slot_ptr(be->kv_k, stride, tab, pt, kvd, c);
+        float *vc = slot_ptr(be->kv_v, stride, tab, pt, kvd, c);
+        float wc, denom;
+        if (!rq->merge_code_rule) {
+            denom = self_e;
+            for (int x = g0; x < g1; x++) denom += expf(ws->sim[ws->order[x]]);
+            wc = self_e / denom;
+        } else {
+            denom = 1.0f + (float)cnt;
+            wc = 1.0f / denom;
+        }
+        for (size_t d = 0; d < kvd; d++) {
+            acc_k[d] = wc * kc[d];
+            acc_v[d] = wc * vc[d];
+        }
+        for (int x = g0; x < g1; x++) {
+            int e = ws->order[x];
+            float we = !rq->merge_code_rule ? expf(ws->sim[e]) / denom : ws->sim[e] / denom;
+            const float *ke = slot_ptr(be->kv_k, stride, tab, pt, kvd, e);
+            const float *ve = slot_ptr(be->kv_v, stride, tab, pt, kvd, e);
+            for (size_t d = 0; d < kvd; d++) {
+                acc_k[d] += we * ke[d];
+                acc_v[d] += we * ve[d];
+            }
+        }
+        memcpy(kc, acc_k, kvd * sizeof(float));
+        memcpy(vc, acc_v, kvd * sizeof(float));
+    }
+}
+
 /* 5: merges of the passed tokens into their targets, grouped by target
- * (counting sort), in fp32, in place. */
+ * (counting sort), in fp32, in place; the targets split over the pool. */
 static void merge(cpu_be *be, const kvp_table *tab, const eng_kv_compress_req *rq) {
     cpu_kv_ws *ws = &be->kvws;
-    int n = tab->n_tokens, pt = be->pt;
-    size_t kvd = be->slot_floats, stride = be->page_stride;
+    int n = tab->n_tokens;
     memset(ws->start, 0, (size_t)(n + 1) * sizeof(int32_t));
     for (int e = 0; e < n; e++)
         if (ws->pass[e]) ws->start[ws->tgt[e] + 1]++;
@@ -149,42 +266,8 @@ static void merge(cpu_be *be, const kvp_table *tab, const eng_kv_compress_req *r
     for (int e = 0; e < n; e++)
         if (ws->pass[e]) ws->order[ws->start[ws->tgt[e]]++] = e;
     /* start[c] now ends c's group; groups begin at start[c-1] (0 for c = 0) */
-    int g0 = 0;
-    const float self_e = expf(1.0f);
-    for (int c = 0; c < n; c++) {
-        int g1 = ws->start[c];
-        int cnt = g1 - g0;
-        if (cnt > 0) {
-            float *kc = slot_ptr(be->kv_k, stride, tab, pt, kvd, c);
-            float *vc = slot_ptr(be->kv_v, stride, tab, pt, kvd, c);
-            float wc, denom;
-            if (!rq->merge_code_rule) {
-                denom = self_e;
-                for (int j = g0; j < g1; j++) denom += expf(ws->sim[ws->order[j]]);
-                wc = self_e / denom;
-            } else {
-                denom = 1.0f + (float)cnt;
-                wc = 1.0f / denom;
-            }
-            for (size_t d = 0; d < kvd; d++) {
-                ws->acc_k[d] = wc * kc[d];
-                ws->acc_v[d] = wc * vc[d];
-            }
-            for (int j = g0; j < g1; j++) {
-                int e = ws->order[j];
-                float we = !rq->merge_code_rule ? expf(ws->sim[e]) / denom : ws->sim[e] / denom;
-                const float *ke = slot_ptr(be->kv_k, stride, tab, pt, kvd, e);
-                const float *ve = slot_ptr(be->kv_v, stride, tab, pt, kvd, e);
-                for (size_t d = 0; d < kvd; d++) {
-                    ws->acc_k[d] += we * ke[d];
-                    ws->acc_v[d] += we * ve[d];
-                }
-            }
-            memcpy(kc, ws->acc_k, kvd * sizeof(float));
-            memcpy(vc, ws->acc_v, kvd * sizeof(float));
-        }
-        g0 = g1;
-    }
+    kv_job j = {.be = be, .tab = tab, .rq = rq, .n_items = ws->n_kept};
+    kv_run(be, merge_task, &j, 16);
 }
 
 int cpu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_compress_res *res) {

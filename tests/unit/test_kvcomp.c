@@ -16,6 +16,9 @@
  *   - the 32-layer memory claim: pages per sequence after prefill at budget
  *     0.2 (d2o) <= 30% of the full cache, and a pool filled through the
  *     scheduler holds >= 3x as many d2o sequences as full ones;
+ *   - 1, 2 and 3 threads give bit-identical column sums, slot scores, kept
+ *     positions, merged K/V and tau (split score-accumulating attention and
+ *     threaded compression);
  *   - eng_score_kv on stories260K (skipped when the asset is missing).
  * Models are synthetic, built in memory; the engine struct is assembled by
  * hand around them (engine/internal.h), so no file or tool is needed.
@@ -950,6 +953,148 @@ TEST(d2o_32_layers_pool_holds_3x_full) {
     free(toks);
     tengine_free(e);
     tmodel_free(t);
+}
+
+/* ---- threads: the same bits at any thread count ------------------------------------------------ */
+
+enum { THR_L = 4, THR_NP = 260, THR_ND = 20, THR_CTX = 512 };
+
+/* What a D2O run of two sequences left behind, for comparing thread counts. */
+typedef struct thr_out {
+    float *colsum[2];   /* each sequence's column sums right after its prefill */
+    float *score0[2];   /* slot scores of every layer right after the prefill, [L][NP][n_kv] */
+    int32_t *pos;       /* [2][L][NP] positions after compression and decoding (-1 past the end) */
+    float *k, *v, *sc;  /* [2][L][NP][kvd] / [n_kv] the same slots' K, V and scores */
+    float tau[2][THR_L];
+} thr_out;
+
+
+/* Two 260-token D2O prompts prefilled together in one 520-row step (score
+ * partials for 2 x 8 chunks of 260 columns: more than the scratch's one
+ * sequence of ctx columns, so the step runs two rounds), compressed, then
+ * THR_ND decode steps of both with per-step eviction. max_batch < 520 gives
+ * chunked prefills instead. */
+static void thr_run(int n_threads, int max_batch, thr_out *o) {
+    memset(o, 0, sizeof *o);
+    tmodel *t = tmodel_make(THR_L, 64, 8, 2, 64, 64, 2.0f, 31);
+    eng_engine *e = tengine_make(&t->m, THR_CTX, 256, 2, max_batch, 16, n_threads);
+    const int L = THR_L, NP = THR_NP, nkv = 2, kvd = 2 * 8, H = 8;
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_D2O);
+    c.budget_frac = 0.25f;
+    c.exact = true;
+    eng_kv_keep_layers_clear(&c);
+    int32_t toks[2][THR_NP + THR_ND];
+    eng_kv_state *ks[2];
+    int seq[2];
+    for (int q = 0; q < 2; q++) {
+        rand_tokens(toks[q], NP + THR_ND, 64, 7 + (uint64_t)q);
+        ASSERT_EQ(eng_kv_state_create(&c, &t->m.cfg, &ks[q]), D2_OK);
+        ASSERT_EQ(kvp_seq_new(e->pool, &seq[q]), D2_OK);
+        ASSERT_EQ(eng_kv_prefill_begin(ks[q], NP), D2_OK);
+    }
+    for (int c0 = 0; c0 < NP;) { /* both prompts, chunk by chunk, in the same steps */
+        int cn = 2 * (NP - c0) <= max_batch ? NP - c0 : max_batch / 2;
+        eng_plan p;
+        ASSERT_EQ(eng__plan_init(&p, e), D2_OK);
+        for (int q = 0; q < 2; q++) {
+            eng_batch_seq *bs = eng__plan_add(&p, seq[q], toks[q] + c0, cn, c0, q == 1, false);
+            ASSERT(bs != NULL);
+            eng_kv_plan_seq(ks[q], NP, bs);
+        }
+        ASSERT_EQ(eng__step_execute(e, &p), D2_OK);
+        eng__plan_free(&p);
+        c0 += cn;
+    }
+    for (int q = 0; q < 2; q++) {
+        size_t ncs = (size_t)L * H * NP;
+        o->colsum[q] = malloc(ncs * sizeof(float));
+        memcpy(o->colsum[q], ks[q]->colsum, ncs * sizeof(float));
+        o->score0[q] = malloc(sizeof(float) * (size_t)L * NP * nkv);
+        for (int l = 0; l < L; l++)
+            for (int i = 0; i < NP; i++)
+                ASSERT_EQ(e->be->ops->read_slot(e->be, seq[q], l, i, NULL, NULL,
+                                                o->score0[q] + ((size_t)l * NP + i) * nkv), D2_OK);
+        ASSERT_EQ(eng_kv_compress_prompt(e->be, seq[q], ks[q]), D2_OK);
+        ASSERT_GT(ks[q]->n_merged, 0);
+    }
+    for (int d = 0; d < THR_ND; d++)
+        for (int q = 0; q < 2; q++) {
+            step_seq(e, seq[q], toks[q] + NP + d, 1, NP + d, ks[q], NP);
+            ASSERT_EQ(eng_kv_after_decode(e->be, seq[q], ks[q]), D2_OK);
+        }
+    size_t slots = (size_t)2 * L * NP;
+    o->pos = malloc(slots * sizeof(int32_t));
+    o->k = calloc(slots * kvd, sizeof(float));
+    o->v = calloc(slots * kvd, sizeof(float));
+    o->sc = calloc(slots * nkv, sizeof(float));
+    int pt = kvp_get_config(e->pool)->page_tokens;
+    for (int q = 0; q < 2; q++) {
+        for (int l = 0; l < L; l++) {
+            kvp_table tb = kvp_get_table(e->pool, seq[q], l);
+            ASSERT_LT(tb.n_tokens, NP);
+            for (int i = 0; i < NP; i++) {
+                size_t x = ((size_t)q * L + l) * NP + i;
+                o->pos[x] = -1;
+                if (i >= tb.n_tokens) continue;
+                int32_t pg;
+                int sl;
+                kvp_locate(&tb, pt, i, &pg, &sl);
+                o->pos[x] = kvp_pos_base(e->pool)[(size_t)pg * pt + sl];
+                ASSERT_EQ(e->be->ops->read_slot(e->be, seq[q], l, i, o->k + x * kvd, o->v + x * kvd,
+                                                o->sc + x * nkv), D2_OK);
+            }
+            o->tau[q][l] = ks[q]->tau[l];
+        }
+        eng_kv_state_free(ks[q]);
+        kvp_seq_free(e->pool, seq[q]);
+    }
+    ASSERT_EQ(kvp_check(e->pool), D2_OK);
+    tengine_free(e);
+    tmodel_free(t);
+}
+
+static void thr_free(thr_out *o) {
+    for (int q = 0; q < 2; q++) { free(o->colsum[q]); free(o->score0[q]); }
+    free(o->pos); free(o->k); free(o->v); free(o->sc);
+}
+
+/* Prompt attention with score accumulation is split into row chunks whose
+ * partial column sums are added in a fixed order, and compression (matching,
+ * merging) runs on the thread pool: 1, 2 and 3 threads give the same bits —
+ * column sums, slot scores, kept positions, merged K/V, tau. The split sums
+ * also agree (to rounding) with sums accumulated one 32-row chunk at a time,
+ * which never splits. */
+TEST(d2o_threads_bit_identical) {
+    const size_t ncs = (size_t)THR_L * 8 * THR_NP, nsc0 = (size_t)THR_L * THR_NP * 2;
+    const size_t slots = (size_t)2 * THR_L * THR_NP;
+    thr_out one, many[2], unsplit;
+    thr_run(1, 520, &one);
+    for (int r = 0; r < 2; r++) {
+        thr_run(2 + r, 520, &many[r]);
+        for (int q = 0; q < 2; q++) {
+            ASSERT(memcmp(one.colsum[q], many[r].colsum[q], ncs * sizeof(float)) == 0);
+            ASSERT(memcmp(one.score0[q], many[r].score0[q], nsc0 * sizeof(float)) == 0);
+        }
+        ASSERT(memcmp(one.pos, many[r].pos, slots * sizeof(int32_t)) == 0);
+        ASSERT(memcmp(one.k, many[r].k, slots * 16 * sizeof(float)) == 0);
+        ASSERT(memcmp(one.v, many[r].v, slots * 16 * sizeof(float)) == 0);
+        ASSERT(memcmp(one.sc, many[r].sc, slots * 2 * sizeof(float)) == 0);
+        ASSERT(memcmp(one.tau, many[r].tau, sizeof one.tau) == 0);
+    }
+    thr_run(2, 64, &unsplit); /* 32 rows per sequence and step: never split */
+    double worst = 0;
+    for (int q = 0; q < 2; q++)
+        for (size_t i = 0; i < ncs; i++) {
+            double a = one.colsum[q][i], b = unsplit.colsum[q][i];
+            double d = fabs(a - b) / (fabs(b) > 1.0 ? fabs(b) : 1.0);
+            if (d > worst) worst = d;
+        }
+    if (!(worst < 1e-4)) FAIL_("split vs unsplit column sums differ by %g", worst);
+    thr_free(&one);
+    thr_free(&many[0]);
+    thr_free(&many[1]);
+    thr_free(&unsplit);
 }
 
 /* ---- random scheduler workloads ---------------------------------------------------------------- */
