@@ -15,6 +15,11 @@
  *                   restart (RELOADING=1 ... READY=1).
  *   timers          request deadlines (100 ms), systemd watchdog (half of
  *                   WATCHDOG_USEC).
+ *   a lost backend  (eng_sched_fatal, polled every 100 ms: a sticky CUDA
+ *                   error) the engine has already failed every request with
+ *                   a 500; the failing call is logged, the drain sends those
+ *                   answers, and the process exits with status 1 rather than
+ *                   serve what a broken device computes (systemd restarts it).
  * HTTP runs on libmicrohttpd's thread and generation on the engine thread;
  * this thread never blocks on either.
  */
@@ -231,6 +236,14 @@ static void on_signal(uv_signal_t *s, int signum) {
 static void on_tick(uv_timer_t *t) {
     daemon_state *d = t->data;
     api_server_tick(d->srv);
+    char why[320];
+    if (d->exit_code == 0 && eng_sched_fatal(d->sched, why, sizeof why)) {
+        D2_ERROR("serve: fatal: the %s backend failed: %s; exiting with status 1",
+                 eng_engine_backend_name(d->e), why);
+        d->exit_code = 1;
+        dmn_notify_status("fatal backend error: %s", why);
+        if (!d->draining) begin_shutdown(d, "fatal backend error"); /* else: the drain ends it */
+    }
 }
 
 static void on_watchdog(uv_timer_t *t) {
@@ -335,8 +348,9 @@ static int serve_load_model(daemon_state *d) {
         return 1;
     }
     eng_pool_stats ps = eng_engine_pool_stats(d->e);
-    D2_INFO("serve: model loaded in %.2f s; context %d; KV pool %lld pages of %d tokens", d2_now() - t0,
-            eng_engine_ctx_len(d->e), (long long)ps.pages_total, ps.page_tokens);
+    D2_INFO("serve: model loaded in %.2f s; backend %s; context %d; KV pool %lld pages of %d tokens",
+            d2_now() - t0, eng_engine_backend_name(d->e), eng_engine_ctx_len(d->e),
+            (long long)ps.pages_total, ps.page_tokens);
     return -1;
 }
 

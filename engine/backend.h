@@ -48,7 +48,9 @@
  *
  * Errors: every operation returns a status; after a failure last_error names
  * the failing call and why (a device backend: the CUDA/cuBLAS call, file and
- * line). A backend whose device state is lost returns D2_ECUDA from then on.
+ * line). A backend whose device state is lost returns D2_ECUDA from then on,
+ * and only then: the runtime takes D2_ECUDA from any operation as fatal (every
+ * request fails with it, eng_sched_fatal reports it, the daemon exits 1).
  *
  * Threading: a backend belongs to one thread, the engine thread. The creating
  * thread may differ (the daemon loads on the main thread): the engine thread

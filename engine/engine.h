@@ -344,6 +344,13 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s);
 /* Stops admitting new requests (submit returns D2_EAGAIN); in-flight ones
  * continue. Thread-safe. */
 void eng_sched_close(eng_sched *s);
+/* Non-zero (the status, D2_ECUDA) once the backend reported a lost device
+ * state (a sticky CUDA error): every request has then ended with that status,
+ * the scheduler is closed, and nothing it could compute can be trusted — the
+ * process must exit (the daemon does, non-zero, so systemd restarts it). When
+ * non-zero and why is not NULL, copies the failing call into why[cap].
+ * Thread-safe (the daemon's main thread polls it). */
+int eng_sched_fatal(eng_sched *s, char *why, size_t cap);
 
 /* ---- live view: what the web page's pool view shows ---------------------------
  *

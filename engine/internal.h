@@ -95,6 +95,12 @@ int eng__step_execute(eng_engine *e, const eng_plan *p);
 int eng__step_logits(eng_engine *e, int row, const float **out);
 /* Greedy token of logit row `row`, chosen where the logits are. */
 int eng__step_argmax(eng_engine *e, int row, int32_t *out);
+/* Whether status rc from a step, sample or compression means the backend's
+ * device state is lost (engine/backend.h: such a backend answers D2_ECUDA
+ * from then on): nothing it computes can be trusted any more. */
+bool eng__step_backend_lost(int rc);
+/* The backend's last error (the failing call), "" when none. Borrowed. */
+const char *eng__step_backend_error(const eng_engine *e);
 /* After a step that fed a compressed sequence up to `fed` tokens: the prompt
  * compression once fed reaches prefill_end, decode-time eviction after that.
  * D2_EKVFULL (no page for a copy on write) leaves the cache as it is. */

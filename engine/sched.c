@@ -22,6 +22,10 @@
  *      sequence whose chunk reached its last known token (greedy requests
  *      that want no logprobs take the backend's argmax, so their logits need
  *      not leave the device), emit events, retire finished ones.
+ * A lost backend (a sticky device error: eng__step_backend_lost) is fatal:
+ * the first step, sample or compression that reports it ends every request
+ * with that status, closes the scheduler (submit: D2_EAGAIN) and records the
+ * failing call for eng_sched_fatal, which the daemon polls to exit non-zero.
  * Steps 1-5 are policy (sched_intake, sched_admit, sched_plan); 6-7 are
  * mechanism (eng__step_execute, sched_commit). This file calls step.c and
  * kvcomp.c, never engine.c.
@@ -140,6 +144,10 @@ struct eng_sched {
      * at admission, freed by the prompt compression or a preemption. */
     int64_t prefill_bytes, prefill_bytes_limit;
     atomic_llong prefill_bytes_pub;
+    /* A lost backend: its status (0 while healthy), and the failing call,
+     * written once by the engine thread before `fatal` is stored. */
+    atomic_int fatal;
+    char fatal_why[320];
 };
 
 #define SCHED_PREFILL_BYTES_DEFAULT ((int64_t)1 << 30)
@@ -634,7 +642,7 @@ static void sched_plan(eng_sched *s) {
 }
 
 /* KV compression of one planned request after the step; counters updated. */
-static void commit_compress(eng_sched *s, sreq *r, int fed) {
+static int commit_compress(eng_sched *s, sreq *r, int fed) {
     eng_kv_state *ks = r->kvs;
     int64_t ev0 = ks->n_evicted, mg0 = ks->n_merged, fr0 = ks->n_pages_freed;
     int phase = ks->compressed ? ENG_KV_EVENT_DECODE : ENG_KV_EVENT_PREFILL;
@@ -648,6 +656,7 @@ static void commit_compress(eng_sched *s, sreq *r, int fed) {
     atomic_fetch_add(&s->kv_merged, ks->n_merged - mg0);
     atomic_fetch_add(&s->kv_freed, ks->n_pages_freed - fr0);
     record_event(s, r->id, phase, ks->n_evicted - ev0, ks->n_merged - mg0, ks->n_pages_freed - fr0);
+    return crc;
 }
 
 /* Samples r's next token from logit row `row`: the backend's argmax when the
@@ -687,11 +696,15 @@ static void commit_token(eng_sched *s, sreq *r, const eng_sample_result *res) {
     }
 }
 
-/* 7: after a successful step — compression, sampling, events, retirement. */
-static void sched_commit(eng_sched *s) {
+/* 7: after a successful step — compression, sampling, events, retirement.
+ * Returns D2_OK, or the status of a lost backend (the caller fails all). */
+static int sched_commit(eng_sched *s) {
     const eng_plan *p = &s->plan;
-    for (int k = 0; k < p->n_seqs; k++)
-        if (s->plan_req[k]->kvs) commit_compress(s, s->plan_req[k], s->plan_req[k]->n_fed + p->seqs[k].n);
+    for (int k = 0; k < p->n_seqs; k++) {
+        if (!s->plan_req[k]->kvs) continue;
+        int crc = commit_compress(s, s->plan_req[k], s->plan_req[k]->n_fed + p->seqs[k].n);
+        if (eng__step_backend_lost(crc)) return crc;
+    }
     int row = 0;
     for (int k = 0; k < p->n_seqs; k++) {
         const eng_batch_seq *bs = &p->seqs[k];
@@ -706,10 +719,40 @@ static void sched_commit(eng_sched *s) {
         if (rc != D2_OK) {
             rl_remove(&s->running, r);
             retire(s, r, ENG_FINISH_ERROR, rc);
+            if (eng__step_backend_lost(rc)) return rc; /* the rest: sched_fail_all */
             continue;
         }
         commit_token(s, r, &res);
     }
+    return D2_OK;
+}
+
+/* The backend is lost (status rc): record why once, refuse new work, and end
+ * every request — running, waiting and just submitted — with rc. */
+static void sched_fail_all(eng_sched *s, int rc) {
+    if (!atomic_load(&s->fatal)) {
+        snprintf(s->fatal_why, sizeof s->fatal_why, "%s", eng__step_backend_error(s->e));
+        D2_ERROR("engine: the %s backend cannot continue (%s): %s; failing every request",
+                 s->e->caps.name, d2_strerror(rc), s->fatal_why);
+        pthread_mutex_lock(&s->mu);
+        s->closed = true;
+        pthread_mutex_unlock(&s->mu);
+        atomic_store(&s->fatal, rc);
+    }
+    sched_intake(s);
+    for (rlist *l = &s->running; l; l = l == &s->running ? &s->waiting : NULL) {
+        while (l->head) {
+            sreq *r = l->head;
+            rl_remove(l, r);
+            retire(s, r, ENG_FINISH_ERROR, rc);
+        }
+    }
+}
+
+int eng_sched_fatal(eng_sched *s, char *why, size_t cap) {
+    int rc = atomic_load(&s->fatal);
+    if (rc && why && cap) snprintf(why, cap, "%s", s->fatal_why);
+    return rc;
 }
 
 /* Every planned request ends with status rc (the step could not run). */
@@ -722,6 +765,12 @@ static void fail_plan(eng_sched *s, int rc) {
 }
 
 int eng_sched_step(eng_sched *s) {
+    int fatal = atomic_load(&s->fatal);
+    if (fatal) { /* a submission that raced the closing */
+        sched_fail_all(s, fatal);
+        publish_counts(s);
+        return fatal;
+    }
     sched_intake(s);
     sched_admit(s);
     publish_counts(s);
@@ -741,10 +790,16 @@ int eng_sched_step(eng_sched *s) {
     }
     if (rc != D2_OK) {
         fail_plan(s, rc);
+        if (eng__step_backend_lost(rc)) sched_fail_all(s, rc);
         publish_counts(s);
         return rc;
     }
-    sched_commit(s);
+    rc = sched_commit(s);
+    if (rc != D2_OK) {
+        sched_fail_all(s, rc);
+        publish_counts(s);
+        return rc;
+    }
     publish_counts(s);
     publish_view(s);
     return s->running.n + s->waiting.n;

@@ -129,6 +129,10 @@ int eng__step_argmax(eng_engine *e, int row, int32_t *out) {
     return e->be->ops->argmax(e->be, &row, 1, out);
 }
 
+bool eng__step_backend_lost(int rc) { return rc == D2_ECUDA; }
+
+const char *eng__step_backend_error(const eng_engine *e) { return e->be->ops->last_error(e->be); }
+
 int eng__step_compress(eng_engine *e, int seq, eng_kv_state *ks, int fed, int prefill_end) {
     int rc = D2_OK;
     if (!ks->compressed && fed >= prefill_end) rc = eng_kv_compress_prompt(e->be, seq, ks);

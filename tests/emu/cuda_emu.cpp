@@ -13,7 +13,11 @@
  * with __sanitizer_{start,finish}_switch_fiber.
  *
  * Environment: CUDAEMU_STRICT=1 makes a __syncthreads after some thread of
- * the block exited an error.
+ * the block exited an error. Fault injection (README, "Injected device
+ * errors"): CUDAEMU_FAIL_LAUNCH=N / CUDAEMU_FAIL_MEMCPY=N make the Nth kernel
+ * launch / cudaMemcpyAsync of the process fail with the sticky
+ * cudaErrorIllegalAddress; CUDAEMU_DEVICES=0 makes cudaGetDeviceCount report
+ * no device (cudaErrorNoDevice).
  */
 #include <chrono>
 
@@ -23,6 +27,7 @@
 #include <stdio.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <map>
 #include <set>
 #include <vector>
@@ -59,6 +64,64 @@ bool g_strict;
 void set_error(cudaError_t e) {
     if (g_last == cudaSuccess) g_last = e;
 }
+
+/* ---- injected sticky errors ---- */
+
+/* A sticky error corrupts the context on a GPU: every later runtime call
+ * returns it and cudaGetLastError does not clear it; only cudaDeviceReset
+ * (here) or a new process ends it. */
+std::atomic<int> g_sticky{cudaSuccess};
+std::atomic<long> g_n_launch{0}, g_n_memcpy_async{0};
+
+long fault_at(const char *var) {
+    const char *v = getenv(var); /* read per call: tests switch it */
+    return v && *v ? strtol(v, nullptr, 10) : 0;
+}
+
+void make_sticky(const char *what, long n, const char *name) {
+    g_sticky.store(cudaErrorIllegalAddress);
+    g_last = cudaErrorIllegalAddress;
+    fprintf(stderr, "cudaemu: injected sticky cudaErrorIllegalAddress at %s #%ld%s%s\n", what, n,
+            name ? " " : "", name ? name : "");
+}
+
+} // namespace
+
+/* The sticky error, or cudaSuccess (used by every host API entry below). */
+cudaError_t sticky() { return (cudaError_t)g_sticky.load(); }
+
+bool launch_faulted(const char *name) {
+    if (sticky() != cudaSuccess) {
+        g_last = sticky();
+        return true;
+    }
+    long n = ++g_n_launch, at = fault_at("CUDAEMU_FAIL_LAUNCH");
+    if (at > 0 && n == at) {
+        make_sticky("kernel launch", n, name);
+        return true;
+    }
+    return false;
+}
+
+/* cudaMemcpyAsync's count and injection; true when this copy must fail. */
+bool memcpy_async_faulted() {
+    if (sticky() != cudaSuccess) return true;
+    long n = ++g_n_memcpy_async, at = fault_at("CUDAEMU_FAIL_MEMCPY");
+    if (at > 0 && n == at) {
+        make_sticky("cudaMemcpyAsync", n, nullptr);
+        return true;
+    }
+    return false;
+}
+
+void fault_reset() {
+    g_sticky.store(cudaSuccess);
+    g_n_launch = 0;
+    g_n_memcpy_async = 0;
+    g_last = cudaSuccess;
+}
+
+namespace {
 
 /* ---- context switch ---- */
 
@@ -606,6 +669,7 @@ using emu::set_error;
 static const size_t EMU_TOTAL_MEM = (size_t)80 << 30;
 
 cudaError_t cudaMalloc(void **p, size_t n) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!p) return cudaErrorInvalidValue;
     void *m = nullptr;
     /* 256-byte alignment as cudaMalloc; exactly n bytes so ASan sees overruns;
@@ -632,6 +696,7 @@ cudaError_t cudaFree(void *p) {
 }
 
 cudaError_t cudaMallocHost(void **p, size_t n) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!p) return cudaErrorInvalidValue;
     *p = malloc(n ? n : 1);
     if (!*p) return cudaErrorMemoryAllocation;
@@ -650,6 +715,7 @@ cudaError_t cudaFreeHost(void *p) {
 }
 
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (k < cudaMemcpyHostToHost || k > cudaMemcpyDefault) return cudaErrorInvalidMemcpyDirection;
     if (n && (!dst || !src)) return cudaErrorInvalidValue;
     if (n) memmove(dst, src, n);
@@ -658,28 +724,36 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k) {
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k,
                             cudaStream_t s) {
     (void)s;
+    if (emu::memcpy_async_faulted()) return emu::sticky();
     return cudaMemcpy(dst, src, n, k);
 }
 cudaError_t cudaMemset(void *p, int v, size_t n) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (n && !p) return cudaErrorInvalidValue;
     if (n) memset(p, v, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
     (void)s;
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     return cudaMemset(p, v, n);
 }
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (free_b) *free_b = EMU_TOTAL_MEM;
     if (total_b) *total_b = EMU_TOTAL_MEM;
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
-cudaError_t cudaDeviceReset(void) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) { return emu::sticky(); }
+cudaError_t cudaDeviceReset(void) {
+    emu::fault_reset();
+    return cudaSuccess;
+}
 cudaError_t cudaGetDeviceCount(int *n) {
     if (!n) return cudaErrorInvalidValue;
-    *n = 1;
-    return cudaSuccess;
+    const char *dv = getenv("CUDAEMU_DEVICES"); /* "0": a machine without a GPU */
+    *n = dv && strcmp(dv, "0") == 0 ? 0 : 1;
+    return *n ? cudaSuccess : cudaErrorNoDevice;
 }
 cudaError_t cudaGetDevice(int *d) {
     if (!d) return cudaErrorInvalidValue;
@@ -689,6 +763,7 @@ cudaError_t cudaGetDevice(int *d) {
 cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!p || d != 0) return cudaErrorInvalidValue;
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "CUDA emulator (tests/emu, H100 SXM limits)");
@@ -717,11 +792,14 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
 }
 
 cudaError_t cudaGetLastError(void) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky(); /* not cleared */
     cudaError_t e = emu::g_last;
     emu::g_last = cudaSuccess;
     return e;
 }
-cudaError_t cudaPeekAtLastError(void) { return emu::g_last; }
+cudaError_t cudaPeekAtLastError(void) {
+    return emu::sticky() != cudaSuccess ? emu::sticky() : emu::g_last;
+}
 
 const char *cudaGetErrorName(cudaError_t e) {
     switch (e) {
@@ -735,6 +813,7 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     }
@@ -752,6 +831,7 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidDeviceFunction: return "invalid device function";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     }
@@ -768,6 +848,7 @@ struct CUevent_st {
     std::chrono::steady_clock::time_point at; /* host time of the last record */
 };
 cudaError_t cudaStreamCreate(cudaStream_t *s) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!s) return cudaErrorInvalidValue;
     *s = new CUstream_st();
     return cudaSuccess;
@@ -782,9 +863,10 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     (void)s;
-    return cudaSuccess;
+    return emu::sticky();
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     (void)s;
     (void)e;
     (void)flags;
@@ -792,6 +874,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
 }
 cudaError_t cudaEventCreate(cudaEvent_t *e) { return cudaEventCreateWithFlags(e, 0); }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!e) return cudaErrorInvalidValue;
     *e = new CUevent_st();
     (*e)->flags = flags;
@@ -807,14 +890,19 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
  * records are the emulated work's CPU time between them (plausible values,
  * nothing like a GPU's). */
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     (void)s;
     if (!e) return cudaErrorInvalidValue;
     e->recorded = true;
     e->at = std::chrono::steady_clock::now();
     return cudaSuccess;
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    return e ? cudaSuccess : cudaErrorInvalidValue;
+}
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!ms || !a || !b) return cudaErrorInvalidValue;
     /* as CUDA: both recorded, and both created with timing */
     if ((a->flags | b->flags) & cudaEventDisableTiming) return cudaErrorInvalidValue;
@@ -824,6 +912,7 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
 }
 
 cudaError_t cudaFuncSetAttribute(const void *func, cudaFuncAttribute attr, int value) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!func) return cudaErrorInvalidDeviceFunction;
     if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
         if (value < 0 || (size_t)value > emu::SMEM_OPTIN) {

@@ -86,6 +86,7 @@ enum cudaError {
     cudaErrorInvalidDeviceFunction = 98,
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
+    cudaErrorIllegalAddress = 700,
     cudaErrorLaunchOutOfResources = 701,
     cudaErrorLaunchFailure = 719,
 };
@@ -208,6 +209,15 @@ bool launch_check(const void *kernel, const char *name, dim3 g, dim3 b, size_t s
 void run_grid(const void *kernel, const char *name, const char *file, int line, dim3 g, dim3 b,
               size_t smem, void (*body)(void *), void *ctx);
 
+/* Fault injection (tests/emu/README, "Injected device errors"): true when
+ * this launch is the one CUDAEMU_FAIL_LAUNCH names, or the context already
+ * holds a sticky error; the launch then runs nothing. */
+bool launch_faulted(const char *name);
+/* The context's sticky error (cudaSuccess when none); fault_reset() ends it
+ * and restarts the launch and copy counts, as cudaDeviceReset does. */
+cudaError_t sticky();
+void fault_reset();
+
 template <class... P> struct launcher {
     void (*k)(P...);
     const char *name, *file;
@@ -218,6 +228,7 @@ template <class... P> struct launcher {
         static_assert(sizeof...(A) == sizeof...(P), "kernel argument count");
         std::tuple<typename std::decay<P>::type...> args(std::forward<A>(a)...);
         if (!launch_check((const void *)k, name, g, b, smem)) return;
+        if (launch_faulted(name)) return;
         auto body = [&]() { std::apply(k, args); };
         run_grid((const void *)k, name, file, line, g, b, smem,
                  [](void *c) { (*(decltype(body) *)c)(); }, &body);

@@ -15,7 +15,8 @@ static_assert(cudaSuccess == 0 && cudaErrorInvalidValue == 1 && cudaErrorMemoryA
                   cudaErrorInitializationError == 3 && cudaErrorInvalidConfiguration == 9 &&
                   cudaErrorInvalidDevicePointer == 17 && cudaErrorInvalidMemcpyDirection == 21 &&
                   cudaErrorInvalidDeviceFunction == 98 && cudaErrorNoDevice == 100 &&
-                  cudaErrorInvalidDevice == 101 && cudaErrorLaunchOutOfResources == 701 &&
+                  cudaErrorInvalidDevice == 101 && cudaErrorIllegalAddress == 700 &&
+                  cudaErrorLaunchOutOfResources == 701 &&
                   cudaErrorLaunchFailure == 719,
               "include_c/cuda_runtime_api.h copies these values");
 static_assert(cudaMemcpyHostToHost == 0 && cudaMemcpyHostToDevice == 1 &&

@@ -283,12 +283,59 @@ static void run_deadlock(void) { deadlock_kernel<<<1, 64>>>(g_buf); }
 static void run_partial_warp(void) { partial_warp_kernel<<<1, 48>>>(g_buf); }
 static void run_early_exit(void) { early_exit_kernel<<<1, 64>>>(g_buf); }
 
+/* ---- injected sticky errors (CUDAEMU_FAIL_LAUNCH / _MEMCPY, CUDAEMU_DEVICES) ---- */
+
+static __global__ void fill_kernel(int *out, int v) { out[threadIdx.x] = v; }
+
+static void test_fault_injection(void) {
+    emu::fault_reset(); /* the launches above count */
+    int *d = nullptr, h[32] = {0};
+    cudaMalloc(&d, sizeof h);
+    setenv("CUDAEMU_FAIL_LAUNCH", "2", 1);
+    fill_kernel<<<1, 32>>>(d, 1);
+    bool first_ok = cudaGetLastError() == cudaSuccess;
+    fill_kernel<<<1, 32>>>(d, 2); /* the injected one: runs nothing */
+    cudaError_t e1 = cudaGetLastError(), e2 = cudaGetLastError();
+    cudaError_t ec = cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost);
+    cudaError_t es = cudaStreamSynchronize(0);
+    fill_kernel<<<1, 32>>>(d, 3);
+    cudaError_t e3 = cudaGetLastError();
+    check("fault_launch_sticky", first_ok && e1 == cudaErrorIllegalAddress && e2 == e1 && ec == e1 &&
+                                     es == e1 && e3 == e1 && h[0] == 0 &&
+                                     strcmp(cudaGetErrorName(e1), "cudaErrorIllegalAddress") == 0);
+    unsetenv("CUDAEMU_FAIL_LAUNCH");
+    cudaDeviceReset(); /* ends the sticky error and restarts the counts */
+    fill_kernel<<<1, 32>>>(d, 4);
+    bool ok = cudaGetLastError() == cudaSuccess &&
+              cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost) == cudaSuccess && h[31] == 4;
+    check("fault_reset_clears", ok);
+    setenv("CUDAEMU_FAIL_MEMCPY", "2", 1);
+    int src[32];
+    for (int i = 0; i < 32; i++) src[i] = 100 + i;
+    cudaError_t m1 = cudaMemcpyAsync(d, src, sizeof src, cudaMemcpyHostToDevice, 0);
+    cudaError_t m2 = cudaMemcpyAsync(h, d, sizeof h, cudaMemcpyDeviceToHost, 0);
+    cudaError_t m3 = cudaMemsetAsync(d, 0, sizeof h, 0);
+    check("fault_memcpy_async_sticky", m1 == cudaSuccess && m2 == cudaErrorIllegalAddress &&
+                                           m3 == m2 && cudaGetLastError() == m2 && h[0] == 4);
+    unsetenv("CUDAEMU_FAIL_MEMCPY");
+    cudaDeviceReset();
+    int n = -1;
+    setenv("CUDAEMU_DEVICES", "0", 1);
+    cudaError_t g0 = cudaGetDeviceCount(&n);
+    int n0 = n;
+    unsetenv("CUDAEMU_DEVICES");
+    cudaError_t g1 = cudaGetDeviceCount(&n);
+    check("devices_env_no_device", g0 == cudaErrorNoDevice && n0 == 0 && g1 == cudaSuccess && n == 1);
+    cudaFree(d);
+}
+
 int main(void) {
     test_warp_ops();
     test_smem();
     test_rounding();
     test_wmma();
     test_launch_limits();
+    test_fault_injection();
 
     cudaMalloc(&g_buf, 1024 * sizeof(float));
     cudaMemset(g_buf, 0, 1024 * sizeof(float));
