@@ -320,6 +320,9 @@ typedef struct eng_sched_stats {
     int64_t preemptions, prompt_tokens, generation_tokens, steps;
     int64_t finished_stop, finished_length, finished_error, finished_canceled;
     int64_t kv_tokens_evicted, kv_tokens_merged, kv_pages_freed; /* by compression */
+    /* wall time the engine thread spent compressing: at the end of prompts, and
+     * evicting during decoding (every other sequence waits meanwhile) */
+    double kv_compress_prompt_s, kv_compress_decode_s;
     int64_t prefill_bytes;  /* compression scratch held now (eng_sched_config.prefill_bytes_limit) */
 } eng_sched_stats;
 

@@ -130,6 +130,7 @@ struct eng_sched {
     atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
     atomic_llong fin_stop, fin_length, fin_error, fin_canceled;
     atomic_llong kv_evicted, kv_merged, kv_freed;
+    atomic_llong kv_prompt_ns, kv_decode_ns; /* time in compression (eng_sched_stats) */
     /* live view (under view_mu) */
     pthread_mutex_t view_mu;
     int view_layers, view_n;
@@ -387,6 +388,8 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
         .kv_tokens_evicted = atomic_load(&s->kv_evicted),
         .kv_tokens_merged = atomic_load(&s->kv_merged),
         .kv_pages_freed = atomic_load(&s->kv_freed),
+        .kv_compress_prompt_s = (double)atomic_load(&s->kv_prompt_ns) * 1e-9,
+        .kv_compress_decode_s = (double)atomic_load(&s->kv_decode_ns) * 1e-9,
         .prefill_bytes = atomic_load(&s->prefill_bytes_pub),
     };
     return st;
@@ -646,7 +649,10 @@ static int commit_compress(eng_sched *s, sreq *r, int fed) {
     eng_kv_state *ks = r->kvs;
     int64_t ev0 = ks->n_evicted, mg0 = ks->n_merged, fr0 = ks->n_pages_freed;
     int phase = ks->compressed ? ENG_KV_EVENT_DECODE : ENG_KV_EVENT_PREFILL;
+    double t0 = d2_now();
     int crc = eng__step_compress(s->e, r->kv, ks, fed, r->prefill_end);
+    long long ns = (long long)((d2_now() - t0) * 1e9);
+    atomic_fetch_add(phase == ENG_KV_EVENT_PREFILL ? &s->kv_prompt_ns : &s->kv_decode_ns, ns);
     if (crc != D2_OK)
         D2_ERROR("sched: KV compression of request %llu failed: %s", (unsigned long long)r->id,
                  d2_strerror(crc));

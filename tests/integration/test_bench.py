@@ -3,7 +3,8 @@
 bounded: the decode section runs the batch sizes over --reps interleaved rounds
 and reports each size's median and range and the per-round ratio to batch 1;
 the KV-compression section runs --kv-reps rounds and reports the median and
-range of the per-round shares beside the best-times share. Checks the JSON
+range of the per-round shares beside the best-times share, and the prompt
+compression's own time from the scheduler's counter. Checks the JSON
 lines' keys and their consistency (min <= median <= max), not speeds.
 
 Usage: test_bench.py path/to/d2od   (run from the repo root; D2_SHARED locates ../shared)
@@ -64,8 +65,14 @@ def main():
           kv["prefill_overhead_min"] <= kv["prefill_overhead_median"] <= kv["prefill_overhead_max"]
           and kv["step_overhead_min"] <= kv["step_overhead_median"] <= kv["step_overhead_max"], kv)
     check("kv: best-times share = (best kv - best full) / best full",
-          abs(kv["prefill_overhead_frac"] - (kv["prefill_kv_s"] - kv["prefill_full_s"]) / kv["prefill_full_s"]) < 1e-3,
+          abs(kv["prefill_overhead_frac"] - (kv["prefill_kv_s"] - kv["prefill_full_s"]) / kv["prefill_full_s"])
+          < 1e-3 + 2e-6 / kv["prefill_full_s"] * (1 + abs(kv["prefill_overhead_frac"])),  # times printed to 1 us
           kv)
+    check("kv: the prompt compression timed by the scheduler, > 0, min <= median <= max",
+          "compress_s" in kv and 0 < kv["compress_min_s"] <= kv["compress_s"] <= kv["compress_max_s"]
+          and kv["compress_frac_min"] <= kv["compress_frac_median"] <= kv["compress_frac_max"], kv)
+    check("kv: the timed compression is part of the compressed prefill", kv.get("compress_min_s", 1) < kv["prefill_kv_s"]
+          or kv.get("compress_min_s", 1) <= 0, kv)
     r = subprocess.run([D2OD, "bench", "--model", GGUF, "--reps", "0"], capture_output=True, timeout=60)
     check("bench --reps 0 is refused (exit 2)", r.returncode == 2, r.stderr.decode()[-200:])
     return 0
