@@ -111,6 +111,27 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libd2od.a tests/test.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
 
+# The GEMM kernels select their ISA path at compile time: on x86-64 the
+# kernel test also runs against matmul.c built for AVX2 (-march=haswell) and
+# for AVX-512 without BF16/VNNI (-march=skylake-avx512), whatever ARCH_FLAGS
+# is; the sanitizer build covers the baseline (scalar) path. Each binary skips
+# on a CPU without its ISA. Not in sanitizer builds (they set their own OPT).
+ifeq ($(shell uname -m),x86_64)
+ifeq ($(SANITIZE),)
+MM_VARIANTS := avx2 avx512
+MM_FLAGS_avx2 := -march=haswell -DD2_MM_VARIANT_AVX2
+MM_FLAGS_avx512 := -march=skylake-avx512 -DD2_MM_VARIANT_AVX512
+MM_TEST_BIN := $(MM_VARIANTS:%=$(BUILD)/tests/test_matmul_%)
+all: $(MM_TEST_BIN)
+$(BUILD)/obj/mm-%/matmul.o: engine/cpu/matmul.c
+	@mkdir -p $(dir $@)
+	$(CC) $(filter-out $(ARCH_FLAGS),$(CFLAGS)) $(MM_FLAGS_$*) -c $< -o $@
+$(BUILD)/tests/test_matmul_%: tests/unit/test_matmul.c $(BUILD)/obj/mm-%/matmul.o $(BUILD)/libd2od.a tests/test.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(filter -D%,$(MM_FLAGS_$*)) $(LDFLAGS) $< $(BUILD)/obj/mm-$*/matmul.o $(BUILD)/libd2od.a $(LDLIBS) -o $@
+endif
+endif
+
 $(BUILD)/tools/%: tools/%.c $(BUILD)/libd2od.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@

@@ -53,7 +53,7 @@
 /* Weight bytes a GEMM task should keep hot while it walks its token blocks. */
 #define CHUNK_BYTES (192 * 1024)
 /* Tokens per pass over a task's weight rows (x block stays in L2). */
-#define TOKEN_BLOCK 64
+#define TOKEN_BLOCK ENG_MM_MAX_TOK
 /* Score-accumulating attention: rows per chunk at least, chunks at most, and
  * columns per reduction task. */
 #define ATT_SPLIT_ROWS 32

@@ -305,6 +305,17 @@ static const synth_spec SPECS[] = {
 };
 #define N_SPECS ((int)(sizeof SPECS / sizeof SPECS[0]))
 
+/* Tolerance against the f32 reference for spec si: TOL, or 2.5e-2 where the
+ * GEMM kernel for its dtype rounds the activations (bf16, or int8 per block;
+ * engine/cpu/matmul.h): one rounding of 2^-8 relative per activation and
+ * GEMM, compounded over the layers, measured at <= 0.9e-2 on these specs. */
+static double spec_tol(int si) {
+    const char *k = eng_mm_kernel_name(SPECS[si].dtype);
+    size_t n = strlen(k);
+    if ((n >= 6 && !strcmp(k + n - 6, "bf16dp")) || (n >= 4 && !strcmp(k + n - 4, "vnni"))) return 2.5e-2;
+    return TOL;
+}
+
 /* ---- tests ---------------------------------------------------------------------- */
 
 TEST(rope_llama3_inv_freq) {
@@ -366,7 +377,7 @@ TEST(prefill_one_chunk_matches_reference) {
             double d = rel_diff(got + (size_t)p * (size_t)r.vocab, ref + (size_t)p * (size_t)r.vocab, r.vocab);
             if (d > worst) worst = d;
         }
-        if (!(worst < TOL)) FAIL_("spec %d: rel diff %g", si, worst);
+        if (!(worst < spec_tol(si))) FAIL_("spec %d: rel diff %g", si, worst);
         ASSERT_EQ(kvp_check(r.pool), D2_OK);
         free(ref);
         free(got);
@@ -431,7 +442,7 @@ TEST(chunked_prefill_then_decode_matches_reference) {
             ASSERT_EQ(step_one(&r, seq, toks, p, 1, false, false, got + (size_t)p * (size_t)r.vocab), D2_OK);
         for (p = 0; p < n; p++) {
             double d = rel_diff(got + (size_t)p * (size_t)r.vocab, ref + (size_t)p * (size_t)r.vocab, r.vocab);
-            if (!(d < TOL)) FAIL_("spec %d pos %d: rel diff %g", si, p, d);
+            if (!(d < spec_tol(si))) FAIL_("spec %d pos %d: rel diff %g", si, p, d);
         }
         kvp_table t = kvp_get_table(r.pool, seq, 0);
         ASSERT_EQ(t.n_tokens, n);
@@ -485,7 +496,7 @@ TEST(mixed_batch_matches_reference) {
                     int p = done[k] + j;
                     double d = rel_diff(logits + (size_t)row * (size_t)r.vocab,
                                         ref[k] + (size_t)p * (size_t)r.vocab, r.vocab);
-                    if (!(d < TOL)) FAIL_("spec %d step %zu seq %d pos %d: rel diff %g", si, st, k, p, d);
+                    if (!(d < spec_tol(si))) FAIL_("spec %d step %zu seq %d pos %d: rel diff %g", si, st, k, p, d);
                 }
                 done[k] += n;
             }
@@ -553,7 +564,7 @@ TEST(scores_match_reference) {
                     ASSERT_EQ(pos[(size_t)page * PT + (size_t)slot], i);
                     double got = slot_score(r.be, seq, l, i, g);
                     double want = expect[((size_t)l * (size_t)nkv + (size_t)g) * N + (size_t)i];
-                    if (!(fabs(got - want) < 1e-4))
+                    if (!(fabs(got - want) < spec_tol(si) * fmax(1.0, fabs(want))))
                         FAIL_("spec %d layer %d kv %d slot %d: score %g want %g", si, l, g, i, got, want);
                     tot += got;
                 }
@@ -599,7 +610,7 @@ TEST(compacted_table_matches_reference) {
             ASSERT_EQ(eng_ref_forward(st, toks[p], p, want), D2_OK);
             ASSERT_EQ(step_one(&r, seq, toks, p, 1, false, false, lg), D2_OK);
             double d = rel_diff(lg, want, r.vocab);
-            if (!(d < TOL)) FAIL_("spec %d pos %d: rel diff %g", si, p, d);
+            if (!(d < spec_tol(si))) FAIL_("spec %d pos %d: rel diff %g", si, p, d);
         }
         ASSERT_EQ(kvp_check(r.pool), D2_OK);
         eng_ref_free(st);

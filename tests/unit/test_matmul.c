@@ -1,0 +1,167 @@
+/*
+ * tests/unit/test_matmul.c — the CPU GEMM kernels (engine/cpu/matmul.c)
+ * against a straightforward double-precision reference, per weight dtype,
+ * over odd shapes: 1..40 tokens, row counts that are not a multiple of the
+ * 4-row block, column counts with tails (multiples of 32 for Q8_0), a row
+ * sub-range and padded strides.
+ *
+ * Tolerances, with S = sum_i |w_i x_i| for one output and n its columns:
+ *   f32 activations (f32/f16 weights, and bf16/q8_0 without the rounding
+ *     kernels): |y - ref| <= (n + 4) * 2^-24 * S, the f32 summation bound;
+ *   bf16-rounded activations ("bf16dp"): + 2^-8 * S (round to nearest even
+ *     changes each x_i by at most 2^-8 |x_i|);
+ *   int8 activations per 32-block ("vnni"): + sum_b (max_b|x| / 254) *
+ *     sum_{i in b} |w_i| (round to nearest of x / d, d = max_b|x| / 127).
+ * The same source is also built against matmul.c compiled for AVX2
+ * (test_matmul_avx2) and AVX-512 without BF16/VNNI (test_matmul_avx512); the
+ * sanitizer build compiles it for the baseline ISA (the scalar path). Each
+ * skips where the CPU lacks what it was compiled for.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "engine/cpu/matmul.h"
+#include "tests/test.h"
+
+static uint64_t rng_state = 88172645463325252ULL;
+static float urand(void) { /* [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((double)(rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+/* The ISA this binary's matmul.c was built for must be present. */
+static void need_isa(void) {
+#if defined(D2_MM_VARIANT_AVX512)
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
+        SKIP("no AVX-512 F/BW/VL/DQ on this CPU");
+#elif defined(D2_MM_VARIANT_AVX2)
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+        SKIP("no AVX2/FMA on this CPU");
+#endif
+}
+
+/* A weights tensor of dtype dt with values in [-1, 1) (scaled per row so the
+ * rows differ in magnitude), and its exact f32 values. */
+static void make_w(eng_tensor *t, eng_dtype dt, int64_t rows, int64_t cols, float *wf) {
+    size_t n = (size_t)rows * (size_t)cols;
+    t->rows = rows;
+    t->cols = cols;
+    t->dtype = dt;
+    t->name = "w";
+    if (dt == ENG_Q8_0) {
+        uint8_t *p = malloc(n / 32 * 34);
+        for (size_t b = 0; b < n / 32; b++) {
+            float d = (0.5f + (float)(b % 7)) / 127.0f * 0.01f;
+            uint16_t dh = d2_f32_to_f16(d);
+            memcpy(p + b * 34, &dh, 2);
+            for (int j = 0; j < 32; j++) {
+                int q = (int)(urand() * 127.0f);
+                p[b * 34 + 2 + (size_t)j] = (uint8_t)(int8_t)q;
+                wf[b * 32 + (size_t)j] = d2_f16_to_f32(dh) * (float)q;
+            }
+        }
+        t->data = p;
+        return;
+    }
+    void *p = malloc(n * (dt == ENG_F32 ? 4 : 2));
+    for (size_t i = 0; i < n; i++) {
+        float v = urand() * (1.0f + (float)(i / (size_t)cols % 3));
+        if (dt == ENG_F32) {
+            ((float *)p)[i] = wf[i] = v;
+        } else if (dt == ENG_F16) {
+            ((uint16_t *)p)[i] = d2_f32_to_f16(v);
+            wf[i] = d2_f16_to_f32(((uint16_t *)p)[i]);
+        } else {
+            ((uint16_t *)p)[i] = d2_f32_to_bf16(v);
+            wf[i] = d2_bf16_to_f32(((uint16_t *)p)[i]);
+        }
+    }
+    t->data = p;
+}
+
+/* Runs eng_mm_rows for rows [r0, r1) and every token count 1..max_tok and
+ * checks each output against the reference with the dtype's bound; outputs
+ * outside [r0, r1) must stay untouched. Returns the worst error / bound. */
+static double check_shape(eng_dtype dt, int64_t rows, int64_t cols, int64_t r0, int64_t r1, int max_tok) {
+    const char *kn = eng_mm_kernel_name(dt);
+    size_t kl = strlen(kn);
+    int bf16dp = kl >= 6 && !strcmp(kn + kl - 6, "bf16dp");
+    int vnni = kl >= 4 && !strcmp(kn + kl - 4, "vnni");
+    int64_t ldx = cols + 3, ldy = rows + 5;
+    float *wf = malloc(sizeof(float) * (size_t)(rows * cols));
+    eng_tensor w;
+    make_w(&w, dt, rows, cols, wf);
+    float *x = malloc(sizeof(float) * (size_t)(max_tok * ldx));
+    for (int64_t i = 0; i < max_tok * ldx; i++) x[i] = urand() * (1.0f + (float)(i % 5)) * 3.0f;
+    float *y = malloc(sizeof(float) * (size_t)(max_tok * ldy));
+    float *scratch = malloc(sizeof(float) * eng_mm_scratch_floats(cols));
+    double worst = 0.0;
+    for (int nt = 1; nt <= max_tok; nt++) {
+        for (int64_t i = 0; i < max_tok * ldy; i++) y[i] = -12345.0f;
+        eng_mm_rows(&w, x, ldx, nt, y, ldy, r0, r1, scratch);
+        for (int t = 0; t < max_tok; t++)
+            for (int64_t r = 0; r < ldy; r++) {
+                float got = y[t * ldy + r];
+                if (t >= nt || r < r0 || r >= r1) {
+                    if (got != -12345.0f) FAIL_("%s %s: wrote y[t=%d][r=%lld] outside the call", eng_dtype_name(dt), kn, t, (long long)r);
+                    continue;
+                }
+                const float *xt = x + t * ldx, *wr = wf + r * cols;
+                double ref = 0.0, s = 0.0, qerr = 0.0;
+                for (int64_t i = 0; i < cols; i++) {
+                    ref += (double)wr[i] * xt[i];
+                    s += fabs((double)wr[i] * xt[i]);
+                }
+                if (vnni)
+                    for (int64_t b = 0; b < cols / 32; b++) {
+                        double amax = 0.0, sw = 0.0;
+                        for (int j = 0; j < 32; j++) {
+                            if (fabs(xt[b * 32 + j]) > amax) amax = fabs(xt[b * 32 + j]);
+                            sw += fabs(wr[b * 32 + j]);
+                        }
+                        qerr += amax / 254.0 * sw * 1.0001;
+                    }
+                double bound = (double)(cols + 4) * ldexp(1.0, -24) * s + (bf16dp ? ldexp(1.0, -8) * s : 0.0) + qerr + 1e-30;
+                double e = fabs((double)got - ref);
+                if (!(e <= bound))
+                    FAIL_("%s %s rows %lld cols %lld tokens %d: y[%d][%lld] = %.9g, ref %.9g, |err| %.3g > bound %.3g",
+                          eng_dtype_name(dt), kn, (long long)rows, (long long)cols, nt, t, (long long)r, got, ref, e, bound);
+                if (e / bound > worst) worst = e / bound;
+            }
+    }
+    free(wf);
+    free((void *)w.data);
+    free(x);
+    free(y);
+    free(scratch);
+    return worst;
+}
+
+static void check_dtype(eng_dtype dt) {
+    need_isa();
+    static const int64_t cols_any[] = {7, 33, 200, 800};
+    static const int64_t cols_q8[] = {32, 96, 160, 800};
+    static const int64_t rows[] = {1, 5, 37};
+    double worst = 0.0;
+    for (int ci = 0; ci < 4; ci++)
+        for (int ri = 0; ri < 3; ri++) {
+            int64_t c = dt == ENG_Q8_0 ? cols_q8[ci] : cols_any[ci], r = rows[ri];
+            double e = check_shape(dt, r, c, 0, r, 40);
+            if (e > worst) worst = e;
+            if (r > 4) { /* a sub-range starting off the 4-row grid */
+                e = check_shape(dt, r, c, 1, r - 1, 40);
+                if (e > worst) worst = e;
+            }
+        }
+    printf("  %s (%s): worst error %.3f of the bound\n", eng_dtype_name(dt), eng_mm_kernel_name(dt), worst);
+}
+
+TEST(matmul_f32) { check_dtype(ENG_F32); }
+TEST(matmul_f16) { check_dtype(ENG_F16); }
+TEST(matmul_bf16) { check_dtype(ENG_BF16); }
+TEST(matmul_q8_0) { check_dtype(ENG_Q8_0); }
