@@ -129,6 +129,14 @@ typedef struct eng_kv_compress_req {
     bool merge_code_rule;
     float (*threshold)(void *user, float mean_sim); /* required with merge */
     void *user;
+    /* The same threshold policy as data, for a backend that computes tau
+     * where the similarities are (kv_compress_layers) instead of calling
+     * threshold: with tau_ema, tau = tau_first ? mean_sim
+     * : (1 - ema_beta) * tau_prev + ema_beta * mean_sim (D2O's EMA, the
+     * formula threshold implements). A backend that uses it does not call
+     * threshold; the caller keeps res.tau either way. */
+    bool tau_ema, tau_first;
+    float ema_beta, tau_prev;
 } eng_kv_compress_req;
 
 typedef struct eng_kv_compress_res {
@@ -169,6 +177,17 @@ typedef struct eng_backend_ops {
      * step, chosen where the logits are: out[i] for rows[i]. */
     int (*argmax)(eng_backend *be, const int *rows, int n, int32_t *out);
     int (*kv_compress)(eng_backend *be, const eng_kv_compress_req *req, eng_kv_compress_res *res);
+    /* Optional (NULL: the runtime calls kv_compress for each): the n
+     * compressions req[0..n) (distinct tables, e.g. the layers of one
+     * sequence) with the results kv_compress would give in order, for a
+     * device backend to run with a bounded number of host synchronisations
+     * instead of several per table. A request with merge carries tau_ema.
+     * Shared pages of a merging table may all be made private first (copy on
+     * write of pages the merge may not write). On an error, res[i] holds what
+     * the completed compressions did (zeros for the others) and the failing
+     * table is untouched, as kv_compress's contract. */
+    int (*kv_compress_layers)(eng_backend *be, const eng_kv_compress_req *req, int n,
+                              eng_kv_compress_res *res);
     /* Inspection and tests (slow, copies): the per-KV-head scores [n_kv] and
      * the K and V [n_kv * head_dim] of live slot i of (seq, layer), as f32;
      * any pointer may be NULL. write_slot is the inverse (tests build caches). */
@@ -216,5 +235,9 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
 /* CUDA devices this process can use: D2_EUNSUPPORTED in a build without the
  * CUDA backend, 0 without a driver or a device. */
 int eng_cuda_device_count(void);
+/* The stream (a cudaStream_t) all of a CUDA backend's work goes to, for
+ * benchmarks that time it with CUDA events (tests/gpu/bench_cuda.c); NULL in
+ * a build without CUDA. Borrowed; the backend owns it. */
+void *eng_cuda_backend_stream(eng_backend *be);
 
 #endif

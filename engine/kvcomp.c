@@ -266,6 +266,9 @@ float eng_kv_d2o_layer_stat(const float *colsum, int n_heads, int len, int n) {
 
 /* ---- workspace and state ---------------------------------------------------------------- */
 
+/* The threshold callback's context: one (sequence state, layer) compression. */
+typedef struct eng_kv_tau_ctx { eng_kv_state *s; int layer; bool first; } tau_ctx;
+
 int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, eng_kv_state **out) {
     *out = NULL;
     const char *why;
@@ -284,7 +287,12 @@ int eng_kv_state_create(const eng_kv_config *c, const eng_model_config *mc, eng_
     s->tau = calloc(L, sizeof(float));
     s->tau_set = calloc(L, 1);
     s->rep = calloc(L, sizeof *s->rep);
-    if (!s->heavy || !s->recent || !s->v_layer || !s->tau || !s->tau_set || !s->rep) {
+    s->rq = calloc(L, sizeof *s->rq);
+    s->rs = calloc(L, sizeof *s->rs);
+    s->tc = calloc(L, sizeof *s->tc);
+    s->layer_list = calloc(L, sizeof(int));
+    if (!s->heavy || !s->recent || !s->v_layer || !s->tau || !s->tau_set || !s->rep || !s->rq ||
+        !s->rs || !s->tc || !s->layer_list) {
         eng_kv_state_free(s);
         return D2_ENOMEM;
     }
@@ -297,6 +305,7 @@ void eng_kv_state_free(eng_kv_state *s) {
     if (!s) return;
     free(s->heavy); free(s->recent); free(s->v_layer); free(s->tau); free(s->tau_set);
     free(s->colsum); free(s->rep);
+    free(s->rq); free(s->rs); free(s->tc); free(s->layer_list);
     free(s);
 }
 
@@ -400,10 +409,10 @@ void eng_kv_plan_seq(const eng_kv_state *s, int prefill_end, eng_batch_seq *bs) 
 
 /* ---- one layer ----------------------------------------------------------------------------- */
 
-typedef struct tau_ctx { eng_kv_state *s; int layer; bool first; } tau_ctx;
-
 /* D2O's threshold: the mean similarity of the first compression, then an EMA
- * with weight ema_beta on each new mean (per sequence and layer). */
+ * with weight ema_beta on each new mean (per sequence and layer). The same
+ * formula travels as data in the request (tau_ema) for backends that compute
+ * it on the device. */
 static float d2o_threshold(void *user, float mean_sim) {
     tau_ctx *t = user;
     eng_kv_state *s = t->s;
@@ -415,27 +424,77 @@ static float d2o_threshold(void *user, float mean_sim) {
     return tau;
 }
 
-int eng_kv_compress_layer(eng_backend *be, int seq, int layer, eng_kv_state *s, int heavy,
-                          int recent, bool first) {
-    if (heavy < 0 || recent < 0) return 0;
+static void req_fill(eng_kv_state *s, int seq, int layer, int heavy, int recent, bool first,
+                     tau_ctx *tc, eng_kv_compress_req *rq) {
     eng_kv_method m = s->cfg.method;
     bool snap = m == ENG_KV_SNAPKV || m == ENG_KV_PYRAMIDKV;
-    tau_ctx tc = {s, layer, first};
-    eng_kv_compress_req rq = {
+    *tc = (tau_ctx){s, layer, first};
+    *rq = (eng_kv_compress_req){
         .seq = seq, .layer = layer, .heavy = heavy, .recent = recent,
         .n_sink = snap ? 0 : s->cfg.n_sink,
         .pooled = snap,
         .merge = m == ENG_KV_D2O,
         .merge_code_rule = s->cfg.merge_rule == ENG_KV_MERGE_CODE,
-        .threshold = d2o_threshold, .user = &tc,
+        .threshold = d2o_threshold, .user = tc,
+        .tau_ema = true, .tau_first = first || !s->tau_set[layer],
+        .ema_beta = s->cfg.ema_beta, .tau_prev = s->tau[layer],
     };
+}
+
+/* Counts a compression's result (the threshold is kept here as well: a
+ * backend computing it from tau_ema does not call d2o_threshold). */
+static void res_apply(eng_kv_state *s, const eng_kv_compress_req *rq, const eng_kv_compress_res *res) {
+    s->n_evicted += res->n_evicted;
+    s->n_merged += res->n_merged;
+    s->n_pages_freed += res->pages_freed;
+    if (rq->merge && res->n_evicted > 0) {
+        s->tau[rq->layer] = res->tau;
+        s->tau_set[rq->layer] = 1;
+    }
+}
+
+int eng_kv_compress_layer(eng_backend *be, int seq, int layer, eng_kv_state *s, int heavy,
+                          int recent, bool first) {
+    if (heavy < 0 || recent < 0) return 0;
+    tau_ctx tc;
+    eng_kv_compress_req rq;
+    req_fill(s, seq, layer, heavy, recent, first, &tc, &rq);
     eng_kv_compress_res res;
     int rc = be->ops->kv_compress(be, &rq, &res);
     if (rc < 0) return rc;
-    s->n_evicted += res.n_evicted;
-    s->n_merged += res.n_merged;
-    s->n_pages_freed += res.pages_freed;
+    res_apply(s, &rq, &res);
     return res.n_evicted;
+}
+
+/* Compresses layers[0..n) of seq to their budgets, in order: one
+ * kv_compress_layers call when the backend has it (a device backend then
+ * synchronises once for all of them), else kv_compress per layer. */
+static int compress_layers(eng_backend *be, int seq, eng_kv_state *s, const int *layers, int n,
+                           bool first) {
+    if (n == 0) return D2_OK;
+    if (!be->ops->kv_compress_layers) {
+        for (int i = 0; i < n; i++) {
+            int l = layers[i];
+            int64_t m0 = s->n_merged;
+            int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], first);
+            if (rc < 0) return rc;
+            s->rep[l].evicted += rc;
+            s->rep[l].merged += s->n_merged - m0;
+        }
+        return D2_OK;
+    }
+    for (int i = 0; i < n; i++) {
+        int l = layers[i];
+        req_fill(s, seq, l, s->heavy[l], s->recent[l], first, &s->tc[i], &s->rq[i]);
+    }
+    memset(s->rs, 0, (size_t)n * sizeof *s->rs);
+    int rc = be->ops->kv_compress_layers(be, s->rq, n, s->rs);
+    for (int i = 0; i < n; i++) {
+        res_apply(s, &s->rq[i], &s->rs[i]);
+        s->rep[layers[i]].evicted += s->rs[i].n_evicted;
+        s->rep[layers[i]].merged += s->rs[i].n_merged;
+    }
+    return rc < 0 ? rc : D2_OK;
 }
 
 /* ---- whole sequence ------------------------------------------------------------------------- */
@@ -460,16 +519,12 @@ int eng_kv_compress_prompt(eng_backend *be, int seq, eng_kv_state *s) {
         eng_kv_colsum_release(s);
     }
     eng_kv_budgets(&s->cfg, s->n_layers, s->v_layer, n, s->heavy, s->recent);
-    for (int l = 0; l < s->n_layers; l++) {
-        if (s->heavy[l] >= 0) {
-            int64_t m0 = s->n_merged;
-            int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], true);
-            if (rc < 0) return rc;
-            s->rep[l].evicted += rc;
-            s->rep[l].merged += s->n_merged - m0;
-        }
-        s->rep[l].kept_prompt = kvp_get_table(pool, seq, l).n_tokens;
-    }
+    int *layers = s->layer_list, nl = 0;
+    for (int l = 0; l < s->n_layers; l++)
+        if (s->heavy[l] >= 0) layers[nl++] = l;
+    int rc = compress_layers(be, seq, s, layers, nl, true);
+    if (rc < 0) return rc;
+    for (int l = 0; l < s->n_layers; l++) s->rep[l].kept_prompt = kvp_get_table(pool, seq, l).n_tokens;
     s->compressed = true;
     s->prefill_len = n;
     return D2_OK;
@@ -481,19 +536,15 @@ int eng_kv_after_decode(eng_backend *be, int seq, eng_kv_state *s) {
     if (!s->compressed) return D2_OK;
     eng_kv_method m = s->cfg.method;
     if (m != ENG_KV_D2O && m != ENG_KV_H2O && m != ENG_KV_STREAMINGLLM) return D2_OK;
+    int *layers = s->layer_list, nl = 0;
     for (int l = 0; l < s->n_layers; l++) {
         if (s->heavy[l] < 0) continue;
         int C = s->heavy[l] + s->recent[l];
         int n = kvp_get_table(pool, seq, l).n_tokens;
         bool go = s->cfg.exact ? n > C : n >= C + pt;
-        if (!go) continue;
-        int64_t m0 = s->n_merged;
-        int rc = eng_kv_compress_layer(be, seq, l, s, s->heavy[l], s->recent[l], false);
-        if (rc < 0) return rc;
-        s->rep[l].evicted += rc;
-        s->rep[l].merged += s->n_merged - m0;
+        if (go) layers[nl++] = l;
     }
-    return D2_OK;
+    return compress_layers(be, seq, s, layers, nl, false);
 }
 
 /* ---- page estimates ------------------------------------------------------------------------ */

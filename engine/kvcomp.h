@@ -64,6 +64,11 @@ typedef struct eng_kv_state {
     int64_t n_evicted, n_merged, n_pages_freed; /* cumulative since create */
     /* inspection (eng_kv_report), since the last eng_kv_prefill_begin */
     eng_kv_layer_report *rep;   /* [n_layers]: per-layer counters and the report */
+    /* scratch of one whole-sequence compression (kv_compress_layers) */
+    eng_kv_compress_req *rq;    /* [n_layers] */
+    eng_kv_compress_res *rs;    /* [n_layers] */
+    struct eng_kv_tau_ctx *tc;  /* [n_layers] threshold callback contexts */
+    int *layer_list;            /* [n_layers] the layers of that compression */
     double live_sum, live_peak; /* eng_kv_track samples (tokens summed over layers) */
     int64_t live_samples;
 } eng_kv_state;

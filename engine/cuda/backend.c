@@ -4,7 +4,13 @@
  * scores, an int32 position mirror) in device memory, the forward pass of a
  * step as kernels/kernels.h launches and cuBLASLt GEMMs on one stream, KV
  * compression through kern_d2o_* with the page bookkeeping on the host
- * (kvpool), as engine/cpu/kvcomp.c does it.
+ * (kvpool), as engine/cpu/kvcomp.c does it: kv_compress_layers (what the
+ * runtime calls) runs every table's selection, matching, threshold (from the
+ * request's tau_ema) and merges on the device, synchronises once to read
+ * the keep flags back, then compacts each table in the pool (payload moves
+ * queued through the hook, whose pinned staging is a ring: no wait per
+ * call); kv_compress, one table with the threshold callback, synchronises
+ * a few times per table.
  *
  * Callers: engine.c creates it (eng_cuda_backend_create) on any thread; every
  * other op runs on the engine thread after attach_thread. Built for real only
@@ -54,6 +60,11 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
 }
 
 int eng_cuda_device_count(void) { return D2_EUNSUPPORTED; }
+
+void *eng_cuda_backend_stream(eng_backend *be) {
+    (void)be;
+    return NULL;
+}
 
 #else
 
@@ -158,8 +169,14 @@ typedef struct cuda_be {
     int32_t *kv_pos;
     int64_t n_pages;
     /* payload hook */
-    int32_t *hook_h, *hook_d;     /* runs [cap][5] then start [cap] */
+    /* hook_h is a ring of segments (runs [cap][5] then start [cap] while a
+     * segment is open, runs [n][5] start [n] once sent): a segment's pinned
+     * words are not rewritten until the ring wraps, which waits for ev_hook
+     * only when no stream sync came since -- no sync per hook call */
+    int32_t *hook_h, *hook_d;     /* hook_h [hook_ring]; hook_d one segment */
     int hook_cap;
+    size_t hook_ring, hook_at;    /* ring words, first free word */
+    int hook_pending;             /* segments since the last stream sync */
     void *hook_stage;
     uint8_t *hook_mark;           /* [n_pages * pt] slot written in the open segment */
     int32_t *hook_touched;        /* [hook_cap] marked slots */
@@ -172,7 +189,15 @@ typedef struct cuda_be {
     int32_t *ev_h, *tgt_h;        /* [max_seq] */
     float *sim_h, *stat_h, *tau_h; /* [max_seq], [2], [1] pinned */
     float *tau_d;
-    /* the last step's logits */
+    /* compression of several tables (kv_compress_layers), per request i < n_layers */
+    int32_t *cst_h, *cst_d;       /* staging: row patches, headers, tau_prev floats */
+    size_t cst_cap;
+    int cst_pending;              /* cst_h may still feed an upload */
+    cudaEvent_t ev_cst;
+    kern_d2o_plan *cplan;         /* [n_layers] */
+    uint8_t *ckeep_h;             /* pinned [n_layers][max_seq] keep flags read back */
+    int32_t *ccount_h;            /* pinned [n_layers][4] counts read back */
+    float *cstat_h;               /* pinned [n_layers][2] stat read back */    /* the last step's logits */
     float *logits_h;              /* pinned [max_rows][vocab] */
     int32_t *amax_h;              /* pinned [max_rows] */
     int n_logit_rows;
@@ -241,7 +266,8 @@ static int cu_fail_kern(cuda_be *be, int rc, const char *call, int line) {
 #define STREAM_SYNC()                                                                  \
     do {                                                                               \
         CU(cudaStreamSynchronize(be->st));                                             \
-        be->plan_pending = 0;                                                          \
+        be->plan_pending = be->hook_pending = be->cst_pending = 0;                     \
+        be->hook_at = 0;                                                               \
     } while (0)
 #define DEAD_CHECK()                                                                   \
     do {                                                                               \
@@ -379,6 +405,8 @@ static int cu_step(eng_backend *base, const eng_batch *b);
 static int cu_logits(eng_backend *base, int row0, int n, const float **out);
 static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out);
 static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_compress_res *res);
+static int cu_kv_compress_layers(eng_backend *base, const eng_kv_compress_req *rq, int n,
+                                 eng_kv_compress_res *res);
 static int cu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score);
 static int cu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k,
                          const float *v, const float *score);
@@ -393,12 +421,15 @@ static const eng_backend_ops cu_ops = {
     .logits = cu_logits,
     .argmax = cu_argmax,
     .kv_compress = cu_kv_compress,
+    .kv_compress_layers = cu_kv_compress_layers,
     .read_slot = cu_read_slot,
     .write_slot = cu_write_slot,
     .sync = cu_sync,
     .last_error = cu_last_error,
     .destroy = cu_destroy,
 };
+
+void *eng_cuda_backend_stream(eng_backend *base) { return base ? (void *)((cuda_be *)base)->st : NULL; }
 
 int eng_cuda_device_count(void) {
     int n = 0;
@@ -432,7 +463,9 @@ static void cu_destroy(eng_backend *base) {
     DFREE(be->rtab_d); free(be->rtab_h); free(be->rtab_n); free(be->patch_hdr);
     DFREE(be->kv_k); DFREE(be->kv_v); DFREE(be->kv_score); DFREE(be->kv_pos);
     DFREE(be->hook_d); DFREE(be->hook_stage); DFREE(be->d2o_mem); DFREE(be->tab_d);
-    DFREE(be->tau_d); DFREE(be->lt_ws);
+    DFREE(be->tau_d); DFREE(be->lt_ws); DFREE(be->cst_d); HFREE(be->cst_h);
+    HFREE(be->ckeep_h); HFREE(be->ccount_h); HFREE(be->cstat_h); free(be->cplan);
+    if (be->ev_cst) cudaEventDestroy(be->ev_cst);
     HFREE(be->colsum_h); HFREE(be->plan_h); HFREE(be->hook_h); HFREE(be->tab_h);
     HFREE(be->keep_h); HFREE(be->ev_h); HFREE(be->tgt_h); HFREE(be->sim_h); HFREE(be->stat_h);
     HFREE(be->tau_h); HFREE(be->logits_h); HFREE(be->amax_h);
@@ -630,7 +663,8 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
         goto fail;
     }
     if ((rc = cudaEventCreateWithFlags(&be->ev_plan, cudaEventDisableTiming)) != cudaSuccess ||
-        (rc = cudaEventCreateWithFlags(&be->ev_hook, cudaEventDisableTiming)) != cudaSuccess) {
+        (rc = cudaEventCreateWithFlags(&be->ev_hook, cudaEventDisableTiming)) != cudaSuccess ||
+        (rc = cudaEventCreateWithFlags(&be->ev_cst, cudaEventDisableTiming)) != cudaSuccess) {
         rc = cu_fail_rt(be, (cudaError_t)rc, "cudaEventCreateWithFlags", __LINE__);
         goto fail;
     }
@@ -746,21 +780,34 @@ static const char *cu_last_error(const eng_backend *base) { return ((const cuda_
 
 /* ---- the payload hook ---------------------------------------------------------------- */
 
-static int hook_flush(cuda_be *be, int n_runs, int n_slots) {
+/* The open segment's words in the ring: room for a full segment at hook_at,
+ * wrapping to the start (after the last segment sent has run, when no stream
+ * sync came since) when the end is too close. */
+static int hook_segment(cuda_be *be, int32_t **seg) {
+    size_t need = (size_t)be->hook_cap * 6;
+    if (be->hook_at + need > be->hook_ring) {
+        if (be->hook_pending) CU(cudaEventSynchronize(be->ev_hook));
+        be->hook_pending = 0;
+        be->hook_at = 0;
+    }
+    *seg = be->hook_h + be->hook_at;
+    return D2_OK;
+}
+
+static int hook_flush(cuda_be *be, int32_t *seg, int n_runs, int n_slots) {
     for (int i = 0; i < be->n_touched; i++) be->hook_mark[be->hook_touched[i]] = 0;
     be->n_touched = 0;
     if (n_runs == 0) return D2_OK;
-    int32_t *start = be->hook_h + (size_t)be->hook_cap * 5;
-    /* the start table sits right after the runs actually used */
-    memmove(be->hook_h + (size_t)n_runs * 5, start, (size_t)n_runs * sizeof(int32_t));
-    CU(cudaMemcpyAsync(be->hook_d, be->hook_h, (size_t)n_runs * 6 * sizeof(int32_t),
+    /* the start table moves right after the runs actually used */
+    memmove(seg + (size_t)n_runs * 5, seg + (size_t)be->hook_cap * 5, (size_t)n_runs * sizeof(int32_t));
+    CU(cudaMemcpyAsync(be->hook_d, seg, (size_t)n_runs * 6 * sizeof(int32_t),
                        cudaMemcpyHostToDevice, be->st));
     KC(kern_kv_copy_runs(be->kv_k, be->kv_v, be->kv_score, be->kv_pos, be->hook_d,
                          be->hook_d + (size_t)n_runs * 5, n_runs, n_slots, be->hook_stage, be->n_kv,
                          be->hd, be->pt, be->st));
     CU(cudaEventRecord(be->ev_hook, be->st));
-    /* the next segment rewrites the pinned runs: wait for this upload */
-    CU(cudaEventSynchronize(be->ev_hook));
+    be->hook_pending = 1;
+    be->hook_at += (size_t)n_runs * 6;
     return D2_OK;
 }
 
@@ -768,9 +815,11 @@ static int hook_flush(cuda_be *be, int n_runs, int n_slots) {
  * (kernels.h, kern_kv_copy_runs): a run joins the open segment unless it reads
  * or writes a slot the segment already writes, or the staging is full. */
 static int hook_copy(cuda_be *be, const kvp_slot_run *runs, int n_runs) {
-    int32_t *start = be->hook_h + (size_t)be->hook_cap * 5;
+    int32_t *seg;
+    int rc = hook_segment(be, &seg);
+    if (rc) return rc;
+    int32_t *start = seg + (size_t)be->hook_cap * 5;
     int nr = 0, ns = 0;
-    CU(cudaEventSynchronize(be->ev_hook));
     for (int r = 0; r < n_runs; r++) {
         kvp_slot_run u = runs[r];
         while (u.n > 0) {
@@ -782,11 +831,13 @@ static int hook_copy(cuda_be *be, const kvp_slot_run *runs, int n_runs) {
             for (int j = 0; j < n && !conflict; j++)
                 conflict = be->hook_mark[src + j] || be->hook_mark[dst + j];
             if (conflict) {
-                int rc = hook_flush(be, nr, ns);
+                rc = hook_flush(be, seg, nr, ns);
+                if (!rc) rc = hook_segment(be, &seg);
                 if (rc) return rc;
+                start = seg + (size_t)be->hook_cap * 5;
                 nr = ns = 0;
             }
-            int32_t *w = be->hook_h + (size_t)nr * 5;
+            int32_t *w = seg + (size_t)nr * 5;
             w[0] = u.dst_page; w[1] = u.src_page; w[2] = u.dst_slot; w[3] = u.src_slot; w[4] = n;
             start[nr] = ns;
             nr++;
@@ -798,7 +849,7 @@ static int hook_copy(cuda_be *be, const kvp_slot_run *runs, int n_runs) {
             u.n -= n; u.src_slot += n; u.dst_slot += n;
         }
     }
-    return hook_flush(be, nr, ns);
+    return hook_flush(be, seg, nr, ns);
 }
 
 static void cu_payload_copy(void *ctx, const kvp_slot_run *runs, int n_runs) {
@@ -870,7 +921,16 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
     PIN(be->colsum_h, be->colsum_cap * 4);
     /* payload hook */
     be->hook_cap = be->max_seq > 4 * be->pt ? be->max_seq : 4 * be->pt;
-    PIN(be->hook_h, (size_t)be->hook_cap * 6 * 4);
+    {
+        /* four full segments, or more (up to 16 MB) so that compacting every
+         * layer of a sequence seldom wraps */
+        size_t seg = (size_t)be->hook_cap * 6, want = seg * Lc;
+        size_t most = ((size_t)16 << 20) / 4;
+        be->hook_ring = 4 * seg;
+        if (want > be->hook_ring) be->hook_ring = want < most ? want : most;
+        if (be->hook_ring < 4 * seg) be->hook_ring = 4 * seg;
+    }
+    PIN(be->hook_h, be->hook_ring * 4);
     ATT_TRY(dev_alloc(be, (void **)&be->hook_d, (size_t)be->hook_cap * 6 * 4));
     ATT_TRY(dev_alloc(be, &be->hook_stage, kern_kv_copy_staging_bytes(be->hook_cap, be->n_kv, be->hd)));
     be->hook_mark = calloc(n_slots, 1);
@@ -892,6 +952,14 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
     PIN(be->stat_h, 2 * 4);
     PIN(be->tau_h, 4);
     ATT_TRY(dev_alloc(be, (void **)&be->tau_d, 4));
+    be->cst_cap = Lc * (MP + 4);
+    PIN(be->cst_h, be->cst_cap * 4);
+    ATT_TRY(dev_alloc(be, (void **)&be->cst_d, be->cst_cap * 4));
+    PIN(be->ckeep_h, Lc * (size_t)be->max_seq);
+    PIN(be->ccount_h, Lc * 4 * 4);
+    PIN(be->cstat_h, Lc * 2 * 4);
+    be->cplan = calloc(Lc, sizeof *be->cplan);
+    if (!be->cplan) return cu_fail(be, D2_ENOMEM, "kv_attach", "compression plans");
 #undef ATT_TRY
 #undef PIN
     be->base.pool = pool;
@@ -934,7 +1002,8 @@ static size_t rtab_row(const cuda_be *be, int seq, int l) {
  * from the first one that differs from the shadow to the end of the table go
  * into the staging at *off (a patch and its header); nothing when the row is
  * current (a steady decode step changes a row only when it gains a page). */
-static int rtab_patch(cuda_be *be, int seq, int l, const kvp_table *tab, int32_t *P, size_t *off) {
+static int rtab_patch(cuda_be *be, int seq, int l, const kvp_table *tab, int32_t *P, size_t cap,
+                      size_t *off) {
     size_t row = rtab_row(be, seq, l);
     int32_t *sh = be->rtab_h + row;
     int32_t *valid = &be->rtab_n[(size_t)l * (size_t)be->n_ids + (size_t)seq];
@@ -946,7 +1015,7 @@ static int rtab_patch(cuda_be *be, int seq, int l, const kvp_table *tab, int32_t
         return D2_OK;
     }
     size_t cnt = (size_t)(n - i0);
-    if (*off + cnt > be->plan_cap || be->n_patch >= be->patch_cap)
+    if (*off + cnt > cap || be->n_patch >= be->patch_cap)
         return cu_fail(be, D2_EINVAL, "step", "table patches larger than their staging");
     memcpy(P + *off, tab->pages + i0, cnt * sizeof(int32_t));
     memcpy(sh + i0, tab->pages + i0, cnt * sizeof(int32_t));
@@ -1016,7 +1085,7 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used, 
                 P[lp->page_of + (size_t)r0 + j] = page;
                 P[lp->slot_of + (size_t)r0 + j] = slot;
             }
-            int rc = rtab_patch(be, s->seq, l, &tab, P, &off);
+            int rc = rtab_patch(be, s->seq, l, &tab, P, be->plan_cap, &off);
             if (rc) return rc;
             if (!is_decode(s)) {
                 cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
@@ -1312,6 +1381,150 @@ static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_
     res->n_merged = n_pass;
     res->pages_freed = before > after ? before - after : 0;
     res->tau = tau;
+    return D2_OK;
+}
+
+/* ---- KV compression of several tables, one host synchronisation -------------------- */
+
+/* Phase 0 of cu_kv_compress_layers: the plans, and every page a merge may
+ * write made private. Returns the number of active requests (act[i] = 1). */
+static int batch_prepare(cuda_be *be, const eng_kv_compress_req *rq, int n, uint8_t *act) {
+    kvp_pool *pool = be->base.pool;
+    int n_act = 0;
+    for (int i = 0; i < n; i++) {
+        act[i] = 0;
+        if (rq[i].heavy < 0 || rq[i].recent < 0) continue;
+        kvp_table tab = kvp_get_table(pool, rq[i].seq, rq[i].layer);
+        int nt = tab.n_tokens;
+        if (nt <= rq[i].heavy + rq[i].recent) continue;
+        if (nt > be->max_seq)
+            return cu_fail(be, D2_EINVAL, "kv_compress_layers", "table longer than max_seq_tokens");
+        KC(kern_d2o_plan_make(&be->cplan[i], nt, rq[i].n_sink, rq[i].heavy, rq[i].recent));
+        if (be->cplan[i].n_evicted == 0) continue;
+        /* the merge writes targets in place: no target may be on a shared page */
+        if (rq[i].merge && kvp_shared_pages(pool, rq[i].seq, rq[i].layer) > 0) {
+            int rc = kvp_unshare_all(pool, rq[i].seq, rq[i].layer);
+            if (rc) return rc;
+            DEAD_CHECK();
+        }
+        act[i] = 1;
+        n_act++;
+    }
+    return n_act;
+}
+
+/* The staging of a batch: patches bringing the active tables' resident rows
+ * up to date, and each merging request's tau_prev (float, at *o_tau + i). */
+static int batch_upload(cuda_be *be, const eng_kv_compress_req *rq, int n, const uint8_t *act,
+                        size_t *o_tau) {
+    if (be->cst_pending) CU(cudaEventSynchronize(be->ev_cst));
+    be->cst_pending = 0;
+    size_t off = 0;
+    be->n_patch = 0;
+    for (int i = 0; i < n; i++) {
+        if (!act[i]) continue;
+        kvp_table tab = kvp_get_table(be->base.pool, rq[i].seq, rq[i].layer);
+        int rc = rtab_patch(be, rq[i].seq, rq[i].layer, &tab, be->cst_h, be->cst_cap, &off);
+        if (rc) return rc;
+    }
+    if (off + (size_t)n + (size_t)be->n_patch * 3 > be->cst_cap)
+        return cu_fail(be, D2_EINVAL, "kv_compress_layers", "staging too small");
+    *o_tau = off;
+    for (int i = 0; i < n; i++) memcpy(be->cst_h + off + i, &rq[i].tau_prev, sizeof(float));
+    off += (size_t)n;
+    size_t o_hdr = off;
+    memcpy(be->cst_h + o_hdr, be->patch_hdr, (size_t)be->n_patch * 3 * sizeof(int32_t));
+    off += (size_t)be->n_patch * 3;
+    CU(cudaMemcpyAsync(be->cst_d, be->cst_h, off * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
+    CU(cudaEventRecord(be->ev_cst, be->st));
+    be->cst_pending = 1;
+    KC(kern_patch_i32(be->rtab_d, be->cst_d, be->cst_d + o_hdr, be->n_patch, be->st));
+    return D2_OK;
+}
+
+/* Phase 1, on the stream for request i: scores, selection, and with merge
+ * matching, the threshold (tau_ema on the device) and the merges; then its
+ * keep flags, counts and statistics to pinned memory. */
+static int batch_device(cuda_be *be, const eng_kv_compress_req *r, int i, float *tau_d) {
+    const kern_d2o_plan *p = &be->cplan[i];
+    kern_d2o_pages pages = {.k = be->kv_k, .v = be->kv_v, .pos = be->kv_pos, .score = be->kv_score,
+                            .page_tokens = be->pt, .n_kv_heads = be->n_kv, .head_dim = be->hd};
+    const int32_t *tab = be->rtab_d + rtab_row(be, r->seq, r->layer);
+    KC(kern_d2o_scores(&be->d2o, pages, tab, p, be->st));
+    if (r->pooled) KC(kern_d2o_pool_scores(&be->d2o, p, be->st));
+    KC(kern_d2o_select(&be->d2o, p, be->st));
+    if (r->merge) {
+        KC(kern_d2o_match(&be->d2o, pages, tab, p, be->st));
+        KC(kern_d2o_tau(&be->d2o, p, tau_d, r->tau_first ? 1 : 0, r->ema_beta, be->st));
+        KC(kern_d2o_merge(&be->d2o, pages, tab, p, tau_d,
+                          r->merge_code_rule ? KERN_D2O_MERGE_CODE : KERN_D2O_MERGE_NORMALISED,
+                          be->st));
+        CU(cudaMemcpyAsync(be->cstat_h + 2 * i, be->d2o.stat, 2 * 4, cudaMemcpyDeviceToHost, be->st));
+    }
+    CU(cudaMemcpyAsync(be->ccount_h + 4 * i, be->d2o.counts, 4 * 4, cudaMemcpyDeviceToHost, be->st));
+    CU(cudaMemcpyAsync(be->ckeep_h + (size_t)i * (size_t)be->max_seq, be->d2o.keep, (size_t)p->n,
+                       cudaMemcpyDeviceToHost, be->st));
+    return D2_OK;
+}
+
+/* Up to n_layers requests: prepare (host), one upload, the device work of
+ * every table, ONE host synchronisation, then the page bookkeeping
+ * (kvp_compact; its payload moves are queued, not waited for). */
+static int batch_run(cuda_be *be, const eng_kv_compress_req *rq, int n, eng_kv_compress_res *res) {
+    uint8_t act[1024]; /* n <= 1024: cu_kv_compress_layers' chunks */
+    int n_act = batch_prepare(be, rq, n, act);
+    if (n_act <= 0) return n_act;
+    size_t o_tau = 0;
+    int rc = batch_upload(be, rq, n, act, &o_tau);
+    if (rc) return rc;
+    for (int i = 0; i < n; i++) {
+        if (!act[i]) continue;
+        rc = batch_device(be, &rq[i], i, (float *)(be->cst_d + o_tau + i));
+        if (rc) return rc;
+    }
+    STREAM_SYNC();
+    kvp_pool *pool = be->base.pool;
+    for (int i = 0; i < n; i++) {
+        if (!act[i]) continue;
+        const uint8_t *keep = be->ckeep_h + (size_t)i * (size_t)be->max_seq;
+        int before = kvp_get_table(pool, rq[i].seq, rq[i].layer).n_pages;
+        int left = kvp_compact(pool, rq[i].seq, rq[i].layer, keep);
+        if (left < 0) {
+            if (rq[i].merge) /* its pages were private: only a broken pool gets here */
+                return cu_fail(be, left, "kv_compress_layers", "kvp_compact after a merge");
+            return left; /* D2_EKVFULL: this table untouched (nothing was written) */
+        }
+        DEAD_CHECK();
+        int after = kvp_pages_for_tokens(pool, left);
+        res[i].n_evicted = be->cplan[i].n_evicted;
+        res[i].n_merged = rq[i].merge ? be->ccount_h[4 * i + 2] : 0;
+        res[i].pages_freed = before > after ? before - after : 0;
+        res[i].tau = rq[i].merge ? be->cstat_h[2 * i + 1] : 0.0f;
+    }
+    return D2_OK;
+}
+
+static int cu_kv_compress_layers(eng_backend *base, const eng_kv_compress_req *rq, int n,
+                                 eng_kv_compress_res *res) {
+    cuda_be *be = (cuda_be *)base;
+    memset(res, 0, (size_t)(n > 0 ? n : 0) * sizeof *res);
+    DEAD_CHECK();
+    if (!base->pool) return cu_fail(be, D2_EINVAL, "kv_compress_layers", "no KV payload (kv_attach)");
+    int ema = 1;
+    for (int i = 0; i < n; i++) ema &= !rq[i].merge || rq[i].tau_ema;
+    if (!ema) { /* the threshold only as a callback: one table at a time */
+        for (int i = 0; i < n; i++) {
+            int rc = cu_kv_compress(base, &rq[i], &res[i]);
+            if (rc) return rc;
+        }
+        return D2_OK;
+    }
+    int chunk = be->n_layers < 1024 ? be->n_layers : 1024;
+    for (int i0 = 0; i0 < n; i0 += chunk) {
+        int m = n - i0 < chunk ? n - i0 : chunk;
+        int rc = batch_run(be, rq + i0, m, res + i0);
+        if (rc < 0) return rc;
+    }
     return D2_OK;
 }
 

@@ -180,6 +180,40 @@ static __global__ void big_smem_kernel(int *p) {
     p[0] = big[0];
 }
 
+/* Events time the emulated work: a launch between two records makes the
+ * elapsed time positive; events created without timing are refused. */
+static __global__ void busy_kernel(float *x) {
+    float a = x[threadIdx.x];
+    for (int i = 0; i < 20000; i++) a = a * 0.999f + 0.5f;
+    x[threadIdx.x] = a;
+}
+
+static void test_event_timing(void) {
+    cudaEvent_t a, b, c;
+    cudaStream_t st;
+    float *x;
+    bool ok = cudaStreamCreate(&st) == cudaSuccess && cudaEventCreate(&a) == cudaSuccess &&
+              cudaEventCreate(&b) == cudaSuccess &&
+              cudaEventCreateWithFlags(&c, cudaEventDisableTiming) == cudaSuccess &&
+              cudaMalloc((void **)&x, 128 * sizeof(float)) == cudaSuccess;
+    float ms = -1.0f;
+    ok = ok && cudaEventElapsedTime(&ms, a, b) != cudaSuccess; /* not recorded yet */
+    ok = ok && cudaMemset(x, 0, 128 * sizeof(float)) == cudaSuccess;
+    ok = ok && cudaEventRecord(a, st) == cudaSuccess;
+    busy_kernel<<<4, 128, 0, st>>>(x);
+    ok = ok && cudaEventRecord(b, st) == cudaSuccess && cudaEventRecord(c, st) == cudaSuccess;
+    ok = ok && cudaEventSynchronize(b) == cudaSuccess && cudaEventElapsedTime(&ms, a, b) == cudaSuccess;
+    ok = ok && ms > 0.0f && ms < 60000.0f;
+    float bad = 0;
+    ok = ok && cudaEventElapsedTime(&bad, a, c) != cudaSuccess;
+    cudaFree(x);
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    cudaEventDestroy(c);
+    cudaStreamDestroy(st);
+    check("event_timing", ok);
+}
+
 static void test_launch_limits(void) {
     int *d;
     cudaMalloc(&d, 256);
@@ -334,6 +368,7 @@ int main(void) {
     test_smem();
     test_rounding();
     test_wmma();
+    test_event_timing();
     test_launch_limits();
     test_fault_injection();
 
