@@ -371,27 +371,33 @@ MM_INLINE __mmask16 mask16(int64_t k) { return k >= 16 ? (__mmask16)0xFFFF : k <
     MM_INLINE void tile512_##TY(const WT *const *w, int nr, const float *x, int64_t ldx, int NT, \
                                 int64_t n, float *y, int64_t ldy) {                             \
         __m512 acc[MM_RB][X5_NT];                                                               \
+        _Pragma("GCC unroll 8")                                                                 \
         for (int r = 0; r < MM_RB; r++)                                                         \
+            _Pragma("GCC unroll 8")                                                             \
             for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();                       \
         for (int64_t i = 0; i < n; i += 16) {                                                   \
             __mmask16 m = mask16(n - i);                                                        \
             __m512 wv[MM_RB];                                                                   \
+            _Pragma("GCC unroll 8")                                                             \
             for (int r = 0; r < MM_RB; r++) wv[r] = X5_LD_##TY(w[r] + i, m);                    \
+            _Pragma("GCC unroll 8")                                                             \
             for (int t = 0; t < NT; t++) {                                                      \
                 __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + i);                          \
+                _Pragma("GCC unroll 8")                                                            \
                 for (int r = 0; r < MM_RB; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]); \
             }                                                                                   \
         }                                                                                       \
+        _Pragma("GCC unroll 8")                                                                 \
         for (int t = 0; t < NT; t++)                                                            \
             store_rows(y + t * ldy, nr, hsum4_512(acc[0][t], acc[1][t], acc[2][t], acc[3][t])); \
     }
 
-/* Runs TILE over n_tok tokens: full X5_NT tiles, then one tile of the rest
- * (NT a constant in every call, so each is specialised). */
-#define X5_TOKENS(TILE, XSTEP, ...)                                                             \
+/* Runs TILE over n_tok tokens: full tiles of NTMAX (<= X5_NT) tokens, then
+ * one tile of the rest (NT a constant in every call, so each is specialised). */
+#define X5_TOKENS(TILE, XSTEP, NTMAX, ...)                                                      \
     do {                                                                                        \
         int t_ = 0;                                                                             \
-        for (; t_ + X5_NT <= n_tok; t_ += X5_NT) TILE(__VA_ARGS__, x + t_ * (XSTEP), X5_NT, y + t_ * ldy); \
+        for (; t_ + (NTMAX) <= n_tok; t_ += (NTMAX)) TILE(__VA_ARGS__, x + t_ * (XSTEP), NTMAX, y + t_ * ldy); \
         switch (n_tok - t_) {                                                                   \
         case 5: TILE(__VA_ARGS__, x + t_ * (XSTEP), 5, y + t_ * ldy); break;                    \
         case 4: TILE(__VA_ARGS__, x + t_ * (XSTEP), 4, y + t_ * ldy); break;                    \
@@ -406,7 +412,7 @@ MM_INLINE __mmask16 mask16(int64_t k) { return k >= 16 ? (__mmask16)0xFFFF : k <
     DEFINE_TILE512(TY, WT)                                                                      \
     static void block512_##TY(const WT *const *w, int nr, const float *x, int64_t ldx, int n_tok, \
                               int64_t n, float *y, int64_t ldy) {                               \
-        X5_TOKENS(X5_CALL_##TY, ldx, w, nr);                                                    \
+        X5_TOKENS(X5_CALL_##TY, ldx, X5_NT, w, nr);                                                    \
     }
 #define X5_CALL_f32(w, nr, xp, NT, yp) tile512_f32(w, nr, xp, ldx, NT, n, yp, ldy)
 #define X5_CALL_f16(w, nr, xp, NT, yp) tile512_f16(w, nr, xp, ldx, NT, n, yp, ldy)
@@ -438,19 +444,25 @@ static void x_to_bf16(const float *x, int64_t ldx, int n_tok, int64_t n, uint16_
 MM_INLINE void tile_bf16dp(const uint16_t *const *w, int nr, const uint16_t *x, int64_t ldx, int NT,
                            int64_t n, float *y, int64_t ldy) {
     __m512 acc[MM_RB][X5_NT];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < MM_RB; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 32) {
         int64_t k = n - i;
         __mmask32 m = k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << k) - 1u);
         __m512i wv[MM_RB];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < MM_RB; r++) wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + i);
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(x + t * ldx + i));
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < MM_RB; r++)
                 acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xv);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int t = 0; t < NT; t++)
         store_rows(y + t * ldy, nr, hsum4_512(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
 }
@@ -467,7 +479,7 @@ static void rows_bf16dp(const eng_tensor *wt, const float *x0, int64_t ldx0, int
         const uint16_t *w[MM_RB];
         for (int k = 0; k < MM_RB; k++) w[k] = (const uint16_t *)row_ptr(wt, r + (k < nr ? k : 0));
         float *y = y0 + r;
-        X5_TOKENS(X5_CALL_bf16dp, ldxb, w, nr);
+        X5_TOKENS(X5_CALL_bf16dp, ldxb, X5_NT, w, nr);
     }
 }
 #endif /* MM_BF16DP */
@@ -509,13 +521,16 @@ static void x_to_q8(const float *x, int64_t ldx, int n_tok, int64_t n, uint8_t *
 MM_INLINE void tile_q8vnni(const uint8_t *const *w, int nr, const uint8_t *x, int64_t ldx, int NT,
                            int64_t nb, float *y, int64_t ldy) {
     __m512 acc[MM_RB][X5_NT];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < MM_RB; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80);
     const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const float *dx = (const float *)(x + q8_nb2(nb * Q8_BLOCK) * Q8_BLOCK);
     for (int64_t b = 0; b < nb; b += 2) {
         int two = b + 1 < nb;
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < MM_RB; r++) {
             const uint8_t *p0 = w[r] + b * Q8_BYTES, *p1 = p0 + Q8_BYTES;
             __m256i q0 = _mm256_loadu_si256((const __m256i *)(p0 + 2));
@@ -527,6 +542,7 @@ MM_INLINE void tile_q8vnni(const uint8_t *const *w, int nr, const uint8_t *x, in
             if (two) memcpy(&h1, p1, 2);
             __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | ((uint32_t)h1 << 16))));
             __m512 dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(d01));
+            _Pragma("GCC unroll 8")
             for (int t = 0; t < NT; t++) {
                 __m512i xv = _mm512_loadu_si512((const void *)(x + t * ldx + b * Q8_BLOCK));
                 __m512i s = _mm512_dpbusd_epi32(negc, xv, wq);
@@ -535,6 +551,7 @@ MM_INLINE void tile_q8vnni(const uint8_t *const *w, int nr, const uint8_t *x, in
             }
         }
     }
+    _Pragma("GCC unroll 8")
     for (int t = 0; t < NT; t++)
         store_rows(y + t * ldy, nr, hsum4_512(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
 }
@@ -551,7 +568,7 @@ static void rows_q8vnni(const eng_tensor *wt, const float *x0, int64_t ldx0, int
         const uint8_t *w[MM_RB];
         for (int k = 0; k < MM_RB; k++) w[k] = row_ptr(wt, r + (k < nr ? k : 0));
         float *y = y0 + r;
-        X5_TOKENS(X5_CALL_q8vnni, ldxq, w, nr);
+        X5_TOKENS(X5_CALL_q8vnni, ldxq, 4, w, nr); /* 4 x 4 accumulators: more spill */
     }
 }
 #endif /* MM_VNNI */
