@@ -27,7 +27,8 @@
  *      slots and zeroes their scores,
  *   2. attends each query over the table's live slots whose pos <= its own
  *      pos (and > pos - sliding_window for Mistral), reading K/V through the
- *      block table,
+ *      block table (after a per-head compression a backend masks by each
+ *      (slot, KV head)'s own position, see per_head below),
  *   3. when want_scores is set for the sequence, adds each slot's attention
  *      probability (summed over the query heads of its GQA group) into the
  *      slot's score for that KV head — D2O's accumulated attention — and, when
@@ -120,13 +121,29 @@ int eng_batch_out_rows(const eng_batch *b);
  *      official code; else the normalised rule with self weight e);
  *   6. compaction (kvp_compact): kept slots move to the front, emptied pages
  *      return to the pool at once (the payload moves in one hook call).
- * A merge never adds the evicted token's score to its target (as the code). */
+ * A merge never adds the evicted token's score to its target (as the code).
+ *
+ * per_head (granularity head; only when caps.kv_per_head): steps 1-6 run for
+ * every KV head g on its own — its score is the slot's score of head g alone,
+ * it keeps its own set (the same count in every head), matches each of its
+ * evicted tokens to its own kept token by head g's cosine, and merges and
+ * compacts head g's K/V into the table's first `kept` slots. The threshold
+ * gets the mean over (heads x evicted tokens); evicted token column j (the
+ * j-th evicted token of every head, in slot order) passes when the mean over
+ * heads of its similarities reaches tau, and then merges in every head (the
+ * official code's test). Slot j then holds different tokens in different
+ * heads: the payload keeps each (slot, head)'s position (the attention masks
+ * by it, so sliding windows stay exact), and the pool's position of a slot
+ * becomes the largest of its heads' positions. Slot order stays position
+ * order within every head, so sinks (the first slots) and the recent window
+ * (the last ones) keep their meaning. n_evicted / n_merged count columns. */
 typedef struct eng_kv_compress_req {
     int seq, layer;
     int heavy, recent, n_sink;
     bool pooled;
     bool merge;
     bool merge_code_rule;
+    bool per_head;
     float (*threshold)(void *user, float mean_sim); /* required with merge */
     void *user;
     /* The same threshold policy as data, for a backend that computes tau
@@ -156,6 +173,7 @@ typedef struct eng_backend_caps {
     int64_t kv_bytes_avail;    /* bytes left for the payload after weights and activations;
                                   0 = no limit of the backend's own (host memory) */
     bool argmax_on_device;     /* argmax runs where the logits are (no vocabulary copy) */
+    bool kv_per_head;          /* kv_compress implements per_head (granularity head) */
 } eng_backend_caps;
 
 typedef struct eng_backend eng_backend;
@@ -190,10 +208,14 @@ typedef struct eng_backend_ops {
                               eng_kv_compress_res *res);
     /* Inspection and tests (slow, copies): the per-KV-head scores [n_kv] and
      * the K and V [n_kv * head_dim] of live slot i of (seq, layer), as f32;
-     * any pointer may be NULL. write_slot is the inverse (tests build caches). */
+     * any pointer may be NULL. write_slot is the inverse (tests build caches);
+     * it also gives every KV head the slot's pool position (write pos first). */
     int (*read_slot)(eng_backend *be, int seq, int layer, int i, float *k, float *v, float *score);
     int (*write_slot)(eng_backend *be, int seq, int layer, int i, const float *k, const float *v,
                       const float *score);
+    /* Inspection (optional, NULL when the backend keeps no per-head positions):
+     * the token position each KV head holds in live slot i, pos[n_kv]. */
+    int (*read_head_pos)(eng_backend *be, int seq, int layer, int i, int32_t *pos);
     /* Waits for queued work (no-op for a synchronous backend). */
     int (*sync)(eng_backend *be);
     /* The failing call and reason of the last error; "" when none. Borrowed. */

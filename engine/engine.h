@@ -161,6 +161,15 @@ typedef enum eng_kv_merge_rule {
     ENG_KV_MERGE_CODE = 1,       /* (k_c + sum m*k_e) / (1 + n), as the official code */
 } eng_kv_merge_rule;
 
+/* Which unit selects its own kept set (docs/D2O.md, "Granularity"). */
+typedef enum eng_kv_granularity {
+    ENG_KV_GRAN_LAYER = 0, /* one kept set and merge target per (sequence, layer) for all KV
+                              heads: scores summed over KV heads, mean per-head cosine */
+    ENG_KV_GRAN_HEAD = 1,  /* every KV head of a layer selects, matches and merges on its
+                              own (same count per head); the official code's behaviour as
+                              far as the paged pool allows (per KV head, not per query head) */
+} eng_kv_granularity;
+
 typedef struct eng_kv_config {
     eng_kv_method method;
     float budget_frac;     /* (0, 1]: budget as a fraction of the prompt; used when budget_tokens == 0 */
@@ -171,6 +180,8 @@ typedef struct eng_kv_config {
     float ema_beta;        /* D2O threshold EMA weight of the new statistic; 0.5 */
     eng_kv_merge_rule merge_rule;
     bool exact;            /* evict every step instead of a page at a time */
+    eng_kv_granularity granularity; /* layer (default) or head; head needs a backend with
+                                       caps.kv_per_head (the CPU one) */
     /* Layers never compressed, a bitset over every layer a model can have
      * (word l / 64, bit l % 64; eng_kv_keep_layer_add / eng_kv_layer_kept).
      * Only read when keep_layers_set; otherwise the method's default
@@ -182,7 +193,8 @@ typedef struct eng_kv_config {
 /* Named presets over c (method first, then the preset, then any explicit
  * field): "official" = D2O as the official code runs it, as closely as the
  * paged pool allows — merge_rule code, one eviction per decode step (exact,
- * so the EMA threshold is updated every step), 1:1 split, 4 sinks, beta 0.5,
+ * so the EMA threshold is updated every step), granularity head (every KV
+ * head selects and merges on its own), 1:1 split, 4 sinks, beta 0.5,
  * layers 0, 1, L-1 kept. The differences that remain are listed in
  * docs/D2O.md. D2_EINVAL (with *why) for an unknown name or a method the
  * preset does not apply to; "default" changes nothing. */
@@ -213,6 +225,9 @@ int eng_kv_budget_parse(const char *s, float *frac, int *tokens, const char **wh
 int eng_kv_budget_number(double x, bool integer, float *frac, int *tokens, const char **why);
 /* "full", "d2o", ...; -1 when unknown. */
 int eng_kv_method_parse(const char *name);
+/* "layer" / "head"; -1 when unknown. */
+int eng_kv_granularity_parse(const char *name);
+const char *eng_kv_granularity_name(eng_kv_granularity g);
 const char *eng_kv_method_name(eng_kv_method m);
 /* D2_OK or D2_EINVAL with *why naming the field. */
 int eng_kv_config_validate(const eng_kv_config *c, const char **why);

@@ -24,6 +24,7 @@
  *   6. kvp_compact(keep): kept slots move to the front, emptied pages return
  *      to the pool at once.
  * Merging never adds the evicted token's score to its target (as the code).
+ * Granularity head runs steps 1-6 per KV head (engine/backend.h, per_head).
  */
 #include "engine/kvcomp.h"
 
@@ -69,6 +70,17 @@ const char *eng_kv_method_name(eng_kv_method m) {
     return (int)m >= 0 && (int)m < N_METHODS ? METHOD_NAMES[m] : "unknown";
 }
 
+int eng_kv_granularity_parse(const char *name) {
+    if (!name) return -1;
+    if (!strcmp(name, "layer")) return ENG_KV_GRAN_LAYER;
+    if (!strcmp(name, "head")) return ENG_KV_GRAN_HEAD;
+    return -1;
+}
+
+const char *eng_kv_granularity_name(eng_kv_granularity g) {
+    return g == ENG_KV_GRAN_HEAD ? "head" : g == ENG_KV_GRAN_LAYER ? "layer" : "unknown";
+}
+
 int eng_kv_config_validate(const eng_kv_config *c, const char **why) {
     const char *dummy;
     if (!why) why = &dummy;
@@ -102,6 +114,10 @@ int eng_kv_config_validate(const eng_kv_config *c, const char **why) {
         *why = "kv: unknown merge rule";
         return D2_EINVAL;
     }
+    if (c->granularity != ENG_KV_GRAN_LAYER && c->granularity != ENG_KV_GRAN_HEAD) {
+        *why = "kv: granularity must be layer or head";
+        return D2_EINVAL;
+    }
     return D2_OK;
 }
 
@@ -117,6 +133,7 @@ int eng_kv_preset_apply(eng_kv_config *c, const char *name, const char **why) {
         }
         c->merge_rule = ENG_KV_MERGE_CODE;
         c->exact = true;
+        c->granularity = ENG_KV_GRAN_HEAD;
         c->heavy_share = 0.5f;
         c->n_sink = 4;
         c->ema_beta = 0.5f;
@@ -435,6 +452,7 @@ static void req_fill(eng_kv_state *s, int seq, int layer, int heavy, int recent,
         .pooled = snap,
         .merge = m == ENG_KV_D2O,
         .merge_code_rule = s->cfg.merge_rule == ENG_KV_MERGE_CODE,
+        .per_head = s->cfg.granularity == ENG_KV_GRAN_HEAD,
         .threshold = d2o_threshold, .user = tc,
         .tau_ema = true, .tau_first = first || !s->tau_set[layer],
         .ema_beta = s->cfg.ema_beta, .tau_prev = s->tau[layer],

@@ -4,10 +4,14 @@
  * the public configuration is eng_kv_config in engine/engine.h; the method
  * spec is shared/design/d2o-spec.md).
  *
- * Granularity: layer-uniform selection (spec §9.1 option A). One kept set per
- * (sequence, layer): a token's score is the sum over KV heads of the pool's
- * accumulated attention (kvp score), and the similarity of two tokens is the
- * mean over KV heads of the per-head cosine of their post-RoPE keys.
+ * Granularity (eng_kv_config.granularity): `layer` (default) is
+ * layer-uniform selection (spec §9.1 option A): one kept set per (sequence,
+ * layer), a token's score is the sum over KV heads of its accumulated
+ * attention, and the similarity of two tokens is the mean over KV heads of
+ * the per-head cosine of their post-RoPE keys. `head` (the official preset)
+ * lets every KV head select, match and merge on its own within the layer's
+ * slots (eng_kv_compress_req.per_head); the budgets and the EMA threshold
+ * stay per (sequence, layer), as the official code keeps them per layer.
  *
  * Policy only: the mechanism (scores, selection, matching, merging,
  * compaction) is the backend's kv_compress operation (engine/backend.h),

@@ -178,6 +178,11 @@ int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *
         D2_ERROR("engine: eng_score_kv: %s", why ? why : "bad KV configuration");
         return D2_EINVAL;
     }
+    if (kv->granularity == ENG_KV_GRAN_HEAD && !e->caps.kv_per_head) {
+        D2_ERROR("engine: eng_score_kv: granularity head is not implemented by the %s backend",
+                 e->caps.name);
+        return D2_EINVAL;
+    }
     if (prefill < 0) return D2_EINVAL;
     if (prefill == 0) prefill = ENG_SCORE_KV_PREFILL;
     if (n < 2) return D2_OK;

@@ -274,6 +274,10 @@ int eng_sched_submit(eng_sched *s, const eng_request *q, uint64_t *id_out, const
     if (q->n_stop_ids < 0 || q->n_stop_ids > 16) { *why = "too many stop token ids"; return D2_EINVAL; }
     if (eng_sample_params_validate(&q->sample, mc->vocab_size, why) != D2_OK) return D2_EINVAL;
     if (eng_kv_config_validate(&q->kv, why) != D2_OK) return D2_EINVAL;
+    if (q->kv.method != ENG_KV_FULL && q->kv.granularity == ENG_KV_GRAN_HEAD && !e->caps.kv_per_head) {
+        *why = "kv: granularity head is not implemented by this backend (use granularity layer)";
+        return D2_EINVAL;
+    }
     /* The prompt is resident in full until it is compressed (peak); after
      * that the sequence needs its compressed size at its longest. */
     eng_kv_estimate est = eng_kv_estimate_pages(e, &q->kv, q->n_prompt, q->max_tokens);

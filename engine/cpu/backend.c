@@ -140,9 +140,8 @@ static void att_task_run(void *ctx, int ti, int thread) {
     const eng_batch *b = be->b;
     const eng_batch_seq *sq = &b->seqs[tk->si];
     const kvp_table *tab = &be->tables[tk->si];
-    kvp_pool *pool = be->base.pool;
     const float *kb = be->kv_k, *vb = be->kv_v;
-    const int32_t *pb = kvp_pos_base(pool);
+    const int32_t *hp = be->kv_hpos; /* [slot][n_kv]: the position each head holds */
     float *sc = sq->want_scores ? be->kv_score : NULL;
     size_t stride = be->page_stride;
     int pt = be->pt, hd = be->hd, gs = be->gs, g = tk->g, n = tab->n_tokens;
@@ -174,11 +173,11 @@ static void att_task_run(void *ctx, int ti, int thread) {
         for (int pi = 0; pi < tab->n_pages; pi++) {
             int32_t page = tab->pages[pi];
             int s_end = n - pi * pt < pt ? n - pi * pt : pt;
-            const int32_t *pp = pb + (size_t)page * (size_t)pt;
+            const int32_t *pp = hp + (size_t)page * (size_t)pt * (size_t)n_kv + (size_t)g;
             const float *kp = kb + (size_t)page * stride + (size_t)g * (size_t)hd;
             for (int s = 0; s < s_end; s++) {
                 int i = pi * pt + s;
-                int32_t sp = pp[s];
+                int32_t sp = pp[(size_t)s * (size_t)n_kv];
                 if (sp < 0 || sp > p || sp < lo) {
                     for (int h = 0; h < gs; h++) att[(size_t)h * (size_t)n + (size_t)i] = -INFINITY;
                     continue;
@@ -212,9 +211,10 @@ static void att_task_run(void *ctx, int ti, int thread) {
             const float *vp = vb + (size_t)page * stride + (size_t)g * (size_t)hd;
             float *scp = sc && scoring ? sc + (size_t)page * (size_t)pt * (size_t)n_kv + (size_t)g
                                        : NULL;
-            const int32_t *pp = pb + (size_t)page * (size_t)pt;
+            const int32_t *pp = hp + (size_t)page * (size_t)pt * (size_t)n_kv + (size_t)g;
             for (int s = 0; s < s_end; s++) {
                 int i = pi * pt + s;
+                int32_t sp = pp[(size_t)s * (size_t)n_kv];
                 const float *vr = vp + (size_t)s * (size_t)n_kv * (size_t)hd;
                 float tot = 0.0f;
                 for (int h = 0; h < gs; h++) {
@@ -228,9 +228,9 @@ static void att_task_run(void *ctx, int ti, int thread) {
                     part[(size_t)gs * pw + (size_t)i] += tot;
                 }
                 if (scp) scp[(size_t)s * (size_t)n_kv] += tot;
-                if (cs && scoring && pp[s] >= 0 && pp[s] < cs_len)
+                if (cs && scoring && sp >= 0 && sp < cs_len)
                     for (int h = 0; h < gs; h++)
-                        cs[(size_t)h * (size_t)cs_len + (size_t)pp[s]] +=
+                        cs[(size_t)h * (size_t)cs_len + (size_t)sp] +=
                             att[(size_t)h * (size_t)n + (size_t)i];
             }
         }
@@ -247,7 +247,7 @@ static void att_reduce_run(void *ctx, int ri, int thread) {
     const att_split *sp = &be->splits[si];
     const eng_batch_seq *sq = &be->b->seqs[sp->si];
     const kvp_table *tab = &be->tables[sp->si];
-    const int32_t *pb = kvp_pos_base(be->base.pool);
+    const int32_t *hp = be->kv_hpos; /* [slot][n_kv]: the position each head holds */
     int pt = be->pt, gs = be->gs, n_kv = be->n_kv, n = tab->n_tokens;
     size_t w = (size_t)sp->width, blk = (size_t)n_kv * (size_t)(gs + 1) * w; /* one chunk */
     int i0 = ri * ATT_RED_COLS, i1 = i0 + ATT_RED_COLS < n ? i0 + ATT_RED_COLS : n;
@@ -256,13 +256,12 @@ static void att_reduce_run(void *ctx, int ri, int thread) {
     const float *part = be->att_part + sp->off;
     for (int i = i0; i < i1; i++) {
         size_t slot = (size_t)tab->pages[i / pt] * (size_t)pt + (size_t)(i % pt);
-        int32_t pos = pb[slot];
-        bool in_cs = cs && pos >= 0 && pos < cs_len;
         for (int g = 0; g < n_kv; g++) {
             const float *pg = part + (size_t)g * (size_t)(gs + 1) * w + (size_t)i;
             float *d = &be->kv_score[slot * (size_t)n_kv + (size_t)g];
             for (int c = 0; c < sp->n_chunks; c++) *d += pg[(size_t)c * blk + (size_t)gs * w];
-            if (!in_cs) continue;
+            int32_t pos = hp[slot * (size_t)n_kv + (size_t)g];
+            if (!cs || pos < 0 || pos >= cs_len) continue;
             for (int h = 0; h < gs; h++) {
                 float *dc = &cs[(size_t)(g * gs + h) * (size_t)cs_len + (size_t)pos];
                 for (int c = 0; c < sp->n_chunks; c++) *dc += pg[(size_t)c * blk + (size_t)h * w];
@@ -368,7 +367,7 @@ static void cpu_destroy(eng_backend *base) {
     free(be->bias_f32); free(be->mm_scratch); free(be->att_scratch); free(be->tasks);
     free(be->splits); free(be->rounds); free(be->att_part);
     free(be->tables);
-    free(be->kv_k); free(be->kv_v); free(be->kv_score);
+    free(be->kv_k); free(be->kv_v); free(be->kv_score); free(be->kv_hpos);
     cpu_kv_ws_free(be);
     free(be);
 }
@@ -392,6 +391,7 @@ static const eng_backend_ops cpu_ops = {
     .kv_compress = cpu_kv_compress,
     .read_slot = cpu_read_slot,
     .write_slot = cpu_write_slot,
+    .read_head_pos = cpu_read_head_pos,
     .sync = cpu_sync,
     .last_error = cpu_last_error,
     .destroy = cpu_destroy,
@@ -555,6 +555,7 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
     }
     att_plan(be, b); /* attention tasks are the same for every layer */
     float *kbase = be->kv_k, *vbase = be->kv_v, *sbase = be->kv_score;
+    const int32_t *pos_base = kvp_pos_base(pool);
     size_t stride = be->page_stride;
     int n_kv = be->n_kv;
 
@@ -598,8 +599,9 @@ static int cpu_step(eng_backend *base, const eng_batch *b) {
                 int t = s->start + j;
                 memcpy(kbase + off, be->k + (size_t)t * (size_t)kvd, (size_t)kvd * sizeof(float));
                 memcpy(vbase + off, be->v + (size_t)t * (size_t)kvd, (size_t)kvd * sizeof(float));
-                memset(sbase + ((size_t)page * (size_t)pt + (size_t)slot) * (size_t)n_kv, 0,
-                       (size_t)n_kv * sizeof(float));
+                size_t si_ = (size_t)page * (size_t)pt + (size_t)slot;
+                memset(sbase + si_ * (size_t)n_kv, 0, (size_t)n_kv * sizeof(float));
+                for (int g = 0; g < n_kv; g++) be->kv_hpos[si_ * (size_t)n_kv + (size_t)g] = pos_base[si_];
             }
             be->tables[si] = tab;
         }
@@ -661,14 +663,16 @@ static void cpu_caps(const eng_backend *base, eng_backend_caps *out) {
         .name = "cpu",
         .kv_dtype = ENG_KV_DT_F32,
         .kv_on_device = false,
-        /* k + v floats, and one fp32 score per KV head */
-        .kv_bytes_per_slot = (2 * be->slot_floats + (size_t)be->n_kv) * sizeof(float),
+        /* k + v floats, one fp32 score and one int32 position per KV head */
+        .kv_bytes_per_slot = (2 * be->slot_floats + (size_t)be->n_kv) * sizeof(float) +
+                             (size_t)be->n_kv * sizeof(int32_t),
         .kv_bytes_avail = 0,
         .argmax_on_device = false,
+        .kv_per_head = true,
     };
 }
 
-/* Payload hook: slot runs of k, v and score, in order. */
+/* Payload hook: slot runs of k, v, score and head positions, in order. */
 static void cpu_payload_copy(void *ctx, const kvp_slot_run *runs, int n_runs) {
     cpu_be *be = ctx;
     size_t sf = be->slot_floats, h = (size_t)be->n_kv, pt = (size_t)be->pt;
@@ -680,6 +684,7 @@ static void cpu_payload_copy(void *ctx, const kvp_slot_run *runs, int n_runs) {
         memcpy(be->kv_k + d * sf, be->kv_k + s * sf, n * sf * sizeof(float));
         memcpy(be->kv_v + d * sf, be->kv_v + s * sf, n * sf * sizeof(float));
         memcpy(be->kv_score + d * h, be->kv_score + s * h, n * h * sizeof(float));
+        memcpy(be->kv_hpos + d * h, be->kv_hpos + s * h, n * h * sizeof(int32_t));
     }
 }
 
@@ -710,10 +715,12 @@ static int cpu_kv_attach(eng_backend *base, kvp_pool *pool) {
     be->kv_k = falloc(n_slots * be->slot_floats);
     be->kv_v = falloc(n_slots * be->slot_floats);
     be->kv_score = calloc(n_slots * (size_t)be->n_kv, sizeof(float));
-    int rc = be->kv_k && be->kv_v && be->kv_score ? cpu_kv_ws_init(be) : D2_ENOMEM;
+    be->kv_hpos = malloc(n_slots * (size_t)be->n_kv * sizeof(int32_t));
+    int rc = be->kv_k && be->kv_v && be->kv_score && be->kv_hpos ? cpu_kv_ws_init(be) : D2_ENOMEM;
     if (rc != D2_OK) {
-        free(be->kv_k); free(be->kv_v); free(be->kv_score);
+        free(be->kv_k); free(be->kv_v); free(be->kv_score); free(be->kv_hpos);
         be->kv_k = be->kv_v = be->kv_score = NULL;
+        be->kv_hpos = NULL;
         D2_ERROR("cpu_backend: cannot allocate the KV payload of %lld pages",
                  (long long)pc->n_pages);
         return cpu_fail(be, D2_ENOMEM, "kv_attach", "KV payload allocation");

@@ -62,6 +62,13 @@ typedef struct cpu_kv_ws {
     int32_t *kept, *ev, *tgt, *order, *start; /* kept / evicted token indices, in order */
     int n_kept;
     float *acc_k, *acc_v; /* [n_threads][kvd] merge accumulators */
+    /* per-head mode, [n_kv][cap] each: keep mask, similarity and target of
+     * every evicted slot, and which slots pass */
+    uint8_t *hkeep, *hpass;
+    float *hsim;
+    int32_t *htgt, *hkept, *horder; /* hkept: each head's kept slots, in order */
+    int32_t *hstart;                /* [n_kv][cap + 1]: each head's merge groups */
+    int *hn_kept;                   /* [n_kv] */
 } cpu_kv_ws;
 
 typedef struct cpu_be {
@@ -71,8 +78,12 @@ typedef struct cpu_be {
     int dim, q_dim, kv_dim, hd, n_heads, n_kv, gs, ffn, vocab, n_layers, pt;
     int sliding_window; /* > 0: a query sees keys with pos > its pos - sliding_window (Mistral) */
     float eps;
-    /* the KV payload (kv_attach): k, v [n_pages][pt][n_kv][hd], score [n_pages][pt][n_kv] */
+    /* the KV payload (kv_attach): k, v [n_pages][pt][n_kv][hd], score [n_pages][pt][n_kv],
+     * hpos [n_pages][pt][n_kv]: the position each KV head holds in a slot — the pool's
+     * position of the slot until a per-head compression gives heads different tokens;
+     * the attention masks by it */
     float *kv_k, *kv_v, *kv_score;
+    int32_t *kv_hpos;
     size_t slot_floats;  /* n_kv * hd */
     size_t page_stride;  /* floats per page in kv_k (and kv_v) */
     cpu_kv_ws kvws;
@@ -116,5 +127,6 @@ int cpu_kv_compress(eng_backend *base, const eng_kv_compress_req *req, eng_kv_co
 int cpu_read_slot(eng_backend *base, int seq, int layer, int i, float *k, float *v, float *score);
 int cpu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k, const float *v,
                    const float *score);
+int cpu_read_head_pos(eng_backend *base, int seq, int layer, int i, int32_t *pos);
 
 #endif

@@ -17,7 +17,8 @@
  * the one reduction (the mean similarity) is summed afterwards in token
  * order. So the result is bit-identical whatever the thread count. Scores,
  * selection, unsharing and compaction are O(n) or O(n log n) and stay on the
- * calling thread.
+ * calling thread. Granularity head (eng_kv_compress_req.per_head) runs the
+ * matching and the merges one task per KV head, with the same guarantee.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -47,7 +48,17 @@ int cpu_kv_ws_init(cpu_be *be) {
     size_t nt = (size_t)be->n_threads; /* one merge accumulator per thread */
     ws->acc_k = malloc(nt * kvd * sizeof(float));
     ws->acc_v = malloc(nt * kvd * sizeof(float));
-    if (!ws->score || !ws->pooled || !ws->sim || !ws->kn || !ws->keep || !ws->pass || !ws->cand ||
+    size_t hc = cap * (size_t)be->n_kv;
+    ws->hkeep = malloc(hc);
+    ws->hpass = malloc(hc);
+    ws->hsim = malloc(hc * sizeof(float));
+    ws->htgt = malloc(hc * sizeof(int32_t));
+    ws->hkept = malloc(hc * sizeof(int32_t));
+    ws->horder = malloc(hc * sizeof(int32_t));
+    ws->hstart = malloc((cap + 1) * (size_t)be->n_kv * sizeof(int32_t));
+    ws->hn_kept = malloc((size_t)be->n_kv * sizeof(int));
+    if (!ws->hkeep || !ws->hpass || !ws->hsim || !ws->htgt || !ws->hkept || !ws->horder ||
+        !ws->hstart || !ws->hn_kept || !ws->score || !ws->pooled || !ws->sim || !ws->kn || !ws->keep || !ws->pass || !ws->cand ||
         !ws->kept || !ws->tgt || !ws->order || !ws->ev || !ws->start || !ws->acc_k || !ws->acc_v) {
         cpu_kv_ws_free(be);
         return D2_ENOMEM;
@@ -60,6 +71,8 @@ void cpu_kv_ws_free(cpu_be *be) {
     free(ws->score); free(ws->pooled); free(ws->sim); free(ws->kn); free(ws->keep);
     free(ws->pass); free(ws->cand); free(ws->kept); free(ws->tgt); free(ws->order);
     free(ws->ev); free(ws->start); free(ws->acc_k); free(ws->acc_v);
+    free(ws->hkeep); free(ws->hpass); free(ws->hsim); free(ws->htgt); free(ws->hkept);
+    free(ws->horder); free(ws->hstart); free(ws->hn_kept);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -270,6 +283,254 @@ static void merge(cpu_be *be, const kvp_table *tab, const eng_kv_compress_req *r
     kv_run(be, merge_task, &j, 16);
 }
 
+/* ---- per-head mode (eng_kv_compress_req.per_head) ------------------------------ */
+
+/* 1-2 per KV head: head g's own score (no sum over heads) and kept set
+ * (ws->hkeep row g). Returns the kept count, the same in every head. */
+static int head_select(cpu_be *be, const kvp_table *tab, const eng_kv_compress_req *rq) {
+    cpu_kv_ws *ws = &be->kvws;
+    int n = tab->n_tokens, pt = be->pt, n_kv = be->n_kv, kept = 0;
+    for (int g = 0; g < n_kv; g++) {
+        for (int i = 0; i < n; i++) {
+            size_t slot = (size_t)tab->pages[i / pt] * (size_t)pt + (size_t)(i % pt);
+            ws->score[i] = be->kv_score[slot * (size_t)n_kv + (size_t)g];
+        }
+        const float *score = ws->score;
+        if (rq->pooled) {
+            eng_kv_pool_scores(ws->score, n, ws->pooled);
+            score = ws->pooled;
+        }
+        kept = eng_kv_select(ws->cand, score, n, rq->n_sink, rq->heavy, rq->recent,
+                             ws->hkeep + (size_t)g * (size_t)ws->cap);
+    }
+    return kept;
+}
+
+/* Task g: head g's kept list, and for each of its evicted tokens the most
+ * similar of its kept tokens by head g's cosine (the first of equals). */
+static void head_match_task(void *ctx, int g, int thread) {
+    const kv_job *j = ctx;
+    cpu_be *be = j->be;
+    cpu_kv_ws *ws = &be->kvws;
+    int n = j->tab->n_tokens, hd = be->hd;
+    size_t kvd = be->slot_floats, cap = (size_t)ws->cap, ho = (size_t)g * (size_t)hd;
+    const uint8_t *keep = ws->hkeep + (size_t)g * cap;
+    int32_t *kept = ws->hkept + (size_t)g * cap, *tgt = ws->htgt + (size_t)g * cap;
+    float *sim = ws->hsim + (size_t)g * cap;
+    int nk = 0;
+    for (int i = 0; i < n; i++)
+        if (keep[i]) kept[nk++] = i;
+    ws->hn_kept[g] = nk;
+    for (int e = 0; e < n; e++) {
+        tgt[e] = -1;
+        if (keep[e]) continue;
+        const float *ke = ws->kn + (size_t)e * kvd + ho;
+        float best = -INFINITY;
+        int bt = -1;
+        for (int c = 0; c < nk; c++) {
+            float u = eng_dot_f32(ke, ws->kn + (size_t)kept[c] * kvd + ho, hd);
+            if (u > best) { best = u; bt = kept[c]; }
+        }
+        tgt[e] = bt;
+        sim[e] = best;
+    }
+}
+
+/* 3 per KV head: the matches (a task per head); tau from the mean over heads x
+ * evicted tokens; column j (every head's j-th evicted token) passes when the
+ * mean over heads of its similarities reaches tau, as the official code
+ * tests. Sums in head and token order. Returns the passed columns. */
+static int head_match(cpu_be *be, const kvp_table *tab, int n_ev, const eng_kv_compress_req *rq,
+                      float *tau_out) {
+    cpu_kv_ws *ws = &be->kvws;
+    int n = tab->n_tokens, n_kv = be->n_kv;
+    size_t cap = (size_t)ws->cap;
+    kv_job j = {.be = be, .tab = tab, .rq = rq, .n_items = n};
+    kv_run(be, normalise_task, &j, 64);
+    eng_tp_run(be->tp, head_match_task, &j, n_kv);
+    memset(ws->sim, 0, (size_t)n_ev * sizeof(float)); /* column sums over heads */
+    double ssum = 0.0;
+    for (int g = 0; g < n_kv; g++) {
+        const uint8_t *keep = ws->hkeep + (size_t)g * cap;
+        const float *sim = ws->hsim + (size_t)g * cap;
+        for (int e = 0, c = 0; e < n; e++) {
+            if (keep[e]) continue;
+            ssum += sim[e];
+            ws->sim[c++] += sim[e];
+        }
+    }
+    float tau = rq->threshold(rq->user, (float)(ssum / ((double)n_ev * n_kv)));
+    *tau_out = tau;
+    int n_pass = 0;
+    for (int c = 0; c < n_ev; c++) {
+        ws->pass[c] = ws->sim[c] / (float)n_kv >= tau;
+        n_pass += ws->pass[c];
+    }
+    for (int g = 0; g < n_kv; g++) {
+        const uint8_t *keep = ws->hkeep + (size_t)g * cap;
+        uint8_t *pass = ws->hpass + (size_t)g * cap;
+        const int32_t *tgt = ws->htgt + (size_t)g * cap;
+        for (int e = 0, c = 0; e < n; e++) {
+            pass[e] = 0;
+            if (keep[e]) continue;
+            pass[e] = ws->pass[c++] && tgt[e] >= 0;
+        }
+    }
+    return n_pass;
+}
+
+/* 4 per head: the pages the merges and the per-head compaction write. */
+static int head_unshare(cpu_be *be, const eng_kv_compress_req *rq, int n, int kept, int n_pass) {
+    cpu_kv_ws *ws = &be->kvws;
+    kvp_pool *pool = be->base.pool;
+    int pt = be->pt, first_gap = n;
+    size_t cap = (size_t)ws->cap;
+    for (int g = 0; g < be->n_kv; g++) {
+        const uint8_t *keep = ws->hkeep + (size_t)g * cap;
+        int f = 0;
+        while (f < n && keep[f]) f++;
+        if (f < first_gap) first_gap = f;
+    }
+    for (int q = first_gap / pt; q <= (kept - 1) / pt && kept > first_gap; q++) {
+        int rc = kvp_unshare(pool, rq->seq, rq->layer, q * pt);
+        if (rc) return rc;
+    }
+    for (int g = 0; g < be->n_kv && n_pass > 0; g++)
+        for (int e = 0; e < n; e++) {
+            if (!ws->hpass[(size_t)g * cap + (size_t)e]) continue;
+            int rc = kvp_unshare(pool, rq->seq, rq->layer, ws->htgt[(size_t)g * cap + (size_t)e]);
+            if (rc) return rc;
+        }
+    return D2_OK;
+}
+
+/* Task g, 5 per head: head g's passed tokens merge into its own targets
+ * (grouped by target in token order, fp32, this thread's accumulator), on
+ * head g's head_dim floats of each slot only. */
+static void head_merge_task(void *ctx, int g, int thread) {
+    const kv_job *j = ctx;
+    cpu_be *be = j->be;
+    cpu_kv_ws *ws = &be->kvws;
+    const kvp_table *tab = j->tab;
+    int n = tab->n_tokens, pt = be->pt;
+    size_t cap = (size_t)ws->cap, kvd = be->slot_floats, stride = be->page_stride;
+    size_t hd = (size_t)be->hd, ho = (size_t)g * hd;
+    const uint8_t *pass = ws->hpass + (size_t)g * cap;
+    const int32_t *tgt = ws->htgt + (size_t)g * cap;
+    const float *sim = ws->hsim + (size_t)g * cap;
+    int32_t *start = ws->hstart + (size_t)g * (cap + 1), *order = ws->horder + (size_t)g * cap;
+    float *acc_k = ws->acc_k + (size_t)thread * kvd, *acc_v = ws->acc_v + (size_t)thread * kvd;
+    const float self_e = expf(1.0f);
+    memset(start, 0, (size_t)(n + 1) * sizeof(int32_t));
+    for (int e = 0; e < n; e++)
+        if (pass[e]) start[tgt[e] + 1]++;
+    for (int i = 0; i < n; i++) start[i + 1] += start[i];
+    for (int e = 0; e < n; e++)
+        if (pass[e]) order[start[tgt[e]]++] = e;
+    for (int c = 0, g0 = 0; c < n; g0 = start[c], c++) { /* start[c] ends c's group */
+        int g1 = start[c], cnt = g1 - g0;
+        if (cnt <= 0) continue;
+        float *kc = slot_ptr(be->kv_k, stride, tab, pt, kvd, c) + ho;
+        float *vc = slot_ptr(be->kv_v, stride, tab, pt, kvd, c) + ho;
+        float wc, denom;
+        if (!j->rq->merge_code_rule) {
+            denom = self_e;
+            for (int x = g0; x < g1; x++) denom += expf(sim[order[x]]);
+            wc = self_e / denom;
+        } else {
+            denom = 1.0f + (float)cnt;
+            wc = 1.0f / denom;
+        }
+        for (size_t d = 0; d < hd; d++) {
+            acc_k[d] = wc * kc[d];
+            acc_v[d] = wc * vc[d];
+        }
+        for (int x = g0; x < g1; x++) {
+            int e = order[x];
+            float we = !j->rq->merge_code_rule ? expf(sim[e]) / denom : sim[e] / denom;
+            const float *ke = slot_ptr(be->kv_k, stride, tab, pt, kvd, e) + ho;
+            const float *ve = slot_ptr(be->kv_v, stride, tab, pt, kvd, e) + ho;
+            for (size_t d = 0; d < hd; d++) {
+                acc_k[d] += we * ke[d];
+                acc_v[d] += we * ve[d];
+            }
+        }
+        memcpy(kc, acc_k, hd * sizeof(float));
+        memcpy(vc, acc_v, hd * sizeof(float));
+    }
+}
+
+/* 6 per head, before the pool's compaction: head g's kept slots (K, V, score,
+ * position) move to the table's first `kept` slots in slot order; then every
+ * front slot's pool position becomes the largest of its heads' positions. */
+static void head_compact(cpu_be *be, const kvp_table *tab, int kept) {
+    cpu_kv_ws *ws = &be->kvws;
+    int n = tab->n_tokens, pt = be->pt, n_kv = be->n_kv, hd = be->hd;
+    size_t cap = (size_t)ws->cap, kvd = be->slot_floats;
+    for (int g = 0; g < n_kv; g++) {
+        const uint8_t *keep = ws->hkeep + (size_t)g * cap;
+        size_t ko = (size_t)g * (size_t)hd;
+        for (int i = 0, j = 0; i < n; i++) {
+            if (!keep[i]) continue;
+            if (i != j) { /* j < i: forward copies never overwrite an unread kept slot */
+                size_t si = (size_t)tab->pages[i / pt] * (size_t)pt + (size_t)(i % pt);
+                size_t sj = (size_t)tab->pages[j / pt] * (size_t)pt + (size_t)(j % pt);
+                memcpy(be->kv_k + sj * kvd + ko, be->kv_k + si * kvd + ko, (size_t)hd * sizeof(float));
+                memcpy(be->kv_v + sj * kvd + ko, be->kv_v + si * kvd + ko, (size_t)hd * sizeof(float));
+                be->kv_score[sj * (size_t)n_kv + (size_t)g] = be->kv_score[si * (size_t)n_kv + (size_t)g];
+                be->kv_hpos[sj * (size_t)n_kv + (size_t)g] = be->kv_hpos[si * (size_t)n_kv + (size_t)g];
+            }
+            j++;
+        }
+    }
+    int32_t *pos = kvp_pos_base(be->base.pool);
+    for (int j = 0; j < kept; j++) {
+        size_t sj = (size_t)tab->pages[j / pt] * (size_t)pt + (size_t)(j % pt);
+        int32_t mx = be->kv_hpos[sj * (size_t)n_kv];
+        for (int g = 1; g < n_kv; g++)
+            if (be->kv_hpos[sj * (size_t)n_kv + (size_t)g] > mx) mx = be->kv_hpos[sj * (size_t)n_kv + (size_t)g];
+        if (pos[sj] != mx) pos[sj] = mx; /* unchanged slots may sit in shared pages */
+    }
+}
+
+static int compress_per_head(cpu_be *be, const kvp_table *tab0, const eng_kv_compress_req *rq,
+                             eng_kv_compress_res *res) {
+    cpu_kv_ws *ws = &be->kvws;
+    kvp_pool *pool = be->base.pool;
+    int n = tab0->n_tokens;
+    int kept = head_select(be, tab0, rq);
+    int n_ev = n - kept;
+    if (n_ev == 0) return D2_OK;
+    int n_pass = 0;
+    float tau = 0.0f;
+    if (rq->merge) n_pass = head_match(be, tab0, n_ev, rq, &tau);
+    else memset(ws->hpass, 0, (size_t)ws->cap * (size_t)be->n_kv);
+    int rc = head_unshare(be, rq, n, kept, n_pass);
+    if (rc) return rc; /* D2_EKVFULL: nothing changed; the runtime retries later */
+    kvp_table tab = kvp_get_table(pool, rq->seq, rq->layer); /* page ids may have changed */
+    if (n_pass > 0) {
+        kv_job j = {.be = be, .tab = &tab, .rq = rq, .n_items = be->n_kv};
+        eng_tp_run(be->tp, head_merge_task, &j, be->n_kv);
+    }
+    head_compact(be, &tab, kept);
+    /* the pool keeps the first `kept` slots: no payload moves, the tail pages return */
+    memset(ws->keep, 1, (size_t)kept);
+    memset(ws->keep + kept, 0, (size_t)n_ev);
+    int before = tab.n_pages;
+    rc = kvp_compact(pool, rq->seq, rq->layer, ws->keep);
+    if (rc < 0) {
+        D2_ERROR("cpu_backend: per-head compaction of seq %d layer %d failed after its pages "
+                 "were made private: %s", rq->seq, rq->layer, d2_strerror(rc));
+        return cpu_fail(be, rc, "kv_compress", "kvp_compact");
+    }
+    int after = kvp_pages_for_tokens(pool, rc);
+    res->n_evicted = n_ev;
+    res->n_merged = n_pass;
+    res->pages_freed = before > after ? before - after : 0;
+    res->tau = tau;
+    return D2_OK;
+}
+
 int cpu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_compress_res *res) {
     cpu_be *be = (cpu_be *)base;
     kvp_pool *pool = base->pool;
@@ -282,6 +543,7 @@ int cpu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_com
     int n = tab.n_tokens;
     if (n <= rq->heavy + rq->recent) return D2_OK;
     if (n > be->kvws.cap) return cpu_fail(be, D2_EINVAL, "kv_compress", "table longer than max_seq_tokens");
+    if (rq->per_head) return compress_per_head(be, &tab, rq, res);
 
     int kept = score_and_select(be, &tab, rq);
     int n_ev = n - kept;
@@ -328,5 +590,16 @@ int cpu_write_slot(eng_backend *base, int seq, int layer, int i, const float *k,
     if (k) memcpy(be->kv_k + (size_t)s * sf, k, sf * sizeof(float));
     if (v) memcpy(be->kv_v + (size_t)s * sf, v, sf * sizeof(float));
     if (score) memcpy(be->kv_score + (size_t)s * h, score, h * sizeof(float));
+    int32_t p = kvp_pos_base(be->base.pool)[s]; /* every head holds the slot's token */
+    for (size_t g = 0; g < h; g++) be->kv_hpos[(size_t)s * h + g] = p;
+    return D2_OK;
+}
+
+int cpu_read_head_pos(eng_backend *base, int seq, int layer, int i, int32_t *pos) {
+    cpu_be *be = (cpu_be *)base;
+    int64_t s = kvp_slot_index(be->base.pool, seq, layer, i);
+    if (s < 0) return cpu_fail(be, D2_EINVAL, "read_head_pos", "no such live slot");
+    size_t h = (size_t)be->n_kv;
+    memcpy(pos, be->kv_hpos + (size_t)s * h, h * sizeof(int32_t));
     return D2_OK;
 }

@@ -1314,6 +1314,8 @@ static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_
     if (rq->heavy < 0 || rq->recent < 0) return D2_OK;
     if (rq->merge && !rq->threshold)
         return cu_fail(be, D2_EINVAL, "kv_compress", "merge without a threshold policy");
+    if (rq->per_head) /* caps.kv_per_head is false: the runtime refuses such requests first */
+        return cu_fail(be, D2_EUNSUPPORTED, "kv_compress", "per-head granularity is not implemented");
     kvp_table tab = kvp_get_table(pool, rq->seq, rq->layer);
     int n = tab.n_tokens;
     if (n <= rq->heavy + rq->recent) return D2_OK;
@@ -1394,6 +1396,8 @@ static int batch_prepare(cuda_be *be, const eng_kv_compress_req *rq, int n, uint
     for (int i = 0; i < n; i++) {
         act[i] = 0;
         if (rq[i].heavy < 0 || rq[i].recent < 0) continue;
+        if (rq[i].per_head) /* caps.kv_per_head is false: the runtime refuses it first */
+            return cu_fail(be, D2_EUNSUPPORTED, "kv_compress_layers", "per-head granularity is not implemented");
         kvp_table tab = kvp_get_table(pool, rq[i].seq, rq[i].layer);
         int nt = tab.n_tokens;
         if (nt <= rq[i].heavy + rq[i].recent) continue;

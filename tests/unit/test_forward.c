@@ -694,7 +694,8 @@ TEST(backend_caps_logits_argmax) {
     ASSERT(strcmp(caps.name, "cpu") == 0);
     ASSERT_EQ(caps.kv_dtype, ENG_KV_DT_F32);
     ASSERT(!caps.kv_on_device);
-    ASSERT_EQ(caps.kv_bytes_per_slot, (size_t)(2 * sp->n_kv * sp->hd + sp->n_kv) * sizeof(float));
+    ASSERT_EQ(caps.kv_bytes_per_slot,
+              (size_t)(2 * sp->n_kv * sp->hd + sp->n_kv) * sizeof(float) + (size_t)sp->n_kv * sizeof(int32_t));
     int seq;
     ASSERT_EQ(kvp_seq_new(r.pool, &seq), D2_OK);
     int32_t toks[6];

@@ -733,6 +733,219 @@ TEST(merge_into_shared_page_copies_first) {
     hpool_free(&h);
 }
 
+/* ---- per-head granularity on a hand-filled pool -------------------------------------------- */
+
+#define PH_N 12
+#define PH_KV 2
+
+/* Keys (seeded, per head), values (i + 100 g, 10 i) and per-head scores chosen
+ * so that head 0 prefers tokens 3, 4, head 1 prefers 7, 8, and the sum over
+ * heads (the layer mode) 7 and 3. */
+static void ph_data(float k[PH_N][PH_KV][2], float v[PH_N][PH_KV][2], float sc[PH_N][PH_KV]) {
+    uint64_t r = 99;
+    for (int i = 0; i < PH_N; i++)
+        for (int g = 0; g < PH_KV; g++) {
+            k[i][g][0] = urand(&r) * 2.0f - 1.0f;
+            k[i][g][1] = urand(&r) * 2.0f - 1.0f;
+            v[i][g][0] = (float)(i + 100 * g);
+            v[i][g][1] = 10.0f * (float)i;
+            sc[i][g] = 0.01f * (float)i; /* low, distinct */
+        }
+    sc[3][0] = 9; sc[4][0] = 8; sc[7][0] = 1; sc[8][0] = 0.5f;
+    sc[3][1] = 0.2f; sc[4][1] = 0.1f; sc[7][1] = 9; sc[8][1] = 8;
+}
+
+static hpool ph_pool(void) {
+    hpool h;
+    h.t = tmodel_make(1, 4, 2, 2, 8, 4, 1.0f, 1); /* head_dim 2, 2 KV heads */
+    kvp_config pc = {.n_layers = 1, .n_kv_heads = PH_KV, .head_dim = 2, .page_tokens = 4,
+                     .n_pages = 16, .max_seqs = 4, .max_seq_tokens = 64};
+    ASSERT_EQ(kvp_create(&pc, &h.pool), D2_OK);
+    h.be = cpu_over(&h.t->m, h.pool);
+    ASSERT_EQ(kvp_seq_new(h.pool, &h.seq), D2_OK);
+    ASSERT_EQ(kvp_reserve(h.pool, h.seq, 0, PH_N), D2_OK);
+    ASSERT_EQ(kvp_append(h.pool, h.seq, 0, PH_N), 0);
+    float k[PH_N][PH_KV][2], v[PH_N][PH_KV][2], sc[PH_N][PH_KV];
+    ph_data(k, v, sc);
+    kvp_table t = kvp_get_table(h.pool, h.seq, 0);
+    for (int i = 0; i < PH_N; i++) {
+        int32_t pg;
+        int sl;
+        kvp_locate(&t, 4, i, &pg, &sl);
+        kvp_pos_base(h.pool)[(size_t)pg * 4 + (size_t)sl] = i;
+        ASSERT_EQ(h.be->ops->write_slot(h.be, h.seq, 0, i, &k[i][0][0], &v[i][0][0], sc[i]), D2_OK);
+    }
+    return h;
+}
+
+static eng_kv_state *ph_state(eng_kv_granularity gran) {
+    eng_kv_config c;
+    eng_kv_config_default(&c, ENG_KV_D2O);
+    c.n_sink = 2;
+    c.merge_rule = ENG_KV_MERGE_CODE;
+    c.granularity = gran;
+    eng_kv_keep_layers_clear(&c);
+    eng_model_config mc = {.n_layers = 1, .n_heads = 2, .n_kv_heads = PH_KV, .head_dim = 2};
+    eng_kv_state *s;
+    ASSERT_EQ(eng_kv_state_create(&c, &mc, &s), D2_OK);
+    return s;
+}
+
+/* The per-head algorithm written out plainly: per head g, 2 sinks, the last
+ * `rec` tokens and the best heavy - 2 others by head g's score; every evicted
+ * token's argmax cosine among head g's kept tokens; tau = the mean of all
+ * those maxima; column j (each head's j-th evicted token) merges, by the code
+ * rule, when its mean over heads reaches tau. Fills the expected kept
+ * positions, K and V per head, and returns the number of passed columns. */
+static int ph_reference(int heavy, int rec, int kpos[PH_KV][PH_N], float ek[PH_KV][PH_N][2],
+                        float ev[PH_KV][PH_N][2], float *tau_out) {
+    float k[PH_N][PH_KV][2], v[PH_N][PH_KV][2], sc[PH_N][PH_KV];
+    ph_data(k, v, sc);
+    int keep[PH_KV][PH_N] = {{0}}, evl[PH_KV][PH_N], tgt[PH_KV][PH_N], n_ev = 0;
+    float m[PH_KV][PH_N];
+    double msum = 0;
+    for (int g = 0; g < PH_KV; g++) {
+        for (int i = 0; i < PH_N; i++) keep[g][i] = i < 2 || i >= PH_N - rec;
+        for (int pick = 0; pick < heavy - 2; pick++) {
+            int best = -1;
+            for (int i = 2; i < PH_N - rec; i++)
+                if (!keep[g][i] && (best < 0 || sc[i][g] > sc[best][g])) best = i;
+            keep[g][best] = 1;
+        }
+        n_ev = 0;
+        for (int e = 0; e < PH_N; e++) {
+            if (keep[g][e]) continue;
+            float ne = sqrtf(k[e][g][0] * k[e][g][0] + k[e][g][1] * k[e][g][1]);
+            float bm = -2;
+            int bt = -1;
+            for (int c = 0; c < PH_N; c++) {
+                if (!keep[g][c]) continue;
+                float nc = sqrtf(k[c][g][0] * k[c][g][0] + k[c][g][1] * k[c][g][1]);
+                float u = (k[e][g][0] * k[c][g][0] + k[e][g][1] * k[c][g][1]) / (ne * nc);
+                if (u > bm) { bm = u; bt = c; }
+            }
+            evl[g][n_ev] = e;
+            tgt[g][n_ev] = bt;
+            m[g][n_ev++] = bm;
+            msum += bm;
+        }
+    }
+    float tau = (float)(msum / (n_ev * PH_KV));
+    *tau_out = tau;
+    int passed = 0;
+    for (int j = 0; j < n_ev; j++) {
+        float cm = 0;
+        for (int g = 0; g < PH_KV; g++) cm += m[g][j];
+        int pass = cm / PH_KV >= tau;
+        passed += pass;
+        for (int g = 0; g < PH_KV && pass; g++) m[g][j] = -m[g][j] - 10; /* mark: passed */
+    }
+    for (int g = 0; g < PH_KV; g++) {
+        int slot = 0;
+        for (int c = 0; c < PH_N; c++) {
+            if (!keep[g][c]) continue;
+            float kk[2] = {k[c][g][0], k[c][g][1]}, vv[2] = {v[c][g][0], v[c][g][1]};
+            int cnt = 0;
+            for (int j = 0; j < n_ev; j++)
+                if (tgt[g][j] == c && m[g][j] < -5) {
+                    float w = -(m[g][j] + 10);
+                    int e = evl[g][j];
+                    for (int d = 0; d < 2; d++) { kk[d] += w * k[e][g][d]; vv[d] += w * v[e][g][d]; }
+                    cnt++;
+                }
+            for (int d = 0; d < 2; d++) {
+                ek[g][slot][d] = kk[d] / (float)(1 + cnt);
+                ev[g][slot][d] = vv[d] / (float)(1 + cnt);
+            }
+            kpos[g][slot++] = c;
+        }
+    }
+    return passed;
+}
+
+TEST(per_head_selection_matching_and_merge) {
+    const int heavy = 4, rec = 3, kept = heavy + rec;
+    int kpos[PH_KV][PH_N];
+    float ek[PH_KV][PH_N][2], ev[PH_KV][PH_N][2], tau;
+    int passed = ph_reference(heavy, rec, kpos, ek, ev, &tau);
+    ASSERT(passed > 0 && passed < PH_N - kept); /* the threshold splits the columns */
+
+    /* layer mode on the same cache: one set for both heads (tokens 3 and 7) */
+    hpool hl = ph_pool();
+    eng_kv_state *sl = ph_state(ENG_KV_GRAN_LAYER);
+    ASSERT_EQ(eng_kv_compress_layer(hl.be, hl.seq, 0, sl, heavy, rec, true), PH_N - kept);
+    static const int layer_kept[7] = {0, 1, 3, 7, 9, 10, 11};
+    for (int i = 0; i < kept; i++) {
+        int32_t lp[PH_KV];
+        ASSERT_EQ(hl.be->ops->read_head_pos(hl.be, hl.seq, 0, i, lp), D2_OK);
+        ASSERT(lp[0] == layer_kept[i] && lp[1] == layer_kept[i]);
+    }
+    eng_kv_state_free(sl);
+    hpool_free(&hl);
+
+    hpool h = ph_pool();
+    int child; /* a fork shares every page: the parent must not see the compression */
+    ASSERT_EQ(kvp_seq_fork(h.pool, h.seq, &child), D2_OK);
+    eng_kv_state *s = ph_state(ENG_KV_GRAN_HEAD);
+    ASSERT_EQ(eng_kv_compress_layer(h.be, child, 0, s, heavy, rec, true), PH_N - kept);
+    ASSERT_EQ(kvp_check(h.pool), D2_OK);
+    ASSERT(fabsf(s->tau[0] - tau) < 1e-5f);
+    ASSERT_EQ(s->n_merged, passed);
+    ASSERT_EQ(kvp_get_table(h.pool, child, 0).n_tokens, kept);
+    bool heads_differ = false;
+    for (int i = 0; i < kept; i++) {
+        int32_t hp[PH_KV];
+        float k[PH_KV * 2], v[PH_KV * 2];
+        ASSERT_EQ(h.be->ops->read_head_pos(h.be, child, 0, i, hp), D2_OK);
+        ASSERT_EQ(h.be->ops->read_slot(h.be, child, 0, i, k, v, NULL), D2_OK);
+        int64_t si = kvp_slot_index(h.pool, child, 0, i);
+        int mx = -1;
+        for (int g = 0; g < PH_KV; g++) {
+            ASSERT_EQ(hp[g], kpos[g][i]);
+            for (int d = 0; d < 2; d++) {
+                ASSERT(fabsf(k[g * 2 + d] - ek[g][i][d]) < 1e-5f);
+                ASSERT(fabsf(v[g * 2 + d] - ev[g][i][d]) < 1e-4f);
+            }
+            if (hp[g] > mx) mx = hp[g];
+        }
+        ASSERT_EQ(kvp_pos_base(h.pool)[si], mx); /* the pool's position: the largest */
+        heads_differ |= hp[0] != hp[1];
+    }
+    ASSERT(heads_differ);
+    ASSERT(kpos[0][2] == 3 && kpos[0][3] == 4 && kpos[1][2] == 7 && kpos[1][3] == 8);
+    /* the parent still holds its twelve tokens, every head at its own position */
+    ASSERT_EQ(kvp_get_table(h.pool, h.seq, 0).n_tokens, PH_N);
+    for (int i = 0; i < PH_N; i++) {
+        int32_t hp[PH_KV];
+        float k[PH_KV * 2], v[PH_KV * 2];
+        ASSERT_EQ(h.be->ops->read_head_pos(h.be, h.seq, 0, i, hp), D2_OK);
+        ASSERT_EQ(h.be->ops->read_slot(h.be, h.seq, 0, i, k, v, NULL), D2_OK);
+        ASSERT(hp[0] == i && hp[1] == i && v[0] == (float)i && v[2] == (float)(i + 100));
+    }
+
+    /* decode: one more token, then a later compression evicts exactly one token
+     * per head (token 9 leaves the recent window and loses to each head's two
+     * heavy hitters), tau by the EMA */
+    ASSERT_EQ(kvp_reserve(h.pool, child, 0, kept + 1), D2_OK);
+    ASSERT_EQ(kvp_append(h.pool, child, 0, 1), kept);
+    kvp_pos_base(h.pool)[kvp_slot_index(h.pool, child, 0, kept)] = PH_N;
+    float nk[4] = {1, 0, 0, 1}, nv[4] = {0}, ns[2] = {0, 0};
+    ASSERT_EQ(h.be->ops->write_slot(h.be, child, 0, kept, nk, nv, ns), D2_OK);
+    float tau0 = s->tau[0];
+    ASSERT_EQ(eng_kv_compress_layer(h.be, child, 0, s, heavy, rec, false), 1);
+    ASSERT(s->tau[0] != tau0);
+    ASSERT_EQ(kvp_get_table(h.pool, child, 0).n_tokens, kept);
+    int want[PH_KV][7] = {{0, 1, 3, 4, 10, 11, 12}, {0, 1, 7, 8, 10, 11, 12}};
+    for (int i = 0; i < kept; i++) {
+        int32_t hp[PH_KV];
+        ASSERT_EQ(h.be->ops->read_head_pos(h.be, child, 0, i, hp), D2_OK);
+        ASSERT(hp[0] == want[0][i] && hp[1] == want[1][i]);
+    }
+    kvp_seq_free(h.pool, child);
+    eng_kv_state_free(s);
+    hpool_free(&h);
+}
+
 /* ---- H2O decode vs the reference forward with the same evictions ---------------------------- */
 
 /* Evicts from the reference every position of (seq, layer) that the pool no longer holds. */
@@ -850,9 +1063,9 @@ static int copy_seq(eng_backend *bea, int src, eng_backend *beb, int L) {
             kvp_locate(&ts, pt, i, &ps, &ss);
             kvp_locate(&td, pt, i, &pd, &sd);
             size_t is = (size_t)ps * (size_t)pt + (size_t)ss, id = (size_t)pd * (size_t)pt + (size_t)sd;
+            kvp_pos_base(b)[id] = kvp_pos_base(a)[is]; /* before write_slot: it reads pos */
             ASSERT_EQ(bea->ops->read_slot(bea, src, l, i, kb, vb, sb), D2_OK);
             ASSERT_EQ(beb->ops->write_slot(beb, dst, l, i, kb, vb, sb), D2_OK);
-            kvp_pos_base(b)[id] = kvp_pos_base(a)[is];
         }
     }
     return dst;
@@ -1135,6 +1348,7 @@ static void random_kv(eng_kv_config *c) {
         for (int l = 0; l < 4; l++)
             if (wl_rand(2)) eng_kv_keep_layer_add(c, l);
     }
+    c->granularity = wl_rand(3) == 0 ? ENG_KV_GRAN_HEAD : ENG_KV_GRAN_LAYER;
 }
 
 /* Thousands of compressed requests (random methods, budgets, prompt lengths,
@@ -1274,9 +1488,11 @@ static void check_score_kv(eng_engine *e, const int32_t *ids, int n) {
     /* NULL / full config is eng_score */
     ASSERT_EQ(eng_score_kv(e, ids, n, NULL, 0, NULL, &got), D2_OK);
     ASSERT(fabs(got - full) < 1e-9);
-    /* every method runs, gives finite NLL and leaves the pool empty */
-    for (int m = ENG_KV_D2O; m <= ENG_KV_PYRAMIDKV; m++) {
-        eng_kv_config_default(&c, (eng_kv_method)m);
+    /* every method, at both granularities, runs, gives finite NLL and leaves
+     * the pool empty */
+    for (int mg = 2 * ENG_KV_D2O; mg <= 2 * ENG_KV_PYRAMIDKV + 1; mg++) {
+        eng_kv_config_default(&c, (eng_kv_method)(mg / 2));
+        c.granularity = mg % 2 ? ENG_KV_GRAN_HEAD : ENG_KV_GRAN_LAYER;
         c.budget_frac = 0.25f;
         c.window = 8;
         ASSERT_EQ(eng_score_kv(e, ids, n, &c, 64, NULL, &got), D2_OK);
