@@ -8,7 +8,8 @@
  * is a 400 naming the field. Callable from any thread.
  *
  * Extension "kv_compression": {"method": "d2o", "budget": 0.2, "heavy_share":
- * 0.75, "exact": false, "merge_rule": "normalised"|"code"} selects the
+ * 0.75, "exact": false, "merge_rule": "normalised"|"code", "granularity":
+ * "layer"|"head"} selects the
  * request's KV compression (eng_request.kv). "method" is required; "budget"
  * has the engine's one meaning (eng_kv_budget_number, as the kv_budget
  * directive and --kv-budget): a number in (0, 1] is the share of the prompt
@@ -121,7 +122,7 @@ static int get_bool(json_t *root, const char *key, bool *out, api_error *err) {
  * silently fall back to its default. 0 or -1 with *err. */
 static int kv_check_keys(json_t *o, api_error *err) {
     static const char *const known[] = {"method", "preset", "budget", "heavy_share", "exact", "merge_rule",
-                                        "n_sink", "window", "ema_beta", "keep_layers"};
+                                        "n_sink", "window", "ema_beta", "keep_layers", "granularity"};
     const char *key;
     json_t *v;
     json_object_foreach(o, key, v) {
@@ -130,7 +131,7 @@ static int kv_check_keys(json_t *o, api_error *err) {
         if (k == sizeof known / sizeof *known) {
             api_error_set(err, 400, "invalid_request_error", KV_P,
                           "kv_compression: unknown key '%.64s' (known: method, preset, budget, heavy_share, "
-                          "exact, merge_rule, n_sink, window, ema_beta, keep_layers)",
+                          "exact, merge_rule, granularity, n_sink, window, ema_beta, keep_layers)",
                           key);
             return -1;
         }
@@ -184,7 +185,7 @@ static int kv_get_int(json_t *o, const char *key, int lo, int hi, int *out, api_
     return 1;
 }
 
-/* heavy_share, exact, merge_rule, n_sink, window, ema_beta. 0 or -1 with *err. */
+/* heavy_share, exact, merge_rule, granularity, n_sink, window, ema_beta. 0 or -1 with *err. */
 static int kv_parse_tuning(json_t *o, eng_kv_config *kv, api_error *err) {
     double d;
     int r;
@@ -212,6 +213,16 @@ static int kv_parse_tuning(json_t *o, eng_kv_config *kv, api_error *err) {
                           "kv_compression.merge_rule must be \"normalised\" or \"code\"");
             return -1;
         }
+    }
+    json_t *gr = json_object_get(o, "granularity");
+    if (gr && !json_is_null(gr)) {
+        int g = eng_kv_granularity_parse(json_is_string(gr) ? json_string_value(gr) : NULL);
+        if (g < 0) {
+            api_error_set(err, 400, "invalid_request_error", KV_P,
+                          "kv_compression.granularity must be \"layer\" or \"head\"");
+            return -1;
+        }
+        kv->granularity = (eng_kv_granularity)g;
     }
     return 0;
 }

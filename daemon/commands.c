@@ -306,6 +306,7 @@ typedef struct ppl_opts {
     int threads, ctx, device, kv_method, kv_prefill;
     dmn_kv_budget kv_budget;
     bool kv_exact;
+    int kv_granularity;
 } ppl_opts;
 
 #define OFF(f) offsetof(ppl_opts, f)
@@ -325,6 +326,9 @@ static const dmn_opt PPL_OPTS[] = {
      .help = "tokens of each window prefilled (and compressed) before token-by-token scoring"},
     {.name = "kv-exact", .type = DMN_OPT_FLAG, .offset = OFF(kv_exact),
      .help = "evict every step instead of a page at a time"},
+    {.name = "kv-granularity", .type = DMN_OPT_ENUM, .offset = OFF(kv_granularity), .def = "layer",
+     .names = dmn_opt_kv_granularities,
+     .help = "one kept set per layer, or per KV head (as the official D2O code; CPU only)"},
 };
 #undef OFF
 
@@ -370,6 +374,7 @@ int d2_cmd_perplexity(int argc, char **argv) {
     kv.budget_frac = o.kv_budget.frac;
     kv.budget_tokens = o.kv_budget.tokens;
     kv.exact = o.kv_exact;
+    kv.granularity = (eng_kv_granularity)o.kv_granularity;
     const char *why = NULL;
     if (eng_kv_config_validate(&kv, &why) != D2_OK)
         return dmn_opts_usage_error(&PPL_CMD, "%s", why ? why : "invalid KV compression options");

@@ -54,6 +54,7 @@ static const char *const kv_method_names[] = {"full",   "d2o",    "h2o",      "s
                                               "snapkv", "pyramidkv", NULL};
 static const char *const device_names[] = {"cpu", "cuda", "auto", NULL};
 static const char *const kv_preset_names[] = {"default", "official", NULL};
+static const char *const kv_granularity_names[] = {"auto", "layer", "head", NULL};
 
 static int check_host(const char *v, char *why, size_t n);
 static int check_api_key(const char *v, char *why, size_t n);
@@ -95,6 +96,8 @@ static const cfg_directive g_dirs[] = {
      "KV-cache budget per layer: a share of the prompt's length in (0,1] or a token count >= 2"},
     {"kv_preset", CT_ENUM, NUM(kv_preset), "default", 0, 0, kv_preset_names, 0, NULL, NULL,
      "KV-compression preset: official = D2O as its official code runs it (kv_method d2o)"},
+    {"kv_granularity", CT_ENUM, NUM(kv_granularity), "auto", 0, 0, kv_granularity_names, 0, NULL,
+     NULL, "KV compression per layer or per KV head (auto: the preset's; official: head)"},
     {"device", CT_ENUM, NUM(device), "cpu", 0, 0, device_names, 0, NULL, NULL,
      "compute backend: cpu, cuda (builds made with CUDA=1) or auto (the GPU when there is one)"},
     {"gpu_memory_utilization", CT_FLOAT, NUM(gpu_memory_utilization), "0.9", 0.05, 1.0, NULL, 0,

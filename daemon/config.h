@@ -86,6 +86,7 @@ typedef struct dmn_config {
     int kv_method;                                  /* enum dmn_kv_method */
     char kv_budget[32];                             /* "0.2" (share) or "128" (tokens): eng_kv_budget_parse */
     int kv_preset;                                  /* 0 default, 1 official (eng_kv_preset_apply) */
+    int kv_granularity;                             /* 0 auto (the preset's), 1 layer, 2 head */
     double kv_budget_frac;                          /* derived: share of the prompt in (0,1], or 0 */
     long kv_budget_tokens;                          /* derived: token count >= 2, or 0 */
     int device;                                     /* enum dmn_device */

@@ -33,8 +33,9 @@
  * (mem%). A second table compares the methods at equal memory: each one's
  * figures interpolated between its two budgets that bracket the target.
  * Rows for D2O variants: d2o_official (preset official), d2o_code
- * (merge_rule code) and d2o_nokeep
- * (keep_layers [], every layer compressed as the baselines are).
+ * (merge_rule code), d2o_nokeep
+ * (keep_layers [], every layer compressed as the baselines are) and d2o_head
+ * (the defaults at granularity head: every KV head keeps its own tokens).
  * Per-layer decisions (statistic, budget, kept and live tokens, evicted,
  * merged, threshold) go into the JSON rows.
  *
@@ -64,25 +65,28 @@
 #define EV_MAX_LENGTHS 8
 
 /* A row family of the table: a method with its defaults, or a named variant
- * of one (d2o_code: merge_rule code; d2o_nokeep: keep_layers []). */
+ * of one (d2o_code: merge_rule code; d2o_nokeep: keep_layers []; d2o_head:
+ * granularity head). */
 typedef struct ev_variant {
     const char *label;
     eng_kv_method method;
     int merge_rule;   /* -1: the method's default */
     bool keep_none;   /* keep_layers [] */
     const char *preset; /* eng_kv_preset_apply name, or NULL */
+    bool per_head;    /* granularity head */
 } ev_variant;
 
 static const ev_variant VARIANTS[] = {
-    {"full", ENG_KV_FULL, -1, false, NULL},
-    {"d2o", ENG_KV_D2O, -1, false, NULL},
-    {"h2o", ENG_KV_H2O, -1, false, NULL},
-    {"streamingllm", ENG_KV_STREAMINGLLM, -1, false, NULL},
-    {"snapkv", ENG_KV_SNAPKV, -1, false, NULL},
-    {"pyramidkv", ENG_KV_PYRAMIDKV, -1, false, NULL},
-    {"d2o_code", ENG_KV_D2O, ENG_KV_MERGE_CODE, false, NULL},
-    {"d2o_nokeep", ENG_KV_D2O, -1, true, NULL},
-    {"d2o_official", ENG_KV_D2O, -1, false, "official"},
+    {"full", ENG_KV_FULL, -1, false, NULL, false},
+    {"d2o", ENG_KV_D2O, -1, false, NULL, false},
+    {"h2o", ENG_KV_H2O, -1, false, NULL, false},
+    {"streamingllm", ENG_KV_STREAMINGLLM, -1, false, NULL, false},
+    {"snapkv", ENG_KV_SNAPKV, -1, false, NULL, false},
+    {"pyramidkv", ENG_KV_PYRAMIDKV, -1, false, NULL, false},
+    {"d2o_code", ENG_KV_D2O, ENG_KV_MERGE_CODE, false, NULL, false},
+    {"d2o_nokeep", ENG_KV_D2O, -1, true, NULL, false},
+    {"d2o_official", ENG_KV_D2O, -1, false, "official", false},
+    {"d2o_head", ENG_KV_D2O, -1, false, NULL, true},
 };
 #define N_VARIANTS ((int)(sizeof VARIANTS / sizeof VARIANTS[0]))
 
@@ -103,6 +107,7 @@ static void variant_config(int v, double budget, eng_kv_config *kv) {
     kv->budget_tokens = 0;
     if (VARIANTS[v].merge_rule >= 0) kv->merge_rule = (eng_kv_merge_rule)VARIANTS[v].merge_rule;
     if (VARIANTS[v].keep_none) eng_kv_keep_layers_clear(kv);
+    if (VARIANTS[v].per_head) kv->granularity = ENG_KV_GRAN_HEAD;
 }
 
 typedef struct ev_opts {
@@ -163,7 +168,8 @@ typedef struct ev_seq { int32_t *ids; int n; } ev_seq;
 /* --methods accepts the row families by label, and the engine's alias
  * "streaming" (variant_parse maps each name to its row family). */
 static const char *const EVAL_METHOD_NAMES[] = {"full", "d2o", "h2o", "streamingllm", "snapkv", "pyramidkv",
-                                                "d2o_code", "d2o_nokeep", "d2o_official", "streaming", NULL};
+                                                "d2o_code", "d2o_nokeep", "d2o_official", "d2o_head", "streaming",
+                                                NULL};
 _Static_assert(sizeof EVAL_METHOD_NAMES / sizeof *EVAL_METHOD_NAMES - 1 <= EV_MAX_METHODS,
                "every --methods name fits ev_opts.methods (repeats are dropped)");
 
@@ -187,8 +193,10 @@ typedef struct ev_args {
 static const dmn_opt EVAL_OPTS[] = {
     DMN_OPT_ROW_MODEL(ev_args),
     {.name = "methods", .type = DMN_OPT_ENUM_LIST, .offset = OFF(methods),
-     .def = "full,d2o,d2o_official,d2o_code,d2o_nokeep,h2o,streamingllm,snapkv,pyramidkv", .names = EVAL_METHOD_NAMES,
-     .help = "rows to measure (d2o_official: preset official; d2o_code: merge_rule code; d2o_nokeep: keep_layers [])"},
+     .def = "full,d2o,d2o_official,d2o_code,d2o_nokeep,d2o_head,h2o,streamingllm,snapkv,pyramidkv",
+     .names = EVAL_METHOD_NAMES,
+     .help = "rows to measure (d2o_official: preset official; d2o_code: merge_rule code; d2o_nokeep: "
+             "keep_layers []; d2o_head: granularity head)"},
     {.name = "budgets", .type = DMN_OPT_KV_BUDGET_LIST, .offset = OFF(budgets), .def = "0.1,0.2,0.4,0.6",
      .flags = DMN_OPT_SHARES, .max_count = EV_MAX_BUDGETS, .help = "budgets as shares of the prompt in (0,1]"},
     {.name = "text", .type = DMN_OPT_STR, .offset = OFF(text_file), .metavar = "FILE",

@@ -22,6 +22,7 @@
 #include "engine/engine.h"
 
 const char *const dmn_opt_kv_methods[] = {"full", "d2o", "h2o", "streamingllm", "snapkv", "pyramidkv", NULL};
+const char *const dmn_opt_kv_granularities[] = {"layer", "head", NULL};
 const char *const dmn_opt_devices[] = {"cpu", "cuda", "auto", NULL};
 
 /* ---- small helpers ------------------------------------------------------------ */

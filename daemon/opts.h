@@ -117,6 +117,7 @@ int dmn_opts_usage_error(const dmn_cmd_spec *cmd, const char *fmt, ...) __attrib
 
 /* Names shared by several commands; index = the engine's enum value. */
 extern const char *const dmn_opt_kv_methods[];   /* full, d2o, ... = eng_kv_method */
+extern const char *const dmn_opt_kv_granularities[]; /* layer, head = eng_kv_granularity */
 extern const char *const dmn_opt_devices[];      /* cpu, cuda, auto = eng_device */
 
 #endif

@@ -84,6 +84,8 @@ static void api_config_from(const dmn_config *c, api_config *a) {
     eng_kv_config_default(&a->kv_default, (eng_kv_method)c->kv_method);
     if (c->kv_preset == 1) /* checked at startup (serve's configuration check) */
         (void)eng_kv_preset_apply(&a->kv_default, "official", NULL);
+    if (c->kv_granularity == 1) a->kv_default.granularity = ENG_KV_GRAN_LAYER;
+    else if (c->kv_granularity == 2) a->kv_default.granularity = ENG_KV_GRAN_HEAD;
     if (c->kv_budget_tokens > 0) {
         a->kv_default.budget_tokens = (int)c->kv_budget_tokens;
     } else if (c->kv_budget_frac > 0) {
@@ -337,6 +339,18 @@ static int serve_load_model(daemon_state *d) {
     if (rc != D2_OK) {
         fprintf(stderr, "d2od serve: cannot load %s: %s\n", model_path, d2_strerror(rc));
         return 1;
+    }
+    {
+        api_config kvc;
+        api_config_from(&d->cfg, &kvc);
+        if (kvc.kv_default.method != ENG_KV_FULL && kvc.kv_default.granularity == ENG_KV_GRAN_HEAD &&
+            !eng_engine_kv_per_head(d->e)) {
+            fprintf(stderr, "d2od serve: kv_granularity head (the official preset's) is not implemented "
+                            "by the %s backend; set kv_granularity layer\n", eng_engine_backend_name(d->e));
+            eng_engine_destroy(d->e);
+            free(d);
+            return 2;
+        }
     }
     /* Copy the weights into anonymous memory now (with a progress bar on a
      * terminal): the first requests do not pay for page faults, and a model

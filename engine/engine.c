@@ -215,3 +215,5 @@ eng_pool_stats eng_engine_pool_stats(const eng_engine *e) {
 }
 
 const char *eng_engine_backend_name(const eng_engine *e) { return e->caps.name; }
+
+bool eng_engine_kv_per_head(const eng_engine *e) { return e->caps.kv_per_head; }

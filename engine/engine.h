@@ -92,6 +92,8 @@ typedef struct eng_pool_stats {
 eng_pool_stats eng_engine_pool_stats(const eng_engine *e);
 /* "cpu" or "cuda": the backend this engine computes with. */
 const char *eng_engine_backend_name(const eng_engine *e);
+/* Whether the backend implements KV compression at granularity head. */
+bool eng_engine_kv_per_head(const eng_engine *e);
 
 /* ---- generation ---------------------------------------------------------- */
 

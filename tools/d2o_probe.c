@@ -6,7 +6,7 @@
  *
  *   d2o_probe --model DIR|GGUF --ids FILE --prefill P [--budget F] [--method M]
  *             [--merge-rule code|normalised] [--exact] [--keep-layers LIST|none]
- *             [--ema-beta B] [--heavy-share S] [--out FILE]
+ *             [--ema-beta B] [--heavy-share S] [--granularity layer|head] [--out FILE]
  *
  * FILE holds a JSON array of token ids. The first P ids are prefilled (chunked,
  * as the scheduler does), the prompt is compressed, then every later id is one
@@ -14,8 +14,10 @@
  * through the same step mechanism (engine/step.c). The
  * output has, per layer: the D2O statistic, the budget split, tau after the
  * prompt compression and at the end, the positions kept right after the prompt
- * compression and at the end, tokens evicted and merged; and the negative log
- * likelihood of every prediction from the last prefill row on (ids P..n-1).
+ * compression and at the end (granularity head: one list per KV head, from
+ * the backend's per-head positions), tokens evicted and merged; and the
+ * negative log likelihood of every prediction from the last prefill row on
+ * (ids P..n-1).
  */
 #include <jansson.h>
 #include <math.h>
@@ -37,21 +39,33 @@ static double nll_at(const float *lg, int n_vocab, int idx) {
     return -((double)lg[idx] - mx - log(sum));
 }
 
-/* Positions held by (seq, layer), in slot order. */
-static json_t *kept_positions(eng_engine *e, int seq, int layer) {
+/* Positions held by (seq, layer), in slot order; per_head: a list per KV head. */
+static json_t *kept_positions(eng_engine *e, int seq, int layer, bool per_head) {
     kvp_table t = kvp_get_table(e->pool, seq, layer);
     const int pt = kvp_get_config(e->pool)->page_tokens;
     const int32_t *pos = kvp_pos_base(e->pool);
     json_t *a = json_array();
-    for (int i = 0; i < t.n_tokens; i++)
-        json_array_append_new(a, json_integer(pos[(size_t)t.pages[i / pt] * (size_t)pt + (size_t)(i % pt)]));
+    if (!per_head) {
+        for (int i = 0; i < t.n_tokens; i++)
+            json_array_append_new(a, json_integer(pos[(size_t)t.pages[i / pt] * (size_t)pt + (size_t)(i % pt)]));
+        return a;
+    }
+    int nkv = e->model->cfg.n_kv_heads;
+    int32_t hp[256];
+    for (int g = 0; g < nkv && g < 256; g++) json_array_append_new(a, json_array());
+    for (int i = 0; i < t.n_tokens; i++) {
+        if (!e->be->ops->read_head_pos || nkv > 256 ||
+            e->be->ops->read_head_pos(e->be, seq, layer, i, hp) != D2_OK)
+            break;
+        for (int g = 0; g < nkv; g++) json_array_append_new(json_array_get(a, (size_t)g), json_integer(hp[g]));
+    }
     return a;
 }
 
 static int usage(void) {
     fprintf(stderr, "usage: d2o_probe --model M --ids FILE --prefill P [--budget F] [--method M]\n"
                     "                 [--merge-rule code|normalised] [--exact] [--keep-layers LIST|none]\n"
-                    "                 [--ema-beta B] [--heavy-share S] [--out FILE]\n");
+                    "                 [--ema-beta B] [--heavy-share S] [--granularity layer|head] [--out FILE]\n");
     return 2;
 }
 
@@ -73,6 +87,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ema-beta")) kv.ema_beta = (float)atof(v);
         else if (!strcmp(a, "--heavy-share")) kv.heavy_share = (float)atof(v);
         else if (!strcmp(a, "--keep-layers")) keep = v;
+        else if (!strcmp(a, "--granularity")) {
+            int g = eng_kv_granularity_parse(v);
+            if (g < 0) return usage();
+            kv.granularity = (eng_kv_granularity)g;
+        }
         else if (!strcmp(a, "--method")) {
             int m = eng_kv_method_parse(v);
             if (m < 0) return usage();
@@ -111,6 +130,7 @@ int main(int argc, char **argv) {
     if (n > e->ctx_len) { fprintf(stderr, "d2o_probe: %d ids exceed the context %d\n", n, e->ctx_len); return 1; }
     const eng_model_config *mc = &e->model->cfg;
     const int L = mc->n_layers;
+    const bool per_head = kv.granularity == ENG_KV_GRAN_HEAD;
     eng_kv_state *ks = NULL;
     if ((rc = eng_kv_state_create(&kv, mc, &ks)) != D2_OK) { fprintf(stderr, "d2o_probe: bad config\n"); return 1; }
     int seq;
@@ -144,7 +164,7 @@ int main(int argc, char **argv) {
         if (!was && ks->compressed) {
             for (int l = 0; l < L; l++) {
                 tau_prompt[l] = ks->tau[l];
-                kept_prompt[l] = kept_positions(e, seq, l);
+                kept_prompt[l] = kept_positions(e, seq, l, per_head);
             }
         }
     }
@@ -158,7 +178,7 @@ int main(int argc, char **argv) {
         json_object_set_new(o, "tau_prompt", json_real(tau_prompt[l]));
         json_object_set_new(o, "tau_end", json_real(ks->tau[l]));
         json_object_set_new(o, "kept_prompt", kept_prompt[l] ? kept_prompt[l] : json_array());
-        json_object_set_new(o, "kept_end", kept_positions(e, seq, l));
+        json_object_set_new(o, "kept_end", kept_positions(e, seq, l, per_head));
         json_array_append_new(layers, o);
     }
     json_object_set_new(root, "n_layers", json_integer(L));

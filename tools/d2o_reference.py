@@ -18,17 +18,20 @@ compresses at the first decode step instead, with that step's row in the
 scores — a documented d2od choice, kept here so that the two can be compared
 token for token.
 
-Two granularities:
+Three granularities:
   mode "layer"   one kept set per layer: score = sum over query heads, the
                  similarity of two tokens = mean over KV heads of the per-head
                  cosine (d2od's layer-uniform design, spec §9.1 option A);
   mode "head"    the official code: every query head (KV expanded by
                  repeat_kv) selects, matches and merges on its own; the merge
-                 test averages the per-head max similarity column by column.
+                 test averages the per-head max similarity column by column;
+  mode "kvhead"  the same algorithm per KV head without repeat_kv: a KV head's
+                 score is the sum over the query heads of its GQA group
+                 (d2od's granularity "head"; equal to "head" without GQA).
 
 Usage as a script:
   /usr/bin/python3 tools/d2o_reference.py --model DIR --ids FILE --prefill P \
-      [--budget 0.2] [--mode layer|head] [--merge-rule code|normalised] \
+      [--budget 0.2] [--mode layer|head|kvhead] [--merge-rule code|normalised] \
       [--keep-layers 0,1,4|none] [--ema-beta 0.5] [--heavy-share 0.5] [--out FILE]
   /usr/bin/python3 tools/d2o_reference.py --model DIR --ids FILE --sample N [--seed S]
       (writes N ids sampled from the model at temperature 1 to FILE)
@@ -197,7 +200,8 @@ def merge(K, V, keep, tgt, m, passed, rule):
 
 class LayerCache:
     """One layer's cache. mode layer: K/V [nkv, S, hd], pos [S], score [S].
-    mode head: K/V [nh, S, hd] (repeat_kv), pos [nh, S], score [nh, S]."""
+    mode head: K/V [H, S, hd], pos [H, S], score [H, S] with H = nh (repeat_kv,
+    the official code) or H = nkv (mode kvhead; compression is the same)."""
 
     def __init__(self, mode, K, V, pos, score):
         self.mode, self.K, self.V, self.pos, self.score = mode, K, V, pos, score
@@ -318,6 +322,9 @@ def run(model, ids, prefill, rho=0.2, mode="layer", rule="code", kept_layers=Non
         colsums.append(colsum)
         if mode == "layer":
             caches.append(LayerCache(mode, k.clone(), v.clone(), torch.arange(P), colsum.sum(0).clone()))
+        elif mode == "kvhead":
+            caches.append(LayerCache("head", k.clone(), v.clone(), torch.arange(P).repeat(nkv, 1),
+                                     colsum.view(nkv, gs, P).sum(1).clone()))
         else:
             caches.append(LayerCache(mode, kx.clone(), vx.clone(), torch.arange(P).repeat(nh, 1),
                                      colsum.clone()))
@@ -347,6 +354,14 @@ def run(model, ids, prefill, rho=0.2, mode="layer", rule="code", kept_layers=Non
                 a = torch.softmax(q @ kx.transpose(1, 2) / math.sqrt(hd), dim=-1)  # [nh, 1, S]
                 c.score += a[:, 0].sum(0)
                 out = a @ vx
+            elif mode == "kvhead":
+                c.K = torch.cat([c.K, k], 1)
+                c.V = torch.cat([c.V, v], 1)
+                c.pos = torch.cat([c.pos, torch.full((nkv, 1), t)], 1)
+                c.score = torch.cat([c.score, torch.zeros(nkv, 1)], 1)
+                a = torch.softmax(q @ c.K.repeat_interleave(gs, dim=0).transpose(1, 2) / math.sqrt(hd), dim=-1)
+                c.score += a[:, 0].view(nkv, gs, -1).sum(1)
+                out = a @ c.V.repeat_interleave(gs, dim=0)
             else:
                 c.K = torch.cat([c.K, k.repeat_interleave(gs, dim=0)], 1)
                 c.V = torch.cat([c.V, v.repeat_interleave(gs, dim=0)], 1)
@@ -409,7 +424,7 @@ def main():
     ap.add_argument("--sample", type=int)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget", type=float, default=0.2)
-    ap.add_argument("--mode", choices=["layer", "head"], default="layer")
+    ap.add_argument("--mode", choices=["layer", "head", "kvhead"], default="layer")
     ap.add_argument("--merge-rule", choices=["code", "normalised"], default="code")
     ap.add_argument("--keep-layers", default=None)
     ap.add_argument("--ema-beta", type=float, default=0.5)

@@ -16,11 +16,20 @@ Checks and their tolerances (fp32 on both sides, different summation orders):
     kept positions after the prompt compression  equal
     kept positions at the end      Jaccard >= 0.95 per layer (equal in practice)
     perplexity over the decoded ids  relative |d| <= 1e-4
-  head mode (the official code's per-head selection and merging, which d2od
-  does not implement yet): statistics and budgets equal; the kept sets'
-  overlap (mean Jaccard of d2od's layer set with each head's) is reported;
-  perplexity relative |d| <= 3 % (the measured gap of the layer-uniform design
-  on this sequence; it is printed).
+  d2od's granularity head against the reference's kvhead mode (the same
+  per-head algorithm on KV heads), merge rule code with the default kept
+  layers at 0.2 and normalised with none at 0.1:
+    statistics, budgets, tau       as above
+    kept positions of every KV head after the prompt compression  equal
+    kept positions of every KV head at the end  Jaccard >= 0.95 (equal in practice)
+    perplexity                     relative |d| <= 1e-4
+    tokens evicted and merged      equal
+  the official code's algorithm (reference mode head: per query head, KV
+  expanded by repeat_kv) against d2od at both granularities: statistics and
+  budgets equal; the kept sets' overlap is reported (layer: mean Jaccard of
+  d2od's layer set with each query head's; head: of each KV head's set with
+  the query heads of its group); perplexity relative |d| <= 3 % (the measured
+  gaps on this sequence; they are printed).
 
 Needs torch for /usr/bin/python3 (Debian's python3-torch, installed by
 tools/install-deps.sh --test where allowed); skips cleanly without it.
@@ -79,7 +88,7 @@ def reference(ids, args, out):
     return json.load(open(out))
 
 
-def compare_layer_mode(tag, d, r):
+def compare_layer_mode(tag, d, r, per_head=False):
     L = d["n_layers"]
     check(f"{tag}: layer statistics within 1e-4",
           all(abs(d["layers"][l]["stat"] - r["layers"][l]["stat"]) <= 1e-4 for l in range(L)),
@@ -93,7 +102,11 @@ def compare_layer_mode(tag, d, r):
               abs(d["layers"][l]["tau_end"] - r["layers"][l]["tau_end"]) <= 1e-4 for l in range(L)))
     check(f"{tag}: kept sets after the prompt compression equal",
           all(d["layers"][l]["kept_prompt"] == r["layers"][l]["kept_prompt"] for l in range(L)))
-    jac = [jaccard(d["layers"][l]["kept_end"], r["layers"][l]["kept_end"]) for l in range(L)]
+    if per_head:  # one list per KV head: the worst head of each layer
+        jac = [min(jaccard(a, b) for a, b in zip(d["layers"][l]["kept_end"], r["layers"][l]["kept_end"]))
+               if len(d["layers"][l]["kept_end"]) == len(r["layers"][l]["kept_end"]) else 0.0 for l in range(L)]
+    else:
+        jac = [jaccard(d["layers"][l]["kept_end"], r["layers"][l]["kept_end"]) for l in range(L)]
     check(f"{tag}: kept sets at the end overlap >= 0.95", min(jac) >= 0.95, str([round(j, 3) for j in jac]))
     pd, pr = ppl(d["nll"]), ppl(r["nll"])
     check(f"{tag}: perplexity within 1e-4 (relative)", len(d["nll"]) == len(r["nll"]) and abs(pd / pr - 1) <= 1e-4,
@@ -124,22 +137,35 @@ def main():
         d = probe(ids, dargs, os.path.join(tmp, f"d{i}.json"))
         r = reference(ids, rargs + ["--mode", "layer"], os.path.join(tmp, f"r{i}.json"))
         compare_layer_mode(tag, d, r)
-    # the official per-head algorithm against d2od's layer-uniform one
-    d = probe(ids, ["--budget", "0.2", "--merge-rule", "code"], os.path.join(tmp, "dh.json"))
+    # d2od's granularity head against the same algorithm in the reference
+    dh = None
+    for i, (tag, dargs, rargs) in enumerate(cases):
+        d = probe(ids, dargs + ["--granularity", "head"], os.path.join(tmp, f"dh{i}.json"))
+        r = reference(ids, rargs + ["--mode", "kvhead"], os.path.join(tmp, f"rh{i}.json"))
+        compare_layer_mode(f"head, {tag}", d, r, per_head=True)
+        dh = dh or d
+    # the official per-head algorithm (per query head) against d2od at both granularities
+    dl = probe(ids, ["--budget", "0.2", "--merge-rule", "code"], os.path.join(tmp, "dl.json"))
     h = reference(ids, ["--budget", "0.2", "--merge-rule", "code", "--mode", "head"], os.path.join(tmp, "h.json"))
-    L = d["n_layers"]
-    check("official per-head: statistics and budgets equal",
-          all(abs(d["layers"][l]["stat"] - h["layers"][l]["stat"]) <= 1e-4 and
-              d["layers"][l]["heavy"] == h["layers"][l]["heavy"] for l in range(L)))
-    jac = []
-    for l in range(L):
-        heads = h["layers"][l]["kept_prompt"]
-        jac.append(sum(jaccard(d["layers"][l]["kept_prompt"], hs) for hs in heads) / len(heads))
-    print(f"info official per-head vs d2od layer-uniform: mean Jaccard of the kept sets after the prompt "
-          f"compression per layer {[round(j, 3) for j in jac]}")
-    pd, ph = ppl(d["nll"]), ppl(h["nll"])
-    check("official per-head: perplexity within 3 % of d2od's", abs(pd / ph - 1) <= 0.03,
-          f"d2od {pd:.4f} official {ph:.4f} ({100 * (pd / ph - 1):+.2f} %)")
+    L = dl["n_layers"]
+    gs = len(h["layers"][2]["kept_prompt"]) // len(dh["layers"][2]["kept_prompt"])
+    for name, d in (("layer", dl), ("head", dh)):
+        check(f"official per-head vs d2od {name}: statistics and budgets equal",
+              all(abs(d["layers"][l]["stat"] - h["layers"][l]["stat"]) <= 1e-4 and
+                  d["layers"][l]["heavy"] == h["layers"][l]["heavy"] for l in range(L)))
+        jac = []
+        for l in range(L):
+            qheads = h["layers"][l]["kept_prompt"]
+            if name == "layer":
+                jac.append(sum(jaccard(d["layers"][l]["kept_prompt"], hs) for hs in qheads) / len(qheads))
+            else:  # KV head g against the query heads g*gs .. g*gs+gs-1 of its group
+                kv = d["layers"][l]["kept_prompt"]
+                jac.append(sum(jaccard(kv[q // gs], qheads[q]) for q in range(len(qheads))) / len(qheads))
+        print(f"info official per-head vs d2od {name}: mean Jaccard of the kept sets after the prompt "
+              f"compression per layer {[round(j, 3) for j in jac]}")
+        pd, ph = ppl(d["nll"]), ppl(h["nll"])
+        check(f"official per-head vs d2od {name}: perplexity within 3 %", abs(pd / ph - 1) <= 0.03,
+              f"d2od {pd:.4f} official {ph:.4f} ({100 * (pd / ph - 1):+.2f} %)")
     print(f"d2o_reference: {results['passed']} passed, {results['failed']} failed")
     return 0 if results["failed"] == 0 else 1
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 D2OD_CPU = sys.argv[1] if len(sys.argv) > 1 else "build/d2od"
@@ -122,6 +123,15 @@ def main():
                 same = a[0] == b[0]
                 check(f"greedy case {i} ({label}): cuda == cpu" + ("" if same else f" up to a near tie ({detail})"),
                       ok, f"\n  {detail}\n  cpu:  {''.join(a[0])[:160]!r}\n  cuda: {''.join(b[0])[:160]!r}")
+        # granularity head (the official preset's) is CPU-only: the cuda server refuses it with a 400
+        head = {"method": "d2o", "preset": "official", "budget": 0.5}
+        check("granularity head runs on cpu", len(complete(cpu_port, cases[0]["prompt"], head)[0]) > 0)
+        try:
+            complete(emu_port, cases[0]["prompt"], head)
+            code, msg = 200, ""
+        except urllib.error.HTTPError as e:
+            code, msg = e.code, e.read().decode(errors="replace")
+        check("granularity head on cuda: 400 naming granularity", code == 400 and "granularity" in msg, f"{code} {msg}")
     for proc, name in ((cpu, "cpu"), (emu, "cuda")):
         if proc is not None:
             check(f"serve --device {name} stops with status 0 on SIGTERM", stop(proc) == 0)

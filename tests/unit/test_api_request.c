@@ -132,17 +132,26 @@ TEST(kv_preset_official) {
     ASSERT_NEAR(p.kv.heavy_share, 0.5, 1e-9);
     ASSERT_NEAR(p.kv.ema_beta, 0.5, 1e-9);
     ASSERT_EQ(p.kv.n_sink, 4);
+    ASSERT_EQ(p.kv.granularity, ENG_KV_GRAN_HEAD);
     for (int l = 0; l < 5; l++) ASSERT_EQ(eng_kv_layer_kept(&p.kv, 5, l), l == 0 || l == 1 || l == 4);
     api_gen_params_free(&p);
-    ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"preset\": \"official\", \"exact\": false, \"budget\": 0.3}",
+    ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"preset\": \"official\", \"exact\": false, \"budget\": 0.3, "
+                       "\"granularity\": \"layer\"}",
                        &p, &err));
+    ASSERT_EQ(p.kv.granularity, ENG_KV_GRAN_LAYER);
     ASSERT_YES(!p.kv.exact);
     ASSERT_EQ(p.kv.merge_rule, ENG_KV_MERGE_CODE);
     ASSERT_NEAR(p.kv.budget_frac, 0.3, 1e-6);
     api_gen_params_free(&p);
     ASSERT_OK(parse_kv("{\"method\": \"d2o\", \"preset\": \"default\"}", &p, &err));
     ASSERT_EQ(p.kv.merge_rule, ENG_KV_MERGE_NORMALISED);
+    ASSERT_EQ(p.kv.granularity, ENG_KV_GRAN_LAYER);
     api_gen_params_free(&p);
+    ASSERT_OK(parse_kv("{\"method\": \"h2o\", \"granularity\": \"head\"}", &p, &err));
+    ASSERT_EQ(p.kv.granularity, ENG_KV_GRAN_HEAD);
+    api_gen_params_free(&p);
+    expect_kv_error("{\"method\": \"d2o\", \"granularity\": \"token\"}");
+    expect_kv_error("{\"method\": \"d2o\", \"granularity\": 1}");
     expect_kv_error("{\"method\": \"h2o\", \"preset\": \"official\"}");
     expect_kv_error("{\"method\": \"d2o\", \"preset\": \"nosuch\"}");
     expect_kv_error("{\"method\": \"d2o\", \"preset\": 1}");
