@@ -293,7 +293,8 @@ static int kvrec_event(void *user, const eng_event *ev) {
     return 0;
 }
 
-static void run_d2o_beside(int64_t kv_pages, int n_others, kvrec *out) {
+/* official: the official preset (granularity head, one eviction per step). */
+static void run_d2o_beside(int64_t kv_pages, int n_others, bool official, kvrec *out) {
     eng_engine *e = open_engine(8, kv_pages);
     eng_sched *s;
     eng_sched_config sc = {.max_queue = 16};
@@ -313,6 +314,7 @@ static void run_d2o_beside(int64_t kv_pages, int n_others, kvrec *out) {
     eng_sample_params_default(&q.sample);
     q.sample.temperature = 0;
     eng_kv_config_default(&q.kv, ENG_KV_D2O);
+    if (official) ASSERT_OK(eng_kv_preset_apply(&q.kv, "official", NULL));
     ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
     int guard = 0;
     while (eng_sched_step(s) > 0) ASSERT_LT(guard++, 100000);
@@ -322,15 +324,15 @@ static void run_d2o_beside(int64_t kv_pages, int n_others, kvrec *out) {
     eng_engine_destroy(e);
 }
 
-TEST(preempted_d2o_request_replays_exactly) {
+static void replays_exactly(bool official) {
     kvrec alone, squeezed;
-    run_d2o_beside(0, 0, &alone);
+    run_d2o_beside(0, 0, official, &alone);
     ASSERT_EQ(alone.preempted, 0);
     /* 3 full-cache requests (8-token prompts, growing to 158 tokens) beside
      * the D2O one in a 60-page pool (5 layers): around its 35th token the
      * plan no longer fits and the newest running request, the D2O one, is
      * preempted; it is re-admitted once pages return */
-    run_d2o_beside(60, 3, &squeezed);
+    run_d2o_beside(60, 3, official, &squeezed);
     ASSERT_GT(squeezed.preempted, 0);
     for (int k = 0; k < 48; k++)
         if (alone.toks[k] != squeezed.toks[k])
@@ -341,6 +343,12 @@ TEST(preempted_d2o_request_replays_exactly) {
             FAIL_("layer %d holds %d tokens alone, %d after %d preemption(s)", l, alone.live[l],
                   squeezed.live[l], squeezed.preempted);
 }
+
+TEST(preempted_d2o_request_replays_exactly) { replays_exactly(false); }
+
+/* The same with the official preset: per-KV-head kept sets, one eviction per
+ * step; the replay must rebuild every head's set. */
+TEST(preempted_official_request_replays_exactly) { replays_exactly(true); }
 
 typedef struct submitter { eng_sched *s; rec *recs; int base; } submitter;
 static int32_t g_prompts[32][24];
