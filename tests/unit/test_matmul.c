@@ -165,3 +165,83 @@ TEST(matmul_f32) { check_dtype(ENG_F32); }
 TEST(matmul_f16) { check_dtype(ENG_F16); }
 TEST(matmul_bf16) { check_dtype(ENG_BF16); }
 TEST(matmul_q8_0) { check_dtype(ENG_Q8_0); }
+
+/* ---- D2_MATMUL_BENCH=1: GFLOP/s of one thread against the core's peak ------
+ * Timed in thread CPU time (CLOCK_THREAD_CPUTIME_ID), best of 5, so other
+ * processes on a shared machine distort it less than wall time (a busy
+ * hyperthread sibling still does). The peak is a loop of 12 independent
+ * 512-bit FMAs (and vdpbf16ps / vpdpbusd where compiled), timed the same way.
+ * Shape: 2048 x 768 (the 100M model's gate/up), rows in chunks of 64 as the
+ * backend's tasks walk them. */
+static double thread_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PEAK_LOOP(NAME, T, INIT, OP, FLOPS)                                                  \
+    do {                                                                                     \
+        T a[12];                                                                             \
+        for (int k = 0; k < 12; k++) a[k] = INIT;                                            \
+        long n = 100000000L;                                                                 \
+        double t0 = thread_s();                                                              \
+        for (long i = 0; i < n / 12; i++)                                                    \
+            for (int k = 0; k < 12; k++) {                                                   \
+                a[k] = OP;                                                                   \
+                __asm__ volatile("" : "+v"(a[k]));                                           \
+            }                                                                                \
+        double dt = thread_s() - t0;                                                         \
+        printf("  peak %-10s %6.1f GFLOP/s per core (%.2f G instructions/s)\n", NAME,       \
+               (double)(n / 12 * 12) * (FLOPS) / dt / 1e9, (double)(n / 12 * 12) / dt / 1e9); \
+    } while (0)
+static void peaks(void) {
+    __m512 b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-9f);
+    PEAK_LOOP("fp32 FMA", __m512, _mm512_set1_ps(1.0f), _mm512_fmadd_ps(a[k], b, c), 32.0);
+#if defined(__AVX512BF16__)
+    __m512bh wb = (__m512bh)_mm512_set1_epi16(0x3f80);
+    PEAK_LOOP("vdpbf16ps", __m512, _mm512_setzero_ps(), _mm512_dpbf16_ps(a[k], wb, wb), 64.0);
+#endif
+#if defined(__AVX512VNNI__)
+    __m512i u = _mm512_set1_epi8(1);
+    PEAK_LOOP("vpdpbusd", __m512i, _mm512_setzero_si512(), _mm512_dpbusd_epi32(a[k], u, u), 128.0);
+#endif
+}
+#else
+static void peaks(void) { printf("  (peak loops only in AVX-512 builds)\n"); }
+#endif
+
+TEST(bench_gflops) {
+    if (!getenv("D2_MATMUL_BENCH")) SKIP("set D2_MATMUL_BENCH=1 to run the benchmark");
+    need_isa();
+    peaks();
+    const int64_t R = 2048, C = 768;
+    static const int toks[] = {1, 2, 8, 32, 64};
+    float *x = malloc(sizeof(float) * 64 * (size_t)C), *y = malloc(sizeof(float) * 64 * (size_t)R);
+    float *wf = malloc(sizeof(float) * (size_t)(R * C));
+    float *scratch = malloc(sizeof(float) * eng_mm_scratch_floats(C));
+    for (int64_t i = 0; i < 64 * C; i++) x[i] = urand();
+    static const eng_dtype dts[] = {ENG_F32, ENG_F16, ENG_BF16, ENG_Q8_0};
+    for (int d = 0; d < 4; d++) {
+        eng_tensor w;
+        make_w(&w, dts[d], R, C, wf);
+        printf("  %-5s %-14s", eng_dtype_name(dts[d]), eng_mm_kernel_name(dts[d]));
+        for (int k = 0; k < 5; k++) {
+            double best = 1e30;
+            for (int rep = 0; rep < 5; rep++) {
+                double t0 = thread_s();
+                for (int64_t r = 0; r < R; r += 64) eng_mm_rows(&w, x, C, toks[k], y, R, r, r + 64, scratch);
+                double dt = thread_s() - t0;
+                if (dt < best) best = dt;
+            }
+            printf(" n=%-2d %6.1f", toks[k], 2.0 * (double)(R * C) * toks[k] / best / 1e9);
+        }
+        printf(" GFLOP/s\n");
+        free((void *)w.data);
+    }
+    free(x);
+    free(y);
+    free(wf);
+    free(scratch);
+}
