@@ -122,6 +122,8 @@ MM_VARIANTS := avx2 avx512
 MM_FLAGS_avx2 := -march=haswell -DD2_MM_VARIANT_AVX2
 MM_FLAGS_avx512 := -march=skylake-avx512 -DD2_MM_VARIANT_AVX512
 MM_TEST_BIN := $(MM_VARIANTS:%=$(BUILD)/tests/test_matmul_%)
+# kept (not intermediate), so a second make does not rebuild and relink them
+.SECONDARY: $(MM_VARIANTS:%=$(BUILD)/obj/mm-%/matmul.o)
 all: $(MM_TEST_BIN)
 $(BUILD)/obj/mm-%/matmul.o: engine/cpu/matmul.c
 	@mkdir -p $(dir $@)
