@@ -7,16 +7,17 @@
  * as text and go through the same parser as user input, so a default can never
  * be a value the parser would refuse. Environment names (D2OD_PORT) and flags
  * (--max-batch-tokens) are derived from the directive name by one rule each,
- * so they cannot drift from it either.
+ * so they cannot drift from it either. Values are read by the readers the
+ * subcommands' option table uses too (daemon/value.h), so a number, a name
+ * or a KV budget is accepted and understood the same way everywhere.
  *
  * Callers: daemon/ (serve command, reload), tests/unit/test_config.c and
- * tests/fuzz/fuzz_config.c (both #include this file). No global state.
+ * tests/fuzz/fuzz_config.c (both #include this file and daemon/value.c).
+ * No global state.
  */
 #include "daemon/config.h"
 
 #include <ctype.h>
-#include <errno.h>
-#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +26,7 @@
 
 #include "common/status.h"
 #include "common/util.h"
-#include "engine/engine.h"
+#include "daemon/value.h"
 #include "hub/hub.h"
 
 /* ---- the table ---------------------------------------------------------- */
@@ -146,23 +147,6 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* A value made printable for a message: control and non-ASCII bytes become
- * '?', long values are cut with "...". buf must hold at least 72 bytes. */
-static const char *shown(const char *s, char *buf, size_t n) {
-    size_t j = 0;
-    for (size_t i = 0; s[i] && j + 4 < n; i++) {
-        if (j >= 60) {
-            memcpy(buf + j, "...", 3);
-            j += 3;
-            break;
-        }
-        unsigned char c = (unsigned char)s[i];
-        buf[j++] = (c >= 0x20 && c < 0x7f) ? (char)c : '?';
-    }
-    buf[j] = '\0';
-    return buf;
-}
-
 static int find_by_name(const char *name, size_t len) {
     for (int i = 0; i < N_DIRS; i++)
         if (strlen(g_dirs[i].name) == len && !memcmp(g_dirs[i].name, name, len)) return i;
@@ -193,120 +177,21 @@ static void flag_name(const cfg_directive *d, char *buf, size_t n) {
     buf[j] = '\0';
 }
 
-static int ieq(const char *a, const char *b) {
-    for (; *a && *b; a++, b++)
-        if (tolower((unsigned char)*a) != tolower((unsigned char)*b)) return 0;
-    return *a == *b;
-}
-
-/* Returns 1/0 for a bool word, -1 when s is not one. */
-static int parse_bool_word(const char *s) {
-    static const char *const t[] = {"true", "yes", "on", "1"};
-    static const char *const f[] = {"false", "no", "off", "0"};
-    for (int i = 0; i < 4; i++) {
-        if (ieq(s, t[i])) return 1;
-        if (ieq(s, f[i])) return 0;
-    }
-    return -1;
-}
-
-/* Formats a number for messages: integral values without a fraction. */
-static void fmt_num(double v, char *buf, size_t n) {
-    if (v == floor(v) && fabs(v) < 1e15) snprintf(buf, n, "%.0f", v);
-    else snprintf(buf, n, "%g", v);
-}
-
-static int range_why(const cfg_directive *d, const char *v, char *why, size_t n) {
-    char sv[80], lo[32], hi[32];
-    fmt_num(d->min, lo, sizeof lo);
-    fmt_num(d->max, hi, sizeof hi);
-    snprintf(why, n, "value %s out of range [%s, %s]", shown(v, sv, sizeof sv), lo, hi);
-    return -1;
-}
-
 /* ---- value parsing ------------------------------------------------------ */
 
-/* Sets directive d of cfg from text v. 0 ok; -1 with why filled (the reason
- * only: callers prefix where the value came from). cfg is untouched on error. */
+/* Sets directive d of cfg from text v through the shared readers
+ * (daemon/value.h). 0 ok; -1 with why filled ("value ..." and the reason:
+ * callers prefix where the value came from). cfg is untouched on error. */
 static int set_value(dmn_config *cfg, const cfg_directive *d, const char *v, char *why, size_t n) {
     char *base = (char *)cfg + d->offset;
-    char sv[80];
+    char reason[240];
+    int rc = D2_EINVAL;
     switch (d->type) {
-    case CT_INT: {
-        if (!(isdigit((unsigned char)v[0]) || ((v[0] == '-' || v[0] == '+') && isdigit((unsigned char)v[1])))) {
-            snprintf(why, n, "value '%s' is not an integer", shown(v, sv, sizeof sv));
-            return -1;
-        }
-        errno = 0;
-        char *end;
-        long long x = strtoll(v, &end, 10);
-        if (*end) {
-            snprintf(why, n, "value '%s' is not an integer", shown(v, sv, sizeof sv));
-            return -1;
-        }
-        if (errno == ERANGE || (double)x < d->min || (double)x > d->max) return range_why(d, v, why, n);
-        *(int *)base = (int)x;
-        return 0;
-    }
-    case CT_FLOAT: {
-        /* Plain decimal only: no hex floats, inf or nan. */
-        int ok = v[0] != '\0';
-        for (const char *p = v; *p; p++)
-            if (!(isdigit((unsigned char)*p) || *p == '.' || *p == '-' || *p == '+' || *p == 'e' || *p == 'E')) ok = 0;
-        char *end = NULL;
-        double x = ok ? strtod(v, &end) : 0.0;
-        if (!ok || *end || !isfinite(x)) {
-            snprintf(why, n, "value '%s' is not a number", shown(v, sv, sizeof sv));
-            return -1;
-        }
-        if (x < d->min || x > d->max) return range_why(d, v, why, n);
-        *(double *)base = x;
-        return 0;
-    }
-    case CT_SIZE: {
-        if (!isdigit((unsigned char)v[0])) {
-            snprintf(why, n, "value '%s' is not a size (digits with an optional k, m or g)", shown(v, sv, sizeof sv));
-            return -1;
-        }
-        errno = 0;
-        char *end;
-        unsigned long long x = strtoull(v, &end, 10);
-        unsigned shift = 0;
-        if (*end == 'k' || *end == 'K') shift = 10, end++;
-        else if (*end == 'm' || *end == 'M') shift = 20, end++;
-        else if (*end == 'g' || *end == 'G') shift = 30, end++;
-        if (*end) {
-            snprintf(why, n, "value '%s' is not a size (digits with an optional k, m or g)", shown(v, sv, sizeof sv));
-            return -1;
-        }
-        if (errno == ERANGE || x > (~0ull >> shift)) return range_why(d, v, why, n);
-        x <<= shift;
-        if ((double)x < d->min || (double)x > d->max) return range_why(d, v, why, n);
-        *(uint64_t *)base = (uint64_t)x;
-        return 0;
-    }
-    case CT_BOOL: {
-        int b = parse_bool_word(v);
-        if (b < 0) {
-            snprintf(why, n, "value '%s' is not a boolean (true/false, yes/no, on/off, 1/0)",
-                     shown(v, sv, sizeof sv));
-            return -1;
-        }
-        *(int *)base = b;
-        return 0;
-    }
-    case CT_ENUM: {
-        for (int i = 0; d->enums[i]; i++) {
-            if (ieq(v, d->enums[i])) {
-                *(int *)base = i;
-                return 0;
-            }
-        }
-        size_t k = (size_t)snprintf(why, n, "value '%s' is not one of ", shown(v, sv, sizeof sv));
-        for (int i = 0; d->enums[i] && k < n; i++)
-            k += (size_t)snprintf(why + k, n - k, "%s%s", i ? ", " : "", d->enums[i]);
-        return -1;
-    }
+    case CT_INT: rc = dmn_value_int(v, d->min, d->max, (int *)base, reason, sizeof reason); break;
+    case CT_FLOAT: rc = dmn_value_float(v, d->min, d->max, (double *)base, reason, sizeof reason); break;
+    case CT_SIZE: rc = dmn_value_size(v, d->min, d->max, (uint64_t *)base, reason, sizeof reason); break;
+    case CT_BOOL: rc = dmn_value_bool(v, (int *)base, reason, sizeof reason); break;
+    case CT_ENUM: rc = dmn_value_enum(v, d->enums, (int *)base, reason, sizeof reason); break;
     case CT_STRING: {
         size_t len = strlen(v);
         if (len >= d->cap) {
@@ -317,8 +202,10 @@ static int set_value(dmn_config *cfg, const cfg_directive *d, const char *v, cha
         memcpy(base, v, len + 1);
         return 0;
     }
+    default: snprintf(reason, sizeof reason, "internal: bad directive type"); break;
     }
-    snprintf(why, n, "internal: bad directive type");
+    if (rc == D2_OK) return 0;
+    snprintf(why, n, "value %s", reason);
     return -1;
 }
 
@@ -347,25 +234,13 @@ static int check_api_key(const char *v, char *why, size_t n) {
     return 0;
 }
 
-/* kv_budget through the engine's one budget reader (eng_kv_budget_parse):
- * the derived fields of dmn_config. */
-static int kv_budget_split(const char *s, double *frac, long *tokens, const char **why) {
-    float f = 0.0f;
-    int t = 0;
-    int rc = eng_kv_budget_parse(s, &f, &t, why);
-    if (rc != D2_OK) return rc;
-    *frac = f;
-    *tokens = t;
-    return D2_OK;
-}
-
+/* kv_budget: the shared budget reader (eng_kv_budget_parse underneath);
+ * finalize derives kv_budget_frac / kv_budget_tokens from the same text. */
 static int check_kv_budget(const char *v, char *why, size_t n) {
-    double f;
-    long t;
-    char sv[80];
-    const char *reason = NULL;
-    if (kv_budget_split(v, &f, &t, &reason) != D2_OK) {
-        snprintf(why, n, "value '%s': %s", shown(v, sv, sizeof sv), reason ? reason : "invalid budget");
+    dmn_kv_budget b;
+    char reason[240];
+    if (dmn_value_kv_budget(v, &b, reason, sizeof reason) != D2_OK) {
+        snprintf(why, n, "value %s", reason);
         return -1;
     }
     return 0;
@@ -430,7 +305,7 @@ int dmn_config_parse_buffer(dmn_config *cfg, const char *buf, size_t len, const 
             size_t k = nlen < sizeof tmp - 1 ? nlen : sizeof tmp - 1;
             memcpy(tmp, ns, k);
             tmp[k] = '\0';
-            shown(tmp, dname, sizeof dname);
+            dmn_value_shown(tmp, dname, sizeof dname);
         }
         if (idx < 0) {
             set_err(err, errlen, "%s:%d: directive '%s': unknown directive", name, line, dname);
@@ -552,14 +427,14 @@ int dmn_config_apply_argv(dmn_config *cfg, int argc, char **argv, char *err, siz
         const char *a = argv[i];
         if (!a) continue;
         if (a[0] != '-' || a[1] != '-' || a[2] == '\0') {
-            set_err(err, errlen, "unexpected argument '%s'", shown(a, sa, sizeof sa));
+            set_err(err, errlen, "unexpected argument '%s'", dmn_value_shown(a, sa, sizeof sa));
             return D2_ECONFIG;
         }
         const char *val;
         size_t nlen = split_flag(a + 2, &val);
         char flag[96];
         snprintf(flag, sizeof flag, "--%.*s", (int)(nlen < 64 ? nlen : 64), a + 2);
-        shown(flag, sa, sizeof sa);
+        dmn_value_shown(flag, sa, sizeof sa);
         if (nlen == 6 && !memcmp(a + 2, "config", 6)) { /* handled by dmn_config_load */
             if (!val) i++;
             continue;
@@ -587,7 +462,7 @@ int dmn_config_apply_argv(dmn_config *cfg, int argc, char **argv, char *err, siz
             v = val;
         } else if (d->type == CT_BOOL) {
             /* "--watchdog" alone is true; "--watchdog off" takes the word. */
-            if (i + 1 < argc && argv[i + 1] && parse_bool_word(argv[i + 1]) >= 0) v = argv[++i];
+            if (i + 1 < argc && argv[i + 1] && dmn_value_bool_word(argv[i + 1]) >= 0) v = argv[++i];
             else v = "true";
         } else {
             /* A following "--flag" means the value was forgotten, not that it
@@ -639,11 +514,14 @@ int dmn_config_finalize(dmn_config *cfg, char *err, size_t errlen) {
         if (!n) snprintf(cfg->served_model_name, sizeof cfg->served_model_name, "model");
         cfg->source[dir_index("served_model_name")] = DMN_SRC_DERIVED;
     }
-    const char *why = NULL;
-    if (kv_budget_split(cfg->kv_budget, &cfg->kv_budget_frac, &cfg->kv_budget_tokens, &why) != D2_OK) {
-        set_err(err, errlen, "kv_budget: invalid value '%s': %s", cfg->kv_budget, why ? why : "invalid budget");
+    dmn_kv_budget b;
+    char why[288];
+    if (dmn_value_kv_budget(cfg->kv_budget, &b, why, sizeof why) != D2_OK) {
+        set_err(err, errlen, "kv_budget: invalid value %s", why);
         return D2_ECONFIG;
     }
+    cfg->kv_budget_frac = b.frac;
+    cfg->kv_budget_tokens = b.tokens;
     if (cfg->default_max_tokens > cfg->max_tokens_limit) {
         set_err(err, errlen, "default_max_tokens (%d) exceeds max_tokens_limit (%d)",
                 cfg->default_max_tokens, cfg->max_tokens_limit);
@@ -772,7 +650,7 @@ static void format_value(const cfg_directive *d, const dmn_config *cfg, char *bu
     const char *p = (const char *)cfg + d->offset;
     switch (d->type) {
     case CT_INT: snprintf(buf, n, "%d", *(const int *)p); return;
-    case CT_FLOAT: fmt_num(*(const double *)p, buf, n); return;
+    case CT_FLOAT: dmn_value_num(*(const double *)p, buf, n); return;
     case CT_BOOL: snprintf(buf, n, "%s", *(const int *)p ? "true" : "false"); return;
     case CT_ENUM: {
         int v = *(const int *)p, k = 0;
@@ -809,19 +687,15 @@ void dmn_config_print_help(FILE *f) {
         flag_name(d, fl, sizeof fl);
         env_name(d, en, sizeof en);
         if (d->type == CT_ENUM) {
-            size_t k = 0;
             char alts[96];
-            for (int j = 0; d->enums[j]; j++)
-                k += (size_t)snprintf(alts + k, sizeof alts - k, "%s%s", j ? "|" : "", d->enums[j]);
-            snprintf(left, sizeof left, "%s %s", fl, alts);
+            snprintf(left, sizeof left, "%s %s", fl, dmn_value_names(d->enums, "|", alts, sizeof alts));
         } else {
             snprintf(left, sizeof left, "%s %s", fl, d->metavar ? d->metavar : "VALUE");
         }
         if (d->type == CT_INT || d->type == CT_FLOAT || d->type == CT_SIZE) {
             char lo[32], hi[32];
-            fmt_num(d->min, lo, sizeof lo);
-            fmt_num(d->max, hi, sizeof hi);
-            snprintf(range, sizeof range, ", range %s..%s", lo, hi);
+            snprintf(range, sizeof range, ", range %s..%s", dmn_value_num(d->min, lo, sizeof lo),
+                     dmn_value_num(d->max, hi, sizeof hi));
         }
         if (strlen(left) > 30) fprintf(f, "  %s\n  %-30s %s\n", left, "", d->help);
         else fprintf(f, "  %-30s %s\n", left, d->help);

@@ -3,23 +3,21 @@
  * subcommands. Contract and syntax: daemon/opts.h.
  *
  * Design: one reader per value type (set_int, set_float, ...) is used for the
- * defaults and for argv alike; the help walks the same rows. Nothing here
- * knows a particular command.
+ * defaults and for argv alike; each is the shared reader of daemon/value.h
+ * (the one serve's directive table uses) with the option's name put in front
+ * of its reason. The help walks the same rows. Nothing here knows a
+ * particular command.
  *
  * Callers: daemon/ (the subcommands), tests/unit/test_opts.c (#includes this
- * file). No global state; not thread-affine.
+ * file and daemon/value.c). No global state; not thread-affine.
  */
 #include "daemon/opts.h"
 
-#include <errno.h>
-#include <math.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/status.h"
-#include "engine/engine.h"
 
 const char *const dmn_opt_kv_methods[] = {"full", "d2o", "h2o", "streamingllm", "snapkv", "pyramidkv", NULL};
 const char *const dmn_opt_kv_granularities[] = {"layer", "head", NULL};
@@ -36,115 +34,41 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* A value made printable for a message: control and non-ASCII bytes become
- * '?', long values are cut with "...". */
-static const char *shown(const char *s, char *buf, size_t n) {
-    size_t j = 0;
-    for (size_t i = 0; s[i] && j + 4 < n; i++) {
-        if (j >= 60) {
-            memcpy(buf + j, "...", 3);
-            j += 3;
-            break;
-        }
-        unsigned char c = (unsigned char)s[i];
-        buf[j++] = (c >= 0x20 && c < 0x7f) ? (char)c : '?';
-    }
-    buf[j] = '\0';
-    return buf;
-}
-
-/* Integral bounds print without a fraction ("16777216", not "1.67772e+07"). */
-static const char *fmt_num(double v, char *buf, size_t n) {
-    if (v == floor(v) && fabs(v) < 1e15) snprintf(buf, n, "%.0f", v);
-    else snprintf(buf, n, "%g", v);
-    return buf;
-}
-
 static void *field(void *out, size_t off) { return (char *)out + off; }
 
-/* Index of s in a NULL-terminated list, or -1. */
-static int name_index(const char *const *names, const char *s, size_t len) {
-    for (int i = 0; names && names[i]; i++)
-        if (strlen(names[i]) == len && !memcmp(names[i], s, len)) return i;
-    return -1;
-}
+/* ---- one reader per type: the shared readers (daemon/value.h), the option named ---- */
 
-/* "a|b|c" into buf. */
-static const char *joined(const char *const *names, char *buf, size_t n) {
-    size_t j = 0;
-    buf[0] = '\0';
-    for (int i = 0; names && names[i] && j + 1 < n; i++)
-        j += (size_t)snprintf(buf + j, n - j, "%s%s", i ? "|" : "", names[i]);
-    return buf;
+/* "--name: reason" from a shared reader's failure. */
+static int named(const dmn_opt *o, int rc, const char *why, char *err, size_t errlen) {
+    if (rc != D2_OK) set_err(err, errlen, "--%s: %s", o->name, why);
+    return rc;
 }
-
-/* ---- one reader per type ---------------------------------------------------------- */
 
 static int set_int(const dmn_opt *o, const char *v, int *dst, char *err, size_t errlen) {
-    char sv[80], lo[32], hi[32];
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (errno == ERANGE || end == v || *end || (*v != '-' && (*v < '0' || *v > '9'))) {
-        set_err(err, errlen, "--%s: '%s' is not an integer", o->name, shown(v, sv, sizeof sv));
-        return D2_EINVAL;
-    }
-    if ((double)x < o->min || (double)x > o->max) {
-        set_err(err, errlen, "--%s: %lld is out of range [%s, %s]", o->name, x, fmt_num(o->min, lo, sizeof lo),
-                fmt_num(o->max, hi, sizeof hi));
-        return D2_EINVAL;
-    }
-    *dst = (int)x;
-    return D2_OK;
+    char why[288];
+    return named(o, dmn_value_int(v, o->min, o->max, dst, why, sizeof why), why, err, errlen);
 }
 
 static int set_float(const dmn_opt *o, const char *v, double *dst, char *err, size_t errlen) {
-    char sv[80], lo[32], hi[32];
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (errno == ERANGE || end == v || *end || !isfinite(x) || *v == ' ' || *v == '\t') {
-        set_err(err, errlen, "--%s: '%s' is not a number", o->name, shown(v, sv, sizeof sv));
-        return D2_EINVAL;
-    }
-    if (x < o->min || x > o->max) {
-        set_err(err, errlen, "--%s: %g is out of range [%s, %s]", o->name, x, fmt_num(o->min, lo, sizeof lo),
-                fmt_num(o->max, hi, sizeof hi));
-        return D2_EINVAL;
-    }
-    *dst = x;
-    return D2_OK;
+    char why[288];
+    return named(o, dmn_value_float(v, o->min, o->max, dst, why, sizeof why), why, err, errlen);
 }
 
-static int set_enum(const dmn_opt *o, const char *v, size_t len, int *dst, char *err, size_t errlen) {
-    int k = name_index(o->names, v, len);
-    if (k < 0) {
-        char sv[80], all[256];
-        char one[80];
-        snprintf(one, sizeof one, "%.*s", (int)(len < 79 ? len : 79), v);
-        set_err(err, errlen, "--%s: '%s' is not one of %s", o->name, shown(one, sv, sizeof sv),
-                joined(o->names, all, sizeof all));
-        return D2_EINVAL;
-    }
-    *dst = k;
-    return D2_OK;
+static int set_enum(const dmn_opt *o, const char *v, int *dst, char *err, size_t errlen) {
+    char why[400];
+    return named(o, dmn_value_enum(v, o->names, dst, why, sizeof why), why, err, errlen);
 }
 
 static int set_budget(const dmn_opt *o, const char *v, dmn_kv_budget *dst, char *err, size_t errlen) {
-    char sv[80];
-    const char *why = NULL;
-    dmn_kv_budget b = {0};
-    float frac = 0.0f;
-    if (eng_kv_budget_parse(v, &frac, &b.tokens, &why) != D2_OK) {
-        set_err(err, errlen, "--%s: '%s': %s", o->name, shown(v, sv, sizeof sv), why ? why : "invalid budget");
-        return D2_EINVAL;
-    }
+    char why[288], sv[80];
+    dmn_kv_budget b;
+    int rc = named(o, dmn_value_kv_budget(v, &b, why, sizeof why), why, err, errlen);
+    if (rc != D2_OK) return rc;
     if ((o->flags & DMN_OPT_SHARES) && b.tokens > 0) {
         set_err(err, errlen, "--%s: '%s': this command takes budgets as shares of the prompt in (0, 1], "
-                "not token counts", o->name, shown(v, sv, sizeof sv));
+                "not token counts", o->name, dmn_value_shown(v, sv, sizeof sv));
         return D2_EINVAL;
     }
-    if (b.tokens == 0) b.frac = strtod(v, NULL); /* the reader checked it: digits and one '.' */
     *dst = b;
     return D2_OK;
 }
@@ -174,7 +98,7 @@ static int set_list(const dmn_opt *o, const char *v, void *dst, char *err, size_
         if (o->type == DMN_OPT_INT_LIST) rc = set_int(o, one, &il.v[n], err, errlen);
         else if (o->type == DMN_OPT_FLOAT_LIST) rc = set_float(o, one, &fl.v[n], err, errlen);
         else if (o->type == DMN_OPT_KV_BUDGET_LIST) rc = set_budget(o, one, &bl.v[n], err, errlen);
-        else rc = set_enum(o, one, len, &x, err, errlen);
+        else rc = set_enum(o, one, &x, err, errlen);
         if (rc != D2_OK) return rc;
         if (o->type == DMN_OPT_ENUM_LIST) {
             int dup = 0;
@@ -201,7 +125,7 @@ static int set_value(const dmn_opt *o, void *out, const char *v, char *err, size
     case DMN_OPT_INT: return set_int(o, v, dst, err, errlen);
     case DMN_OPT_FLOAT: return set_float(o, v, dst, err, errlen);
     case DMN_OPT_FLAG: *(bool *)dst = true; return D2_OK;
-    case DMN_OPT_ENUM: return set_enum(o, v, strlen(v), dst, err, errlen);
+    case DMN_OPT_ENUM: return set_enum(o, v, dst, err, errlen);
     case DMN_OPT_KV_BUDGET: return set_budget(o, v, dst, err, errlen);
     case DMN_OPT_INT_LIST:
     case DMN_OPT_FLOAT_LIST:
@@ -227,14 +151,14 @@ static int apply_arg(const dmn_cmd_spec *cmd, void *out, int argc, char **argv, 
     char sv[80];
     if (a[0] != '-' || a[1] != '-' || !a[2]) {
         set_err(err, errlen, a[0] == '-' ? "unknown option '%s'" : "unexpected argument '%s'",
-                shown(a, sv, sizeof sv));
+                dmn_value_shown(a, sv, sizeof sv));
         return D2_EINVAL;
     }
     const char *name = a + 2, *eq = strchr(name, '=');
     size_t len = eq ? (size_t)(eq - name) : strlen(name);
     const dmn_opt *o = find_opt(cmd, name, len);
     if (!o) {
-        set_err(err, errlen, "unknown option '%s'", shown(a, sv, sizeof sv));
+        set_err(err, errlen, "unknown option '%s'", dmn_value_shown(a, sv, sizeof sv));
         return D2_EINVAL;
     }
     const char *v = eq ? eq + 1 : NULL;
@@ -345,11 +269,11 @@ static void help_suffix(const dmn_opt *o, char *buf, size_t n) {
     buf[0] = '\0';
     if (o->flags & DMN_OPT_REQUIRED) add_part(buf, n, &j, "required");
     if (o->type == DMN_OPT_ENUM || o->type == DMN_OPT_ENUM_LIST)
-        add_part(buf, n, &j, "%s", joined(o->names, all, sizeof all));
+        add_part(buf, n, &j, "%s", dmn_value_names(o->names, "|", all, sizeof all));
     if (o->def && o->type != DMN_OPT_FLAG) add_part(buf, n, &j, "default %s", o->def);
     if ((o->type == DMN_OPT_INT || o->type == DMN_OPT_FLOAT || o->type == DMN_OPT_INT_LIST ||
          o->type == DMN_OPT_FLOAT_LIST) && o->max > o->min)
-        add_part(buf, n, &j, "%s..%s", fmt_num(o->min, lo, sizeof lo), fmt_num(o->max, hi, sizeof hi));
+        add_part(buf, n, &j, "%s..%s", dmn_value_num(o->min, lo, sizeof lo), dmn_value_num(o->max, hi, sizeof hi));
     if (o->max_count > 0 && o->max_count < DMN_OPT_LIST_MAX) add_part(buf, n, &j, "at most %d values", o->max_count);
     if (j && j + 1 < n) {
         buf[j++] = ')';

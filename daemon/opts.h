@@ -14,11 +14,15 @@
  * value; "-h"/"--help" asks for the help; the last occurrence of an option
  * wins. Anything else is a usage error naming the option and the reason:
  *   "--temperature: 'abc' is not a number"
- *   "--top-k: 99999999999 is out of range [0, 16777216]"
+ *   "--top-k: 99999999999 out of range [0, 16777216]"
+ *   "--device: 'tpu' is not one of cpu, cuda, auto"
  *   "--kv-budget: '1.5': a share of the prompt must be in (0, 1]; ..."
  *   "--model is required", "unknown option '--frob'", "--prompt needs a value"
- * KV budgets are read by the engine's one budget reader (eng_kv_budget_parse),
- * so they mean the same here as in the config file and in requests.
+ * Values are read by the readers serve's directive table uses
+ * (daemon/value.h: the same rules for integers, numbers and names, which are
+ * matched in any case), and KV budgets by the engine's one budget reader
+ * underneath, so they mean the same here as in the config file and in
+ * requests.
  *
  * Callers: daemon/ only (the subcommands; tests/unit/test_opts.c #includes
  * opts.c). Plain functions over caller data; no global state.
@@ -29,6 +33,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
+
+#include "daemon/value.h" /* dmn_kv_budget */
 
 typedef enum dmn_opt_type {
     DMN_OPT_STR,            /* const char *: borrowed from argv (or the default text) */
@@ -47,10 +53,6 @@ typedef enum dmn_opt_type {
 
 typedef struct dmn_int_list { int n; int v[DMN_OPT_LIST_MAX]; } dmn_int_list;
 typedef struct dmn_float_list { int n; double v[DMN_OPT_LIST_MAX]; } dmn_float_list;
-/* One KV budget as eng_kv_config holds it: frac > 0 (share of the prompt) or tokens > 0.
- * frac is the share as written ("0.3" is the double 0.3, not the float
- * nearest it), so reports print what was asked. */
-typedef struct dmn_kv_budget { double frac; int tokens; } dmn_kv_budget;
 typedef struct dmn_kv_budget_list { int n; dmn_kv_budget v[DMN_OPT_LIST_MAX]; } dmn_kv_budget_list;
 
 /* dmn_opt.flags */

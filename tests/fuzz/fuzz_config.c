@@ -1,23 +1,23 @@
 /*
  * tests/fuzz/fuzz_config.c — fuzz target for the daemon's config-file parser
- * (dmn_config_parse_buffer in daemon/config.c).
+ * (dmn_config_parse_buffer in daemon/config.c, with the value readers of
+ * daemon/value.c).
  *
- * libFuzzer:
- *   clang -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -I. -g -O1
- *     -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_config.c
- *     common/log.c common/status.c common/util.c -lm -pthread -o build/fuzz_config
- *   build/fuzz_config -max_len=4096 configs/
+ * libFuzzer: `make fuzz` builds build/fuzz/fuzz_config (clang,
+ * -fsanitize=fuzzer,address,undefined, with every library source), then
+ *   build/fuzz/fuzz_config -max_len=4096 configs/
  * Standalone replay (any compiler; -DD2_FUZZ_STANDALONE adds a main that runs
- * each file named on the command line once, e.g. a crash reproducer):
- *   cc (the flags above, minus -fsanitize=fuzzer) -DD2_FUZZ_STANDALONE ...
- *   ./fuzz_config configs/d2od.conf crash-1234
+ * each file named on the command line once, e.g. a crash reproducer): `make`
+ * builds build/fuzz-replay/fuzz_config, then
+ *   build/fuzz-replay/fuzz_config configs/d2od.conf crash-1234
  *
  * Besides "no crash, no sanitizer report", the target checks invariants:
  * the status is D2_OK or D2_ECONFIG, an error always carries a message
  * starting with the buffer's name, and the string fields stay NUL-terminated.
- * daemon/ is not in libd2od.a, so the module's source is included.
+ * daemon/ is not in libd2od.a, so the module's sources are included.
  */
 #include "daemon/config.c"
+#include "daemon/value.c"
 
 #include <stdio.h>
 #include <stdlib.h>

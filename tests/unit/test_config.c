@@ -9,6 +9,7 @@
  * Runs from the repo root (configs/d2od.conf is read in place).
  */
 #include "daemon/config.c"
+#include "daemon/value.c"
 
 #include <stdio.h>
 

@@ -6,6 +6,7 @@
  * reader, and the generated --help.
  */
 #include "daemon/opts.c"
+#include "daemon/value.c"
 
 #include "tests/test.h"
 
@@ -119,16 +120,29 @@ TEST(errors_name_the_option_and_the_reason) {
     EXPECT_ERR("--n: '3.5' is not an integer", "--model", "m", "--n", "3.5");
     EXPECT_ERR("--n: ' 3' is not an integer", "--model", "m", "--n", " 3");
     EXPECT_ERR("--n: '' is not an integer", "--model", "m", "--n=");
-    EXPECT_ERR("--n: 101 is out of range [-5, 100]", "--model", "m", "--n", "101");
-    EXPECT_ERR("--n: '99999999999999999999' is not an integer", "--model", "m", "--n", "99999999999999999999");
+    EXPECT_ERR("--n: 101 out of range [-5, 100]", "--model", "m", "--n", "101");
+    /* an integer too big for any type is out of range, as in the config file */
+    EXPECT_ERR("--n: 99999999999999999999 out of range [-5, 100]", "--model", "m", "--n", "99999999999999999999");
     EXPECT_ERR("--x: 'nan' is not a number", "--model", "m", "--x", "nan");
     EXPECT_ERR("--x: 'inf' is not a number", "--model", "m", "--x", "inf");
     EXPECT_ERR("--x: '1x' is not a number", "--model", "m", "--x", "1x");
-    EXPECT_ERR("--x: 2.5 is out of range [0, 2]", "--model", "m", "--x", "2.5");
-    EXPECT_ERR("--mode: 'delta' is not one of alpha|beta|gamma", "--model", "m", "--mode", "delta");
-    EXPECT_ERR("--seed: -1 is out of range [0, 1000]", "--model", "m", "--seed", "-1");
+    EXPECT_ERR("--x: 2.5 out of range [0, 2]", "--model", "m", "--x", "2.5");
+    EXPECT_ERR("--mode: 'delta' is not one of alpha, beta, gamma", "--model", "m", "--mode", "delta");
+    EXPECT_ERR("--seed: -1 out of range [0, 1000]", "--model", "m", "--seed", "-1");
     /* control bytes are shown as '?' so the message stays one line */
     EXPECT_ERR("--n: 'a?b' is not an integer", "--model", "m", "--n", "a\nb");
+}
+
+TEST(values_follow_the_config_files_rules) {
+    /* the readers are serve's (daemon/value.h): a sign, names in any case, plain decimals only */
+    t_opts o;
+    ASSERT_EQ(PARSE(&o, "--model", "m", "--n", "+5", "--mode", "GAMMA", "--modes", "Alpha,ALPHA", "--x", "+.5"), D2_OK);
+    ASSERT_EQ(o.n, 5);
+    ASSERT_EQ(o.mode, 2);
+    ASSERT_EQ(o.modes.n, 1);
+    ASSERT_NEAR(o.x, 0.5, 0);
+    EXPECT_ERR("--x: '0x1p0' is not a number", "--model", "m", "--x", "0x1p0");
+    EXPECT_ERR("--x: ' 1' is not a number", "--model", "m", "--x", " 1");
 }
 
 TEST(lists) {
@@ -140,10 +154,10 @@ TEST(lists) {
     ASSERT(o.modes.v[0] == 2 && o.modes.v[1] == 0);
     EXPECT_ERR("--ints: empty element in '1,,2'", "--model", "m", "--ints", "1,,2");
     EXPECT_ERR("--ints: empty element in '1,'", "--model", "m", "--ints", "1,");
-    EXPECT_ERR("--ints: 65 is out of range [1, 64]", "--model", "m", "--ints", "1,65");
+    EXPECT_ERR("--ints: 65 out of range [1, 64]", "--model", "m", "--ints", "1,65");
     EXPECT_ERR("--ints: 'x' is not an integer", "--model", "m", "--ints", "x");
     EXPECT_ERR("--ints: at most 16 values", "--model", "m", "--ints", "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17");
-    EXPECT_ERR("--modes: 'zeta' is not one of alpha|beta|gamma", "--model", "m", "--modes", "alpha,zeta");
+    EXPECT_ERR("--modes: 'zeta' is not one of alpha, beta, gamma", "--model", "m", "--modes", "alpha,zeta");
 }
 
 TEST(float_lists_and_a_list_cap_below_the_table_maximum) {
@@ -158,7 +172,7 @@ TEST(float_lists_and_a_list_cap_below_the_table_maximum) {
     ASSERT_EQ(o.has_seed, true); /* the seen bool of another option's row */
     ASSERT_EQ(o.seed, 0);
     EXPECT_ERR("--xs: at most 3 values", "--model", "m", "--xs", "0,0,0,0");
-    EXPECT_ERR("--xs: 2 is out of range [0, 1]", "--model", "m", "--xs", "0.5,2");
+    EXPECT_ERR("--xs: 2 out of range [0, 1]", "--model", "m", "--xs", "0.5,2");
     EXPECT_ERR("--xs: 'x' is not a number", "--model", "m", "--xs", "0.5,x");
     EXPECT_ERR("--xs: empty element in ',0.5'", "--model", "m", "--xs", ",0.5");
 }
@@ -184,16 +198,18 @@ TEST(kv_budgets_have_the_engine_meaning) {
 }
 
 static const dmn_opt BAD_DEFAULT[] = {
-    {.name = "n", .type = DMN_OPT_INT, .offset = 0, .def = "200", .min = 0, .max = 100, .help = "a count"},
+    {.name = "n", .type = DMN_OPT_INT, .offset = offsetof(t_opts, n), .def = "200", .min = 0, .max = 100,
+     .help = "a count"},
 };
 
 TEST(a_default_the_parser_refuses_is_an_internal_error) {
-    dmn_cmd_spec c = {.name = "bad", .usage = "", .opts = BAD_DEFAULT, .n_opts = 1, .size = sizeof(int)};
-    int v = 0;
+    /* a whole options struct, as a command passes (the parser may write any row type's field) */
+    dmn_cmd_spec c = {.name = "bad", .usage = "", .opts = BAD_DEFAULT, .n_opts = 1, .size = sizeof(t_opts)};
+    t_opts v;
     char *argv[] = {"bad"};
     char err[256];
     ASSERT_EQ(dmn_opts_parse(&c, &v, 1, argv, err, sizeof err), D2_EINTERNAL);
-    ASSERT(strstr(err, "--n: 200 is out of range") != NULL);
+    ASSERT(strstr(err, "--n: 200 out of range [0, 100]") != NULL);
 }
 
 TEST(help_lists_every_option_with_default_range_and_choices) {
