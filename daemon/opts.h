@@ -41,7 +41,7 @@ typedef enum dmn_opt_type {
     DMN_OPT_INT,            /* int in [min, max] */
     DMN_OPT_FLOAT,          /* double in [min, max] (finite) */
     DMN_OPT_FLAG,           /* bool, true when present; takes no value */
-    DMN_OPT_ENUM,           /* int: index of the value in names */
+    DMN_OPT_ENUM,           /* int: index of the value in names (matched in any case) */
     DMN_OPT_INT_LIST,       /* dmn_int_list: "1,8,32", each in [min, max] */
     DMN_OPT_FLOAT_LIST,     /* dmn_float_list: "0,0.5,1", each in [min, max] */
     DMN_OPT_ENUM_LIST,      /* dmn_int_list: "full,d2o", indices into names, repeats dropped */
