@@ -238,7 +238,7 @@ static void on_signal(uv_signal_t *s, int signum) {
 static void on_tick(uv_timer_t *t) {
     daemon_state *d = t->data;
     api_server_tick(d->srv);
-    char why[320];
+    char why[512];
     if (d->exit_code == 0 && eng_sched_fatal(d->sched, why, sizeof why)) {
         D2_ERROR("serve: fatal: the %s backend failed: %s; exiting with status 1",
                  eng_engine_backend_name(d->e), why);
@@ -368,8 +368,8 @@ static int serve_load_model(daemon_state *d) {
     return -1;
 }
 
-/* Starts the engine thread and HTTP, runs one warm-up generation, then turns
- * /health to 200 and tells systemd READY=1. */
+/* Starts the engine thread and HTTP and runs one warm-up generation
+ * (serve_run_loop turns /health to 200 once the signal handlers are in). */
 static int serve_start(daemon_state *d) {
     eng_sched_config sc = {.max_queue = d->cfg.max_queue};
     int rc = eng_sched_create(d->e, &sc, &d->sched);
@@ -390,16 +390,12 @@ static int serve_start(daemon_state *d) {
         fprintf(stderr, "d2od serve: warm-up generation failed: %s\n", d2_strerror(rc));
         return 1;
     }
-    api_server_set_ready(d->srv, true);
-    D2_INFO("serve: listening on http://%s:%d (model '%s')", d->cfg.host, api_server_port(d->srv),
-            d->cfg.served_model_name);
-    dmn_notify_status("serving %s on %s:%d", d->cfg.served_model_name, d->cfg.host, api_server_port(d->srv));
-    dmn_notify_ready();
     return -1;
 }
 
-/* The libuv loop: signals and timers until the drain (or a second signal)
- * stops it; then its handles are closed and the loop with them. */
+/* The libuv loop: signals (installed first), then /health 200 and READY=1,
+ * timers until the drain (or a second signal) stops it; then its handles are
+ * closed and the loop with them. */
 static void serve_run_loop(daemon_state *d) {
     uv_loop_init(&d->loop);
     uv_signal_init(&d->loop, &d->sig_term);
@@ -409,6 +405,13 @@ static void serve_run_loop(daemon_state *d) {
     uv_signal_start(&d->sig_term, on_signal, SIGTERM);
     uv_signal_start(&d->sig_int, on_signal, SIGINT);
     uv_signal_start(&d->sig_hup, on_signal, SIGHUP);
+    /* Ready only now: a SIGTERM right after /health turned 200 (or after
+     * READY=1) must find the handler installed, not the default action. */
+    api_server_set_ready(d->srv, true);
+    D2_INFO("serve: listening on http://%s:%d (model '%s')", d->cfg.host, api_server_port(d->srv),
+            d->cfg.served_model_name);
+    dmn_notify_status("serving %s on %s:%d", d->cfg.served_model_name, d->cfg.host, api_server_port(d->srv));
+    dmn_notify_ready();
     uv_timer_init(&d->loop, &d->tick);
     uv_timer_init(&d->loop, &d->watchdog);
     uv_timer_init(&d->loop, &d->drain);
