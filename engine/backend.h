@@ -67,6 +67,7 @@
 #include <stdint.h>
 
 #include "engine/model/model.h"
+#include "engine/sample.h"
 #include "kvpool/kvpool.h"
 
 /* ---- the plan ----------------------------------------------------------------- */
@@ -174,6 +175,7 @@ typedef struct eng_backend_caps {
                                   0 = no limit of the backend's own (host memory) */
     bool argmax_on_device;     /* argmax runs where the logits are (no vocabulary copy) */
     bool kv_per_head;          /* kv_compress implements per_head (granularity head) */
+    bool sample_on_device;     /* the sample op exists: device draws (engine/sample.h) */
 } eng_backend_caps;
 
 typedef struct eng_backend eng_backend;
@@ -194,6 +196,13 @@ typedef struct eng_backend_ops {
     /* Greedy tokens (lowest id on ties) of the listed logit rows of the last
      * step, chosen where the logits are: out[i] for rows[i]. */
     int (*argmax)(eng_backend *be, const int *rows, int n, int32_t *out);
+    /* Optional (NULL unless caps.sample_on_device): sampled tokens of the
+     * listed logit rows of the last step, drawn where the logits are with
+     * draws[i] (engine/sample.h, "Device draws": the token is the host
+     * sampler's for the same uniform number): out[i] for rows[i], -1 for a
+     * row the host sampler would refuse (NaN or +inf, or no finite logit). */
+    int (*sample)(eng_backend *be, const int *rows, const eng_sample_draw *draws, int n,
+                  int32_t *out);
     int (*kv_compress)(eng_backend *be, const eng_kv_compress_req *req, eng_kv_compress_res *res);
     /* Optional (NULL: the runtime calls kv_compress for each): the n
      * compressions req[0..n) (distinct tables, e.g. the layers of one

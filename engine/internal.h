@@ -95,6 +95,10 @@ int eng__step_execute(eng_engine *e, const eng_plan *p);
 int eng__step_logits(eng_engine *e, int row, const float **out);
 /* Greedy token of logit row `row`, chosen where the logits are. */
 int eng__step_argmax(eng_engine *e, int row, int32_t *out);
+/* Whether the backend draws samples where the logits are (caps.sample_on_device). */
+bool eng__step_can_sample(const eng_engine *e);
+/* Sampled tokens of logit rows rows[0..n) with draws[0..n) (backend.h, sample). */
+int eng__step_sample(eng_engine *e, const int *rows, const eng_sample_draw *draws, int n, int32_t *out);
 /* Whether status rc from a step, sample or compression means the backend's
  * device state is lost (engine/backend.h: such a backend answers D2_ECUDA
  * from then on): nothing it computes can be trusted any more. */

@@ -40,6 +40,30 @@
  * Tokens whose probability relative to the most likely one is below about
  * exp(-86) are treated as probability 0.
  *
+ * Device draws (eng_sampler_device_draw; kernels/sample.cu kern_sample): a
+ * sample that needs no logprobs, penalties or logit bias, with temperature >=
+ * 1e-5 and either top_k off (0 or >= n_vocab) with top_p 1, or 2 <= top_k <=
+ * ENG_SAMPLE_DEVICE_MAX_K (top_p and min_p allowed), takes exactly one uniform
+ * number u from the RNG and is a pure function of (logits, u, parameters).
+ * A backend can then draw where the logits are and get the token this file
+ * would: the host hands it u and 1.0f / temperature, and the kernel repeats,
+ * in the same order and with the same roundings, what decides the token here:
+ *   top_k off: p_i = exp_nonpos((x_i - max) * inv_t) (the branch-free exp
+ *     below; zeroed when p_i < min_p), the sums of 64-token blocks in
+ *     block_sum's fixed tree, their total in double in block order (then the
+ *     tail tokens), target = u * total, and the walk: skip whole blocks while
+ *     run + block <= target, then add tokens of the block in id order until
+ *     run > target (draw());
+ *   top_k = k: the k best tokens by rank (logit descending, id ascending),
+ *     their weights in that order, the double mass, the shortest prefix
+ *     whose running sum reaches top_p * mass, the min_p test, target = u *
+ *     sum of what is left, and the walk in rank order (draw_small()).
+ * Ties therefore resolve as here (rank order for top-k membership, id order
+ * for the walk), and a boundary (run exactly at target) goes the same way.
+ * Other samples (top_p with top_k off, top_k > ENG_SAMPLE_DEVICE_MAX_K) take a
+ * histogram and quickselect path whose summation order depends on the
+ * partitioning, which a device would not reproduce: they stay on the host.
+ *
  * The RNG (xoshiro256**, seeded through splitmix64) lives in eng_sampler and
  * is seeded per request, so the same seed and the same logits give the same
  * tokens. eng_sampler_sample does not allocate: all scratch is made at init
@@ -147,5 +171,20 @@ void eng_sampler_process_logits(eng_sampler *s, const float *in, float *out);
  * take the backend's argmax instead of copying the logits out. */
 bool eng_sampler_is_plain_greedy(const eng_sampler *s);
 int eng_sampler_sample(eng_sampler *s, const float *logits, eng_sample_result *out);
+
+/* One device draw (see "Device draws" at the top). */
+#define ENG_SAMPLE_DEVICE_MAX_K 1024
+typedef struct eng_sample_draw {
+    double u;         /* the uniform number the host draw would have used */
+    float inv_temp;   /* 1.0f / temperature, as the host computes it */
+    float top_p, min_p;
+    int top_k;        /* 0 (off) or 2..ENG_SAMPLE_DEVICE_MAX_K, below n_vocab */
+} eng_sample_draw;
+/* When the next sample of s is a device draw (no penalties, no bias, no top
+ * logprobs, not greedy, and a top-k/top-p combination listed above), fills
+ * *d, takes its uniform number from s's RNG (so the request's random stream
+ * is the same whichever side draws) and returns true; else false and s is
+ * untouched. The caller then must use the draw's token (and accept it). */
+bool eng_sampler_device_draw(eng_sampler *s, eng_sample_draw *d);
 
 #endif

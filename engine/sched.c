@@ -20,8 +20,10 @@
  *      pages and runs the backend;
  *   7. commit: compress the KV cache of compressed sequences, sample for every
  *      sequence whose chunk reached its last known token (greedy requests
- *      that want no logprobs take the backend's argmax, so their logits need
- *      not leave the device), emit events, retire finished ones.
+ *      that want no logprobs take the backend's argmax, and sampled ones
+ *      whose sampler allows a device draw take the backend's sample op, one
+ *      call for the step: their logits need not leave the device), emit
+ *      events, retire finished ones.
  * A lost backend (a sticky device error: eng__step_backend_lost) is fatal:
  * the first step, sample or compression that reports it ends every request
  * with that status, closes the scheduler (submit: D2_EAGAIN) and records the
@@ -125,6 +127,12 @@ struct eng_sched {
     uint64_t admit_counter;
     eng_plan plan;              /* the step being built */
     sreq **plan_req;            /* [max_seqs] request of each plan entry */
+    /* device draws of the step being committed: per plan entry the index of
+     * its draw or -1; the draws' logit rows, parameters and tokens */
+    int *draw_of, *draw_row;    /* [max_seqs] */
+    eng_sample_draw *draws;     /* [max_seqs] */
+    int32_t *draw_tok;          /* [max_seqs] */
+    int draw_rc;                /* the sample op's status for this step */
     /* stats */
     atomic_int n_running, n_waiting, n_waiting_exempt;
     atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
@@ -148,7 +156,7 @@ struct eng_sched {
     /* A lost backend: its status (0 while healthy), and the failing call,
      * written once by the engine thread before `fatal` is stored. */
     atomic_int fatal;
-    char fatal_why[320];
+    char fatal_why[512];
 };
 
 #define SCHED_PREFILL_BYTES_DEFAULT ((int64_t)1 << 30)
@@ -163,12 +171,21 @@ int eng_sched_create(eng_engine *e, const eng_sched_config *cfg, eng_sched **out
     s->prefill_bytes_limit = cfg->prefill_bytes_limit > 0 ? cfg->prefill_bytes_limit
                                                           : SCHED_PREFILL_BYTES_DEFAULT;
     s->plan_req = calloc((size_t)e->max_seqs, sizeof *s->plan_req);
+    s->draw_of = calloc((size_t)e->max_seqs, sizeof *s->draw_of);
+    s->draw_row = calloc((size_t)e->max_seqs, sizeof *s->draw_row);
+    s->draws = calloc((size_t)e->max_seqs, sizeof *s->draws);
+    s->draw_tok = calloc((size_t)e->max_seqs, sizeof *s->draw_tok);
     s->view_layers = e->model->cfg.n_layers;
     size_t nv = (size_t)e->max_seqs + ENG_VIEW_RECENT;
     s->view_seqs = calloc(nv, sizeof *s->view_seqs);
     s->view_ints = calloc(nv * 2 * (size_t)s->view_layers, sizeof *s->view_ints);
-    if (!s->plan_req || !s->view_seqs || !s->view_ints || eng__plan_init(&s->plan, e) != D2_OK) {
+    if (!s->plan_req || !s->view_seqs || !s->view_ints || !s->draw_of || !s->draw_row ||
+        !s->draws || !s->draw_tok || eng__plan_init(&s->plan, e) != D2_OK) {
         free(s->plan_req);
+        free(s->draw_of);
+        free(s->draw_row);
+        free(s->draws);
+        free(s->draw_tok);
         free(s->view_seqs);
         free(s->view_ints);
         eng__plan_free(&s->plan);
@@ -669,10 +686,41 @@ static int commit_compress(eng_sched *s, sreq *r, int fed) {
     return crc;
 }
 
-/* Samples r's next token from logit row `row`: the backend's argmax when the
- * request is plain greedy and wants no logprobs (no vocabulary leaves the
- * backend), else the full sampler over the host row. */
-static int commit_sample(eng_sched *s, sreq *r, int row, eng_sample_result *res) {
+/* The step's device draws: every sampled request that wants no logprobs and
+ * whose sampler allows one (eng_sampler_device_draw, which takes the draw's
+ * uniform number from the request's RNG) is drawn by the backend, all in one
+ * call; commit_sample then reads its token. A backend without the op, or a
+ * step without such requests, costs nothing here. */
+static void commit_draws(eng_sched *s) {
+    const eng_plan *p = &s->plan;
+    int n = 0, row = 0;
+    bool can = eng__step_can_sample(s->e);
+    for (int k = 0; k < p->n_seqs; k++) {
+        s->draw_of[k] = -1;
+        if (!p->seqs[k].want_logits) continue;
+        sreq *r = s->plan_req[k];
+        if (can && !r->want_logprobs && !eng_sampler_is_plain_greedy(&r->sampler) &&
+            eng_sampler_device_draw(&r->sampler, &s->draws[n])) {
+            s->draw_of[k] = n;
+            s->draw_row[n++] = row;
+        }
+        row++;
+    }
+    s->draw_rc = n > 0 ? eng__step_sample(s->e, s->draw_row, s->draws, n, s->draw_tok) : D2_OK;
+}
+
+/* Samples r's (plan entry k's) next token from logit row `row`: the
+ * backend's argmax when the request is plain greedy and wants no logprobs
+ * (no vocabulary leaves the backend), its device draw (commit_draws), else
+ * the full sampler over the host row. */
+static int commit_sample(eng_sched *s, sreq *r, int k, int row, eng_sample_result *res) {
+    if (s->draw_of[k] >= 0) {
+        memset(res, 0, sizeof *res);
+        res->logprob = NAN;
+        res->token = s->draw_tok[s->draw_of[k]];
+        if (s->draw_rc != D2_OK) return s->draw_rc;
+        return res->token >= 0 ? D2_OK : D2_EINVAL; /* logits the host sampler refuses too */
+    }
     if (!r->want_logprobs && eng_sampler_is_plain_greedy(&r->sampler)) {
         memset(res, 0, sizeof *res);
         res->logprob = NAN;
@@ -715,6 +763,7 @@ static int sched_commit(eng_sched *s) {
         int crc = commit_compress(s, s->plan_req[k], s->plan_req[k]->n_fed + p->seqs[k].n);
         if (eng__step_backend_lost(crc)) return crc;
     }
+    commit_draws(s);
     int row = 0;
     for (int k = 0; k < p->n_seqs; k++) {
         const eng_batch_seq *bs = &p->seqs[k];
@@ -725,7 +774,7 @@ static int sched_commit(eng_sched *s) {
         r->n_fed += bs->n;
         if (!bs->want_logits) continue;
         eng_sample_result res;
-        int rc = commit_sample(s, r, row++, &res);
+        int rc = commit_sample(s, r, k, row++, &res);
         if (rc != D2_OK) {
             rl_remove(&s->running, r);
             retire(s, r, ENG_FINISH_ERROR, rc);
@@ -867,6 +916,10 @@ void eng_sched_destroy(eng_sched *s) {
     pthread_mutex_destroy(&s->view_mu);
     pthread_cond_destroy(&s->cv);
     free(s->plan_req);
+    free(s->draw_of);
+    free(s->draw_row);
+    free(s->draws);
+    free(s->draw_tok);
     eng__plan_free(&s->plan);
     free(s->view_seqs);
     free(s->view_ints);

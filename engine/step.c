@@ -129,6 +129,14 @@ int eng__step_argmax(eng_engine *e, int row, int32_t *out) {
     return e->be->ops->argmax(e->be, &row, 1, out);
 }
 
+bool eng__step_can_sample(const eng_engine *e) {
+    return e->caps.sample_on_device && e->be->ops->sample;
+}
+
+int eng__step_sample(eng_engine *e, const int *rows, const eng_sample_draw *draws, int n, int32_t *out) {
+    return e->be->ops->sample(e->be, rows, draws, n, out);
+}
+
 bool eng__step_backend_lost(int rc) { return rc == D2_ECUDA; }
 
 const char *eng__step_backend_error(const eng_engine *e) { return e->be->ops->last_error(e->be); }

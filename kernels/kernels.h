@@ -312,6 +312,39 @@ int kern_attn_prefill_scores(float *score, float *colsum, int colsum_len, int sc
 int kern_argmax(int32_t *out, const float *logits, int n_rows, int vocab, int row_stride,
                 kern_stream s);
 
+/* A sampled pick per row: the token engine/sample.c's sampler draws from the
+ * same logits with the same uniform number u (bit for bit: every value that
+ * decides the token is computed in the host's order with the host's
+ * roundings; engine/sample.h, "Device draws"). Rows holding NaN or +inf, or
+ * only -inf, give -1 (the host sampler refuses them). Two cases, as the host:
+ *   top_k == 0: p_i = exp_nonpos((x_i - max) * inv_temp), zeroed below min_p;
+ *     the 64-token block sums (a fixed tree), their total in double, the
+ *     target u * total, and the walk over blocks then tokens in id order;
+ *   2 <= top_k <= KERN_SAMPLE_MAX_K (< vocab): the top_k best tokens (logit
+ *     descending, id ascending), their weights; the shortest prefix holding
+ *     top_p of their mass (top_p < 1), the min_p cut, and the walk best first.
+ * Everything else (top_k 1 = greedy, larger top_k, top_p with top_k 0,
+ * penalties, logprobs) is the host's; another top_k gives -1.
+ *   out    : int32 [n]
+ *   logits : fp32 [..][row_stride]; params[j].row names the row of draw j
+ *   params : kern_sample_param [n] (device memory)
+ *   ws     : fp32 [kern_sample_ws_floats(n, vocab)]
+ * Cost: one CTA per draw; a full-vocabulary draw sums its block totals on one
+ * thread (vocab / 64 double additions, in order, as the host does). */
+#define KERN_SAMPLE_MAX_K 1024
+typedef struct kern_sample_param {
+    double u;          /* uniform in [0, 1), drawn by the host from the request's RNG */
+    float inv_temp;    /* 1.0f / temperature, computed on the host as the sampler does */
+    float top_p;       /* (0, 1]; 1 = off */
+    float min_p;       /* [0, 1]; 0 = off */
+    int32_t top_k;     /* 0 or 2..KERN_SAMPLE_MAX_K */
+    int32_t row;       /* logits row */
+    int32_t pad_;
+} kern_sample_param;
+size_t kern_sample_ws_floats(int n, int vocab);
+int kern_sample(int32_t *out, const float *logits, int row_stride, int vocab,
+                const kern_sample_param *params, int n, float *ws, kern_stream s);
+
 /* Softmax per row with inverse temperature: out[r][i] = exp(t*x_i - M) / Z,
  * M = max_i t*x_i. lse (may be NULL) gets M + log Z, the log normaliser of t*x.
  *   out    : fp32 [n_rows][vocab] (may equal logits when row_stride == vocab)

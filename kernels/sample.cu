@@ -120,3 +120,309 @@ extern "C" int kern_log_softmax(float *out, float *lse, const float *logits, int
                                 int vocab, int row_stride, kern_stream s) {
     return softmax_entry(out, lse, logits, n_rows, vocab, row_stride, 1.0f, 1, s);
 }
+
+/* ---- kern_sample: temperature / top-k / top-p / min-p draws -------------------------
+ *
+ * The same numbers as the host sampler (engine/sample.c) for the same uniform
+ * u: every value that decides the token is computed in the same order with
+ * the same roundings, so the token is bit-for-bit the host's (contract in
+ * kernels.h). The floating-point operations that matter are written with
+ * __f*_rn intrinsics where nvcc could otherwise fuse a multiply and an add
+ * into an fma (the host build does not contract: -std=c11 / -std=c++17). */
+
+#define SAMPLE_BLK 64        /* engine/sample.c BLK: the draw walks 64-token block sums */
+#define SAMPLE_EXP_FLOOR (-86.0f)
+
+/* engine/sample.c exp_nonpos, operation for operation. */
+__device__ __forceinline__ float samp_exp_nonpos(float x) {
+    const float shifter = 12582912.0f;
+    uint32_t keep = 0u - (uint32_t)(x >= SAMPLE_EXP_FLOOR);
+    float xc = __uint_as_float((__float_as_uint(x) & keep) |
+                               (__float_as_uint(SAMPLE_EXP_FLOOR) & ~keep));
+    float t = __fadd_rn(__fmul_rn(xc, 1.44269504f), shifter);
+    float n = __fsub_rn(t, shifter);
+    uint32_t nbits = (__float_as_uint(t) - __float_as_uint(shifter)) << 23;
+    float r = __fsub_rn(xc, __fmul_rn(n, 0.693145751953125f));
+    r = __fsub_rn(r, __fmul_rn(n, 1.428606765330187e-6f));
+    float q = 1.0f / 720.0f;
+    q = __fadd_rn(__fmul_rn(q, r), 1.0f / 120.0f);
+    q = __fadd_rn(__fmul_rn(q, r), 1.0f / 24.0f);
+    q = __fadd_rn(__fmul_rn(q, r), 1.0f / 6.0f);
+    q = __fadd_rn(__fmul_rn(q, r), 0.5f);
+    q = __fadd_rn(__fmul_rn(q, r), 1.0f);
+    q = __fadd_rn(__fmul_rn(q, r), 1.0f);
+    return __uint_as_float((__float_as_uint(q) + nbits) & keep);
+}
+
+/* The probability weight of a token in the full-vocabulary draw. */
+__device__ __forceinline__ float samp_p(float v, float m, float inv_t, float min_p) {
+    float e = samp_exp_nonpos(__fmul_rn(__fsub_rn(v, m), inv_t));
+    return e >= min_p ? e : 0.0f;
+}
+
+/* engine/sample.c block_sum over the 64 weights of block b. */
+__device__ float samp_block_sum(const float *x, int b, float m, float inv_t, float min_p) {
+    const float *p = x + (int64_t)b * SAMPLE_BLK;
+    float t[16];
+    for (int j = 0; j < 16; j++)
+        t[j] = __fadd_rn(__fadd_rn(samp_p(p[j], m, inv_t, min_p), samp_p(p[j + 16], m, inv_t, min_p)),
+                         __fadd_rn(samp_p(p[j + 32], m, inv_t, min_p), samp_p(p[j + 48], m, inv_t, min_p)));
+    for (int j = 0; j < 8; j++) t[j] = __fadd_rn(t[j], t[j + 8]);
+    for (int j = 0; j < 4; j++) t[j] = __fadd_rn(t[j], t[j + 4]);
+    return __fadd_rn(__fadd_rn(t[0], t[2]), __fadd_rn(t[1], t[3]));
+}
+
+/* Order-preserving key of a logit: a larger float has a larger key; -0 and +0
+ * share one (the host compares floats, for which they are equal). */
+__device__ __forceinline__ uint32_t samp_key(float v) {
+    uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+/* Token (va, ia) ranks before (vb, ib): higher logit, or equal and lower id. */
+__device__ __forceinline__ bool samp_before(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+struct samp_shared {
+    float v[KERN_SAMPLE_MAX_K];
+    int id[KERN_SAMPLE_MAX_K];
+    float pc[KERN_SAMPLE_MAX_K];
+    uint32_t hist[256];
+    uint32_t warp_cnt[SAMPLE_THREADS / KERN_WARP];
+    float red[KERN_WARP];
+    uint32_t prefix, mask, want, n_gt, taken;
+    int bad;
+};
+
+/* The key of the k-th best token (radix select, 8 bits at a time from the top). */
+__device__ uint32_t samp_kth_key(samp_shared &sh, const float *x, int vocab, int k) {
+    if (threadIdx.x == 0) {
+        sh.prefix = 0;
+        sh.mask = 0;
+        sh.want = (uint32_t)k;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += SAMPLE_THREADS) sh.hist[i] = 0;
+        __syncthreads();
+        const uint32_t prefix = sh.prefix, mask = sh.mask;
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+            uint32_t key = samp_key(x[i]);
+            if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            uint32_t want = sh.want, d = 255;
+            for (;; d--) { /* from the largest digit down */
+                if (sh.hist[d] >= want || d == 0) break;
+                want -= sh.hist[d];
+            }
+            sh.want = want;
+            sh.prefix = prefix | (d << shift);
+            sh.mask = mask | (255u << shift);
+        }
+        __syncthreads();
+    }
+    return sh.prefix;
+}
+
+/* The k best tokens into sh.v/sh.id[0..k), best first. */
+__device__ void samp_top_k(samp_shared &sh, const float *x, int vocab, int k) {
+    const uint32_t kk = samp_kth_key(sh, x, vocab, k);
+    if (threadIdx.x == 0) {
+        sh.n_gt = 0;
+        sh.taken = 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+        if (samp_key(x[i]) > kk) {
+            uint32_t at = atomicAdd(&sh.n_gt, 1u);
+            sh.v[at] = x[i];
+            sh.id[at] = i;
+        }
+    }
+    __syncthreads();
+    /* Ties at the k-th key: the lowest ids, gathered in id order. */
+    const uint32_t need = (uint32_t)k - sh.n_gt;
+    const int lane = threadIdx.x % KERN_WARP, warp = threadIdx.x / KERN_WARP;
+    for (int base = 0; base < vocab; base += SAMPLE_THREADS) {
+        const uint32_t taken = sh.taken;
+        if (taken >= need) break; /* uniform: read after the barrier below */
+        int i = base + threadIdx.x;
+        bool eq = i < vocab && samp_key(x[i]) == kk;
+        unsigned bal = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) sh.warp_cnt[warp] = (uint32_t)__popc(bal);
+        __syncthreads();
+        uint32_t before = taken + (uint32_t)__popc(bal & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; w++) before += sh.warp_cnt[w];
+        if (eq && before < need) {
+            sh.v[sh.n_gt + before] = x[i];
+            sh.id[sh.n_gt + before] = i;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            uint32_t t = sh.taken;
+            for (int w = 0; w < SAMPLE_THREADS / KERN_WARP; w++) t += sh.warp_cnt[w];
+            sh.taken = t;
+        }
+        __syncthreads();
+    }
+    /* Bitonic sort of the k candidates (padded to a power of two) by rank. */
+    int n2 = 1;
+    while (n2 < k) n2 <<= 1;
+    for (int i = k + threadIdx.x; i < n2; i += SAMPLE_THREADS) {
+        sh.v[i] = -INFINITY;
+        sh.id[i] = INT_MAX;
+    }
+    __syncthreads();
+    for (int size = 2; size <= n2; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n2; i += SAMPLE_THREADS) {
+                int j = i ^ stride;
+                if (j <= i) continue;
+                bool up = (i & size) == 0; /* this run: best first */
+                bool swap = up ? samp_before(sh.v[j], sh.id[j], sh.v[i], sh.id[i])
+                               : samp_before(sh.v[i], sh.id[i], sh.v[j], sh.id[j]);
+                if (swap) {
+                    float tv = sh.v[i];
+                    sh.v[i] = sh.v[j];
+                    sh.v[j] = tv;
+                    int ti = sh.id[i];
+                    sh.id[i] = sh.id[j];
+                    sh.id[j] = ti;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+/* engine/sample.c draw_small over sh.v/sh.id/sh.pc[0..n), thread 0 only. */
+__device__ int32_t samp_draw_small(const samp_shared &sh, int n, float top_p, float min_p,
+                                   double u) {
+    double mass = 0;
+    for (int j = 0; j < n; j++) mass += (double)sh.pc[j];
+    double top_p_mass = top_p < 1.0f ? (double)top_p * mass : 0.0;
+    int cut = n;
+    if (top_p_mass > 0) {
+        double run = 0;
+        for (int j = 0; j < n; j++) {
+            run += (double)sh.pc[j];
+            if (run >= top_p_mass) {
+                cut = j + 1;
+                break;
+            }
+        }
+    }
+    double total = 0;
+    for (int j = 0; j < cut; j++)
+        if (sh.pc[j] >= min_p) total += (double)sh.pc[j];
+    const double target = u * total;
+    double run = 0;
+    int32_t last = sh.id[0];
+    for (int j = 0; j < cut; j++) {
+        if (!(sh.pc[j] >= min_p) || sh.pc[j] <= 0.0f) continue;
+        run += (double)sh.pc[j];
+        last = sh.id[j];
+        if (run > target) return sh.id[j];
+    }
+    return last;
+}
+
+/* engine/sample.c draw without a truncation key, thread 0 only; bsum[b] holds
+ * block b's samp_block_sum. */
+__device__ int32_t samp_draw_full(const float *x, int vocab, const float *bsum, float m,
+                                  float inv_t, float min_p, double u) {
+    const int nblk = vocab / SAMPLE_BLK;
+    double total = 0;
+    for (int b = 0; b < nblk; b++) total += (double)bsum[b];
+    for (int i = nblk * SAMPLE_BLK; i < vocab; i++) total += (double)samp_p(x[i], m, inv_t, min_p);
+    const double target = u * total;
+    double run = 0;
+    for (int b = 0; b < nblk; b++) {
+        float bs = bsum[b];
+        if (run + (double)bs <= target) {
+            run += (double)bs;
+            continue;
+        }
+        double r2 = run;
+        int32_t lastpos = -1;
+        for (int j = 0; j < SAMPLE_BLK; j++) {
+            float p = samp_p(x[b * SAMPLE_BLK + j], m, inv_t, min_p);
+            if (p <= 0.0f) continue;
+            r2 += (double)p;
+            lastpos = b * SAMPLE_BLK + j;
+            if (r2 > target) return lastpos;
+        }
+        if (lastpos >= 0) return lastpos;
+        run += (double)bs;
+    }
+    for (int i = nblk * SAMPLE_BLK; i < vocab; i++) {
+        float p = samp_p(x[i], m, inv_t, min_p);
+        if (p <= 0.0f) continue;
+        run += (double)p;
+        if (run > target) return i;
+    }
+    for (int i = vocab - 1; i >= 0; i--)
+        if (samp_p(x[i], m, inv_t, min_p) > 0.0f) return i;
+    for (int i = 0; i < vocab; i++) /* the first maximum (unreachable, as on the host) */
+        if (x[i] == m) return i;
+    return 0;
+}
+
+static __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_kernel(int32_t *out, const float *logits, int row_stride, int vocab,
+              const kern_sample_param *prm, float *ws, int ws_stride) {
+    __shared__ samp_shared sh;
+    const kern_sample_param P = prm[blockIdx.x];
+    const float *x = logits + (int64_t)P.row * row_stride;
+    /* the maximum, and whether the row holds NaN or +inf (the host refuses it) */
+    float m = -INFINITY;
+    int bad = 0;
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+        float v = x[i];
+        bad |= !(v == v) || v == INFINITY;
+        m = fmaxf(m, v);
+    }
+    if (threadIdx.x == 0) sh.bad = 0;
+    m = kern_block_max(m, sh.red);
+    if (bad) atomicAdd(&sh.bad, 1);
+    __syncthreads();
+    if (sh.bad || m == -INFINITY) {
+        if (threadIdx.x == 0) out[blockIdx.x] = -1;
+        return;
+    }
+    const float inv_t = P.inv_temp, min_p = P.min_p;
+    if (P.top_k == 0) {
+        float *bsum = ws + (int64_t)blockIdx.x * ws_stride;
+        for (int b = threadIdx.x; b < vocab / SAMPLE_BLK; b += SAMPLE_THREADS)
+            bsum[b] = samp_block_sum(x, b, m, inv_t, min_p);
+        __syncthreads(); /* global writes of this block are visible to it after the barrier */
+        if (threadIdx.x == 0) out[blockIdx.x] = samp_draw_full(x, vocab, bsum, m, inv_t, min_p, P.u);
+        return;
+    }
+    const int k = P.top_k;
+    if (k < 2 || k > KERN_SAMPLE_MAX_K || k >= vocab) { /* not a draw the host makes this way */
+        if (threadIdx.x == 0) out[blockIdx.x] = -1;
+        return;
+    }
+    samp_top_k(sh, x, vocab, k);
+    for (int j = threadIdx.x; j < k; j += SAMPLE_THREADS)
+        sh.pc[j] = samp_exp_nonpos(__fmul_rn(__fsub_rn(sh.v[j], m), inv_t));
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = samp_draw_small(sh, k, P.top_p, min_p, P.u);
+}
+
+extern "C" size_t kern_sample_ws_floats(int n, int vocab) {
+    return n > 0 && vocab > 0 ? (size_t)n * (size_t)(vocab / SAMPLE_BLK + 1) : 0;
+}
+
+extern "C" int kern_sample(int32_t *out, const float *logits, int row_stride, int vocab,
+                           const kern_sample_param *params, int n, float *ws, kern_stream s) {
+    KERN_REQUIRE(out && logits && params && ws && n >= 0 && vocab > 0 && row_stride >= vocab);
+    if (n == 0) return D2_OK;
+    sample_kernel<<<n, SAMPLE_THREADS, 0, s>>>(out, logits, row_stride, vocab, params, ws,
+                                               vocab / SAMPLE_BLK + 1);
+    KERN_LAUNCH_CHECK("sample_kernel");
+    return D2_OK;
+}

@@ -28,7 +28,8 @@
  * since the device last saw them: the tables stay resident, one row per
  * (layer, sequence id), checked against a host shadow); a host
  * synchronisation only when a plan carries colsum (the column sums are host
- * memory) — logits and argmax copy out on demand, and the next step waits
+ * memory) — logits, argmax and device draws (cu_sample: kern_sample, 4
+ * bytes per sampled row) copy out on demand, and the next step waits
  * for its staging only when no synchronisation came between.
  *
  * Row order: inside a step the backend keeps the decode tokens (one-token
@@ -200,13 +201,17 @@ typedef struct cuda_be {
     float *cstat_h;               /* pinned [n_layers][2] stat read back */    /* the last step's logits */
     float *logits_h;              /* pinned [max_rows][vocab] */
     int32_t *amax_h;              /* pinned [max_rows] */
+    /* device draws (cu_sample): parameters and tokens, pinned and device [max_rows] */
+    kern_sample_param *samp_h, *samp_d;
+    int32_t *stok_h, *stok_d;
+    float *samp_ws;               /* [kern_sample_ws_floats(max_rows, vocab)] */
     int n_logit_rows;
     int amax_valid;
     /* colsum of the current step: per plan sequence, offset into colsum_d or -1 */
     size_t *cs_off;
     int gemm_fallbacks;           /* cached algorithms the library refused (dropped) */
     int dead;
-    char err[320];
+    char err[512];
 } cuda_be;
 
 /* ---- errors ------------------------------------------------------------------------ */
@@ -218,8 +223,9 @@ static int cu_fail(cuda_be *be, int rc, const char *call, const char *why) {
 
 static int cu_fail_rt(cuda_be *be, cudaError_t e, const char *call, int line) {
     be->dead = 1;
-    snprintf(be->err, sizeof be->err, "cuda backend: %s failed at engine/cuda/backend.c:%d: %s (%s)",
-             call, line, cudaGetErrorString(e), cudaGetErrorName(e));
+    /* the error and the place first: a long call text is what gets cut */
+    snprintf(be->err, sizeof be->err, "cuda backend: %s (%s) at engine/cuda/backend.c:%d in %s",
+             cudaGetErrorString(e), cudaGetErrorName(e), line, call);
     return D2_ECUDA;
 }
 
@@ -235,9 +241,10 @@ static int cu_fail_kern(cuda_be *be, int rc, const char *call, int line) {
         kern_error ke = kern_last_error();
         be->dead = 1;
         snprintf(be->err, sizeof be->err,
-                 "cuda backend: %s failed at engine/cuda/backend.c:%d: %s in %s (%s:%d): %s", call,
-                 line, ke.stmt ? ke.stmt : "?", ke.func ? ke.func : "?", ke.file ? ke.file : "?",
-                 ke.line, ke.msg ? ke.msg : "?");
+                 "cuda backend: %s (%s): %s in %s (%s:%d), called at engine/cuda/backend.c:%d by %s",
+                 ke.msg ? ke.msg : "?", cudaGetErrorName((cudaError_t)ke.code),
+                 ke.stmt ? ke.stmt : "?", ke.func ? ke.func : "?", ke.file ? ke.file : "?",
+                 ke.line, line, call);
         return D2_ECUDA;
     }
     snprintf(be->err, sizeof be->err,
@@ -404,6 +411,7 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool);
 static int cu_step(eng_backend *base, const eng_batch *b);
 static int cu_logits(eng_backend *base, int row0, int n, const float **out);
 static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out);
+static int cu_sample(eng_backend *base, const int *rows, const eng_sample_draw *d, int n, int32_t *out);
 static int cu_kv_compress(eng_backend *base, const eng_kv_compress_req *rq, eng_kv_compress_res *res);
 static int cu_kv_compress_layers(eng_backend *base, const eng_kv_compress_req *rq, int n,
                                  eng_kv_compress_res *res);
@@ -420,6 +428,7 @@ static const eng_backend_ops cu_ops = {
     .step = cu_step,
     .logits = cu_logits,
     .argmax = cu_argmax,
+    .sample = cu_sample,
     .kv_compress = cu_kv_compress,
     .kv_compress_layers = cu_kv_compress_layers,
     .read_slot = cu_read_slot,
@@ -469,6 +478,7 @@ static void cu_destroy(eng_backend *base) {
     HFREE(be->colsum_h); HFREE(be->plan_h); HFREE(be->hook_h); HFREE(be->tab_h);
     HFREE(be->keep_h); HFREE(be->ev_h); HFREE(be->tgt_h); HFREE(be->sim_h); HFREE(be->stat_h);
     HFREE(be->tau_h); HFREE(be->logits_h); HFREE(be->amax_h);
+    HFREE(be->samp_h); HFREE(be->stok_h); DFREE(be->samp_d); DFREE(be->stok_d); DFREE(be->samp_ws);
     free(be->irow); free(be->seq_row0); free(be->lp); free(be->sp); free(be->dlen_h);
     free(be->hook_mark); free(be->hook_touched); free(be->cs_off);
     for (int i = 0; i < G_KINDS; i++) gemm_shape_free(&be->gemm[i]);
@@ -709,6 +719,14 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
     CREATE_TRY(dev_alloc(be, (void **)&be->xfb, R * (size_t)be->dim * 2));
     CREATE_TRY(dev_alloc(be, (void **)&be->logits, R * (size_t)be->vocab * 4));
     CREATE_TRY(dev_alloc(be, (void **)&be->amax_d, R * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->samp_d, R * sizeof(kern_sample_param)));
+    CREATE_TRY(dev_alloc(be, (void **)&be->stok_d, R * 4));
+    CREATE_TRY(dev_alloc(be, (void **)&be->samp_ws, kern_sample_ws_floats((int)R, be->vocab) * 4));
+    if (cudaMallocHost((void **)&be->samp_h, R * sizeof(kern_sample_param)) != cudaSuccess ||
+        cudaMallocHost((void **)&be->stok_h, R * 4) != cudaSuccess) {
+        rc = cu_fail_rt(be, cudaErrorMemoryAllocation, "cudaMallocHost", __LINE__);
+        goto fail;
+    }
     if (cudaMallocHost((void **)&be->logits_h, R * (size_t)be->vocab * 4) != cudaSuccess ||
         cudaMallocHost((void **)&be->amax_h, R * 4) != cudaSuccess) {
         rc = cu_fail_rt(be, cudaErrorMemoryAllocation, "cudaMallocHost", __LINE__);
@@ -766,6 +784,7 @@ static void cu_caps(const eng_backend *base, eng_backend_caps *out) {
         .kv_bytes_per_slot = per_slot,
         .kv_bytes_avail = avail,
         .argmax_on_device = true,
+        .sample_on_device = true,
     };
 }
 
@@ -1293,6 +1312,31 @@ static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
         be->amax_valid = 1;
     }
     for (int i = 0; i < n; i++) out[i] = be->amax_h[rows[i]];
+    return D2_OK;
+}
+
+_Static_assert(ENG_SAMPLE_DEVICE_MAX_K <= KERN_SAMPLE_MAX_K, "kern_sample draws every device top-k");
+
+/* Device draws (kern_sample): one parameter upload, one launch, one 4-byte
+ * copy per row back and one synchronisation for all the step's draws. */
+static int cu_sample(eng_backend *base, const int *rows, const eng_sample_draw *d, int n, int32_t *out) {
+    cuda_be *be = (cuda_be *)base;
+    DEAD_CHECK();
+    if (n < 0 || n > be->max_rows) return cu_fail(be, D2_EINVAL, "sample", "more draws than logit rows");
+    for (int i = 0; i < n; i++) {
+        if (rows[i] < 0 || rows[i] >= be->n_logit_rows)
+            return cu_fail(be, D2_EINVAL, "sample", "row outside the last step's logits");
+        be->samp_h[i] = (kern_sample_param){.u = d[i].u, .inv_temp = d[i].inv_temp,
+                                            .top_p = d[i].top_p, .min_p = d[i].min_p,
+                                            .top_k = d[i].top_k, .row = rows[i]};
+    }
+    if (n == 0) return D2_OK;
+    CU(cudaMemcpyAsync(be->samp_d, be->samp_h, (size_t)n * sizeof(kern_sample_param),
+                       cudaMemcpyHostToDevice, be->st));
+    KC(kern_sample(be->stok_d, be->logits, be->vocab, be->vocab, be->samp_d, n, be->samp_ws, be->st));
+    CU(cudaMemcpyAsync(be->stok_h, be->stok_d, (size_t)n * 4, cudaMemcpyDeviceToHost, be->st));
+    STREAM_SYNC(); /* also: samp_h may be reused by the next call */
+    memcpy(out, be->stok_h, (size_t)n * 4);
     return D2_OK;
 }
 
