@@ -161,7 +161,7 @@ __device__ __forceinline__ float samp_p(float v, float m, float inv_t, float min
 }
 
 /* engine/sample.c block_sum over the 64 weights of block b. */
-__device__ float samp_block_sum(const float *x, int b, float m, float inv_t, float min_p) {
+static __device__ float samp_block_sum(const float *x, int b, float m, float inv_t, float min_p) {
     const float *p = x + (int64_t)b * SAMPLE_BLK;
     float t[16];
     for (int j = 0; j < 16; j++)
@@ -196,7 +196,7 @@ struct samp_shared {
 };
 
 /* The key of the k-th best token (radix select, 8 bits at a time from the top). */
-__device__ uint32_t samp_kth_key(samp_shared &sh, const float *x, int vocab, int k) {
+static __device__ uint32_t samp_kth_key(samp_shared &sh, const float *x, int vocab, int k) {
     if (threadIdx.x == 0) {
         sh.prefix = 0;
         sh.mask = 0;
@@ -227,7 +227,7 @@ __device__ uint32_t samp_kth_key(samp_shared &sh, const float *x, int vocab, int
 }
 
 /* The k best tokens into sh.v/sh.id[0..k), best first. */
-__device__ void samp_top_k(samp_shared &sh, const float *x, int vocab, int k) {
+static __device__ void samp_top_k(samp_shared &sh, const float *x, int vocab, int k) {
     const uint32_t kk = samp_kth_key(sh, x, vocab, k);
     if (threadIdx.x == 0) {
         sh.n_gt = 0;
@@ -298,7 +298,7 @@ __device__ void samp_top_k(samp_shared &sh, const float *x, int vocab, int k) {
 }
 
 /* engine/sample.c draw_small over sh.v/sh.id/sh.pc[0..n), thread 0 only. */
-__device__ int32_t samp_draw_small(const samp_shared &sh, int n, float top_p, float min_p,
+static __device__ int32_t samp_draw_small(const samp_shared &sh, int n, float top_p, float min_p,
                                    double u) {
     double mass = 0;
     for (int j = 0; j < n; j++) mass += (double)sh.pc[j];
@@ -331,7 +331,7 @@ __device__ int32_t samp_draw_small(const samp_shared &sh, int n, float top_p, fl
 
 /* engine/sample.c draw without a truncation key, thread 0 only; bsum[b] holds
  * block b's samp_block_sum. */
-__device__ int32_t samp_draw_full(const float *x, int vocab, const float *bsum, float m,
+static __device__ int32_t samp_draw_full(const float *x, int vocab, const float *bsum, float m,
                                   float inv_t, float min_p, double u) {
     const int nblk = vocab / SAMPLE_BLK;
     double total = 0;
