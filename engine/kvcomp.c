@@ -489,7 +489,7 @@ int eng_kv_compress_layer(eng_backend *be, int seq, int layer, eng_kv_state *s, 
  * synchronises once for all of them), else kv_compress per layer. */
 static int compress_layers(eng_backend *be, int seq, eng_kv_state *s, const int *layers, int n,
                            bool first) {
-    if (n == 0) return D2_OK;
+    if (n <= 0) return D2_OK; /* n > 0 below: also tells gcc the memset bound is positive */
     if (!be->ops->kv_compress_layers) {
         for (int i = 0; i < n; i++) {
             int l = layers[i];
