@@ -599,6 +599,19 @@ static void *prep_main(void *arg) {
     return NULL;
 }
 
+/* Suspends the connection unless the worker has finished its prompt (also on a
+ * resume before the worker finished, none expected: wait again). */
+static bool prep_pending(api_req *r) {
+    pthread_mutex_lock(&r->mu);
+    bool wait = !r->prep_done;
+    if (wait) {
+        r->suspended = true;
+        MHD_suspend_connection(r->conn);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return wait;
+}
+
 /* Hands r to a worker and suspends its connection. Returns false when the
  * work is already done (the caller goes on at once). */
 static bool prep_start(api_server *srv, api_req *r) {
@@ -610,27 +623,9 @@ static bool prep_start(api_server *srv, api_req *r) {
     srv->prep_tail = r;
     pthread_cond_signal(&srv->prep_cv);
     pthread_mutex_unlock(&srv->prep_mu);
-    pthread_mutex_lock(&r->mu);
-    bool wait = !r->prep_done;
-    if (wait) {
-        r->suspended = true;
-        MHD_suspend_connection(r->conn);
-    }
-    pthread_mutex_unlock(&r->mu);
-    return wait;
+    return prep_pending(r);
 }
 
-/* A resume before the worker finished (none is expected): wait again. */
-static bool prep_pending(api_req *r) {
-    pthread_mutex_lock(&r->mu);
-    bool wait = !r->prep_done;
-    if (wait) {
-        r->suspended = true;
-        MHD_suspend_connection(r->conn);
-    }
-    pthread_mutex_unlock(&r->mu);
-    return wait;
-}
 
 /* ---- generation responses (HTTP side) ------------------------------------------------ */
 

@@ -199,16 +199,25 @@ static int match(cpu_be *be, const kvp_table *tab, int n_ev, const eng_kv_compre
     return n_pass;
 }
 
+/* The pages compaction rewrites: slots first_gap..kept-1 (every slot before the
+ * first evicted one stays where it is). */
+static int unshare_compacted(cpu_be *be, const eng_kv_compress_req *rq, int first_gap, int kept) {
+    int pt = be->pt;
+    for (int q = first_gap / pt; q <= (kept - 1) / pt && kept > first_gap; q++) {
+        int rc = kvp_unshare(be->base.pool, rq->seq, rq->layer, q * pt);
+        if (rc) return rc;
+    }
+    return D2_OK;
+}
+
 /* 4: makes private every page that the merges and the compaction write. */
 static int unshare_written(cpu_be *be, const eng_kv_compress_req *rq, int n, int kept, int n_pass) {
     cpu_kv_ws *ws = &be->kvws;
     kvp_pool *pool = be->base.pool;
-    int pt = be->pt, first_gap = 0;
+    int first_gap = 0;
     while (first_gap < n && ws->keep[first_gap]) first_gap++;
-    for (int q = first_gap / pt; q <= (kept - 1) / pt && kept > first_gap; q++) {
-        int rc = kvp_unshare(pool, rq->seq, rq->layer, q * pt);
-        if (rc) return rc;
-    }
+    int urc = unshare_compacted(be, rq, first_gap, kept);
+    if (urc) return urc;
     if (n_pass > 0)
         for (int e = 0; e < n; e++) {
             if (!ws->pass[e]) continue;
@@ -383,7 +392,7 @@ static int head_match(cpu_be *be, const kvp_table *tab, int n_ev, const eng_kv_c
 static int head_unshare(cpu_be *be, const eng_kv_compress_req *rq, int n, int kept, int n_pass) {
     cpu_kv_ws *ws = &be->kvws;
     kvp_pool *pool = be->base.pool;
-    int pt = be->pt, first_gap = n;
+    int first_gap = n;
     size_t cap = (size_t)ws->cap;
     for (int g = 0; g < be->n_kv; g++) {
         const uint8_t *keep = ws->hkeep + (size_t)g * cap;
@@ -391,10 +400,8 @@ static int head_unshare(cpu_be *be, const eng_kv_compress_req *rq, int n, int ke
         while (f < n && keep[f]) f++;
         if (f < first_gap) first_gap = f;
     }
-    for (int q = first_gap / pt; q <= (kept - 1) / pt && kept > first_gap; q++) {
-        int rc = kvp_unshare(pool, rq->seq, rq->layer, q * pt);
-        if (rc) return rc;
-    }
+    int urc = unshare_compacted(be, rq, first_gap, kept);
+    if (urc) return urc;
     for (int g = 0; g < be->n_kv && n_pass > 0; g++)
         for (int e = 0; e < n; e++) {
             if (!ws->hpass[(size_t)g * cap + (size_t)e]) continue;
