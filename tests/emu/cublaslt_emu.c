@@ -21,7 +21,9 @@
  * another one with CUBLAS_STATUS_INVALID_VALUE -- stricter than the library,
  * which may run it or fail, so that a cache handing out the wrong GEMM's
  * algorithm is caught here. Heuristic queries are counted
- * (emu_cublaslt_counters).
+ * (emu_cublaslt_counters). A matmul on a capturing stream is recorded with
+ * its descriptors and layouts copied (emu_c_submit) and runs at each graph
+ * replay.
  * Callers: emulator builds of host code (tests), one thread at a time.
  */
 #include <stdlib.h>
@@ -255,13 +257,44 @@ static float op_elem(const uint16_t *x, int64_t ld, int trans, int64_t r, int64_
     return trans == CUBLAS_OP_N ? bf16_value(x, r + c * ld) : bf16_value(x, c + r * ld);
 }
 
+/* One matmul with everything it reads from the descriptors copied (a
+ * capture records it by value, as the library's kernels get their
+ * parameters when they are enqueued). */
+typedef struct mm_call {
+    struct cublasLtMatmulDescOpaque d;
+    struct cublasLtMatrixLayoutOpaque la, lb, lc, ld;
+    float alpha, beta;
+    const uint16_t *a, *b;
+    const float *c;
+    float *out;
+} mm_call;
+
+static void mm_run(void *arg) {
+    const mm_call *q = arg;
+    int64_t m = (int64_t)q->ld.rows, n = (int64_t)q->ld.cols;
+    int64_t k = q->d.transa == CUBLAS_OP_N ? (int64_t)q->la.cols : (int64_t)q->la.rows;
+    const float *bias = q->d.bias;
+    for (int64_t col = 0; col < n; col++)
+        for (int64_t r = 0; r < m; r++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < k; i++)
+                acc += op_elem(q->a, q->la.ld, q->d.transa, r, i) * op_elem(q->b, q->lb.ld, q->d.transb, i, col);
+            float v = q->alpha * acc;
+            if (q->beta != 0.0f) v += q->beta * q->c[r + col * q->lc.ld];
+            if (q->d.epilogue == CUBLASLT_EPILOGUE_BIAS) v += bias[r];
+            q->out[r + col * q->ld.ld] = v;
+        }
+}
+
+/* The checks run at the call; the arithmetic runs now, or at each replay
+ * of a graph when the stream captures (emu_c_submit). */
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha,
                               const void *A, cublasLtMatrixLayout_t Adesc, const void *B,
                               cublasLtMatrixLayout_t Bdesc, const void *beta, const void *C,
                               cublasLtMatrixLayout_t Cdesc, void *D, cublasLtMatrixLayout_t Ddesc,
                               const cublasLtMatmulAlgo_t *algo, void *workspace,
                               size_t workspace_bytes, cudaStream_t stream) {
-    (void)workspace; (void)workspace_bytes; (void)stream;
+    (void)workspace; (void)workspace_bytes;
     if (!h || h->magic != 0x1234 || !d) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!alpha || !beta || !A || !B || !D) return CUBLAS_STATUS_INVALID_VALUE;
     int64_t m, k;
@@ -277,23 +310,11 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const 
     } else {
         g_implicit++;
     }
-    int64_t n = (int64_t)Ddesc->cols;
-    float al, be;
-    memcpy(&al, alpha, sizeof al);
-    memcpy(&be, beta, sizeof be);
-    const uint16_t *a = A, *b = B;
-    const float *c = C, *bias = d->bias;
-    float *out = D;
-    for (int64_t col = 0; col < n; col++)
-        for (int64_t r = 0; r < m; r++) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < k; i++)
-                acc += op_elem(a, Adesc->ld, d->transa, r, i) * op_elem(b, Bdesc->ld, d->transb, i, col);
-            float v = al * acc;
-            if (be != 0.0f) v += be * c[r + col * Cdesc->ld];
-            if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) v += bias[r];
-            out[r + col * Ddesc->ld] = v;
-        }
+    mm_call q = {.d = *d, .la = *Adesc, .lb = *Bdesc, .lc = *Cdesc, .ld = *Ddesc,
+                 .a = A, .b = B, .c = C, .out = D};
+    memcpy(&q.alpha, alpha, sizeof q.alpha);
+    memcpy(&q.beta, beta, sizeof q.beta);
+    if (emu_c_submit(stream, mm_run, &q, sizeof q) != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -1,7 +1,8 @@
 /*
  * tests/emu/cuda_emu.cpp — the CUDA emulator's runtime: the host API subset
  * the project calls (memory, copies, streams and events as synchronous
- * no-ops, device properties of an H100), the launch checks, and the block
+ * no-ops, stream capture into graphs replayed at launch, device properties
+ * of an H100), the launch checks, and the block
  * scheduler that runs a block's threads as fibers on the calling thread.
  * Linked into every program `make test-gpu-emu` builds; see cuda_emu.h for
  * the model and tests/emu/README for what it cannot catch.
@@ -47,6 +48,26 @@ void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_
 #include <ucontext.h>
 #endif
 
+/* Streams, events and graphs. A stream is a capture state: work enqueued on
+ * a stream that does not capture runs at once on the calling thread; on a
+ * capturing one it is appended to ops (tests/emu/README, "Stream capture"). */
+struct CUstream_st {
+    int capture;                           /* cudaStreamCaptureStatus */
+    int mode;                              /* cudaStreamCaptureMode of the capture */
+    std::vector<std::function<void()>> ops; /* the capture so far */
+};
+struct CUevent_st {
+    unsigned flags;
+    bool recorded;
+    std::chrono::steady_clock::time_point at; /* host time of the last record */
+};
+struct CUgraph_st {
+    std::vector<std::function<void()>> ops;
+};
+struct CUgraphExec_st {
+    std::vector<std::function<void()>> ops;
+};
+
 namespace emu {
 
 fiber *g_cur;
@@ -64,6 +85,9 @@ bool g_strict;
 void set_error(cudaError_t e) {
     if (g_last == cudaSuccess) g_last = e;
 }
+
+run_stats g_stats;
+int g_replaying; /* inside cudaGraphLaunch */
 
 /* ---- injected sticky errors ---- */
 
@@ -86,6 +110,50 @@ void make_sticky(const char *what, long n, const char *name) {
 }
 
 } // namespace
+
+void set_last(cudaError_t e) { set_error(e); }
+
+run_stats stats() { return g_stats; }
+
+/* ---- stream capture ---- */
+
+/* Streams that capture (active or invalidated); those not in relaxed mode
+ * forbid the unsafe calls (unsafe_call below). */
+std::set<CUstream_st *> g_captures;
+
+bool capturing(cudaStream_t s) { return s && s->capture != cudaStreamCaptureStatusNone; }
+
+void capture_invalidate(cudaStream_t s) {
+    if (s && s->capture == cudaStreamCaptureStatusActive) s->capture = cudaStreamCaptureStatusInvalidated;
+}
+
+cudaError_t capture_record(cudaStream_t s, std::function<void()> op) {
+    if (s->capture == cudaStreamCaptureStatusInvalidated) return cudaErrorStreamCaptureInvalidated;
+    s->ops.push_back(std::move(op));
+    return cudaSuccess;
+}
+
+cudaError_t submit_lib(cudaStream_t s, std::function<void()> op) {
+    if (capturing(s)) return capture_record(s, std::move(op));
+    g_stats.lib_calls++;
+    op();
+    return cudaSuccess;
+}
+
+/* A call that is not enqueued on a stream and would synchronise or allocate
+ * (cudaMalloc, cudaMallocHost, cudaMemcpy, cudaMemset, the synchronisations):
+ * while a capture in global or thread-local mode is under way (one host
+ * thread here, so the two are the same) CUDA refuses it with
+ * cudaErrorStreamCaptureUnsupported and invalidates that capture. */
+cudaError_t unsafe_call() {
+    cudaError_t e = cudaSuccess;
+    for (CUstream_st *c : g_captures)
+        if (c->mode != cudaStreamCaptureModeRelaxed) {
+            capture_invalidate(c);
+            e = cudaErrorStreamCaptureUnsupported;
+        }
+    return e;
+}
 
 /* The sticky error, or cudaSuccess (used by every host API entry below). */
 cudaError_t sticky() { return (cudaError_t)g_sticky.load(); }
@@ -593,6 +661,7 @@ bool launch_check(const void *kernel, const char *name, dim3 g, dim3 b, size_t s
 void run_grid(const void *kernel, const char *name, const char *file, int line, dim3 g, dim3 b,
               size_t smem, void (*body)(void *), void *ctx) {
     (void)kernel;
+    if (!g_replaying) g_stats.kernels++;
     const char *e = getenv("CUDAEMU_STRICT"); /* read per launch: tests switch it */
     g_strict = e && *e && strcmp(e, "0") != 0;
     const int n = (int)(b.x * b.y * b.z), n_warps = (n + 31) / 32;
@@ -671,6 +740,10 @@ static const size_t EMU_TOTAL_MEM = (size_t)80 << 30;
 cudaError_t cudaMalloc(void **p, size_t n) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!p) return cudaErrorInvalidValue;
+    if (cudaError_t ce = emu::unsafe_call()) {
+        *p = nullptr;
+        return ce;
+    }
     void *m = nullptr;
     /* 256-byte alignment as cudaMalloc; exactly n bytes so ASan sees overruns;
      * 0xff garbage (NaN floats) so reads of unwritten data show. */
@@ -698,6 +771,10 @@ cudaError_t cudaFree(void *p) {
 cudaError_t cudaMallocHost(void **p, size_t n) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!p) return cudaErrorInvalidValue;
+    if (cudaError_t ce = emu::unsafe_call()) {
+        *p = nullptr;
+        return ce;
+    }
     *p = malloc(n ? n : 1);
     if (!*p) return cudaErrorMemoryAllocation;
     emu::g_host.insert(*p);
@@ -714,29 +791,60 @@ cudaError_t cudaFreeHost(void *p) {
     return cudaSuccess;
 }
 
+namespace emu {
+/* The copy itself, counted by direction (run_stats). */
+void do_copy(void *dst, const void *src, size_t n, cudaMemcpyKind k) {
+    if (k == cudaMemcpyHostToDevice) {
+        g_stats.h2d_bytes += n;
+        g_stats.h2d_copies++;
+    } else if (k == cudaMemcpyDeviceToHost) {
+        g_stats.d2h_bytes += n;
+        g_stats.d2h_copies++;
+    }
+    if (n) memmove(dst, src, n);
+}
+} // namespace emu
+
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind k) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (k < cudaMemcpyHostToHost || k > cudaMemcpyDefault) return cudaErrorInvalidMemcpyDirection;
     if (n && (!dst || !src)) return cudaErrorInvalidValue;
-    if (n) memmove(dst, src, n);
+    if (cudaError_t ce = emu::unsafe_call()) return ce;
+    emu::do_copy(dst, src, n, k);
     return cudaSuccess;
 }
+/* On a capturing stream the copy is recorded with its pointers and size (a
+ * graph's memcpy node reads the source when it runs, not now). */
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k,
                             cudaStream_t s) {
-    (void)s;
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    if (k < cudaMemcpyHostToHost || k > cudaMemcpyDefault) return cudaErrorInvalidMemcpyDirection;
+    if (n && (!dst || !src)) return cudaErrorInvalidValue;
+    if (emu::capturing(s))
+        return emu::capture_record(s, [=]() {
+            if (emu::memcpy_async_faulted()) return;
+            emu::do_copy(dst, src, n, k);
+        });
     if (emu::memcpy_async_faulted()) return emu::sticky();
-    return cudaMemcpy(dst, src, n, k);
+    emu::do_copy(dst, src, n, k);
+    return cudaSuccess;
 }
 cudaError_t cudaMemset(void *p, int v, size_t n) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (n && !p) return cudaErrorInvalidValue;
+    if (cudaError_t ce = emu::unsafe_call()) return ce;
     if (n) memset(p, v, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
-    (void)s;
     if (emu::sticky() != cudaSuccess) return emu::sticky();
-    return cudaMemset(p, v, n);
+    if (n && !p) return cudaErrorInvalidValue;
+    if (emu::capturing(s))
+        return emu::capture_record(s, [=]() {
+            if (emu::sticky() == cudaSuccess && n) memset(p, v, n);
+        });
+    if (n) memset(p, v, n);
+    return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
@@ -744,7 +852,10 @@ cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
     if (total_b) *total_b = EMU_TOTAL_MEM;
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize(void) { return emu::sticky(); }
+cudaError_t cudaDeviceSynchronize(void) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    return emu::unsafe_call();
+}
 cudaError_t cudaDeviceReset(void) {
     emu::fault_reset();
     return cudaSuccess;
@@ -816,6 +927,10 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
     }
     return "cudaErrorUnknown";
 }
@@ -834,23 +949,22 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     }
     return "unknown error";
 }
 
-/* Streams and events: distinct non-null handles; everything is synchronous. */
-struct CUstream_st {
-    int dummy;
-};
-struct CUevent_st {
-    unsigned flags;
-    bool recorded;
-    std::chrono::steady_clock::time_point at; /* host time of the last record */
-};
+/* Streams and events: distinct non-null handles; work runs at once unless
+ * the stream captures. */
 cudaError_t cudaStreamCreate(cudaStream_t *s) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
     if (!s) return cudaErrorInvalidValue;
     *s = new CUstream_st();
+    (*s)->capture = cudaStreamCaptureStatusNone;
+    (*s)->mode = cudaStreamCaptureModeGlobal;
     return cudaSuccess;
 }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
@@ -858,12 +972,20 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
     return cudaStreamCreate(s);
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (s) emu::g_captures.erase(s);
     delete s;
     return cudaSuccess;
 }
+/* Synchronising a capturing stream is an error whatever the mode (its work
+ * has not run and will not until a graph launch); it invalidates the
+ * capture. */
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-    (void)s;
-    return emu::sticky();
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    if (emu::capturing(s)) {
+        emu::capture_invalidate(s);
+        return cudaErrorStreamCaptureUnsupported;
+    }
+    return emu::unsafe_call();
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
@@ -891,15 +1013,20 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
  * nothing like a GPU's). */
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
-    (void)s;
     if (!e) return cudaErrorInvalidValue;
+    if (emu::capturing(s)) /* a record node: the time of the replay */
+        return emu::capture_record(s, [=]() {
+            e->recorded = true;
+            e->at = std::chrono::steady_clock::now();
+        });
     e->recorded = true;
     e->at = std::chrono::steady_clock::now();
     return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
-    return e ? cudaSuccess : cudaErrorInvalidValue;
+    if (!e) return cudaErrorInvalidValue;
+    return emu::unsafe_call();
 }
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     if (emu::sticky() != cudaSuccess) return emu::sticky();
@@ -921,5 +1048,80 @@ cudaError_t cudaFuncSetAttribute(const void *func, cudaFuncAttribute attr, int v
         }
         emu::g_func_smem[func] = value;
     }
+    return cudaSuccess;
+}
+
+/* ---- stream capture and graphs (tests/emu/README, "Stream capture") ---- */
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    if (!s) return cudaErrorStreamCaptureUnsupported; /* the legacy stream cannot capture */
+    if (mode < cudaStreamCaptureModeGlobal || mode > cudaStreamCaptureModeRelaxed)
+        return cudaErrorInvalidValue;
+    if (emu::capturing(s)) return cudaErrorIllegalState;
+    s->capture = cudaStreamCaptureStatusActive;
+    s->mode = mode;
+    s->ops.clear();
+    emu::g_captures.insert(s);
+    return cudaSuccess;
+}
+
+/* Ends the capture whatever its state; an invalidated one gives no graph. */
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g) {
+    if (!g) return cudaErrorInvalidValue;
+    *g = nullptr;
+    if (!s || !emu::capturing(s)) return cudaErrorIllegalState;
+    bool ok = s->capture == cudaStreamCaptureStatusActive;
+    s->capture = cudaStreamCaptureStatusNone;
+    emu::g_captures.erase(s);
+    std::vector<std::function<void()>> ops;
+    ops.swap(s->ops);
+    if (!ok) return cudaErrorStreamCaptureInvalidated;
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    *g = new CUgraph_st();
+    (*g)->ops = std::move(ops);
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *status) {
+    if (!status) return cudaErrorInvalidValue;
+    *status = s ? (cudaStreamCaptureStatus)s->capture : cudaStreamCaptureStatusNone;
+    return emu::sticky();
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long flags) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    if (!e || !g || flags != 0) return cudaErrorInvalidValue;
+    *e = new CUgraphExec_st();
+    (*e)->ops = g->ops; /* a copy: the graph may be destroyed at once */
+    return cudaSuccess;
+}
+
+/* Runs the operations in capture order on the calling thread (or records
+ * the whole graph when s captures: a child graph). Faults injected into one
+ * operation make the rest see the sticky error, as on a device. */
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+    if (emu::sticky() != cudaSuccess) return emu::sticky();
+    if (!e) return cudaErrorInvalidResourceHandle;
+    if (emu::capturing(s)) return emu::capture_record(s, [=]() {
+        for (auto &op : e->ops) op();
+    });
+    emu::g_stats.graph_launches++;
+    emu::g_replaying++;
+    for (auto &op : e->ops) {
+        emu::g_stats.graph_ops++;
+        op();
+    }
+    emu::g_replaying--;
+    return emu::sticky();
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+    delete e;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+    delete g;
     return cudaSuccess;
 }

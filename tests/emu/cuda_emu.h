@@ -10,7 +10,9 @@
  * that switch only at __syncthreads, at warp-synchronous operations
  * (__shfl*_sync, __ballot_sync, votes, __syncwarp, wmma) and at exit. So
  * device memory is the host heap, atomics are plain read-modify-writes, and
- * streams and events are synchronous no-ops.
+ * streams and events are synchronous no-ops -- except that a stream in
+ * capture (cudaStreamBeginCapture) records its work instead, and a graph
+ * launch replays it on the calling thread.
  *
  * Checks (an error prints the kernel, block, thread and file:line, then
  * aborts): a __syncthreads reached from two places; a warp operation whose
@@ -32,6 +34,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -86,13 +90,29 @@ enum cudaError {
     cudaErrorInvalidDeviceFunction = 98,
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorIllegalState = 401,
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchOutOfResources = 701,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
 };
 typedef enum cudaError cudaError_t;
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUevent_st *cudaEvent_t;
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2,
+};
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+};
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost = 0,
     cudaMemcpyHostToDevice = 1,
@@ -166,6 +186,14 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 cudaError_t cudaFuncSetAttribute(const void *func, cudaFuncAttribute attr, int value);
+/* Stream capture and graphs (tests/emu/README, "Stream capture"). */
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *status);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
+cudaError_t cudaGraphDestroy(cudaGraph_t g);
 template <class F> static inline cudaError_t cudaFuncSetAttribute(F *func, cudaFuncAttribute attr,
                                                                   int value) {
     return cudaFuncSetAttribute((const void *)func, attr, value);
@@ -213,10 +241,35 @@ void run_grid(const void *kernel, const char *name, const char *file, int line, 
  * this launch is the one CUDAEMU_FAIL_LAUNCH names, or the context already
  * holds a sticky error; the launch then runs nothing. */
 bool launch_faulted(const char *name);
+/* Makes e the next cudaGetLastError() unless an error is already pending. */
+void set_last(cudaError_t e);
 /* The context's sticky error (cudaSuccess when none); fault_reset() ends it
  * and restarts the launch and copy counts, as cudaDeviceReset does. */
 cudaError_t sticky();
 void fault_reset();
+
+/* Stream capture: while s captures (capturing(s): active or invalidated),
+ * the work enqueued on it is recorded, not run. capture_record appends op
+ * to s's capture and returns cudaSuccess, or cudaErrorStreamCaptureInvalidated
+ * (nothing recorded) when the capture was invalidated; call it only when
+ * capturing(s). capture_invalidate marks an active capture of s invalidated
+ * (an error inside it); a no-op when s does not capture. */
+bool capturing(cudaStream_t s);
+cudaError_t capture_record(cudaStream_t s, std::function<void()> op);
+void capture_invalidate(cudaStream_t s);
+/* Counters for the tests of host code's traffic (tests/emu/cuda_rt_c.cpp
+ * reads them): kernels and library calls (the cuBLASLt shim's matmuls) run
+ * outside graph replays, graph launches, operations (kernels, copies,
+ * memsets, library calls) run by graph replays, and the copies that ran,
+ * by direction (a copy in a graph counts at every replay). */
+struct run_stats {
+    unsigned long long kernels, lib_calls, graph_launches, graph_ops;
+    unsigned long long h2d_bytes, h2d_copies, d2h_bytes, d2h_copies;
+};
+run_stats stats();
+/* Library work (the cuBLASLt shim, C): run op now, or record it when s
+ * captures; the error as capture_record's. */
+cudaError_t submit_lib(cudaStream_t s, std::function<void()> op);
 
 template <class... P> struct launcher {
     void (*k)(P...);
@@ -224,21 +277,41 @@ template <class... P> struct launcher {
     int line;
     dim3 g, b;
     size_t smem;
-    template <class... A> void operator()(A &&...a) {
-        static_assert(sizeof...(A) == sizeof...(P), "kernel argument count");
-        std::tuple<typename std::decay<P>::type...> args(std::forward<A>(a)...);
-        if (!launch_check((const void *)k, name, g, b, smem)) return;
+    cudaStream_t s;
+    typedef std::tuple<typename std::decay<P>::type...> args_t;
+    static void run(void (*k)(P...), const char *name, const char *file, int line, dim3 g, dim3 b,
+                    size_t smem, args_t &args) {
         if (launch_faulted(name)) return;
         auto body = [&]() { std::apply(k, args); };
         run_grid((const void *)k, name, file, line, g, b, smem,
                  [](void *c) { (*(decltype(body) *)c)(); }, &body);
     }
+    template <class... A> void operator()(A &&...a) {
+        static_assert(sizeof...(A) == sizeof...(P), "kernel argument count");
+        args_t args(std::forward<A>(a)...);
+        if (!launch_check((const void *)k, name, g, b, smem)) {
+            capture_invalidate(s); /* a launch error inside a capture invalidates it */
+            return;
+        }
+        if (capturing(s)) {
+            /* recorded with its arguments copied now, as a graph's kernel node */
+            auto saved = std::make_shared<args_t>(std::move(args));
+            auto k_ = k;
+            const char *n_ = name, *f_ = file;
+            int l_ = line;
+            dim3 g_ = g, b_ = b;
+            size_t sm_ = smem;
+            cudaError_t e = capture_record(s, [=]() { run(k_, n_, f_, l_, g_, b_, sm_, *saved); });
+            if (e != cudaSuccess) set_last(e);
+            return;
+        }
+        run(k, name, file, line, g, b, smem, args);
+    }
 };
 template <class... P>
 launcher<P...> launch(void (*k)(P...), const char *name, const char *file, int line, dim3 g,
                       dim3 b, size_t smem = 0, cudaStream_t s = 0) {
-    (void)s;
-    return launcher<P...>{k, name, file, line, g, b, smem};
+    return launcher<P...>{k, name, file, line, g, b, smem, s};
 }
 
 template <class T> static inline uint64_t to_bits(T v) {

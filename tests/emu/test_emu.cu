@@ -3,7 +3,9 @@
  * warp operations, shared-memory poisoning, atomics, bf16/half rounding,
  * wmma, the launch limits, and every check that aborts (a barrier reached
  * from two places, a warp operation naming an exited lane, deadlock, strict
- * mode), each of those in a forked child whose report is read back.
+ * mode), each of those in a forked child whose report is read back; stream
+ * capture and graph replay (order, captured arguments, the errors CUDA
+ * gives for unsafe calls during a capture).
  * Built only against the emulator (make test-gpu-emu). Prints one line per
  * check and "emu: N passed, N failed".
  */
@@ -246,6 +248,117 @@ static void test_launch_limits(void) {
     cudaFree(d);
 }
 
+
+/* ---- stream capture and graphs ---- */
+
+/* x[i] = x[i] * 10 + v: the order of two launches shows in the result */
+static __global__ void shift_add_kernel(int *x, int v) { x[threadIdx.x] = x[threadIdx.x] * 10 + v; }
+
+/* Recorded, not run; replayed in capture order, as often as launched; the
+ * arguments of a kernel are the values at capture, a copy's source is read
+ * at replay; the counters see replays, not launches. */
+static void test_graph_record_replay(void) {
+    cudaStream_t st;
+    int *d = nullptr, *src = nullptr, h[32];
+    bool ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
+              cudaMalloc(&d, sizeof h) == cudaSuccess && cudaMallocHost((void **)&src, sizeof h) == cudaSuccess;
+    for (int i = 0; i < 32; i++) src[i] = 5;
+    ok = ok && cudaMemset(d, 0, sizeof h) == cudaSuccess;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusInvalidated;
+    ok = ok && cudaStreamIsCapturing(st, &cs) == cudaSuccess && cs == cudaStreamCaptureStatusNone;
+    ok = ok && cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaSuccess;
+    ok = ok && cudaStreamIsCapturing(st, &cs) == cudaSuccess && cs == cudaStreamCaptureStatusActive;
+    int v = 1;
+    ok = ok && cudaMemcpyAsync(d, src, sizeof h, cudaMemcpyHostToDevice, st) == cudaSuccess;
+    shift_add_kernel<<<1, 32, 0, st>>>(d, v);
+    v = 7; /* the launch above keeps 1 */
+    shift_add_kernel<<<1, 32, 0, st>>>(d, 2);
+    ok = ok && cudaGetLastError() == cudaSuccess;
+    emu::run_stats r0 = emu::stats();
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t e = nullptr;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaSuccess && g;
+    ok = ok && cudaStreamIsCapturing(st, &cs) == cudaSuccess && cs == cudaStreamCaptureStatusNone;
+    ok = ok && cudaGraphInstantiate(&e, g, 0) == cudaSuccess && cudaGraphDestroy(g) == cudaSuccess;
+    ok = ok && cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost) == cudaSuccess && h[0] == 0;
+    check("capture_records_without_running", ok);
+    for (int i = 0; i < 32; i++) src[i] = 3; /* read by the copy at replay */
+    ok = ok && cudaGraphLaunch(e, st) == cudaSuccess;
+    ok = ok && cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost) == cudaSuccess;
+    check("graph_replays_in_order_with_captured_args", ok && h[0] == 312 && h[31] == 312 && v == 7);
+    for (int i = 0; i < 32; i++) src[i] = 4;
+    ok = ok && cudaGraphLaunch(e, st) == cudaSuccess;
+    ok = ok && cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost) == cudaSuccess;
+    emu::run_stats r1 = emu::stats();
+    check("graph_replays_again", ok && h[5] == 412);
+    check("graph_counters", r1.graph_launches - r0.graph_launches == 2 &&
+                                r1.graph_ops - r0.graph_ops == 6 && r1.kernels == r0.kernels &&
+                                r1.h2d_copies - r0.h2d_copies == 2);
+    cudaGraphExecDestroy(e);
+    cudaFreeHost(src);
+    cudaFree(d);
+    cudaStreamDestroy(st);
+}
+
+/* What real CUDA refuses during a capture: synchronising the capturing
+ * stream (any mode), allocating or a synchronous copy in global mode (not
+ * in relaxed mode); each invalidates the capture, which then gives no
+ * graph. Capturing the legacy stream, capturing twice, ending a capture
+ * that did not begin, and a bad launch inside a capture. */
+static void test_graph_capture_errors(void) {
+    cudaStream_t st;
+    int *d = nullptr, h = 0;
+    cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    cudaMalloc(&d, 128);
+    cudaGraph_t g = nullptr;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    bool ok = cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaSuccess;
+    shift_add_kernel<<<1, 32, 0, st>>>(d, 1);
+    ok = ok && cudaStreamSynchronize(st) == cudaErrorStreamCaptureUnsupported;
+    ok = ok && cudaStreamIsCapturing(st, &cs) == cudaSuccess && cs == cudaStreamCaptureStatusInvalidated;
+    ok = ok && cudaMemsetAsync(d, 0, 4, st) == cudaErrorStreamCaptureInvalidated;
+    g = (cudaGraph_t)&h;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorStreamCaptureInvalidated && g == nullptr;
+    check("capture_sync_invalidates", ok);
+
+    void *p = &h;
+    ok = cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaSuccess;
+    ok = ok && cudaMalloc(&p, 64) == cudaErrorStreamCaptureUnsupported && p == nullptr;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorStreamCaptureInvalidated && !g;
+    ok = ok && cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaSuccess;
+    ok = ok && cudaMemcpy(&h, d, 4, cudaMemcpyDeviceToHost) == cudaErrorStreamCaptureUnsupported;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorStreamCaptureInvalidated && !g;
+    ok = ok && cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaSuccess;
+    ok = ok && cudaDeviceSynchronize() == cudaErrorStreamCaptureUnsupported;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorStreamCaptureInvalidated && !g;
+    check("capture_global_mode_refuses_unsafe_calls", ok);
+
+    ok = cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed) == cudaSuccess;
+    ok = ok && cudaMalloc(&p, 64) == cudaSuccess && cudaFree(p) == cudaSuccess;
+    ok = ok && cudaStreamSynchronize(st) == cudaErrorStreamCaptureUnsupported;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorStreamCaptureInvalidated && !g;
+    ok = ok && cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed) == cudaSuccess;
+    ok = ok && cudaMalloc(&p, 64) == cudaSuccess && cudaFree(p) == cudaSuccess;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaSuccess && g;
+    cudaGraphDestroy(g);
+    check("capture_relaxed_mode_allows_allocation", ok);
+
+    ok = cudaStreamBeginCapture(0, cudaStreamCaptureModeGlobal) == cudaErrorStreamCaptureUnsupported;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorIllegalState;
+    ok = ok && cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaSuccess;
+    ok = ok && cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) == cudaErrorIllegalState;
+    shift_add_kernel<<<1, 1025, 0, st>>>(d, 1);
+    ok = ok && cudaGetLastError() == cudaErrorInvalidConfiguration;
+    ok = ok && cudaStreamEndCapture(st, &g) == cudaErrorStreamCaptureInvalidated && !g;
+    /* after all that the stream works as before */
+    ok = ok && cudaMemsetAsync(d, 0, 128, st) == cudaSuccess;
+    shift_add_kernel<<<1, 32, 0, st>>>(d, 9);
+    ok = ok && cudaMemcpy(&h, d, 4, cudaMemcpyDeviceToHost) == cudaSuccess && h == 9;
+    check("capture_misuse_errors", ok);
+    cudaFree(d);
+    cudaStreamDestroy(st);
+}
+
 /* ---- fatal checks, each in a child process ---- */
 
 static __global__ void two_barriers_kernel(int *p) {
@@ -371,6 +484,8 @@ int main(void) {
     test_event_timing();
     test_launch_limits();
     test_fault_injection();
+    test_graph_record_replay();
+    test_graph_capture_errors();
 
     cudaMalloc(&g_buf, 1024 * sizeof(float));
     cudaMemset(g_buf, 0, 1024 * sizeof(float));

@@ -8,8 +8,9 @@
  * forward to the emulator's C++ runtime (cuda_emu.cpp): the emulator's own
  * declarations have C++ linkage and default arguments, which C cannot call.
  * Enum values and handle types are the emulator's (cuda_rt_c.cpp checks
- * them at compile time). Streams and events are synchronous no-ops, pinned
- * host memory is plain heap memory, device memory is the host heap.
+ * them at compile time). Work runs at once unless its stream captures
+ * (then a graph launch replays it), pinned host memory is plain heap
+ * memory, device memory is the host heap.
  */
 #ifndef D2_EMU_CUDA_RUNTIME_API_H
 #define D2_EMU_CUDA_RUNTIME_API_H
@@ -33,12 +34,28 @@ typedef enum cudaError {
     cudaErrorInvalidDeviceFunction = 98,
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorIllegalState = 401,
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchOutOfResources = 701,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
 } cudaError_t;
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUevent_st *cudaEvent_t;
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
+typedef enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2,
+} cudaStreamCaptureMode;
+typedef enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+} cudaStreamCaptureStatus;
 typedef enum cudaMemcpyKind {
     cudaMemcpyHostToHost = 0,
     cudaMemcpyHostToDevice = 1,
@@ -73,6 +90,13 @@ typedef enum cudaMemcpyKind {
 #define cudaEventRecord emu_c_cudaEventRecord
 #define cudaEventSynchronize emu_c_cudaEventSynchronize
 #define cudaEventElapsedTime emu_c_cudaEventElapsedTime
+#define cudaStreamBeginCapture(s, mode) emu_c_cudaStreamBeginCapture((s), (int)(mode))
+#define cudaStreamEndCapture emu_c_cudaStreamEndCapture
+#define cudaStreamIsCapturing(s, st) emu_c_cudaStreamIsCapturing((s), (int *)(st))
+#define cudaGraphInstantiate emu_c_cudaGraphInstantiate
+#define cudaGraphLaunch emu_c_cudaGraphLaunch
+#define cudaGraphExecDestroy emu_c_cudaGraphExecDestroy
+#define cudaGraphDestroy emu_c_cudaGraphDestroy
 
 cudaError_t emu_c_cudaMalloc(void **p, size_t n);
 cudaError_t emu_c_cudaFree(void *p);
@@ -98,20 +122,41 @@ cudaError_t emu_c_cudaEventDestroy(cudaEvent_t e);
 cudaError_t emu_c_cudaEventRecord(cudaEvent_t e, cudaStream_t s);
 cudaError_t emu_c_cudaEventSynchronize(cudaEvent_t e);
 cudaError_t emu_c_cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
+/* Stream capture and graphs (CUDA 12 signatures; tests/emu/README, "Stream
+ * capture"). The enum arguments travel as int (their values are checked in
+ * cuda_rt_c.cpp). */
+cudaError_t emu_c_cudaStreamBeginCapture(cudaStream_t s, int mode);
+cudaError_t emu_c_cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g);
+cudaError_t emu_c_cudaStreamIsCapturing(cudaStream_t s, int *status);
+cudaError_t emu_c_cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long flags);
+cudaError_t emu_c_cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t emu_c_cudaGraphExecDestroy(cudaGraphExec_t e);
+cudaError_t emu_c_cudaGraphDestroy(cudaGraph_t g);
 
 /* Emulator only (no CUDA name; tests guard it with #ifdef CUDAEMU_C): running
  * totals since the process started, out[EMU_C_N_COUNTERS]. A host
  * synchronisation is a call of cudaStreamSynchronize, cudaEventSynchronize,
- * cudaDeviceSynchronize or the synchronous cudaMemcpy; copies count
- * cudaMemcpy and cudaMemcpyAsync by direction. */
+ * cudaDeviceSynchronize or the synchronous cudaMemcpy; copies count the
+ * cudaMemcpy and cudaMemcpyAsync that ran, by direction (one inside a graph
+ * at every replay); kernels and library calls (the cuBLASLt shim's matmuls)
+ * count those run outside graph replays; graph ops count every operation a
+ * graph replay ran. */
 enum {
     EMU_C_SYNCS,
     EMU_C_H2D_BYTES,
     EMU_C_H2D_COPIES,
     EMU_C_D2H_BYTES,
     EMU_C_D2H_COPIES,
+    EMU_C_KERNELS,
+    EMU_C_LIB_CALLS,
+    EMU_C_GRAPH_LAUNCHES,
+    EMU_C_GRAPH_OPS,
     EMU_C_N_COUNTERS
 };
 void emu_c_counters(unsigned long long *out);
+/* For the cuBLASLt shim: fn(a copy of arg's bytes) now, or recorded when s
+ * captures (then run at each replay). Returns cudaSuccess or
+ * cudaErrorStreamCaptureInvalidated. */
+cudaError_t emu_c_submit(cudaStream_t s, void (*fn)(void *), const void *arg, size_t bytes);
 
 #endif
