@@ -19,7 +19,10 @@
  * Decode work list (kern_attn_decode_plan, host): W = n_work splits of
  * KERN_DECODE_SPLIT slots, sequence by sequence, so grids cover what each
  * sequence needs (one long sequence among short ones adds only its own
- * splits). Workspace (floats, each region rounded up to 4 floats):
+ * splits). With a live count on the device (n_work_live, for a replayed
+ * CUDA graph whose grids are fixed) W is the capacity the grids and the
+ * workspace are laid out for, and the CTAs of pass 1 and 3 past the live
+ * count leave at once, before reading their work item. Workspace (floats, each region rounded up to 4 floats):
  *   logits [W][n_heads][SPLIT]     raw logits (-inf when masked); only when
  *                                  score != NULL, and written only for the
  *                                  sequences that score this step
@@ -111,13 +114,14 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
                  const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
                  const int32_t *len,
                  const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
-                 const float *score, const int32_t *score_from, int n_heads, float scale,
-                 int window) {
+                 const int32_t *n_work_live, const float *score, const int32_t *score_from,
+                 int n_heads, float scale, int window) {
     __shared__ float s_q[KERN_MAX_GROUP][KERN_MAX_HEAD_DIM];
     __shared__ float s_p[KERN_MAX_GROUP][KERN_DECODE_SPLIT]; /* logits, then exp */
     __shared__ int64_t s_row[KERN_DECODE_SPLIT];             /* element offset of slot / hd */
 
     const int wi = blockIdx.x, kvh = blockIdx.y;
+    if (n_work_live && wi >= *n_work_live) return; /* past the live work list: whole CTA */
     const int b = work[wi], sp = wi - split_base[b];
     const int hd = kv.head_dim, nkv = kv.n_kv_heads, pt = kv.page_tokens;
     const int G = n_heads / nkv;
@@ -260,8 +264,10 @@ dec_combine_kernel(dec_ws w, void *out, kern_dtype out_dtype, const int32_t *len
 static __global__ void __launch_bounds__(DEC_SCORE_THREADS)
 dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_t *block_tab,
                  int tab_stride, const int32_t *tab_row, const int32_t *len, const int32_t *q_pos,
-                 const int32_t *split_base, const int32_t *work, int n_heads, int nkv, int pt) {
+                 const int32_t *split_base, const int32_t *work, const int32_t *n_work_live,
+                 int n_heads, int nkv, int pt) {
     const int wi = blockIdx.x, kvh = blockIdx.y;
+    if (n_work_live && wi >= *n_work_live) return;
     const int b = work[wi], sp = wi - split_base[b];
     if (!dec_scoring(score, score_from, q_pos, b)) return;
     int t = threadIdx.x, slot = sp * KERN_DECODE_SPLIT + t;
@@ -282,13 +288,15 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
                                 const int32_t *block_tab, int tab_stride,
                                 const int32_t *tab_row, const int32_t *len,
                                 const int32_t *q_pos, const int32_t *split_base,
-                                const int32_t *work, int n_work, int n_seq, int n_heads,
-                                float scale, int window, void *workspace, kern_stream s) {
+                                const int32_t *work, int n_work, const int32_t *n_work_live,
+                                int n_seq, int n_heads, float scale, int window, void *workspace,
+                                kern_stream s) {
     KERN_REQUIRE(out && q && kv.k && kv.v && kv.pos && len && q_pos && n_seq >= 0);
     KERN_REQUIRE(kv.n_kv_heads > 0 && kv.page_tokens > 0 && n_heads % kv.n_kv_heads == 0);
     KERN_REQUIRE(n_heads / kv.n_kv_heads <= KERN_MAX_GROUP);
     KERN_REQUIRE(kv.head_dim > 0 && kv.head_dim % 2 == 0 && kv.head_dim <= KERN_MAX_HEAD_DIM);
     KERN_REQUIRE(q_stride >= n_heads * kv.head_dim && n_work >= 0);
+    KERN_REQUIRE(!n_work_live || n_work > 0);
     KERN_REQUIRE(n_heads <= 65535 && kv.n_kv_heads <= 65535);
     if (n_seq == 0) return D2_OK;
     if (n_work == 0) {
@@ -307,8 +315,8 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
     dim3 g1((unsigned)n_work, kv.n_kv_heads);
     dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride,
                                                 tab_row, len,
-                                                q_pos, split_base, work, score, score_from,
-                                                n_heads, scale, window);
+                                                q_pos, split_base, work, n_work_live, score,
+                                                score_from, n_heads, scale, window);
     KERN_LAUNCH_CHECK("dec_split_kernel");
     dim3 g2((unsigned)n_seq, n_heads);
     dec_combine_kernel<<<g2, DEC_COMBINE_THREADS, 0, s>>>(w, out, out_dtype, len, split_base,
@@ -318,7 +326,7 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
         dim3 g3((unsigned)n_work, kv.n_kv_heads);
         dec_score_kernel<<<g3, DEC_SCORE_THREADS, 0, s>>>(w, score, score_from, block_tab,
                                                           tab_stride, tab_row, len, q_pos, split_base,
-                                                          work, n_heads, kv.n_kv_heads,
+                                                          work, n_work_live, n_heads, kv.n_kv_heads,
                                                           kv.page_tokens);
         KERN_LAUNCH_CHECK("dec_score_kernel");
     }

@@ -248,14 +248,20 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads, int 
  *   q_pos      : int32 [n_seq] position of each query token
  *   split_base, work, n_work : kern_attn_decode_plan's output, on the device
  *                (n_work 0: no keys anywhere, zero outputs)
+ *   n_work_live: NULL, or a device int32 holding the work list's length,
+ *                read by the kernels: then n_work (> 0) is only its
+ *                capacity (grids and workspace are sized for it; entries of
+ *                work past the live length are never read), so a captured
+ *                CUDA graph replays with a work list whose length changes
+ *                between launches. Rows whose len is 0 get zero outputs.
  *   workspace  : kern_attn_decode_workspace_bytes(n_seq, n_work, n_heads,
  *                head_dim, score != NULL) bytes, 16-byte aligned */
 int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
                      kern_kv_view kv, float *score, const int32_t *score_from,
                      const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
                      const int32_t *len, const int32_t *q_pos, const int32_t *split_base,
-                     const int32_t *work, int n_work, int n_seq, int n_heads, float scale,
-                     int window, void *workspace, kern_stream s);
+                     const int32_t *work, int n_work, const int32_t *n_work_live, int n_seq,
+                     int n_heads, float scale, int window, void *workspace, kern_stream s);
 
 /* Prefill attention for a chunk of n_q queries of one sequence against the
  * first n_kv live slots of its (layer) block table (which already holds the

@@ -1212,7 +1212,7 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
                                 dec_scores ? be->kv_score : NULL, dec_scores ? sf_d : NULL,
                                 be->rtab_d + rtab_row(be, 0, l), be->max_pages, D + o_trow,
                                 D + lp->dlen, pos_d, D + lp->dsplit,
-                                D + lp->dwork, lp->n_work, n_dec, be->n_heads, scale, be->window,
+                                D + lp->dwork, lp->n_work, NULL, n_dec, be->n_heads, scale, be->window,
                                 be->dec_ws, be->st));
         for (int si = 0; si < b->n_seqs; si++) {
             const eng_batch_seq *s = &b->seqs[si];

@@ -427,9 +427,13 @@ static double ref_attn_row(const pool &P, const float *q, int kvh, float scale, 
 
 /* with_score: pass the pool score; use_score_from: per-sequence score_from
  * (sequence 3 does not score, sequence 4 starts scoring after this token),
- * else NULL (every sequence scores). */
+ * else NULL (every sequence scores). use_live: the work list's length on the
+ * device (n_work_live) and n_work its capacity, the entries past the live
+ * length garbage sequence ids that must not be read (as a replayed CUDA
+ * graph runs it). */
 static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dtype odt, bool with_score,
-                        int window, bool use_score_from = false, bool use_tab_row = false) {
+                        int window, bool use_score_from = false, bool use_tab_row = false,
+                        bool use_live = false) {
     const int pt = 16, n_pages = 160, n_seq = 6;
     const float scale = 1.0f / sqrtf((float)hd);
     pool P = make_pool(n_pages, pt, nkv, hd);
@@ -503,8 +507,14 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
         report(name, false);
         return;
     }
-    int32_t *d_sb = dev_copy(sb), *d_wk = dev_copy(wk);
-    size_t wsb = kern_attn_decode_workspace_bytes(n_seq, n_work, n_heads, hd, with_score);
+    int n_cap = n_work;
+    std::vector<int32_t> live(1, n_work);
+    if (use_live) {
+        n_cap = (int)wk.size();
+        for (int i = n_work; i < n_cap; i++) wk[i] = 1 << 28; /* never read */
+    }
+    int32_t *d_sb = dev_copy(sb), *d_wk = dev_copy(wk), *d_live = dev_copy(live);
+    size_t wsb = kern_attn_decode_workspace_bytes(n_seq, n_cap, n_heads, hd, with_score);
     void *d_ws = NULL;
     CK(cudaMalloc(&d_ws, wsb));
     CK(cudaMemset(d_ws, 0xff, wsb)); /* NaN garbage: every read must be of written data */
@@ -513,7 +523,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     KCALL(kern_attn_decode(d_out, odt, d_q, q_stride, D.view(P), with_score ? D.score : NULL,
                            use_score_from ? d_sf : NULL, d_tab, tab_stride,
                            use_tab_row ? d_trow : NULL, d_len, d_qpos, d_sb, d_wk,
-                           n_work, n_seq, n_heads, scale, window, d_ws, 0));
+                           n_cap, use_live ? d_live : NULL, n_seq, n_heads, scale, window, d_ws, 0));
     std::vector<float> got = odt == KERN_F32 ? host_copy(d_out, ref_out.size())
                                              : bf_to_f(host_copy((kern_bf16 *)d_out, ref_out.size()));
     bool ok = close_enough(name, got.data(), ref_out.data(), ref_out.size(), 2e-5,
@@ -534,6 +544,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     cudaFree(d_sb);
     cudaFree(d_wk);
     cudaFree(d_trow);
+    cudaFree(d_live);
 }
 
 /* kern_patch_i32: patches of different lengths (0, 1, more than a CTA's
@@ -800,6 +811,8 @@ int main(void) {
     test_decode("decode_gqa4_window101", 8, 2, 128, KERN_F32, true, 101); /* Mistral-style */
     test_decode("decode_gqa8_hd256_score_from", 8, 1, 256, KERN_BF16, true, 0, true);
     test_decode("decode_gqa4_tab_row", 8, 2, 128, KERN_F32, true, 0, true, true);
+    test_decode("decode_gqa4_live_count", 8, 2, 128, KERN_F32, true, 0, true, true, true);
+    test_decode("decode_gqa4_bf16_live_count_noscore", 8, 2, 128, KERN_BF16, false, 0, false, false, true);
     test_patch_i32();
     test_decode_bounds();
     test_prefill("prefill_gqa4_hd128", 8, 2, 128, 137, 37, 0);
