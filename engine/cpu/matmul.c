@@ -47,6 +47,15 @@
 #ifndef MM_VNNI
 #define MM_VNNI 0
 #endif
+/* Largest token count that takes vdpbf16ps for bf16 weights; more tokens take
+ * the f32 FMA tile on weights widened by a shift. Measured (BENCHMARKS.md,
+ * "bf16: vdpbf16ps only for decode-sized batches"): on this Xeon vdpbf16ps
+ * issues at ~0.7x the FMA rate, so once the step is compute-bound (8 and 32
+ * tokens) the FMA tile was 1.2-1.3x faster, while at 1 token, memory-bound,
+ * the halved activation traffic of bf16 pays. */
+#ifndef MM_BF16DP_MAX_TOK
+#define MM_BF16DP_MAX_TOK 2
+#endif
 
 #define Q8_BLOCK 32
 #define Q8_BYTES 34
@@ -418,11 +427,9 @@ MM_INLINE __mmask16 mask16(int64_t k) { return k >= 16 ? (__mmask16)0xFFFF : k <
 #define X5_CALL_f16(w, nr, xp, NT, yp) tile512_f16(w, nr, xp, ldx, NT, n, yp, ldy)
 DEFINE_BLOCK512(f32, float)
 DEFINE_BLOCK512(f16, uint16_t)
-#if !MM_BF16DP
 #define X5_LD_bf16(p, m) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16))
 #define X5_CALL_bf16(w, nr, xp, NT, yp) tile512_bf16(w, nr, xp, ldx, NT, n, yp, ldy)
 DEFINE_BLOCK512(bf16, uint16_t)
-#endif
 
 #if MM_BF16DP
 /* Padded row length (elements) of the bf16 copy of the activations. */
@@ -574,6 +581,8 @@ static void rows_q8vnni(const eng_tensor *wt, const float *x0, int64_t ldx0, int
 #endif /* MM_VNNI */
 #endif /* AVX-512 */
 
+int eng_mm_bf16dp_max_tokens(void) { return MM_BF16DP ? MM_BF16DP_MAX_TOK : 0; }
+
 const char *eng_mm_kernel_name(eng_dtype dt) {
     if (dt == ENG_Q8_0 && MM_VNNI) return "avx512-vnni";
     if (dt == ENG_BF16 && MM_BF16DP) return "avx512-bf16dp";
@@ -591,7 +600,7 @@ void eng_mm_rows(const eng_tensor *w, const float *x, int64_t ldx, int n_tok, fl
     }
 #endif
 #if MM_BF16DP
-    if (w->dtype == ENG_BF16) {
+    if (w->dtype == ENG_BF16 && n_tok <= MM_BF16DP_MAX_TOK) {
         rows_bf16dp(w, x, ldx, n_tok, y, ldy, r0, r1, scratch);
         return;
     }
@@ -613,10 +622,8 @@ void eng_mm_rows(const eng_tensor *w, const float *x, int64_t ldx, int n_tok, fl
                 block512_f32((const float *const *)rp, nr, x, ldx, n_tok, n, y + r, ldy);
             else if (w->dtype == ENG_F16)
                 block512_f16((const uint16_t *const *)rp, nr, x, ldx, n_tok, n, y + r, ldy);
-#if !MM_BF16DP
             else
                 block512_bf16((const uint16_t *const *)rp, nr, x, ldx, n_tok, n, y + r, ldy);
-#endif
         } else {
             /* Q8_0 without VNNI: rows to f32 scratch, then the f32 tile. */
             const float *rp[MM_RB];

@@ -39,8 +39,11 @@ void eng_mm_rows(const eng_tensor *w, const float *x, int64_t ldx, int n_tok, fl
 /* Which kernel eng_mm_rows runs for weights of dtype dt in this build, e.g.
  * "avx512-bf16dp" or "avx2" or "scalar" (static string). Kernels whose name
  * ends in "bf16dp" round the activations to bf16, "vnni" to int8 per 32-block
- * (see above); the others use them as f32. */
+ * (see above); the others use them as f32. A "bf16dp" build uses it only for
+ * calls of at most eng_mm_bf16dp_max_tokens() tokens (decode), and the f32
+ * tile (activations unrounded) above that, where the step is compute-bound. */
 const char *eng_mm_kernel_name(eng_dtype dt);
+int eng_mm_bf16dp_max_tokens(void);
 
 /* Row r of t converted to f32 (vectorised). */
 void eng_mm_row_f32(const eng_tensor *t, int64_t r, float *out);
