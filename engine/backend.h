@@ -38,6 +38,21 @@
  * backend computed them until the runtime asks for host rows (logits) or for
  * greedy tokens chosen where the logits are (argmax).
  *
+ * Results and host synchronisation. A device backend returns from step with
+ * the step queued, and waits for the device at most ONCE per step: at the
+ * step's first result call (logits, argmax, sample) or sync — or, when none
+ * comes, in the next step, before it reuses its buffers. To that end step
+ * queues, behind the forward pass, the argmax of every logit row and the
+ * host copies of the host_logits rows and of the column sums; the result
+ * calls after the first one wait no more. sample launches its draws and
+ * waits for them itself, so the runtime makes the step's sample call (one
+ * for all its draws) before argmax and logits, and flags host_logits on
+ * every chunk whose rows it will read with logits (logits of an unflagged
+ * row works, with a wait of its own). colsum (eng_batch_seq) is complete —
+ * this step's sums added — only after the step's first result call or
+ * sync: until then the caller neither reads nor frees it. A host backend
+ * completes everything within step and ignores host_logits.
+ *
  * Sequences that share pages (kvp_seq_fork) must not both accumulate scores in
  * the same step. A sequence may appear at most once per plan.
  *
@@ -79,13 +94,22 @@ typedef struct eng_batch_seq {
     bool want_scores;   /* accumulate attention scores into the payload */
     bool want_logits;   /* produce logits for the last token of the chunk */
     bool all_logits;    /* produce logits for every token of the chunk (perplexity) */
+    bool host_logits;   /* the runtime will read this chunk's logit rows on the host
+                           after the step (logits: logprobs, penalties, a sampler the
+                           device cannot draw, perplexity): a device backend copies
+                           them out with the step's results, in its one host
+                           synchronisation; rows without it cost a synchronisation
+                           of their own when logits asks for them. A host backend
+                           ignores it */
     /* Score options (KV compression, engine/kvcomp.c); zero = off / all. */
     int score_from;     /* with want_scores: only queries at positions >= score_from
                            accumulate (SnapKV's observation window); 0 = every query */
     float *colsum;      /* optional, with want_scores: per-query-head column sums
                            [n_layers][n_heads][colsum_len] in host memory, indexed by
                            the key's position (keys at positions >= colsum_len are
-                           skipped); D2O's layer statistic. Owned by the caller. */
+                           skipped); D2O's layer statistic. Owned by the caller;
+                           complete only after the step's first result call or sync
+                           (see "Results and host synchronisation" above). */
     int colsum_len;
 } eng_batch_seq;
 
@@ -191,7 +215,8 @@ typedef struct eng_backend_ops {
      * plan's new slots is unspecified (the runtime drops those sequences). */
     int (*step)(eng_backend *be, const eng_batch *b);
     /* Host copies of logit rows [row0, row0 + n) of the last step
-     * ([n][vocab] f32, borrowed until the next step). */
+     * ([n][vocab] f32, borrowed until the next step). Rows of host_logits
+     * chunks cost no wait beyond the step's one; others a wait each call. */
     int (*logits)(eng_backend *be, int row0, int n, const float **out);
     /* Greedy tokens (lowest id on ties) of the listed logit rows of the last
      * step, chosen where the logits are: out[i] for rows[i]. */
@@ -225,7 +250,8 @@ typedef struct eng_backend_ops {
     /* Inspection (optional, NULL when the backend keeps no per-head positions):
      * the token position each KV head holds in live slot i, pos[n_kv]. */
     int (*read_head_pos)(eng_backend *be, int seq, int layer, int i, int32_t *pos);
-    /* Waits for queued work (no-op for a synchronous backend). */
+    /* Waits for queued work and completes the last step's results (its
+     * column sums); a no-op for a synchronous backend. */
     int (*sync)(eng_backend *be);
     /* The failing call and reason of the last error; "" when none. Borrowed. */
     const char *(*last_error)(const eng_backend *be);

@@ -44,6 +44,10 @@ struct eng_engine {
     /* the thread the backend is attached to (step.c attaches on first use) */
     bool attached;
     pthread_t attached_thread;
+    /* a step ran and no result call (logits, argmax, sample) or sync has
+     * followed: its column sums may be incomplete (engine/backend.h,
+     * "Results and host synchronisation"); eng__step_sync clears it */
+    bool step_unsettled;
     eng_sample_scratch sample_scratch; /* shared by every request's sampler: the
                                           engine thread samples one at a time */
 };
@@ -78,7 +82,9 @@ int eng__plan_init(eng_plan *p, const eng_engine *e);
 void eng__plan_free(eng_plan *p); /* accepts a zeroed plan */
 void eng__plan_reset(eng_plan *p);
 /* Appends n tokens of pool sequence seq at positions pos0.. as the plan's next
- * sequence; returns its entry (score fields zeroed; the caller may set them),
+ * sequence; returns its entry (score fields zeroed; the caller may set them;
+ * host_logits = all_logits: every caller reads all-logits rows on the host,
+ * and one that will read a want_logits row with eng__step_logits sets it),
  * or NULL when the plan's arrays are full. */
 eng_batch_seq *eng__plan_add(eng_plan *p, int seq, const int32_t *tokens, int n, int pos0,
                              bool want_logits, bool all_logits);
@@ -91,7 +97,10 @@ int64_t eng__plan_pages_needed(const eng_engine *e, const eng_plan *p);
  * sequences hold unspecified payload (the caller drops them); the backend's
  * last_error is logged. */
 int eng__step_execute(eng_engine *e, const eng_plan *p);
-/* Logit row `row` of the last step in host memory (borrowed until the next step). */
+/* Logit row `row` of the last step in host memory (borrowed until the next
+ * step); without a wait of its own when the plan flagged the row host_logits.
+ * After a step, the runtime asks for its device draws (eng__step_sample)
+ * before argmax and logits: then the step waits for the device once. */
 int eng__step_logits(eng_engine *e, int row, const float **out);
 /* Greedy token of logit row `row`, chosen where the logits are. */
 int eng__step_argmax(eng_engine *e, int row, int32_t *out);
@@ -99,6 +108,12 @@ int eng__step_argmax(eng_engine *e, int row, int32_t *out);
 bool eng__step_can_sample(const eng_engine *e);
 /* Sampled tokens of logit rows rows[0..n) with draws[0..n) (backend.h, sample). */
 int eng__step_sample(eng_engine *e, const int *rows, const eng_sample_draw *draws, int n, int32_t *out);
+/* Completes the last step (the backend's sync) unless a result call
+ * (logits, argmax, sample) or an earlier eng__step_sync already did: the
+ * runtime calls it before it reads or frees a plan's column sums (D2O's
+ * colsum; engine/backend.h, "Results and host synchronisation"). Attaches the
+ * backend to the calling thread if needed. */
+int eng__step_sync(eng_engine *e);
 /* Whether status rc from a step, sample or compression means the backend's
  * device state is lost (engine/backend.h: such a backend answers D2_ECUDA
  * from then on): nothing it computes can be trusted any more. */
@@ -106,7 +121,8 @@ bool eng__step_backend_lost(int rc);
 /* The backend's last error (the failing call), "" when none. Borrowed. */
 const char *eng__step_backend_error(const eng_engine *e);
 /* After a step that fed a compressed sequence up to `fed` tokens: the prompt
- * compression once fed reaches prefill_end, decode-time eviction after that.
+ * compression once fed reaches prefill_end (after eng__step_sync when it
+ * reads column sums), decode-time eviction after that.
  * D2_EKVFULL (no page for a copy on write) leaves the cache as it is. */
 int eng__step_compress(eng_engine *e, int seq, struct eng_kv_state *ks, int fed, int prefill_end);
 

@@ -197,6 +197,8 @@ int eng_score_kv(eng_engine *e, const int32_t *ids, int n, const eng_kv_config *
         rc = score_kv_window(e, &pl, ids, n, w0, wn, ks, prefill, nll, nll_sum);
     }
     eng__plan_free(&pl);
+    /* a window that stopped early may leave its column sums pending */
+    if (ks->colsum) (void)eng__step_sync(e);
     eng_kv_state_free(ks);
     return rc;
 }

@@ -705,13 +705,19 @@ bool eng_sampler_is_plain_greedy(const eng_sampler *s) {
 
 _Static_assert(ENG_SAMPLE_DEVICE_MAX_K <= SMALL_K, "device top-k draws must be the small-list path");
 
-bool eng_sampler_device_draw(eng_sampler *s, eng_sample_draw *d) {
+bool eng_sampler_device_eligible(const eng_sampler *s) {
     const eng_sample_params *p = &s->params;
     if (p->temperature < GREEDY_EPS || p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
         p->frequency_penalty != 0.0f || p->n_logit_bias != 0 || p->n_top_logprobs != 0)
         return false;
     const int k = p->top_k > 0 && p->top_k < s->n_vocab ? p->top_k : 0; /* as eng_sampler_sample */
-    if (k == 1 || k > ENG_SAMPLE_DEVICE_MAX_K || (k == 0 && p->top_p < 1.0f)) return false;
+    return !(k == 1 || k > ENG_SAMPLE_DEVICE_MAX_K || (k == 0 && p->top_p < 1.0f));
+}
+
+bool eng_sampler_device_draw(eng_sampler *s, eng_sample_draw *d) {
+    if (!eng_sampler_device_eligible(s)) return false;
+    const eng_sample_params *p = &s->params;
+    const int k = p->top_k > 0 && p->top_k < s->n_vocab ? p->top_k : 0;
     d->inv_temp = 1.0f / p->temperature;
     d->top_k = k;
     d->top_p = p->top_p;

@@ -180,6 +180,11 @@ typedef struct eng_sample_draw {
     float top_p, min_p;
     int top_k;        /* 0 (off) or 2..ENG_SAMPLE_DEVICE_MAX_K, below n_vocab */
 } eng_sample_draw;
+/* Whether the samples of s are device draws (the test eng_sampler_device_draw
+ * makes): a pure function of s's settings, which never change; it takes
+ * nothing from the RNG, so a planner may ask it before the step (the
+ * scheduler decides with it which logit rows it will read on the host). */
+bool eng_sampler_device_eligible(const eng_sampler *s);
 /* When the next sample of s is a device draw (no penalties, no bias, no top
  * logprobs, not greedy, and a top-k/top-p combination listed above), fills
  * *d, takes its uniform number from s's RNG (so the request's random stream

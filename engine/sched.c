@@ -18,12 +18,15 @@
  *      nothing the client sees changes) and plan again;
  *   6. execute: the step mechanism (step.c) reserves and appends the plan's
  *      pages and runs the backend;
- *   7. commit: compress the KV cache of compressed sequences, sample for every
- *      sequence whose chunk reached its last known token (greedy requests
- *      that want no logprobs take the backend's argmax, and sampled ones
- *      whose sampler allows a device draw take the backend's sample op, one
- *      call for the step: their logits need not leave the device), emit
- *      events, retire finished ones.
+ *   7. commit: the step's device draws (sampled requests whose sampler
+ *      allows one take the backend's sample op, one call for the step: their
+ *      logits need not leave the device), compress the KV cache of
+ *      compressed sequences, sample for every other sequence whose chunk
+ *      reached its last known token (greedy requests that want no logprobs
+ *      take the backend's argmax, the rest the sampler over a host row,
+ *      which the plan flagged host_logits), emit events, retire finished
+ *      ones. The draws come first so that a device backend waits once per
+ *      step (engine/backend.h, "Results and host synchronisation").
  * A lost backend (a sticky device error: eng__step_backend_lost) is fatal:
  * the first step, sample or compression that reports it ends every request
  * with that status, closes the scheduler (submit: D2_EAGAIN) and records the
@@ -220,8 +223,15 @@ static void view_retire(eng_sched *s, const sreq *r);
  * longer holds it (compressed), or drops it now (preemption, retirement). */
 static void prefill_bytes_settle(eng_sched *s, sreq *r, bool drop) {
     if (!r->prefill_bytes) return;
-    if (drop) eng_kv_colsum_release(r->kvs);
-    else if (r->kvs->colsum) return;
+    if (drop) {
+        /* the last step may still be adding into the column sums (a device
+         * backend completes them at its first result call or sync): complete
+         * it before they go; a lost backend writes nothing any more */
+        if (r->kvs->colsum) (void)eng__step_sync(s->e);
+        eng_kv_colsum_release(r->kvs);
+    } else if (r->kvs->colsum) {
+        return;
+    }
     s->prefill_bytes -= r->prefill_bytes;
     r->prefill_bytes = 0;
     atomic_store(&s->prefill_bytes_pub, s->prefill_bytes);
@@ -624,6 +634,20 @@ static void sched_admit(eng_sched *s) {
     }
 }
 
+/* How the token of a request's logit row is chosen after a step: the
+ * backend's argmax (plain greedy, no logprobs: no vocabulary leaves the
+ * backend), a device draw (the sampler allows one, no logprobs), else the
+ * sampler over the host row. A function of the request's settings alone (no
+ * RNG), so the plan (host_logits) and the commit cannot disagree. */
+typedef enum { PICK_ARGMAX, PICK_DRAW, PICK_HOST } pick_path;
+
+static pick_path pick_of(const eng_sched *s, const sreq *r) {
+    if (r->want_logprobs) return PICK_HOST;
+    if (eng_sampler_is_plain_greedy(&r->sampler)) return PICK_ARGMAX;
+    if (eng__step_can_sample(s->e) && eng_sampler_device_eligible(&r->sampler)) return PICK_DRAW;
+    return PICK_HOST;
+}
+
 /* One plan over the running sequences: decode tokens first (and the replayed
  * tokens of a compressed request after a preemption, one per step), then
  * prefill chunks in admission order, up to max_batch_tokens; a prefill chunk
@@ -645,6 +669,7 @@ static void build_plan(eng_sched *s) {
             eng_batch_seq *bs = eng__plan_add(p, r->kv, r->tokens + r->n_fed, take, r->n_fed,
                                               r->n_fed + take == known(r), false);
             if (!bs) continue;
+            bs->host_logits = bs->want_logits && pick_of(s, r) == PICK_HOST;
             if (r->kvs) eng_kv_plan_seq(r->kvs, r->prefill_end, bs);
             s->plan_req[p->n_seqs - 1] = r;
         }
@@ -686,21 +711,21 @@ static int commit_compress(eng_sched *s, sreq *r, int fed) {
     return crc;
 }
 
-/* The step's device draws: every sampled request that wants no logprobs and
- * whose sampler allows one (eng_sampler_device_draw, which takes the draw's
- * uniform number from the request's RNG) is drawn by the backend, all in one
- * call; commit_sample then reads its token. A backend without the op, or a
- * step without such requests, costs nothing here. */
+/* The step's device draws: every request whose row pick_of sends to a draw
+ * (eng_sampler_device_draw takes the draw's uniform number from the
+ * request's RNG) is drawn by the backend, all in one call; commit_sample
+ * then reads its token. It runs first after the step: a device backend's
+ * sample waits for its own draws, and that wait completes the step's other
+ * results too (engine/backend.h), so argmax, host rows and the column sums
+ * cost no further wait. A step without such requests costs nothing here. */
 static void commit_draws(eng_sched *s) {
     const eng_plan *p = &s->plan;
     int n = 0, row = 0;
-    bool can = eng__step_can_sample(s->e);
     for (int k = 0; k < p->n_seqs; k++) {
         s->draw_of[k] = -1;
         if (!p->seqs[k].want_logits) continue;
         sreq *r = s->plan_req[k];
-        if (can && !r->want_logprobs && !eng_sampler_is_plain_greedy(&r->sampler) &&
-            eng_sampler_device_draw(&r->sampler, &s->draws[n])) {
+        if (pick_of(s, r) == PICK_DRAW && eng_sampler_device_draw(&r->sampler, &s->draws[n])) {
             s->draw_of[k] = n;
             s->draw_row[n++] = row;
         }
@@ -709,10 +734,9 @@ static void commit_draws(eng_sched *s) {
     s->draw_rc = n > 0 ? eng__step_sample(s->e, s->draw_row, s->draws, n, s->draw_tok) : D2_OK;
 }
 
-/* Samples r's (plan entry k's) next token from logit row `row`: the
- * backend's argmax when the request is plain greedy and wants no logprobs
- * (no vocabulary leaves the backend), its device draw (commit_draws), else
- * the full sampler over the host row. */
+/* Samples r's (plan entry k's) next token from logit row `row` by its
+ * pick_of path: its device draw (commit_draws), the backend's argmax, else
+ * the full sampler over the host row (flagged host_logits in the plan). */
 static int commit_sample(eng_sched *s, sreq *r, int k, int row, eng_sample_result *res) {
     if (s->draw_of[k] >= 0) {
         memset(res, 0, sizeof *res);
@@ -721,7 +745,7 @@ static int commit_sample(eng_sched *s, sreq *r, int k, int row, eng_sample_resul
         if (s->draw_rc != D2_OK) return s->draw_rc;
         return res->token >= 0 ? D2_OK : D2_EINVAL; /* logits the host sampler refuses too */
     }
-    if (!r->want_logprobs && eng_sampler_is_plain_greedy(&r->sampler)) {
+    if (pick_of(s, r) == PICK_ARGMAX) {
         memset(res, 0, sizeof *res);
         res->logprob = NAN;
         return eng__step_argmax(s->e, row, &res->token);
@@ -754,16 +778,17 @@ static void commit_token(eng_sched *s, sreq *r, const eng_sample_result *res) {
     }
 }
 
-/* 7: after a successful step — compression, sampling, events, retirement.
- * Returns D2_OK, or the status of a lost backend (the caller fails all). */
+/* 7: after a successful step — device draws, compression, sampling, events,
+ * retirement. Returns D2_OK, or the status of a lost backend (the caller
+ * fails all). The draws come first: see commit_draws. */
 static int sched_commit(eng_sched *s) {
     const eng_plan *p = &s->plan;
+    commit_draws(s);
     for (int k = 0; k < p->n_seqs; k++) {
         if (!s->plan_req[k]->kvs) continue;
         int crc = commit_compress(s, s->plan_req[k], s->plan_req[k]->n_fed + p->seqs[k].n);
         if (eng__step_backend_lost(crc)) return crc;
     }
-    commit_draws(s);
     int row = 0;
     for (int k = 0; k < p->n_seqs; k++) {
         const eng_batch_seq *bs = &p->seqs[k];

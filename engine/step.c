@@ -42,7 +42,7 @@ eng_batch_seq *eng__plan_add(eng_plan *p, int seq, const int32_t *tokens, int n,
     if (n <= 0 || p->n_seqs >= p->cap_seqs || n > p->cap_tokens - p->n_tokens) return NULL;
     eng_batch_seq *bs = &p->seqs[p->n_seqs++];
     *bs = (eng_batch_seq){.seq = seq, .start = p->n_tokens, .n = n, .want_logits = want_logits,
-                          .all_logits = all_logits};
+                          .all_logits = all_logits, .host_logits = all_logits};
     memcpy(p->tokens + p->n_tokens, tokens, sizeof(int32_t) * (size_t)n);
     for (int j = 0; j < n; j++) p->pos[p->n_tokens + j] = pos0 + j;
     p->n_tokens += n;
@@ -116,17 +116,33 @@ int eng__step_execute(eng_engine *e, const eng_plan *p) {
     eng_batch b = {.n_tokens = p->n_tokens, .tokens = p->tokens, .pos = p->pos,
                    .n_seqs = p->n_seqs, .seqs = p->seqs};
     rc = e->be->ops->step(e->be, &b);
+    e->step_unsettled = true; /* also after a failure: an earlier step may be pending */
     if (rc != D2_OK)
         D2_ERROR("engine: %s backend step failed: %s", e->caps.name, e->be->ops->last_error(e->be));
     return rc;
 }
 
+/* A result call that succeeded completed the step (engine/backend.h). */
+static int settled(eng_engine *e, int rc) {
+    if (rc == D2_OK) e->step_unsettled = false;
+    return rc;
+}
+
 int eng__step_logits(eng_engine *e, int row, const float **out) {
-    return e->be->ops->logits(e->be, row, 1, out);
+    return settled(e, e->be->ops->logits(e->be, row, 1, out));
 }
 
 int eng__step_argmax(eng_engine *e, int row, int32_t *out) {
-    return e->be->ops->argmax(e->be, &row, 1, out);
+    return settled(e, e->be->ops->argmax(e->be, &row, 1, out));
+}
+
+int eng__step_sync(eng_engine *e) {
+    if (!e->step_unsettled) return D2_OK;
+    int rc = attach(e);
+    if (rc == D2_OK) rc = e->be->ops->sync(e->be);
+    if (rc != D2_OK)
+        D2_ERROR("engine: %s backend sync failed: %s", e->caps.name, e->be->ops->last_error(e->be));
+    return settled(e, rc);
 }
 
 bool eng__step_can_sample(const eng_engine *e) {
@@ -134,7 +150,7 @@ bool eng__step_can_sample(const eng_engine *e) {
 }
 
 int eng__step_sample(eng_engine *e, const int *rows, const eng_sample_draw *draws, int n, int32_t *out) {
-    return e->be->ops->sample(e->be, rows, draws, n, out);
+    return settled(e, e->be->ops->sample(e->be, rows, draws, n, out));
 }
 
 bool eng__step_backend_lost(int rc) { return rc == D2_ECUDA; }
@@ -143,7 +159,11 @@ const char *eng__step_backend_error(const eng_engine *e) { return e->be->ops->la
 
 int eng__step_compress(eng_engine *e, int seq, eng_kv_state *ks, int fed, int prefill_end) {
     int rc = D2_OK;
-    if (!ks->compressed && fed >= prefill_end) rc = eng_kv_compress_prompt(e->be, seq, ks);
+    if (!ks->compressed && fed >= prefill_end) {
+        /* D2O's layer statistic reads the prefill's column sums */
+        if (ks->colsum) rc = eng__step_sync(e);
+        if (rc == D2_OK) rc = eng_kv_compress_prompt(e->be, seq, ks);
+    }
     else if (ks->compressed) rc = eng_kv_after_decode(e->be, seq, ks);
     return rc == D2_EKVFULL ? D2_OK : rc;
 }

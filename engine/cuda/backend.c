@@ -26,11 +26,17 @@
  * traffic per step: one plan upload from pinned memory (tokens, positions,
  * slot maps, the decode plan, and only the block-table entries that changed
  * since the device last saw them: the tables stay resident, one row per
- * (layer, sequence id), checked against a host shadow); a host
- * synchronisation only when a plan carries colsum (the column sums are host
- * memory) — logits, argmax and device draws (cu_sample: kern_sample, 4
- * bytes per sampled row) copy out on demand, and the next step waits
- * for its staging only when no synchronisation came between.
+ * (layer, sequence id), checked against a host shadow); and at most ONE
+ * host synchronisation: step() queues everything, ending with its results
+ * for the host (step_results: the argmax of every logit row, 4 bytes a row;
+ * the rows of host_logits sequences; the column sums) and returns without
+ * waiting. The first call that needs a result — argmax, logits, sample
+ * (after its own launch and 4-byte-per-row copy: the runtime draws first),
+ * sync, or else the next step before it reuses the pinned buffers — waits
+ * once and completes the step (step_settle adds the column sums into the
+ * callers' arrays); the step's later calls wait no more. logits of a row
+ * the plan did not flag host_logits is the one exception: a copy and a wait
+ * of its own. Compression (kv_compress_layers) adds one more wait.
  *
  * Row order: inside a step the backend keeps the decode tokens (one-token
  * sequences without colsum) first, in plan order, then the other sequences'
@@ -198,15 +204,23 @@ typedef struct cuda_be {
     kern_d2o_plan *cplan;         /* [n_layers] */
     uint8_t *ckeep_h;             /* pinned [n_layers][max_seq] keep flags read back */
     int32_t *ccount_h;            /* pinned [n_layers][4] counts read back */
-    float *cstat_h;               /* pinned [n_layers][2] stat read back */    /* the last step's logits */
-    float *logits_h;              /* pinned [max_rows][vocab] */
-    int32_t *amax_h;              /* pinned [max_rows] */
+    float *cstat_h;               /* pinned [n_layers][2] stat read back */
+    /* The last step's results, queued by the step for the host (step_results)
+     * and valid once out_pending is 0 (any stream sync clears it: step_settle) */
+    float *logits_h;              /* pinned [max_rows][vocab]: the rows row_host marks */
+    int32_t *amax_h;              /* pinned [max_rows]: the argmax of every logit row */
+    uint8_t *row_host;            /* [max_rows] row copied (or being copied) to logits_h */
+    int out_pending;              /* results queued, not yet waited for */
+    /* the step's column sums, added into the callers' arrays at step_settle:
+     * cs_cnt[i] floats of colsum_h from cs_src[i] into cs_dst[i], i < n_cs */
+    float **cs_dst;               /* [max_t] */
+    size_t *cs_src, *cs_cnt;      /* [max_t] */
+    int n_cs;
     /* device draws (cu_sample): parameters and tokens, pinned and device [max_rows] */
     kern_sample_param *samp_h, *samp_d;
     int32_t *stok_h, *stok_d;
     float *samp_ws;               /* [kern_sample_ws_floats(max_rows, vocab)] */
     int n_logit_rows;
-    int amax_valid;
     /* colsum of the current step: per plan sequence, offset into colsum_d or -1 */
     size_t *cs_off;
     int gemm_fallbacks;           /* cached algorithms the library refused (dropped) */
@@ -268,13 +282,16 @@ static int cu_fail_kern(cuda_be *be, int rc, const char *call, int line) {
         int cu_r_ = (call);                                                            \
         if (cu_r_ != D2_OK) return cu_fail_kern(be, cu_r_, #call, __LINE__);           \
     } while (0)
+static void step_settle(cuda_be *be);
 /* A host synchronisation with the stream: everything queued has run, so no
- * pinned staging is in flight any more. */
+ * pinned staging is in flight any more, and the last step's results are
+ * valid (step_settle). */
 #define STREAM_SYNC()                                                                  \
     do {                                                                               \
         CU(cudaStreamSynchronize(be->st));                                             \
         be->plan_pending = be->hook_pending = be->cst_pending = 0;                     \
         be->hook_at = 0;                                                               \
+        step_settle(be);                                                               \
     } while (0)
 #define DEAD_CHECK()                                                                   \
     do {                                                                               \
@@ -282,6 +299,18 @@ static int cu_fail_kern(cuda_be *be, int rc, const char *call, int line) {
     } while (0)
 
 /* ---- helpers ----------------------------------------------------------------------- */
+
+/* After a stream sync: the last step's results have arrived; its column sums
+ * are added into the callers' arrays (the deferred half of the step). */
+static void step_settle(cuda_be *be) {
+    for (int i = 0; i < be->n_cs; i++) {
+        float *dst = be->cs_dst[i];
+        const float *src = be->colsum_h + be->cs_src[i];
+        for (size_t k = 0; k < be->cs_cnt[i]; k++) dst[k] += src[k];
+    }
+    be->n_cs = 0;
+    be->out_pending = 0;
+}
 
 /* f32 -> bf16, round to nearest even; NaN stays NaN. */
 static uint16_t f2bf(float f) {
@@ -477,7 +506,8 @@ static void cu_destroy(eng_backend *base) {
     if (be->ev_cst) cudaEventDestroy(be->ev_cst);
     HFREE(be->colsum_h); HFREE(be->plan_h); HFREE(be->hook_h); HFREE(be->tab_h);
     HFREE(be->keep_h); HFREE(be->ev_h); HFREE(be->tgt_h); HFREE(be->sim_h); HFREE(be->stat_h);
-    HFREE(be->tau_h); HFREE(be->logits_h); HFREE(be->amax_h);
+    HFREE(be->tau_h); HFREE(be->logits_h); HFREE(be->amax_h); free(be->row_host);
+    free(be->cs_dst); free(be->cs_src); free(be->cs_cnt);
     HFREE(be->samp_h); HFREE(be->stok_h); DFREE(be->samp_d); DFREE(be->stok_d); DFREE(be->samp_ws);
     free(be->irow); free(be->seq_row0); free(be->lp); free(be->sp); free(be->dlen_h);
     free(be->hook_mark); free(be->hook_touched); free(be->cs_off);
@@ -738,7 +768,12 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
     be->sp = calloc((size_t)be->n_layers * T, sizeof(cu_seq_plan));
     be->dlen_h = malloc(T * sizeof(int32_t));
     be->cs_off = malloc(T * sizeof(size_t));
-    if (!be->irow || !be->seq_row0 || !be->lp || !be->sp || !be->dlen_h || !be->cs_off) {
+    be->row_host = calloc(R, 1);
+    be->cs_dst = malloc(T * sizeof(float *));
+    be->cs_src = malloc(T * sizeof(size_t));
+    be->cs_cnt = malloc(T * sizeof(size_t));
+    if (!be->irow || !be->seq_row0 || !be->lp || !be->sp || !be->dlen_h || !be->cs_off ||
+        !be->row_host || !be->cs_dst || !be->cs_src || !be->cs_cnt) {
         rc = D2_ENOMEM;
         goto fail;
     }
@@ -1139,6 +1174,52 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used, 
     return D2_OK;
 }
 
+/* The end of a step: its results queued for the host without a wait — the
+ * argmax of every logit row (4 bytes a row back), the rows of host_logits
+ * sequences (adjacent ones in one copy), the column sums (added into the
+ * callers' arrays at step_settle). The first call that needs one of them
+ * waits once for all (engine/backend.h, "Results and host synchronisation"). */
+static int step_results(cuda_be *be, const eng_batch *b, int rows, size_t cs_used) {
+    size_t V = (size_t)be->vocab;
+    memset(be->row_host, 0, (size_t)be->max_rows);
+    if (rows > 0) {
+        KC(kern_argmax(be->amax_d, be->logits, rows, be->vocab, be->vocab, be->st));
+        CU(cudaMemcpyAsync(be->amax_h, be->amax_d, (size_t)rows * 4, cudaMemcpyDeviceToHost, be->st));
+    }
+    int r = 0, run0 = 0, run_n = 0;
+    for (int si = 0; si <= b->n_seqs; si++) {
+        const eng_batch_seq *s = si < b->n_seqs ? &b->seqs[si] : NULL;
+        int n = !s ? 0 : s->all_logits ? s->n : s->want_logits ? 1 : 0;
+        bool host = s && n > 0 && s->host_logits;
+        if (run_n > 0 && (!s || (n > 0 && !host))) { /* the run of host rows ends */
+            size_t off = (size_t)run0 * V;
+            CU(cudaMemcpyAsync(be->logits_h + off, be->logits + off, (size_t)run_n * V * 4,
+                               cudaMemcpyDeviceToHost, be->st));
+            run_n = 0;
+        }
+        if (host) {
+            if (run_n == 0) run0 = r;
+            run_n += n;
+            memset(be->row_host + r, 1, (size_t)n);
+        }
+        r += n;
+    }
+    be->n_cs = 0;
+    if (cs_used) {
+        CU(cudaMemcpyAsync(be->colsum_h, be->colsum_d, cs_used * 4, cudaMemcpyDeviceToHost, be->st));
+        for (int si = 0; si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            if (be->cs_off[si] == SIZE_MAX) continue;
+            be->cs_dst[be->n_cs] = s->colsum;
+            be->cs_src[be->n_cs] = be->cs_off[si];
+            be->cs_cnt[be->n_cs] = (size_t)be->n_layers * (size_t)be->n_heads * (size_t)s->colsum_len;
+            be->n_cs++;
+        }
+    }
+    be->out_pending = rows > 0 || cs_used > 0;
+    return D2_OK;
+}
+
 static int cu_step(eng_backend *base, const eng_batch *b) {
     cuda_be *be = (cuda_be *)base;
     DEAD_CHECK();
@@ -1173,9 +1254,13 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         be->cs_off[si] = cs_used;
         cs_used += need;
     }
-    /* the pinned staging of the previous step must have been consumed (it
-     * has when the stream was synchronised since: argmax, logits) */
-    if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
+    /* The previous step's results must have arrived (its column sums added
+     * into the callers' arrays) before this step's copies reuse their pinned
+     * buffers, and its plan staging must have been consumed: one wait, here
+     * only when no result call or sync came between (a step without logit
+     * rows, such as an intermediate prefill chunk). */
+    if (be->out_pending) STREAM_SYNC();
+    else if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
     be->plan_pending = 0;
     size_t used = 0, o_hdr = 0, o_trow = 0;
     rc = build_plan(be, b, n_dec, &used, &o_hdr, &o_trow);
@@ -1266,19 +1351,7 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         if (rc) return rc;
     }
     be->n_logit_rows = rows;
-    be->amax_valid = 0;
-    if (cs_used) {
-        CU(cudaMemcpyAsync(be->colsum_h, be->colsum_d, cs_used * 4, cudaMemcpyDeviceToHost, be->st));
-        STREAM_SYNC();
-        for (int si = 0; si < b->n_seqs; si++) {
-            const eng_batch_seq *s = &b->seqs[si];
-            if (be->cs_off[si] == SIZE_MAX) continue;
-            size_t n = (size_t)be->n_layers * (size_t)be->n_heads * (size_t)s->colsum_len;
-            const float *src = be->colsum_h + be->cs_off[si];
-            for (size_t i = 0; i < n; i++) s->colsum[i] += src[i];
-        }
-    }
-    return D2_OK;
+    return step_results(be, b, rows, cs_used);
 }
 
 /* ---- logits ------------------------------------------------------------------------ */
@@ -1289,10 +1362,16 @@ static int cu_logits(eng_backend *base, int row0, int n, const float **out) {
     if (row0 < 0 || n < 0 || row0 + n > be->n_logit_rows)
         return cu_fail(be, D2_EINVAL, "logits", "rows outside the last step's logits");
     size_t off = (size_t)row0 * (size_t)be->vocab;
-    if (n > 0) {
+    int copied = 1;
+    for (int r = row0; r < row0 + n; r++) copied &= be->row_host[r];
+    if (!copied) {
+        /* rows the plan did not flag host_logits: a copy and a wait of their own */
         CU(cudaMemcpyAsync(be->logits_h + off, be->logits + off, (size_t)n * (size_t)be->vocab * 4,
                            cudaMemcpyDeviceToHost, be->st));
         STREAM_SYNC();
+        memset(be->row_host + row0, 1, (size_t)n);
+    } else if (n > 0 && be->out_pending) {
+        STREAM_SYNC(); /* the step's one wait */
     }
     *out = be->logits_h + off;
     return D2_OK;
@@ -1304,13 +1383,8 @@ static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
     for (int i = 0; i < n; i++)
         if (rows[i] < 0 || rows[i] >= be->n_logit_rows)
             return cu_fail(be, D2_EINVAL, "argmax", "row outside the last step's logits");
-    if (n > 0 && !be->amax_valid) {
-        KC(kern_argmax(be->amax_d, be->logits, be->n_logit_rows, be->vocab, be->vocab, be->st));
-        CU(cudaMemcpyAsync(be->amax_h, be->amax_d, (size_t)be->n_logit_rows * 4,
-                           cudaMemcpyDeviceToHost, be->st));
-        STREAM_SYNC();
-        be->amax_valid = 1;
-    }
+    /* the step queued every row's argmax: the step's one wait, if none came yet */
+    if (n > 0 && be->out_pending) STREAM_SYNC();
     for (int i = 0; i < n; i++) out[i] = be->amax_h[rows[i]];
     return D2_OK;
 }
@@ -1318,7 +1392,9 @@ static int cu_argmax(eng_backend *base, const int *rows, int n, int32_t *out) {
 _Static_assert(ENG_SAMPLE_DEVICE_MAX_K <= KERN_SAMPLE_MAX_K, "kern_sample draws every device top-k");
 
 /* Device draws (kern_sample): one parameter upload, one launch, one 4-byte
- * copy per row back and one synchronisation for all the step's draws. */
+ * copy per row back and one synchronisation for all the step's draws — the
+ * step's one wait when the runtime calls it first: it also completes the
+ * results the step queued (argmax, host rows, column sums). */
 static int cu_sample(eng_backend *base, const int *rows, const eng_sample_draw *d, int n, int32_t *out) {
     cuda_be *be = (cuda_be *)base;
     DEAD_CHECK();

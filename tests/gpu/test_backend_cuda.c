@@ -603,3 +603,166 @@ TEST(steady_decode_traffic) {
     pair_free(&p);
 #endif
 }
+
+#ifdef CUDAEMU_C
+/* Largest |cpu - cuda| of the column sums, over the largest cpu sum. */
+static double colsum_rel_diff(const float *a, const float *g, size_t n) {
+    double worst = 0, largest = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)g[i]);
+        if (!(d <= worst)) worst = d;
+        if (a[i] > largest) largest = a[i];
+    }
+    return largest > 0 ? worst / largest : INFINITY;
+}
+
+/* max |a - g| over the row's logit range (floored). */
+static double row_rel_diff(const float *a, const float *g, int vocab, double floor) {
+    double mx = 0, lo = INFINITY, hi = -INFINITY;
+    for (int i = 0; i < vocab; i++) {
+        double d = fabs((double)a[i] - (double)g[i]);
+        if (!(d <= mx)) mx = d;
+        if (a[i] < lo) lo = a[i];
+        if (a[i] > hi) hi = a[i];
+    }
+    return mx / (hi - lo > floor ? hi - lo : floor);
+}
+#endif
+
+/* At most one host synchronisation per step (engine/backend.h, "Results and
+ * host synchronisation"): the step queues its results (argmax of every logit
+ * row, the host_logits rows, the column sums) and the first call that needs
+ * one of them waits once for all.
+ *   (c) an intermediate prefill chunk with column sums and no logits: 0 in
+ *       the step (its wait comes with the next step's staging);
+ *   (a) the last chunk of a scoring prefill, logits + argmax: 1 for step and
+ *       argmax together, the column sums then complete;
+ *   (b) a decode step of four rows — greedy (argmax), a device draw
+ *       (sample), two host_logits rows (logits, one call each) — in the
+ *       scheduler's order: 1 for all five calls.
+ * Results are checked against the CPU backend. */
+TEST(one_sync_per_step) {
+#ifndef CUDAEMU_C
+    SKIP("counts the emulator's calls");
+#else
+    REQUIRE_FILE(STORIES);
+    model_opts o = {.heavy = 10, .range_floor = 1.0};
+    pair p;
+    pair_init(&p, STORIES, &o);
+    int V = p.vocab, L = p.n_layers, H = p.n_heads;
+    int32_t toks[MAX_T], pos[MAX_T];
+    eng_batch_seq seqs[4];
+    eng_batch b;
+    enum { CS_LEN = 48 };
+    size_t ncs = (size_t)L * H * CS_LEN;
+    float *cs_cpu = calloc(ncs, sizeof(float)), *cs_cu = calloc(ncs, sizeof(float));
+    ASSERT(cs_cpu && cs_cu);
+    eng_backend *cu = p.cu.be;
+
+    /* A: a scoring prefill of 40 tokens in chunks 16 + 16 + 8 */
+    int A;
+    new_seq(&p, &A);
+    int chunks[3] = {16, 16, 8}, at = 0;
+    unsigned long long sy[3] = {0}, sy_sync = 0;
+    int32_t greedyA = -1;
+    for (int c = 0; c < 3; c++) {
+        int n = chunks[c];
+        bool last = c == 2;
+        for (int j = 0; j < n; j++) {
+            toks[j] = rnd_tok(V);
+            pos[j] = at + j;
+        }
+        seqs[0] = (eng_batch_seq){.seq = A, .start = 0, .n = n, .want_scores = true,
+                                  .want_logits = last, .colsum_len = CS_LEN};
+        b = (eng_batch){.n_tokens = n, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = seqs};
+        seqs[0].colsum = cs_cpu;
+        side_step(&p.cpu, &b, L);
+        seqs[0].colsum = cs_cu;
+        traffic t0 = traffic_now();
+        side_step(&p.cu, &b, L);
+        if (last) {
+            int r0 = 0;
+            ASSERT_OK(cu->ops->argmax(cu, &r0, 1, &greedyA));
+        }
+        sy[c] = traffic_since(t0).syncs;
+        if (c == 1) { /* the column sums are complete after sync */
+            t0 = traffic_now();
+            ASSERT_OK(cu->ops->sync(cu));
+            sy_sync = traffic_since(t0).syncs;
+            double d = colsum_rel_diff(cs_cpu, cs_cu, ncs);
+            if (!(d <= 0.03)) FAIL_("column sums after two chunks and sync differ by %.4g", d);
+        }
+        at += n;
+    }
+    printf("  scoring prefill: chunk 1 (no logits) %llu syncs in step; chunk 2 %llu (+%llu in "
+           "sync); last chunk step + argmax %llu\n", sy[0], sy[1], sy_sync, sy[2]);
+    ASSERT_EQ(sy[0], 0ull);   /* (c) */
+    ASSERT(sy[1] <= 1);       /* chunk 1's wait, at chunk 2's staging */
+    ASSERT_EQ(sy[2], 1ull);   /* (a) */
+    double d = colsum_rel_diff(cs_cpu, cs_cu, ncs);
+    if (!(d <= 0.03)) FAIL_("column sums after the prefill differ by %.4g (relative)", d);
+    {
+        const float *lc;
+        float margin;
+        ASSERT_OK(p.cpu.be->ops->logits(p.cpu.be, 0, 1, &lc));
+        int ac = argmax_row(lc, V, &margin);
+        if (ac != greedyA && margin > 0.05f)
+            FAIL_("prefill argmax: cpu %d, cuda %d (margin %.3g)", ac, greedyA, margin);
+    }
+
+    /* B, C, D: short prompts (results read the way the test reads them: logits) */
+    int S[4] = {A, -1, -1, -1};
+    for (int i = 1; i < 4; i++) {
+        new_seq(&p, &S[i]);
+        for (int j = 0; j < 6 + i; j++) {
+            toks[j] = rnd_tok(V);
+            pos[j] = j;
+        }
+        seqs[0] = (eng_batch_seq){.seq = S[i], .start = 0, .n = 6 + i, .want_logits = true};
+        b = (eng_batch){.n_tokens = 6 + i, .tokens = toks, .pos = pos, .n_seqs = 1, .seqs = seqs};
+        step_both(&p, &b, NULL, "prompt");
+    }
+    /* (b) one decode step: A greedy, B a device draw, C and D host rows */
+    for (int i = 0; i < 4; i++) {
+        toks[i] = rnd_tok(V);
+        pos[i] = i == 0 ? 40 : 6 + i;
+        seqs[i] = (eng_batch_seq){.seq = S[i], .start = i, .n = 1, .want_logits = true,
+                                  .host_logits = i >= 2};
+    }
+    b = (eng_batch){.n_tokens = 4, .tokens = toks, .pos = pos, .n_seqs = 4, .seqs = seqs};
+    side_step(&p.cpu, &b, L);
+    traffic t0 = traffic_now();
+    side_step(&p.cu, &b, L);
+    int r_draw = 1, r_greedy = 0;
+    eng_sample_draw dr = {.u = 0.37, .inv_temp = 1.0f, .top_p = 1.0f, .min_p = 0.0f, .top_k = 0};
+    int32_t tok_draw = -1, tok_greedy = -1;
+    const float *lg2, *lg3;
+    ASSERT_OK(cu->ops->sample(cu, &r_draw, &dr, 1, &tok_draw));
+    ASSERT_OK(cu->ops->argmax(cu, &r_greedy, 1, &tok_greedy));
+    ASSERT_OK(cu->ops->logits(cu, 2, 1, &lg2));
+    ASSERT_OK(cu->ops->logits(cu, 3, 1, &lg3));
+    traffic t = traffic_since(t0);
+    printf("  decode step (greedy, device draw, 2 host rows): %llu host syncs for step, sample, "
+           "argmax and logits x2\n", t.syncs);
+    ASSERT_EQ(t.syncs, 1ull);
+    ASSERT(tok_draw >= 0 && tok_draw < V);
+    const float *lc;
+    ASSERT_OK(p.cpu.be->ops->logits(p.cpu.be, 0, 4, &lc));
+    double r2 = row_rel_diff(lc + 2 * (size_t)V, lg2, V, p.range_floor);
+    double r3 = row_rel_diff(lc + 3 * (size_t)V, lg3, V, p.range_floor);
+    if (!(r2 <= 0.05 && r3 <= 0.05)) FAIL_("host rows differ from the cpu: %.4g, %.4g of the range", r2, r3);
+    /* a row the plan did not flag still comes out (a copy and a wait of its own) */
+    const float *lg0;
+    t0 = traffic_now();
+    ASSERT_OK(cu->ops->logits(cu, 0, 1, &lg0));
+    printf("  an unflagged row read on the host: %llu host syncs\n", traffic_since(t0).syncs);
+    double r0 = row_rel_diff(lc, lg0, V, p.range_floor);
+    if (!(r0 <= 0.05)) FAIL_("unflagged row differs from the cpu: %.4g of the range", r0);
+    float margin;
+    if (argmax_row(lg0, V, &margin) != tok_greedy)
+        FAIL_("device argmax %d is not the argmax of its own logits row", tok_greedy);
+    free(cs_cpu);
+    free(cs_cu);
+    pair_free(&p);
+#endif
+}

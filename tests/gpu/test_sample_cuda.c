@@ -285,6 +285,62 @@ TEST(engine_device_draws_match_host_sampler) {
 }
 #endif
 
+/* At most one host synchronisation per engine step (engine/backend.h,
+ * "Results and host synchronisation"): four requests whose rows take every
+ * path after a step — plain greedy (argmax), a device draw (sample),
+ * logprobs and a repetition penalty (host logits rows, which the scheduler
+ * flags host_logits when it plans) — run together to the end through the
+ * CUDA backend; no eng_sched_step synchronises more than once. */
+TEST(engine_one_sync_per_step) {
+#ifndef CUDAEMU_C
+    SKIP("counts the emulator's calls");
+#else
+    if (n_devices() <= 0) SKIP("no CUDA device");
+    if (access(STORIES, R_OK) != 0) SKIP("%s missing", STORIES);
+    static const int32_t prompt[5] = {1, 403, 261, 305, 290};
+    eng_engine_config ec = {.model_path = STORIES, .device = ENG_DEVICE_CUDA, .n_threads = 1,
+                            .max_seqs = N_REQ, .ctx_len = 128};
+    eng_engine *e = NULL;
+    ASSERT_EQ(eng_engine_create(&ec, &e), D2_OK);
+    eng_sched *s = NULL;
+    eng_sched_config sc = {.max_queue = N_REQ};
+    ASSERT_EQ(eng_sched_create(e, &sc, &s), D2_OK);
+    gen out[N_REQ];
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < N_REQ; i++) {
+        eng_request q = {.prompt = prompt, .n_prompt = 5, .max_tokens = N_GEN, .ignore_eos = true,
+                         .want_logprobs = i == 2, .on_event = on_event, .user = &out[i]};
+        eng_sample_params_default(&q.sample);
+        q.sample.temperature = i == 0 ? 0.0f : 0.8f;
+        if (i == 3) q.sample.repetition_penalty = 1.2f;
+        q.sample.has_seed = true;
+        q.sample.seed = 7u + (uint64_t)i;
+        ASSERT_EQ(eng_sched_submit(s, &q, NULL, NULL), D2_OK);
+    }
+    unsigned long long c0[EMU_C_N_COUNTERS], c1[EMU_C_N_COUNTERS], most = 0, total = 0;
+    int rc, steps = 0;
+    do {
+        emu_c_counters(c0);
+        rc = eng_sched_step(s);
+        emu_c_counters(c1);
+        unsigned long long n = c1[EMU_C_SYNCS] - c0[EMU_C_SYNCS];
+        if (n > 1) FAIL_("engine step %d made %llu host synchronisations", steps, n);
+        if (n > most) most = n;
+        total += n;
+        steps++;
+    } while (rc > 0);
+    ASSERT_EQ(rc, 0);
+    printf("  %d engine steps (greedy, device draw, logprobs, penalty rows together): %llu host "
+           "synchronisations, at most %llu in a step\n", steps, total, most);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+    for (int i = 0; i < N_REQ; i++) {
+        ASSERT(out[i].done && out[i].status == D2_OK);
+        ASSERT_EQ(out[i].n, N_GEN);
+    }
+#endif
+}
+
 /* Which samplers the host hands to a device (no device needed). */
 TEST(device_draw_eligibility) {
     enum { V = 500 };
