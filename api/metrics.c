@@ -126,6 +126,8 @@ char *api_metrics_render(api_metrics *m, const eng_sched_stats *ss, const eng_po
 #define GAUGE(n, h, fmtv, v) sb_fmt(&b, "# HELP " n " " h "\n# TYPE " n " gauge\n" n "{model_name=\"%s\"} " fmtv "\n", model, v)
 #define COUNTER(n, h, v) sb_fmt(&b, "# HELP " n " " h "\n# TYPE " n " counter\n" n "{model_name=\"%s\"} %lld\n", model, (long long)(v))
     GAUGE("d2od:num_requests_running", "Sequences in the running batch.", "%d", ss->running);
+    GAUGE("d2od:num_requests_decoding", "Running sequences past their prompt's prefill (holding its KV cache, decoding).",
+          "%d", ss->decoding);
     GAUGE("d2od:num_requests_waiting", "Sequences waiting for admission.", "%d", ss->waiting);
     GAUGE("d2od:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).", "%.6f",
           ps->pages_total ? (double)(ps->pages_total - ps->pages_free) / (double)ps->pages_total : 0.0);

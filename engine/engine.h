@@ -334,6 +334,8 @@ typedef struct eng_sched_config {
 
 typedef struct eng_sched_stats {
     int running, waiting;
+    int decoding;           /* running sequences past their prompt's prefill: they hold the
+                               prompt's KV (compressed or not) and decode a token each step */
     int64_t preemptions, prompt_tokens, generation_tokens, steps;
     int64_t finished_stop, finished_length, finished_error, finished_canceled;
     int64_t kv_tokens_evicted, kv_tokens_merged, kv_pages_freed; /* by compression */

@@ -137,7 +137,7 @@ struct eng_sched {
     int32_t *draw_tok;          /* [max_seqs] */
     int draw_rc;                /* the sample op's status for this step */
     /* stats */
-    atomic_int n_running, n_waiting, n_waiting_exempt;
+    atomic_int n_running, n_waiting, n_waiting_exempt, n_decoding;
     atomic_llong preemptions, prompt_tokens, generation_tokens, steps;
     atomic_llong fin_stop, fin_length, fin_error, fin_canceled;
     atomic_llong kv_evicted, kv_merged, kv_freed;
@@ -408,6 +408,7 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
     eng_sched_stats st = {
         .running = atomic_load(&s->n_running),
         .waiting = atomic_load(&s->n_waiting),
+        .decoding = atomic_load(&s->n_decoding),
         .preemptions = atomic_load(&s->preemptions),
         .prompt_tokens = atomic_load(&s->prompt_tokens),
         .generation_tokens = atomic_load(&s->generation_tokens),
@@ -427,6 +428,9 @@ eng_sched_stats eng_sched_get_stats(eng_sched *s) {
 }
 
 static void publish_counts(eng_sched *s) {
+    int decoding = 0;
+    for (const sreq *r = s->running.head; r; r = r->next) decoding += r->n_fed >= r->n_prompt;
+    atomic_store(&s->n_decoding, decoding);
     atomic_store(&s->n_running, s->running.n);
     atomic_store(&s->n_waiting, s->waiting.n);
     atomic_store(&s->n_waiting_exempt, s->waiting.nx);

@@ -2,8 +2,10 @@
 # loadtest/capacity.sh — the D2O capacity headline through `d2od serve`: with a fixed KV
 # pool (--kv-mem-mb), requests with long prompts (2048 tokens) and 128 generated tokens at
 # rising concurrency, full cache against D2O at budget 0.2 (the request's kv_compression
-# field): how many sequences run at once (d2od:num_requests_running sampled from /metrics
-# during the run) and the output throughput, both measured with loadtest/load.py.
+# field): how many sequences run at once (d2od:num_requests_decoding — sequences past their
+# prompt's prefill, holding its KV and decoding — and d2od:num_requests_running, which also
+# counts admitted ones still prefilling, both sampled from /metrics during the run) and the
+# output throughput, all measured with loadtest/load.py.
 #
 #   loadtest/capacity.sh --model MODEL [options]
 #
@@ -71,9 +73,10 @@ run() { # arm c n
   echo "== c=$2 $1"
   python3 loadtest/load.py --port "$PORT" -c "$2" -n "$3" --input-len "$PROMPT" --output-len "$GEN" --seed "$2" \
       --warmup 1 --time-limit 3600 --metrics-interval 0.05 \
-      --metrics-gauge d2od:num_requests_running --metrics-gauge d2od:num_requests_waiting \
+      --metrics-gauge d2od:num_requests_running --metrics-gauge d2od:num_requests_decoding \
+      --metrics-gauge d2od:num_requests_waiting \
       --metrics-gauge d2od:kv_cache_usage_perc --metrics-gauge d2od:num_preemptions_total \
-      "${extra[@]}" --result-file "$OUT/$1-c$2.json" | grep -E "throughput|TTFT|TPOT|running|Failed" \
+      "${extra[@]}" --result-file "$OUT/$1-c$2.json" | grep -E "throughput|TTFT|TPOT|running|decoding|Failed" \
       || echo "capacity: c=$2 $1 had failed requests"
 }
 i=0
@@ -94,33 +97,37 @@ def f(v, nd=1):
     return "-" if v is None else f"{v:,.{nd}f}"
 def ratio(a, b):
     return f"**{b / a:.2f}**" if a and b is not None else "-"
+R, D = "d2od:num_requests_running", "d2od:num_requests_decoding"
 lines = [f"# D2O capacity through `d2od serve`, {commit}", "",
          f"model `{model}`, --kv-mem-mb {kvmb}, prompts {prompt} tokens, {gen} generated (ignore_eos), "
          f"{threads} threads; {method} at budget {budget} vs full cache.", "",
-         "running = d2od:num_requests_running sampled every 50 ms (max / mean); preempt = preemptions in the run.", "",
-         "| c | full: running max / mean | full: out tok/s | full: preempt | "
-         f"{method}: running max / mean | {method}: out tok/s | {method}: preempt | running max {method}/full | "
-         f"out tok/s {method}/full |",
-         "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
-best = {"full": (0, 0), "kv": (0, 0)}
+         "decoding = d2od:num_requests_decoding (sequences past their prompt's prefill, holding its KV), "
+         "running = d2od:num_requests_running (also those admitted and still prefilling), both sampled "
+         "every 50 ms (max / time mean); preempt = preemptions in the run.", "",
+         "| c | full: decoding max / mean | full: running max / mean | full: out tok/s | full: preempt | "
+         f"{method}: decoding max / mean | {method}: running max / mean | {method}: out tok/s | {method}: preempt | "
+         f"decoding mean {method}/full | out tok/s {method}/full |",
+         "|---:|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+best = {"full": (0, 0, 0), "kv": (0, 0, 0)}
 for c in concs:
     a, b = load("full", c), load("kv", c)
     cells = []
     for arm, r in (("full", a), ("kv", b)):
         pre = (g(r, "d2od:num_preemptions_total", "max") or 0) - (g(r, "d2od:num_preemptions_total", "min") or 0)
         fails = f" ({r['failed']} failed)" if r and r.get("failed") else ""
-        cells += [f"{f(g(r, 'd2od:num_requests_running', 'max'), 0)} / {f(g(r, 'd2od:num_requests_running', 'mean'))}",
+        cells += [f"{f(g(r, D, 'max'), 0)} / {f(g(r, D, 'mean'))}", f"{f(g(r, R, 'max'), 0)} / {f(g(r, R, 'mean'))}",
                   f"{f((r or {}).get('output_throughput'))}{fails}", f"{pre:.0f}" if r else "-"]
         if r:
-            best[arm] = (max(best[arm][0], g(r, "d2od:num_requests_running", "mean") or 0),
-                         max(best[arm][1], r.get("output_throughput") or 0))
-    lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio(g(a, 'd2od:num_requests_running', 'max'), g(b, 'd2od:num_requests_running', 'max'))}"
+            best[arm] = (max(best[arm][0], g(r, D, "mean") or 0), max(best[arm][1], g(r, D, "max") or 0),
+                         max(best[arm][2], r.get("output_throughput") or 0))
+    lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio(g(a, D, 'mean'), g(b, D, 'mean'))}"
                  f" | {ratio((a or {}).get('output_throughput'), (b or {}).get('output_throughput'))} |")
-lines += ["", f"Headline: up to {best['full'][0]:.1f} sequences running on average with the full cache, "
-          f"{best['kv'][0]:.1f} with {method}@{budget}; best output throughput {best['full'][1]:,.1f} vs "
-          f"{best['kv'][1]:,.1f} tok/s.", "",
-          "The running count includes sequences that are later preempted when the pool runs out, so read "
-          "the mean together with the preemptions; the max alone overstates what fits."]
+lines += ["", f"Headline: at most {best['full'][0]:.1f} sequences decoding on average (max {best['full'][1]:.0f}) "
+          f"with the full cache, {best['kv'][0]:.1f} (max {best['kv'][1]:.0f}) with {method}@{budget}; "
+          f"best output throughput {best['full'][2]:,.1f} vs {best['kv'][2]:,.1f} tok/s.", "",
+          "The running count includes sequences admitted while their prompt is still being prefilled and "
+          "sequences preempted later when the pool runs out, so it overstates what fits; the decoding "
+          "count is what the pool holds."]
 open(os.path.join(out, "capacity.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -65,6 +65,7 @@ wait_up() {
 {
   echo "# d2od / llama-server, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
+  echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) CPUs; load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "model \`$MODEL\`, $THREADS threads each, $MAXTOK tokens per request (ignore_eos), $ROUNDS interleaved rounds per c,"
   echo "d2od $(git rev-parse --short HEAD 2>/dev/null), llama-server \`$("$LLAMA" --version 2>&1 | grep -m1 -i version)\`, load.py args: \`${LOADARGS:-none}\`"
 } > "$OUT/header.txt"
@@ -79,10 +80,12 @@ for c in $CONC; do
   PIDS+=($!); DPID=$!
   wait_up "$PA" "$LPID" llama-server && wait_up "$PB" "$DPID" d2od || exit 1
   echo "== c=$c: $n requests x $ROUNDS rounds"
+  cut -d' ' -f1 /proc/loadavg > "$OUT/load-c$c.txt"
   # shellcheck disable=SC2086
   python3 loadtest/load.py --port "$PA" --port-b "$PB" --label-a llama-server --label-b d2od --rounds "$ROUNDS" \
       -c "$c" -n "$n" --max-tokens "$MAXTOK" --warmup "$c" --time-limit 1800 $LOADARGS \
       --result-file "$OUT/c$c.json" || echo "peers: c=$c had failed requests (see $OUT/c$c.json)"
+  cut -d' ' -f1 /proc/loadavg >> "$OUT/load-c$c.txt"
   stop_all
 done
 python3 - "$OUT" $CONC <<'EOF'
@@ -94,20 +97,28 @@ rows = []
 for c in concs:
     p = os.path.join(out, f"c{c}.json")
     if not os.path.exists(p):
-        rows.append(f"| {c} | (no result) |||||||")
+        rows.append(f"| {c} | (no result) |||||||||")
         continue
     r = json.load(open(p))
     a, b, q = r["a"], r["b"], r["ratio_b_over_a"]
     fa = sum(x["failed"] for x in r["rounds_a"]); fb = sum(x["failed"] for x in r["rounds_b"])
     cell = lambda k, nd=1: f"{f(a[k], nd)} / {f(b[k], nd)} (**{f(q[k], 2)}**)" if a.get(k) is not None else "-"
-    rows.append(f"| {c} | {cell('output_throughput')} | {cell('median_ttft_ms')} | {cell('p99_ttft_ms')} | "
-                f"{cell('median_tpot_ms', 2)} | {cell('p99_e2el_ms', 0)} | {fa} / {fb} | "
-                f"{f(100 * a['client_cpu_frac'])} / {f(100 * b['client_cpu_frac'])} % |")
+    # the spread of the throughput ratio: round i of d2od over round i of llama-server
+    per = [y["output_throughput"] / x["output_throughput"] for x, y in zip(r["rounds_a"], r["rounds_b"])
+           if x.get("output_throughput") and y.get("output_throughput") is not None]
+    spread = f" [{min(per):.2f}-{max(per):.2f}]" if per else ""
+    lp = os.path.join(out, f"load-c{c}.txt")
+    load = " → ".join(open(lp).read().split()) if os.path.exists(lp) else "-"
+    rows.append(f"| {c} | {cell('output_throughput')}{spread} | {cell('median_ttft_ms')} | {cell('p99_ttft_ms')} | "
+                f"{cell('median_itl_ms', 2)} | {cell('median_tpot_ms', 2)} | {cell('p99_e2el_ms', 0)} | {fa} / {fb} | "
+                f"{f(100 * a['client_cpu_frac'])} / {f(100 * b['client_cpu_frac'])} % | {load} |")
 with open(os.path.join(out, "peers.md"), "w") as fo:
     fo.write(open(os.path.join(out, "header.txt")).read() + "\n")
-    fo.write("Each cell: llama-server / d2od (d2od / llama-server), medians over the rounds.\n\n")
-    fo.write("| c | output tok/s | TTFT median ms | TTFT p99 ms | TPOT median ms | E2EL p99 ms | failed | client CPU |\n")
-    fo.write("|---:|---|---|---|---|---|---|---|\n")
+    fo.write("Each cell: llama-server / d2od (d2od / llama-server), medians over the rounds; [lo-hi]: the\n"
+             "per-round throughput ratios (round i of d2od over round i of llama-server); load: the 1-minute\n"
+             "load average before and after the concurrency's runs.\n\n")
+    fo.write("| c | output tok/s | TTFT median ms | TTFT p99 ms | ITL median ms | TPOT median ms | E2EL p99 ms | failed | client CPU | load |\n")
+    fo.write("|---:|---|---|---|---|---|---|---|---|---|\n")
     fo.write("\n".join(rows) + "\n")
 print(open(os.path.join(out, "peers.md")).read())
 EOF

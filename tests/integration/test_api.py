@@ -335,7 +335,7 @@ def test_ready_health_metrics(d):
     st, h, b = req(d, "GET", "/health")
     check("/health 200 after READY", st == 200, (st, b))
     st, _, text = metrics(d)
-    names = ["d2od:num_requests_running", "d2od:num_requests_waiting", "d2od:kv_cache_usage_perc",
+    names = ["d2od:num_requests_running", "d2od:num_requests_decoding", "d2od:num_requests_waiting", "d2od:kv_cache_usage_perc",
              "d2od:num_preemptions_total", "d2od:prompt_tokens_total", "d2od:generation_tokens_total",
              "d2od:time_to_first_token_seconds", "d2od:inter_token_latency_seconds",
              "d2od:e2e_request_latency_seconds", "d2od:request_success_total", "d2od:kv_pages_total",

@@ -522,3 +522,39 @@ TEST(backend_argmax_matches_sampler) {
     eng_sched_destroy(s);
     eng_engine_destroy(e);
 }
+
+/* The decoding count (d2od:num_requests_decoding) tells a sequence whose
+ * prompt is in the cache from one still prefilling: with 64 tokens a step,
+ * two 40-token prompts take two steps, the first finishing its prefill in
+ * step 1 and the second in step 2. (Before the count existed, /metrics had
+ * only the running count, which includes sequences admitted but not yet
+ * prefilled, so a capacity measurement could not tell them apart.) */
+TEST(decoding_count_excludes_prefilling) {
+    eng_engine *e = open_engine(4, 0);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 8};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[2][40];
+    rec r[2];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < 2; i++) {
+        fill_prompt(p[i], 40, i);
+        eng_request q = mk_req(p[i], 40, 6, &r[i]);
+        ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
+    }
+    ASSERT_EQ(eng_sched_get_stats(s).decoding, 0);
+    ASSERT_GT(eng_sched_step(s), 0);
+    eng_sched_stats st = eng_sched_get_stats(s);
+    ASSERT_EQ(st.running, 2);
+    ASSERT_EQ(st.decoding, 1);
+    ASSERT_GT(eng_sched_step(s), 0);
+    ASSERT_EQ(eng_sched_get_stats(s).decoding, 2);
+    int guard = 0;
+    while (eng_sched_step(s) > 0) ASSERT_LT(guard++, 1000);
+    st = eng_sched_get_stats(s);
+    ASSERT_EQ(st.decoding, 0);
+    ASSERT_EQ(st.running, 0);
+    for (int i = 0; i < 2; i++) ASSERT_EQ(atomic_load(&r[i].tokens), 6);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
