@@ -588,17 +588,31 @@ static void sched_intake(eng_sched *s) {
     }
 }
 
-/* 3: admission by pages, with a watermark of one page per layer for every
- * running sequence's next decode, and by prefill scratch (D2O's column sums,
- * allocated here, freed by the prompt compression) within
- * prefill_bytes_limit. */
+/* Pages that running sequences still owe their prefill: up to prefill_end
+ * (where a compressed prompt is compressed) the cache holds n_fed tokens and
+ * grows, chunk by chunk, to prefill_end. */
+static int64_t prefill_pages_owed(const eng_sched *s, int n_layers, int page_tokens) {
+    int64_t owed = 0;
+    for (const sreq *r = s->running.head; r; r = r->next)
+        if (r->n_fed < r->prefill_end)
+            owed += eng__pages_for(r->prefill_end, page_tokens) - eng__pages_for(r->n_fed, page_tokens);
+    return owed * n_layers;
+}
+
+/* 3: admission by pages — the request's known tokens, with a watermark of one
+ * page per layer for every running sequence's next decode, against the pages
+ * free less those that admitted prefills will still take (without that, every
+ * prompt of a burst was admitted against the same free pages and the pool ran
+ * out mid-prefill: preemptions, each one a prompt prefilled again) — and by
+ * prefill scratch (D2O's column sums, allocated here, freed by the prompt
+ * compression) within prefill_bytes_limit. */
 static void sched_admit(eng_sched *s) {
     eng_engine *e = s->e;
     int n_layers = e->model->cfg.n_layers;
     int page_tokens = kvp_get_config(e->pool)->page_tokens;
     while (s->waiting.head && s->running.n < e->max_seqs) {
         sreq *r = s->waiting.head;
-        int64_t free_pages = kvp_get_stats(e->pool).pages_free;
+        int64_t free_pages = kvp_get_stats(e->pool).pages_free - prefill_pages_owed(s, n_layers, page_tokens);
         int64_t need = (int64_t)n_layers * eng__pages_for(known(r) + 1, page_tokens);
         int64_t watermark = (int64_t)n_layers * s->running.n;
         if (need + watermark > free_pages && s->running.n > 0) break;

@@ -558,3 +558,34 @@ TEST(decoding_count_excludes_prefilling) {
     eng_sched_destroy(s);
     eng_engine_destroy(e);
 }
+
+/* Admission counts the pages that admitted sequences still owe their prompts:
+ * four 100-token prompts (7 pages x 5 layers = 35 each, 10 tokens to generate
+ * within the same pages) into a 90-page pool, prefilled 64 tokens a step. Two
+ * fit. Before, admission compared each request with the pages free at that
+ * moment, which a prompt still being prefilled has not taken yet, so all four
+ * were admitted at once and the pool ran out mid-prefill: preemptions, each
+ * one a prompt prefilled again. */
+TEST(admission_counts_prompt_pages_owed) {
+    eng_engine *e = open_engine(8, 90);
+    eng_sched *s;
+    eng_sched_config sc = {.max_queue = 8};
+    ASSERT_OK(eng_sched_create(e, &sc, &s));
+    int32_t p[4][100];
+    rec r[4];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < 4; i++) {
+        fill_prompt(p[i], 100, i);
+        eng_request q = mk_req(p[i], 100, 10, &r[i]);
+        ASSERT_OK(eng_sched_submit(s, &q, NULL, NULL));
+    }
+    int guard = 0;
+    while (eng_sched_step(s) > 0) {
+        ASSERT_LE(eng_sched_get_stats(s).running, 2);
+        ASSERT_LT(guard++, 1000);
+    }
+    ASSERT_EQ(eng_sched_get_stats(s).preemptions, 0);
+    for (int i = 0; i < 4; i++) ASSERT_EQ(atomic_load(&r[i].tokens), 10);
+    eng_sched_destroy(s);
+    eng_engine_destroy(e);
+}
