@@ -43,6 +43,9 @@ server with its range over rounds and the ratio B/A.
 
 HTTP/1.1 over asyncio streams (keep-alive per connection slot unless
 --no-keepalive; chunked or Content-Length bodies), standard library only.
+A request sent on a reused keep-alive connection that the server had closed
+(nothing of the response read) is sent once more on a new connection, as
+openai-python/httpx do; `retries` in the JSON and the table counts these.
 Loopback only: the host must be 127.0.0.0/8 or ::1. Token counts come from the
 server's usage (stream_options.include_usage); only the usage event and the
 final non-streamed body are JSON-decoded, so the client stays light.
@@ -77,11 +80,18 @@ class HttpError(Exception):
     pass
 
 
+class NoResponse(HttpError):
+    """The connection was closed or reset before the client read any byte of
+    the response: the request may be retried, if the connection was a reused
+    one (see one_request)."""
+
+
 class Conn:
     """One HTTP/1.1 connection; reusable while the server keeps it open."""
 
     def __init__(self, reader, writer):
         self.reader, self.writer, self.reusable = reader, writer, True
+        self.reused = False  # set by Pool.put: it completed a request and waits for the next
 
     @staticmethod
     async def open(host, port):
@@ -100,15 +110,23 @@ class Conn:
 
     async def request(self, method, host, port, path, body, keepalive, headers=()):
         """Sends one request, reads the status line and headers; returns
-        (status, header dict with lower-case names)."""
+        (status, header dict with lower-case names). Raises NoResponse when the
+        connection is closed or reset while sending or before the first byte
+        of the status line was read, HttpError on a malformed response."""
         hdr = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}",
                "Connection: " + ("keep-alive" if keepalive else "close")]
         if body is not None:
             hdr += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
         hdr += list(headers)
-        self.writer.write(("\r\n".join(hdr) + "\r\n\r\n").encode() + (body or b""))
-        await self.writer.drain()
-        line = await self.reader.readline()
+        try:
+            self.writer.write(("\r\n".join(hdr) + "\r\n\r\n").encode() + (body or b""))
+            await self.writer.drain()
+            first = await self.reader.read(1)  # apart, so a close before any byte is told from a cut-off line
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as ex:
+            raise NoResponse(f"connection {type(ex).__name__} before the status line") from None
+        if not first:
+            raise NoResponse("connection closed before the status line")
+        line = first + await self.reader.readline()
         parts = line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
             raise HttpError(f"bad status line {line[:80]!r}")
@@ -200,6 +218,7 @@ class Pool:
 
     def put(self, c):
         if self.keepalive and c.reusable:
+            c.reused = True
             self.idle.append(c)
         else:
             c.close()
@@ -231,16 +250,33 @@ async def http_json(host, port, method, path, obj=None, timeout=10.0):
 
 async def one_request(pool, cfg, rq, timeout):
     """Sends rq ({'body': bytes, 'prompt_len': int or None}); returns a record
-    dict (see benchstats.summarize) with ok/error added."""
+    dict (see benchstats.summarize) with ok/error/retries added.
+    Retry rule (what openai-python's httpx does): a server may close an idle
+    kept-alive connection at any time (llama-server does), and a request sent
+    on it then meets the close before any byte of the response. Only in that
+    case (a REUSED connection, NoResponse) the request is sent once more on a
+    new connection; never after a response started, never when a fresh
+    connection failed, never twice. TTFT and E2EL keep t0 from the first
+    attempt, so the retry's cost stays in the latencies."""
     rec = {"ok": False, "error": None, "prompt_tokens": rq.get("prompt_len") or 0, "output_tokens": 0,
-           "ttft": None, "itl": [], "e2el": None, "chunks": 0}
+           "ttft": None, "itl": [], "e2el": None, "chunks": 0, "retries": 0}
     conn = None
     t0 = time.perf_counter()
 
     async def go():
         nonlocal conn
         conn = await pool.get()
-        st, h = await conn.request("POST", pool.host, pool.port, cfg.path, rq["body"], pool.keepalive, cfg.headers)
+        try:
+            st, h = await conn.request("POST", pool.host, pool.port, cfg.path, rq["body"], pool.keepalive,
+                                       cfg.headers)
+        except NoResponse:
+            if not conn.reused:
+                raise
+            conn.close()
+            rec["retries"] += 1
+            conn = await Conn.open(pool.host, pool.port)
+            st, h = await conn.request("POST", pool.host, pool.port, cfg.path, rq["body"], pool.keepalive,
+                                       cfg.headers)
         if st != 200:
             data = b"".join([b async for b in conn.body_blocks(h)])
             raise HttpError(f"HTTP {st}: {data[:300].decode('utf-8', 'replace')}")
@@ -477,7 +513,7 @@ async def run_once(args, port, reqs, slos):
     pool.close_all()
     ok = [r for r in results if r["ok"]]
     failed = len(reqs) - len(ok)
-    res = {"num_prompts": len(reqs), "failed": failed,
+    res = {"num_prompts": len(reqs), "failed": failed, "retries": sum(r.get("retries", 0) for r in results),
            "max_concurrency": args.concurrency, "request_rate": args.request_rate if math.isfinite(
                args.request_rate) else "inf", "burstiness": args.burstiness, "stream": args.stream}
     res.update(benchstats.summarize(ok, duration, slos))
@@ -540,6 +576,7 @@ def print_table(r, title="Serving Benchmark Result"):
             print(f"{lab + ' ' + short + ' (ms):':<40}{fmt(r.get(f'{stat}_{m}_ms')):<10}")
     print(f"{'Client':-^50}")
     print(f"{'Client CPU time (s):':<40}{fmt(r.get('client_cpu_s'))} ({100 * r.get('client_cpu_frac', 0):.1f}% of a core)")
+    print(f"{'Retries (server-closed keep-alive):':<40}{fmt(r.get('retries'))}")
     for n, g in (r.get("server_gauges") or {}).items():
         print(f"{n + ' max/mean:':<40}{fmt(g['max'])} / {fmt(g['mean'])}")
     print("=" * 50)
@@ -548,7 +585,7 @@ def print_table(r, title="Serving Benchmark Result"):
 COMPARE_KEYS = ["request_throughput", "output_throughput", "total_token_throughput", "request_goodput",
                 "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
                 "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms",
-                "failed", "client_cpu_frac"]
+                "failed", "retries", "client_cpu_frac"]
 
 
 def median_summary(rounds):

@@ -4,7 +4,10 @@
      linear-interpolated percentiles, vLLM's TPOT / ITL definitions, goodput;
   2. its HTTP client against a scripted SSE server on 127.0.0.1 (chunked
      HTTP/1.1 with keep-alive, known gaps between events): TTFT, ITL, TPOT and
-     connection reuse come out as defined;
+     connection reuse come out as defined; a kept-alive connection the server
+     closed before answering is retried once on a fresh one (counted in
+     `retries`), a fresh connection closed unanswered or a response cut off
+     after it started is a failure, never retried;
   3. the tool against a real `d2od serve` (stories260K, bounded runs): the
      vLLM JSON keys and sane values for fixed concurrency, random-token and
      ShareGPT prompts, Poisson arrivals, non-streamed, A/B comparison, and
@@ -206,6 +209,99 @@ def test_scripted():
         srv.stop()
 
 
+class ClosingServer:
+    """A tiny HTTP/1.1 server for the retry rules. Every connection answers at
+    most its first request (a short SSE body with Content-Length and no
+    `Connection: close`, so the client keeps it), then, by mode:
+      'after_first'  closes it (an idle keep-alive timeout, as llama-server does);
+      'cut_second'   reads the second request, sends only a status line, closes;
+      'never'        closes without answering even the first request.
+    Counts the connections it accepted."""
+
+    BODY = (b'data: {"choices":[{"index":0,"text":"t"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+            b"data: [DONE]\n\n")
+
+    def __init__(self, mode):
+        self.mode, self.connections, self.alive = mode, 0, True
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while self.alive:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def read_request(f):
+        line = f.readline()
+        n = 0
+        while line:
+            h = f.readline()
+            if h in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = h.decode().partition(":")
+            if k.lower() == "content-length":
+                n = int(v)
+        f.read(n)
+        return bool(line)
+
+    def serve(self, c):
+        f = c.makefile("rb")
+        try:
+            if not self.read_request(f) or self.mode == "never":
+                return
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(self.BODY), self.BODY))
+            if self.mode == "cut_second" and self.read_request(f):
+                c.sendall(b"HTTP/1.1 200 OK\r\n")
+        except OSError:
+            pass
+        finally:
+            f.close()
+            c.close()
+
+    def stop(self):
+        self.alive = False
+        self.sock.close()
+
+
+def test_retry():
+    srv = ClosingServer("after_first")
+    try:
+        r, rep = run_load(["--port", str(srv.port), "-c", "1", "-n", "2", "--json"], timeout=60)
+        detail = r.stdout.decode()[-400:] + r.stderr.decode()[-400:]
+        check("retry: a kept-alive connection closed before the status line is retried once on a new one",
+              r.returncode == 0 and rep.get("completed") == 2 and rep.get("failed") == 0
+              and rep.get("retries") == 1 and srv.connections == 2, (srv.connections, detail))
+    finally:
+        srv.stop()
+    srv = ClosingServer("never")
+    try:
+        r, rep = run_load(["--port", str(srv.port), "-c", "1", "-n", "2", "--json"], timeout=60)
+        check("retry: a fresh connection closed unanswered fails, not retried",
+              r.returncode == 1 and rep.get("failed") == 2 and rep.get("retries") == 0 and srv.connections == 2,
+              (srv.connections, rep.get("retries"), rep.get("errors")))
+    finally:
+        srv.stop()
+    srv = ClosingServer("cut_second")
+    try:
+        r, rep = run_load(["--port", str(srv.port), "-c", "1", "-n", "2", "--json"], timeout=60)
+        check("retry: a response cut off after its status line fails, not retried",
+              r.returncode == 1 and rep.get("completed") == 1 and rep.get("failed") == 1
+              and rep.get("retries") == 0 and srv.connections == 1,
+              (srv.connections, rep.get("retries"), rep.get("errors")))
+    finally:
+        srv.stop()
+
+
 # ---- 3. a real d2od serve ----------------------------------------------------------
 
 class Serve:
@@ -348,6 +444,7 @@ def test_serve(tmp):
 def main():
     test_stats()
     test_scripted()
+    test_retry()
     if not os.path.exists(GGUF) or not os.access(D2OD, os.X_OK):
         print(f"skip: {GGUF} or {D2OD} missing")
         results["skipped"] += 1
