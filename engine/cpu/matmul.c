@@ -389,6 +389,11 @@ MM_INLINE __mmask16 mask16(int64_t k) { return k >= 16 ? (__mmask16)0xFFFF : k <
             __m512 wv[MM_RB];                                                                   \
             _Pragma("GCC unroll 8")                                                             \
             for (int r = 0; r < MM_RB; r++) wv[r] = X5_LD_##TY(w[r] + i, m);                    \
+            if (NT <= 2) {                                                                      \
+                _Pragma("GCC unroll 8")                                                         \
+                for (int r = 0; r < MM_RB; r++)                                                 \
+                    _mm_prefetch((const char *)(w[r] + i + MM_RB * n), _MM_HINT_T0);            \
+            }                                                                                   \
             _Pragma("GCC unroll 8")                                                             \
             for (int t = 0; t < NT; t++) {                                                      \
                 __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + i);                          \
@@ -461,6 +466,10 @@ MM_INLINE void tile_bf16dp(const uint16_t *const *w, int nr, const uint16_t *x, 
         __m512i wv[MM_RB];
         _Pragma("GCC unroll 8")
         for (int r = 0; r < MM_RB; r++) wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + i);
+        if (NT <= 2) {
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < MM_RB; r++) _mm_prefetch((const char *)(w[r] + i + MM_RB * n), _MM_HINT_T0);
+        }
         _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(x + t * ldx + i));
@@ -540,6 +549,7 @@ MM_INLINE void tile_q8vnni(const uint8_t *const *w, int nr, const uint8_t *x, in
         _Pragma("GCC unroll 8")
         for (int r = 0; r < MM_RB; r++) {
             const uint8_t *p0 = w[r] + b * Q8_BYTES, *p1 = p0 + Q8_BYTES;
+            if (NT <= 2) _mm_prefetch((const char *)(p0 + MM_RB * nb * Q8_BYTES), _MM_HINT_T0);
             __m256i q0 = _mm256_loadu_si256((const __m256i *)(p0 + 2));
             __m256i q1 = two ? _mm256_loadu_si256((const __m256i *)(p1 + 2)) : _mm256_setzero_si256();
             __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
@@ -605,7 +615,10 @@ void eng_mm_rows(const eng_tensor *w, const float *x, int64_t ldx, int n_tok, fl
         return;
     }
 #endif
-    if (w->dtype != ENG_F32 && n_tok <= 2) {
+    /* One or two tokens of a type without an AVX-512 tile here: fused
+     * dequantising dots row by row (the AVX-512 tiles take f16/bf16 at every
+     * token count: four rows' sums reduced together beat a dot per row). */
+    if (w->dtype != ENG_F32 && n_tok <= 2 && !(MM_X512 && (w->dtype == ENG_F16 || w->dtype == ENG_BF16))) {
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *p = row_ptr(w, r);
             for (int t = 0; t < n_tok; t++) y[t * ldy + r] = dot_row(w, p, x + t * ldx);
