@@ -20,9 +20,9 @@
  * KERN_DECODE_SPLIT slots, sequence by sequence, so grids cover what each
  * sequence needs (one long sequence among short ones adds only its own
  * splits). With a live count on the device (n_work_live, for a replayed
- * CUDA graph whose grids are fixed) W is the capacity the grids and the
- * workspace are laid out for, and the CTAs of pass 1 and 3 past the live
- * count leave at once, before reading their work item. Workspace (floats, each region rounded up to 4 floats):
+ * CUDA graph whose grids are fixed) W is the capacity the workspace is
+ * laid out for; pass 1 and 3 then run a grid of at most DEC_LIVE_CTAS CTAs
+ * that stride over the live items (never reading an item past the count). Workspace (floats, each region rounded up to 4 floats):
  *   logits [W][n_heads][SPLIT]     raw logits (-inf when masked); only when
  *                                  score != NULL, and written only for the
  *                                  sequences that score this step
@@ -47,6 +47,10 @@ __device__ __forceinline__ bool att_visible(int kp, int qp, int window) {
 #define DEC_THREADS 128                /* 4 warps per (split, kv head) CTA */
 #define DEC_COMBINE_THREADS 128        /* one CTA per (seq, query head) */
 #define DEC_SCORE_THREADS KERN_DECODE_SPLIT /* one thread per slot of a split */
+/* CTAs of pass 1 and 3 (work items x kv heads) when the work list's length
+ * is on the device: enough for every SM of a large GPU several times over,
+ * few enough that those without an item cost microseconds */
+#define DEC_LIVE_CTAS 4096
 #define DEC_KREG (KERN_MAX_HEAD_DIM / KERN_WARP)     /* key floats per lane */
 #define DEC_VREG (KERN_MAX_HEAD_DIM / DEC_THREADS)   /* value dims per thread */
 
@@ -108,27 +112,26 @@ __device__ __forceinline__ bool dec_scoring(const float *score, const int32_t *s
     return score && (!score_from || q_pos[b] >= score_from[b]);
 }
 
-/* Pass 1. grid (work item = one split of one sequence, kv head). */
-static __global__ void __launch_bounds__(DEC_THREADS)
-dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
-                 const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
-                 const int32_t *len,
-                 const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
-                 const int32_t *n_work_live, const float *score, const int32_t *score_from,
-                 int n_heads, float scale, int window) {
+/* Pass 1 for work item wi (one split of one sequence) and kv head blockIdx.y. */
+static __device__ void dec_split_item(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
+                                      const int32_t *block_tab, int tab_stride,
+                                      const int32_t *tab_row, const int32_t *len,
+                                      const int32_t *q_pos, const int32_t *split_base,
+                                      const int32_t *work, const float *score,
+                                      const int32_t *score_from, int n_heads, float scale,
+                                      int window, int wi) {
     __shared__ float s_q[KERN_MAX_GROUP][KERN_MAX_HEAD_DIM];
     __shared__ float s_p[KERN_MAX_GROUP][KERN_DECODE_SPLIT]; /* logits, then exp */
     __shared__ int64_t s_row[KERN_DECODE_SPLIT];             /* element offset of slot / hd */
 
-    const int wi = blockIdx.x, kvh = blockIdx.y;
-    if (n_work_live && wi >= *n_work_live) return; /* past the live work list: whole CTA */
+    const int kvh = blockIdx.y;
     const int b = work[wi], sp = wi - split_base[b];
     const int hd = kv.head_dim, nkv = kv.n_kv_heads, pt = kv.page_tokens;
     const int G = n_heads / nkv;
     int L = dec_len(len, split_base, b);
     int t0 = sp * KERN_DECODE_SPLIT;
     int n = min(KERN_DECODE_SPLIT, L - t0);
-    if (n <= 0) return; /* whole CTA leaves: pass 2 never reads this split */
+    if (n <= 0) return; /* the whole CTA skips it: pass 2 never reads this split */
     const int qp = q_pos[b];
     const int32_t *tab = block_tab + (int64_t)(tab_row ? tab_row[b] : b) * tab_stride;
     const int lane = threadIdx.x % KERN_WARP, warp = threadIdx.x / KERN_WARP;
@@ -231,6 +234,24 @@ dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
     }
 }
 
+/* Pass 1. grid (work items, kv head): a CTA per work item, or with the live
+ * count on the device (n_work_live) a capped grid whose CTAs stride over
+ * the live items (the same arithmetic per item either way). */
+static __global__ void __launch_bounds__(DEC_THREADS)
+dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
+                 const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
+                 const int32_t *len,
+                 const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
+                 const int32_t *n_work_live, const float *score, const int32_t *score_from,
+                 int n_heads, float scale, int window) {
+    const int n_items = n_work_live ? *n_work_live : (int)gridDim.x;
+    for (int wi = blockIdx.x; wi < n_items; wi += gridDim.x) {
+        dec_split_item(w, q, q_stride, kv, block_tab, tab_stride, tab_row, len, q_pos, split_base,
+                       work, score, score_from, n_heads, scale, window, wi);
+        __syncthreads(); /* the next item rewrites the shared arrays */
+    }
+}
+
 /* Pass 2. grid (seq, query head): merge the sequence's splits. */
 static __global__ void __launch_bounds__(DEC_COMBINE_THREADS)
 dec_combine_kernel(dec_ws w, void *out, kern_dtype out_dtype, const int32_t *len,
@@ -260,14 +281,13 @@ dec_combine_kernel(dec_ws w, void *out, kern_dtype out_dtype, const int32_t *len
     if (threadIdx.x == 0) w.lse[row] = Z > 0.0f ? M + logf(Z) : -INFINITY;
 }
 
-/* Pass 3. grid (work item, kv head), a thread per slot: D2O decode scores. */
-static __global__ void __launch_bounds__(DEC_SCORE_THREADS)
-dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_t *block_tab,
-                 int tab_stride, const int32_t *tab_row, const int32_t *len, const int32_t *q_pos,
-                 const int32_t *split_base, const int32_t *work, const int32_t *n_work_live,
-                 int n_heads, int nkv, int pt) {
-    const int wi = blockIdx.x, kvh = blockIdx.y;
-    if (n_work_live && wi >= *n_work_live) return;
+/* Pass 3 for work item wi and kv head blockIdx.y, a thread per slot. */
+static __device__ void dec_score_item(dec_ws w, float *score, const int32_t *score_from,
+                                      const int32_t *block_tab, int tab_stride,
+                                      const int32_t *tab_row, const int32_t *len,
+                                      const int32_t *q_pos, const int32_t *split_base,
+                                      const int32_t *work, int n_heads, int nkv, int pt, int wi) {
+    const int kvh = blockIdx.y;
     const int b = work[wi], sp = wi - split_base[b];
     if (!dec_scoring(score, score_from, q_pos, b)) return;
     int t = threadIdx.x, slot = sp * KERN_DECODE_SPLIT + t;
@@ -281,6 +301,18 @@ dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_
     if (sum == 0.0f) return;
     int64_t page = block_tab[(int64_t)(tab_row ? tab_row[b] : b) * tab_stride + slot / pt];
     atomicAdd(&score[(page * pt + slot % pt) * nkv + kvh], sum);
+}
+
+/* Pass 3. grid (work items, kv head) as pass 1: D2O decode scores. */
+static __global__ void __launch_bounds__(DEC_SCORE_THREADS)
+dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_t *block_tab,
+                 int tab_stride, const int32_t *tab_row, const int32_t *len, const int32_t *q_pos,
+                 const int32_t *split_base, const int32_t *work, const int32_t *n_work_live,
+                 int n_heads, int nkv, int pt) {
+    const int n_items = n_work_live ? *n_work_live : (int)gridDim.x;
+    for (int wi = blockIdx.x; wi < n_items; wi += gridDim.x)
+        dec_score_item(w, score, score_from, block_tab, tab_stride, tab_row, len, q_pos,
+                       split_base, work, n_heads, nkv, pt, wi);
 }
 
 extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
@@ -312,7 +344,15 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
     dec_ws w;
     dec_ws_floats(n_seq, n_work, n_heads, kv.head_dim, score != NULL, &w, (float *)workspace);
 
-    dim3 g1((unsigned)n_work, kv.n_kv_heads);
+    /* with the live count on the device: a grid capped to fill the GPU (CTAs
+     * loop over the live items), not one CTA per item of the capacity */
+    int gx = n_work;
+    if (n_work_live) {
+        int cap = DEC_LIVE_CTAS / kv.n_kv_heads;
+        if (cap < 1) cap = 1;
+        if (gx > cap) gx = cap;
+    }
+    dim3 g1((unsigned)gx, kv.n_kv_heads);
     dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride,
                                                 tab_row, len,
                                                 q_pos, split_base, work, n_work_live, score,
@@ -323,7 +363,7 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
                                                           n_heads, kv.head_dim);
     KERN_LAUNCH_CHECK("dec_combine_kernel");
     if (score) {
-        dim3 g3((unsigned)n_work, kv.n_kv_heads);
+        dim3 g3((unsigned)gx, kv.n_kv_heads);
         dec_score_kernel<<<g3, DEC_SCORE_THREADS, 0, s>>>(w, score, score_from, block_tab,
                                                           tab_stride, tab_row, len, q_pos, split_base,
                                                           work, n_work_live, n_heads, kv.n_kv_heads,

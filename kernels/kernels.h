@@ -250,8 +250,9 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads, int 
  *                (n_work 0: no keys anywhere, zero outputs)
  *   n_work_live: NULL, or a device int32 holding the work list's length,
  *                read by the kernels: then n_work (> 0) is only its
- *                capacity (grids and workspace are sized for it; entries of
- *                work past the live length are never read), so a captured
+ *                capacity (the workspace is laid out for it, the grids are
+ *                capped and stride over the live items; entries of work
+ *                past the live length are never read), so a captured
  *                CUDA graph replays with a work list whose length changes
  *                between launches. Rows whose len is 0 get zero outputs.
  *   workspace  : kern_attn_decode_workspace_bytes(n_seq, n_work, n_heads,

@@ -547,6 +547,66 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     cudaFree(d_live);
 }
 
+/* More live work items than the capped grid of the live-count mode has CTAs
+ * (5000 one-slot sequences, one kv head: DEC_LIVE_CTAS = 4096 CTAs), so
+ * CTAs stride over several items: the outputs and scores must equal the
+ * one-CTA-per-item launch bit for bit (the same arithmetic per item), and
+ * the reference. Capacity 6000, the entries past the live count garbage. */
+static void test_decode_live_stride(void) {
+    const int pt = 16, n_seq = 5000, n_pages = (n_seq + pt - 1) / pt, nh = 2, hd = 16, cap = 6000;
+    pool P = make_pool(n_pages, pt, 1, hd);
+    std::vector<int32_t> tab(n_seq), trow(n_seq), len(n_seq, 1), qpos(n_seq), sb(n_seq + 1), wk(cap);
+    /* sequence b's one slot is slot 0 of page b / pt (16 sequences share a
+     * page, as forks do); its key at position 5 is visible except to the
+     * sequences with b % pt == 3, whose query sits at position 4 */
+    for (int b = 0; b < n_seq; b++) {
+        tab[b] = b / pt;
+        trow[b] = b;
+        qpos[b] = 7;
+    }
+    for (int pg = 0; pg < n_pages; pg++) P.pos[(size_t)pg * pt] = 5;
+    for (int b = 0; b < n_seq; b++)
+        if (b % pt == 3) qpos[b] = 4;
+    int n_work = 0;
+    bool ok = kern_attn_decode_plan(len.data(), n_seq, sb.data(), wk.data(), cap, &n_work) == D2_OK &&
+              n_work == n_seq;
+    for (int i = n_work; i < cap; i++) wk[i] = 1 << 28;
+    std::vector<int32_t> live(1, n_work);
+    const int q_stride = nh * hd;
+    auto q = rnd_vec((size_t)n_seq * q_stride, -1, 1);
+    dev_pool D = upload(P);
+    int32_t *d_tab = dev_copy(tab), *d_trow = dev_copy(trow), *d_len = dev_copy(len);
+    int32_t *d_qpos = dev_copy(qpos), *d_sb = dev_copy(sb), *d_wk = dev_copy(wk), *d_live = dev_copy(live);
+    float *d_q = dev_copy(q);
+    size_t wsb = kern_attn_decode_workspace_bytes(n_seq, cap, nh, hd, 1);
+    void *d_ws = NULL;
+    CK(cudaMalloc(&d_ws, wsb));
+    std::vector<float> z((size_t)n_seq * nh * hd, 0.0f);
+    float *d_o1 = dev_copy(z), *d_o2 = dev_copy(z);
+    std::vector<float> s0(P.score.size(), 0.0f);
+    float *d_s1 = dev_copy(s0), *d_s2 = dev_copy(s0);
+    KCALL(kern_attn_decode(d_o1, KERN_F32, d_q, q_stride, D.view(P), d_s1, NULL, d_tab, 1, d_trow,
+                           d_len, d_qpos, d_sb, d_wk, n_work, NULL, n_seq, nh, 0.25f, 0, d_ws, 0));
+    KCALL(kern_attn_decode(d_o2, KERN_F32, d_q, q_stride, D.view(P), d_s2, NULL, d_tab, 1, d_trow,
+                           d_len, d_qpos, d_sb, d_wk, cap, d_live, n_seq, nh, 0.25f, 0, d_ws, 0));
+    auto o1 = host_copy(d_o1, z.size()), o2 = host_copy(d_o2, z.size());
+    auto sc1 = host_copy(d_s1, s0.size()), sc2 = host_copy(d_s2, s0.size());
+    ok = ok && memcmp(o1.data(), o2.data(), o1.size() * 4) == 0 &&
+         memcmp(sc1.data(), sc2.data(), sc1.size() * 4) == 0;
+    /* reference: a visible sequence's output is its one value row */
+    for (int b = 0; b < n_seq && ok; b++)
+        for (int h = 0; h < nh; h++)
+            for (int d = 0; d < hd; d++) {
+                float want = b % pt == 3 ? 0.0f : P.vf(tab[b], 0, 0, d);
+                if (fabsf(o2[((size_t)b * nh + h) * hd + d] - want) > 1e-6f) ok = false;
+            }
+    report("decode_live_count_strided_grid", ok);
+    free_pool(D);
+    cudaFree(d_tab); cudaFree(d_trow); cudaFree(d_len); cudaFree(d_qpos); cudaFree(d_sb);
+    cudaFree(d_wk); cudaFree(d_live); cudaFree(d_q); cudaFree(d_ws); cudaFree(d_o1);
+    cudaFree(d_o2); cudaFree(d_s1); cudaFree(d_s2);
+}
+
 /* kern_patch_i32: patches of different lengths (0, 1, more than a CTA's
  * threads) land where their headers say, nothing else changes. */
 static void test_patch_i32(void) {
@@ -813,6 +873,7 @@ int main(void) {
     test_decode("decode_gqa4_tab_row", 8, 2, 128, KERN_F32, true, 0, true, true);
     test_decode("decode_gqa4_live_count", 8, 2, 128, KERN_F32, true, 0, true, true, true);
     test_decode("decode_gqa4_bf16_live_count_noscore", 8, 2, 128, KERN_BF16, false, 0, false, false, true);
+    test_decode_live_stride();
     test_patch_i32();
     test_decode_bounds();
     test_prefill("prefill_gqa4_hd128", 8, 2, 128, 137, 37, 0);
