@@ -175,6 +175,10 @@ $(BUILD)/tests-gpu/test_sample_cuda: tests/gpu/test_sample_cuda.c $(BUILD)/libd2
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
 GPU_TEST_BIN += $(BUILD)/tests-gpu/test_sample_cuda
+$(BUILD)/tests-gpu/test_graphs_cuda: tests/gpu/test_graphs_cuda.c $(BUILD)/libd2od.a tests/test.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
+GPU_TEST_BIN += $(BUILD)/tests-gpu/test_graphs_cuda
 $(BUILD)/tests-gpu/bench_cuda: tests/gpu/bench_cuda.c $(BUILD)/libd2od.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
@@ -244,6 +248,11 @@ $(EMU_DIR)/bin/test_sample_cuda: $(EMU_DIR)/cobj/tests/gpu/test_sample_cuda.o $(
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
 EMU_TEST_BIN += $(EMU_DIR)/bin/test_sample_cuda
+$(EMU_DIR)/bin/test_graphs_cuda: $(EMU_DIR)/cobj/tests/gpu/test_graphs_cuda.o $(EMU_HOST_OBJ) \
+                                 $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(BUILD)/libd2od.a
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_SAN) -pthread $^ $(LDLIBS) -o $@
+EMU_TEST_BIN += $(EMU_DIR)/bin/test_graphs_cuda
 # d2od itself with the CUDA backend on the emulator (tests/integration/test_device_cuda_emu.py:
 # --device cuda answers as --device cpu does).
 $(EMU_DIR)/bin/d2od: $(DAEMON_OBJ) $(EMU_HOST_OBJ) $(EMU_KOBJ) $(EMU_DIR)/obj/cuda_emu.o $(BUILD)/libd2od.a

@@ -103,6 +103,8 @@ static const cfg_directive g_dirs[] = {
      "compute backend: cpu, cuda (builds made with CUDA=1) or auto (the GPU when there is one)"},
     {"gpu_memory_utilization", CT_FLOAT, NUM(gpu_memory_utilization), "0.9", 0.05, 1.0, NULL, 0,
      NULL, "FRAC", "share of the GPU's memory d2od may fill (weights, activations, KV cache)"},
+    {"cuda_graphs", CT_BOOL, NUM(cuda_graphs), "false", 0, 0, NULL, 0, NULL, "BOOL",
+     "CUDA: replay decode steps from CUDA graphs captured per padded batch size"},
     {"max_queue", CT_INT, NUM(max_queue), "256", 0, 100000, NULL, 1, NULL, "N",
      "requests that may wait when every slot is busy (0: none), more get 429; a request counts once whatever its n"},
     {"max_tokens_limit", CT_INT, NUM(max_tokens_limit), "4096", 1, 1048576, NULL, 1, NULL, "N",

@@ -91,6 +91,7 @@ typedef struct dmn_config {
     long kv_budget_tokens;                          /* derived: token count >= 2, or 0 */
     int device;                                     /* enum dmn_device */
     double gpu_memory_utilization;                  /* CUDA: share of device memory, (0, 1] */
+    int cuda_graphs;                                /* CUDA: decode steps replay graphs (bool) */
     /* admission and limits */
     int max_queue;                                  /* queued requests beyond this get 429 */
     int max_tokens_limit;

@@ -311,7 +311,8 @@ static eng_engine_config serve_engine_config(const dmn_config *c, const char *pa
     return (eng_engine_config){.model_path = path, .device = (eng_device)c->device, .n_threads = c->threads,
                                .page_tokens = c->page_tokens, .kv_mem_mb = c->kv_mem_mb,
                                .max_seqs = c->max_seqs, .max_batch_tokens = c->max_batch_tokens,
-                               .ctx_len = c->ctx_len, .gpu_memory_utilization = c->gpu_memory_utilization};
+                               .ctx_len = c->ctx_len, .gpu_memory_utilization = c->gpu_memory_utilization,
+                               .cuda_graphs = c->cuda_graphs};
 }
 
 /* Resolves the model (a hub id through the Hugging Face cache, downloading

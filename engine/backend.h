@@ -279,6 +279,10 @@ typedef struct eng_backend_config {
      * memory this process may fill (weights, activations, KV payload); 0 = 0.9. */
     int device_id;
     double gpu_memory_utilization;
+    /* CUDA: decode-only steps replay a CUDA graph captured per padded batch
+     * size (engine/cuda/backend.c, "CUDA graphs"); 0 = every step launches
+     * its kernels. */
+    int cuda_graphs;
 } eng_backend_config;
 
 /* The CPU backend (engine/cpu/backend.c): weights of any eng_dtype used in
@@ -296,5 +300,17 @@ int eng_cuda_device_count(void);
  * benchmarks that time it with CUDA events (tests/gpu/bench_cuda.c); NULL in
  * a build without CUDA. Borrowed; the backend owns it. */
 void *eng_cuda_backend_stream(eng_backend *be);
+/* CUDA graphs of a CUDA backend (tests/gpu/bench_cuda.c measures steps with
+ * and without): eng_cuda_backend_set_graphs turns the replay of decode-only
+ * steps on or off from the next step (graphs already captured are kept) and
+ * returns the previous setting, or D2_EUNSUPPORTED in a build without CUDA;
+ * the stats say how often graphs were captured and replayed and how long
+ * the captures took (host wall clock: capture and instantiation). */
+typedef struct eng_cuda_graph_stats {
+    int64_t captures, replays, warmup_steps; /* warm-up: a bucket's first step, run directly */
+    double capture_s;
+} eng_cuda_graph_stats;
+int eng_cuda_backend_set_graphs(eng_backend *be, int on);
+eng_cuda_graph_stats eng_cuda_backend_graph_stats(eng_backend *be);
 
 #endif

@@ -92,6 +92,7 @@ static int create_backend(eng_engine *e, const eng_engine_config *cfg, int page_
     if (cuda) {
         bc.device_id = 0;
         bc.gpu_memory_utilization = cfg->gpu_memory_utilization;
+        bc.cuda_graphs = cfg->cuda_graphs;
         return eng_cuda_backend_create(e->model, &bc, &e->be);
     }
     return eng_cpu_backend_create(e->model, &bc, &e->be);

@@ -56,6 +56,7 @@ typedef struct eng_engine_config {
     int max_batch_tokens;     /* tokens per step (prefill chunking); 0: 512 */
     int ctx_len;              /* 0: the model's context */
     double gpu_memory_utilization; /* CUDA: share of the device memory to fill; 0: 0.9 */
+    int cuda_graphs;          /* CUDA: decode-only steps replay CUDA graphs (eng_backend_config) */
     /* Weight preparation progress (conversion to the backend's dtype, upload):
      * bytes done and total, at most about 100 calls; may be NULL. */
     void (*progress)(void *user, size_t done, size_t total);

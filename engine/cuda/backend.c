@@ -38,6 +38,10 @@
  * the plan did not flag host_logits is the one exception: a copy and a wait
  * of its own. Compression (kv_compress_layers) adds one more wait.
  *
+ * CUDA graphs (opt-in, eng_backend_config.cuda_graphs; "CUDA graphs" below):
+ * a decode-only step is padded to a batch bucket and replays a graph
+ * captured once per bucket, with the same plan upload before it.
+ *
  * Row order: inside a step the backend keeps the decode tokens (one-token
  * sequences without colsum) first, in plan order, then the other sequences'
  * chunks, so the batched decode attention reads its queries as one block;
@@ -55,6 +59,7 @@
 
 #include "common/log.h"
 #include "common/status.h"
+#include "common/util.h"
 #include "engine/backend.h"
 
 #ifndef D2_HAVE_CUDA
@@ -73,6 +78,16 @@ void *eng_cuda_backend_stream(eng_backend *be) {
     return NULL;
 }
 
+int eng_cuda_backend_set_graphs(eng_backend *be, int on) {
+    (void)be; (void)on;
+    return D2_EUNSUPPORTED;
+}
+
+eng_cuda_graph_stats eng_cuda_backend_graph_stats(eng_backend *be) {
+    (void)be;
+    return (eng_cuda_graph_stats){0};
+}
+
 #else
 
 #include <cublasLt.h>
@@ -86,6 +101,7 @@ void *eng_cuda_backend_stream(eng_backend *be) {
 #define CU_LT_WS_BYTES ((size_t)32 << 20) /* cuBLASLt workspace */
 #define CU_D2O_MOVE_SLOTS 256
 #define CU_GEMM_BUCKETS 24 /* token-count buckets 1, 2, 4, ... 2^23 */
+#define CU_GRAPH_BUCKETS 16 /* decode batch buckets 1, 2, 4, ... and the largest */
 
 /* The GEMMs of the model, each with its own cuBLASLt layouts and, per
  * power-of-two bucket of the token count, the algorithm the heuristic chose
@@ -114,7 +130,8 @@ typedef struct cu_layer {
 typedef struct cu_layer_plan {
     size_t page_of, slot_of;   /* [T] internal rows */
     size_t dlen, dsplit, dwork; /* decode: [n_dec], [n_dec+1], [n_work] */
-    int n_work;
+    int n_work;                /* the work list's length, or its capacity when dlive is set */
+    size_t dlive;              /* [1] the work list's length on the device; SIZE_MAX: none */
 } cu_layer_plan;
 
 typedef struct cu_seq_plan {
@@ -224,6 +241,15 @@ typedef struct cuda_be {
     /* colsum of the current step: per plan sequence, offset into colsum_d or -1 */
     size_t *cs_off;
     int gemm_fallbacks;           /* cached algorithms the library refused (dropped) */
+    /* CUDA graphs (see "CUDA graphs" below): decode-only steps padded to a bucket */
+    int graphs;                   /* replay them (config; eng_cuda_backend_set_graphs) */
+    int n_gb;                     /* buckets (kv_attach) */
+    int gb[CU_GRAPH_BUCKETS];     /* rows of each, ascending */
+    cudaGraphExec_t gexec[CU_GRAPH_BUCKETS][2]; /* [bucket][decode scores], captured lazily */
+    uint8_t gwarm[CU_GRAPH_BUCKETS][2];          /* a direct step of the kind ran before */
+    cu_layer_plan *glp;           /* [n_layers] a bucket's plan layout */
+    int32_t scratch_page;         /* payload page no table names: the padding rows' K/V */
+    eng_cuda_graph_stats gstats;
     int dead;
     char err[512];
 } cuda_be;
@@ -449,6 +475,7 @@ static int cu_write_slot(eng_backend *base, int seq, int layer, int i, const flo
                          const float *v, const float *score);
 static int cu_sync(eng_backend *base);
 static const char *cu_last_error(const eng_backend *base);
+static void graph_buckets(cuda_be *be);
 
 static const eng_backend_ops cu_ops = {
     .attach_thread = cu_attach_thread,
@@ -485,6 +512,10 @@ static void cu_destroy(eng_backend *base) {
     cuda_be *be = (cuda_be *)base;
     if (!be) return;
     if (be->st) cudaStreamSynchronize(be->st);
+    for (int i = 0; i < CU_GRAPH_BUCKETS; i++)
+        for (int k = 0; k < 2; k++)
+            if (be->gexec[i][k]) cudaGraphExecDestroy(be->gexec[i][k]);
+    free(be->glp);
     if (be->L) {
         for (int l = 0; l < be->n_layers; l++) {
             cu_layer *w = &be->L[l];
@@ -687,8 +718,12 @@ int eng_cuda_backend_create(const eng_model *m, const eng_backend_config *cfg, e
     be->window = c->sliding_window;
     be->neox = c->rope_neox ? 1 : 0;
     be->eps = c->rms_eps;
+    be->graphs = cfg->cuda_graphs != 0;
     be->L = calloc((size_t)c->n_layers, sizeof(cu_layer));
-    if (!be->L) {
+    be->glp = calloc((size_t)c->n_layers, sizeof(cu_layer_plan));
+    if (!be->L || !be->glp) {
+        free(be->L);
+        free(be->glp);
         free(be);
         return D2_ENOMEM;
     }
@@ -926,6 +961,9 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
         return cu_fail(be, D2_ESHAPE, "kv_attach", "pool shape differs from the model");
     be->n_pages = pc->n_pages;
     size_t n_slots = (size_t)pc->n_pages * (size_t)be->pt;
+    /* one page more than the pool's: the scratch page of graph padding rows */
+    size_t pay_slots = n_slots + (size_t)be->pt;
+    be->scratch_page = (int32_t)pc->n_pages;
     int rc;
 #define ATT_TRY(x)                                                                        \
     do {                                                                                  \
@@ -938,12 +976,13 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
         cudaError_t e_ = cudaMallocHost((void **)&(p), b_ ? b_ : 16);                     \
         if (e_ != cudaSuccess) return cu_fail_rt(be, e_, "cudaMallocHost " #p, __LINE__); \
     } while (0)
-    ATT_TRY(dev_alloc(be, (void **)&be->kv_k, n_slots * (size_t)be->kvd * 2));
-    ATT_TRY(dev_alloc(be, (void **)&be->kv_v, n_slots * (size_t)be->kvd * 2));
-    ATT_TRY(dev_alloc(be, (void **)&be->kv_score, n_slots * (size_t)be->n_kv * 4));
-    ATT_TRY(dev_alloc(be, (void **)&be->kv_pos, n_slots * 4));
-    CU(cudaMemset(be->kv_score, 0, n_slots * (size_t)be->n_kv * 4));
-    CU(cudaMemset(be->kv_pos, 0xff, n_slots * 4));
+    if (pc->n_pages >= INT32_MAX) return cu_fail(be, D2_EINVAL, "kv_attach", "page ids beyond int32");
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_k, pay_slots * (size_t)be->kvd * 2));
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_v, pay_slots * (size_t)be->kvd * 2));
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_score, pay_slots * (size_t)be->n_kv * 4));
+    ATT_TRY(dev_alloc(be, (void **)&be->kv_pos, pay_slots * 4));
+    CU(cudaMemset(be->kv_score, 0, pay_slots * (size_t)be->n_kv * 4));
+    CU(cudaMemset(be->kv_pos, 0xff, pay_slots * 4));
     /* plan staging: sized for the most sequences a step can hold */
     be->max_seqs = pc->max_seqs < be->max_t ? pc->max_seqs : be->max_t;
     be->max_pages = (be->max_seq + be->pt - 1) / be->pt;
@@ -954,8 +993,9 @@ static int cu_kv_attach(eng_backend *base, kvp_pool *pool) {
      * per layer the slot maps and the decode plan; the changed table
      * entries (at most every table of the step in full) and their headers */
     be->patch_cap = (int)(Lc * S);
-    be->plan_cap = 4 * T + Lc * (2 * T + 2 * S + 1 + (size_t)be->work_cap) + Lc * S * MP +
+    be->plan_cap = 4 * T + Lc * (2 * T + 2 * S + 2 + (size_t)be->work_cap) + Lc * S * MP +
                    3 * (size_t)be->patch_cap;
+    graph_buckets(be);
     be->n_ids = pc->max_seqs;
     size_t rt = Lc * (size_t)be->n_ids * MP;
     if (rt > INT32_MAX || be->plan_cap > INT32_MAX)
@@ -1149,6 +1189,7 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used, 
             }
         }
         lp->n_work = 0;
+        lp->dlive = SIZE_MAX;
         if (n_dec > 0) {
             TAKE(lp->dlen, n_dec);
             TAKE(lp->dsplit, n_dec + 1);
@@ -1179,10 +1220,10 @@ static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used, 
  * sequences (adjacent ones in one copy), the column sums (added into the
  * callers' arrays at step_settle). The first call that needs one of them
  * waits once for all (engine/backend.h, "Results and host synchronisation"). */
-static int step_results(cuda_be *be, const eng_batch *b, int rows, size_t cs_used) {
+static int step_results(cuda_be *be, const eng_batch *b, int rows, size_t cs_used, int amax_queued) {
     size_t V = (size_t)be->vocab;
     memset(be->row_host, 0, (size_t)be->max_rows);
-    if (rows > 0) {
+    if (rows > 0 && !amax_queued) { /* (a replayed graph queued it already) */
         KC(kern_argmax(be->amax_d, be->logits, rows, be->vocab, be->vocab, be->st));
         CU(cudaMemcpyAsync(be->amax_h, be->amax_d, (size_t)rows * 4, cudaMemcpyDeviceToHost, be->st));
     }
@@ -1220,13 +1261,292 @@ static int step_results(cuda_be *be, const eng_batch *b, int rows, size_t cs_use
     return D2_OK;
 }
 
+/* What the forward of a step reads: its T internal rows (n_dec decode rows
+ * first), the device plan's token, position, score_from and table-row
+ * arrays, each layer's maps and decode plan (lp[l], offsets into plan_d),
+ * and the plan's other sequences (b; NULL: decode rows only). */
+typedef struct cu_fwd {
+    const eng_batch *b;
+    const cu_layer_plan *lp;
+    int T, n_dec, dec_scores;
+    const int32_t *tok, *pos, *sf, *trow;
+} cu_fwd;
+
+/* The embedding and every layer of a step, enqueued on the stream: the same
+ * launches whether they run at once (cu_step) or are captured into a CUDA
+ * graph (graph_capture). Leaves the residual stream in be->x. */
+static int fwd_layers(cuda_be *be, const cu_fwd *f) {
+    const int32_t *D = be->plan_d;
+    const int32_t *tok_d = f->tok, *pos_d = f->pos, *sf_d = f->sf;
+    const eng_batch *b = f->b;
+    int T = f->T, n_dec = f->n_dec, dec_scores = f->dec_scores, rc;
+    int dim = be->dim, qd = be->qd, kvd = be->kvd, qkvd = be->qkvd;
+    float scale = 1.0f / sqrtf((float)be->hd);
+    kern_kv_view view = {.k = be->kv_k, .v = be->kv_v, .pos = be->kv_pos, .page_tokens = be->pt,
+                         .n_kv_heads = be->n_kv, .head_dim = be->hd};
+
+    KC(kern_embed(be->x, KERN_F32, be->embd, tok_d, T, dim, be->vocab, be->st));
+    for (int l = 0; l < be->n_layers; l++) {
+        const cu_layer *w = &be->L[l];
+        const cu_layer_plan *lp = &f->lp[l];
+        KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->attn_norm, T, dim, be->eps, be->st));
+        rc = cu_gemm(be, w->bqkv ? G_QKV_BIAS : G_QKV, w->wqkv, be->xb, T, be->qkv, 0, w->bqkv);
+        if (rc) return rc;
+        KC(kern_rope(be->qkv, pos_d, be->inv_freq, T, be->n_heads, be->hd, qkvd, be->neox, be->st));
+        KC(kern_rope(be->qkv + qd, pos_d, be->inv_freq, T, be->n_kv, be->hd, qkvd, be->neox, be->st));
+        KC(kern_kv_write(be->kv_k, be->kv_v, be->kv_pos, be->kv_score, be->qkv + qd,
+                         be->qkv + qd + kvd, qkvd, pos_d, D + lp->page_of, D + lp->slot_of, T,
+                         be->n_kv, be->hd, be->pt, be->st));
+        if (n_dec > 0)
+            KC(kern_attn_decode(be->ao, KERN_BF16, be->qkv, qkvd, view,
+                                dec_scores ? be->kv_score : NULL, dec_scores ? sf_d : NULL,
+                                be->rtab_d + rtab_row(be, 0, l), be->max_pages, f->trow,
+                                D + lp->dlen, pos_d, D + lp->dsplit, D + lp->dwork, lp->n_work,
+                                lp->dlive != SIZE_MAX ? D + lp->dlive : NULL, n_dec, be->n_heads,
+                                scale, be->window,
+                                be->dec_ws, be->st));
+        for (int si = 0; b && si < b->n_seqs; si++) {
+            const eng_batch_seq *s = &b->seqs[si];
+            if (is_decode(s)) continue;
+            const cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
+            const float *q = be->qkv + (size_t)sp->row0 * (size_t)qkvd;
+            KC(kern_attn_prefill(be->ao + (size_t)sp->row0 * (size_t)qd, KERN_BF16,
+                                 s->want_scores ? be->lse : NULL, q, qkvd, view, be->rtab_d + sp->tab,
+                                 sp->n_kv, pos_d + sp->row0, s->n, be->n_heads, scale, be->window,
+                                 be->st));
+            if (s->want_scores) {
+                float *cs = NULL;
+                if (be->cs_off[si] != SIZE_MAX)
+                    cs = be->colsum_d + be->cs_off[si] +
+                         (size_t)l * (size_t)be->n_heads * (size_t)s->colsum_len;
+                KC(kern_attn_prefill_scores(be->kv_score, cs, s->colsum_len, s->score_from, q,
+                                            qkvd, be->lse, view, be->rtab_d + sp->tab, sp->n_kv,
+                                            pos_d + sp->row0, s->n, be->n_heads, scale,
+                                            be->window, be->st));
+            }
+        }
+        rc = cu_gemm(be, G_O, w->wo, be->ao, T, be->x, 1, NULL);
+        if (rc) return rc;
+        KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->ffn_norm, T, dim, be->eps, be->st));
+        rc = cu_gemm(be, G_GU, w->wgu, be->xb, T, be->gu, 0, NULL);
+        if (rc) return rc;
+        KC(kern_swiglu(be->hb, KERN_BF16, be->gu, be->gu + be->ffn, T, be->ffn, 2 * be->ffn, be->st));
+        rc = cu_gemm(be, G_DOWN, w->wdown, be->hb, T, be->x, 1, NULL);
+        if (rc) return rc;
+    }
+    return D2_OK;
+}
+
+/* ---- CUDA graphs ----------------------------------------------------------------------
+ *
+ * With graphs on (eng_backend_config.cuda_graphs, eng_cuda_backend_set_graphs)
+ * a decode-only step -- every plan sequence a decode token (is_decode) that
+ * wants its logits -- of n_dec rows is padded to the smallest bucket B >=
+ * n_dec (1, 2, 4, ... and min(max_seqs, max_logit_rows) as the last) and
+ * runs as the replay of a graph captured once per (bucket, whether the
+ * decode adds D2O scores): fwd_layers for B rows, then the final norm and
+ * the LM head of all B rows (decode row i is logit row i, no gather). A
+ * graph's launches keep the arguments of the capture, so all that changes
+ * between steps lives in the device plan at offsets fixed per bucket
+ * (graph_layout): tokens, positions, score_from, table rows, and per layer
+ * the slot maps, decode lengths, split bases, the work list and its length,
+ * which the decode kernels read on the device (kern_attn_decode's
+ * n_work_live; the workspace is laid out for the bucket's capacity). Padding
+ * rows take token 0 at position 0, write their K/V into the scratch page (a
+ * payload page past the pool's that no table names) and have decode length
+ * 0: they read nothing, and their logits are never handed out. The graph
+ * ends with the argmax of every row copied to the host (step_results' first
+ * result); the plan upload, the table patches and the copies of host_logits
+ * rows stay outside it (their sizes vary), so a replayed step is one
+ * upload, a patch launch when a table gained a page, one graph launch (and
+ * those copies), then the step's one wait as in cu_step. A bucket's first
+ * step runs directly (kernels loaded lazily and cuBLASLt's first calls
+ * happen outside a capture), its second captures the graph (host time in
+ * gstats.capture_s), every later one replays it. A capture that CUDA
+ * invalidates without an error of ours turns graphs off for the backend;
+ * any other failure is an error as a launch's would be.
+ */
+
+static void graph_buckets(cuda_be *be) {
+    int cap = be->max_seqs < be->max_rows ? be->max_seqs : be->max_rows;
+    be->n_gb = 0;
+    for (int r = 1; r < cap && be->n_gb < CU_GRAPH_BUCKETS - 1; r *= 2) be->gb[be->n_gb++] = r;
+    be->gb[be->n_gb++] = cap;
+}
+
+/* The plan layout of bucket B (int32 offsets into plan_d/plan_h): tokens,
+ * positions, score_from, table rows at o[0..3], then per layer lp[l];
+ * returns the words of this fixed part (the patches follow it). */
+static size_t graph_layout(const cuda_be *be, int B, cu_layer_plan *lp, size_t o[4]) {
+    size_t off = 0, nb = (size_t)B;
+    for (int k = 0; k < 4; k++, off += nb) o[k] = off;
+    /* capacity of the work list: B tables of max_seq tokens (<= work_cap) */
+    int wcap = B * ((be->max_seq + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT);
+    for (int l = 0; l < be->n_layers; l++) {
+        lp[l].page_of = off;
+        lp[l].slot_of = off + nb;
+        lp[l].dlen = off + 2 * nb;
+        lp[l].dsplit = off + 3 * nb;
+        lp[l].dlive = off + 4 * nb + 1;
+        lp[l].dwork = off + 4 * nb + 2;
+        lp[l].n_work = wcap;
+        off += 4 * nb + 2 + (size_t)wcap;
+    }
+    return off;
+}
+
+/* The staging of a decode-only step of n_dec rows in bucket B's layout, and
+ * the patches of the resident tables (headers at *o_hdr). */
+static int build_plan_graph(cuda_be *be, const eng_batch *b, int n_dec, int B, size_t *used,
+                            size_t *o_hdr) {
+    kvp_pool *pool = be->base.pool;
+    int32_t *P = be->plan_h;
+    size_t o[4], off = graph_layout(be, B, be->glp, o);
+    if (off > be->plan_cap) return cu_fail(be, D2_EINVAL, "step", "graph plan larger than its staging");
+    for (int i = 0; i < B; i++) {
+        const eng_batch_seq *s = i < n_dec ? &b->seqs[i] : NULL;
+        P[o[0] + (size_t)i] = s ? b->tokens[s->start] : 0;
+        P[o[1] + (size_t)i] = s ? b->pos[s->start] : 0;
+        P[o[2] + (size_t)i] = s && s->want_scores ? s->score_from : INT32_MAX;
+        P[o[3] + (size_t)i] = s ? s->seq : 0;
+    }
+    be->n_patch = 0;
+    for (int l = 0; l < be->n_layers; l++) {
+        const cu_layer_plan *lp = &be->glp[l];
+        for (int i = 0; i < B; i++) {
+            int32_t page = be->scratch_page;
+            int slot = i % be->pt, n_tok = 0;
+            if (i < n_dec) {
+                kvp_table tab = kvp_get_table(pool, b->seqs[i].seq, l);
+                kvp_locate(&tab, be->pt, tab.n_tokens - 1, &page, &slot);
+                n_tok = tab.n_tokens;
+                int rc = rtab_patch(be, b->seqs[i].seq, l, &tab, P, be->plan_cap, &off);
+                if (rc) return rc;
+            }
+            P[lp->page_of + (size_t)i] = page;
+            P[lp->slot_of + (size_t)i] = slot;
+            P[lp->dlen + (size_t)i] = n_tok;
+            be->dlen_h[i] = n_tok;
+        }
+        int n_work = 0;
+        int rc = kern_attn_decode_plan(be->dlen_h, B, P + lp->dsplit, P + lp->dwork, lp->n_work, &n_work);
+        if (rc) return cu_fail(be, rc, "kern_attn_decode_plan", "decode work list (graph)");
+        P[lp->dlive] = n_work;
+    }
+    if (off + (size_t)be->n_patch * 3 > be->plan_cap)
+        return cu_fail(be, D2_EINVAL, "step", "plan larger than its staging");
+    *o_hdr = off;
+    memcpy(P + off, be->patch_hdr, (size_t)be->n_patch * 3 * sizeof(int32_t));
+    *used = off + (size_t)be->n_patch * 3;
+    return D2_OK;
+}
+
+/* The final norm and LM head of rows 0..B-1 of the residual stream, and
+ * their argmax back to the host (step_results' first result, queued here so
+ * that the replay holds it). */
+static int graph_head(cuda_be *be, int B) {
+    KC(kern_rmsnorm(be->xfb, KERN_BF16, be->x, be->out_norm, B, be->dim, be->eps, be->st));
+    int rc = cu_gemm(be, G_LM, be->outw, be->xfb, B, be->logits, 0, NULL);
+    if (rc) return rc;
+    KC(kern_argmax(be->amax_d, be->logits, B, be->vocab, be->vocab, be->st));
+    CU(cudaMemcpyAsync(be->amax_h, be->amax_d, (size_t)B * 4, cudaMemcpyDeviceToHost, be->st));
+    return D2_OK;
+}
+
+/* Captures the graph of bucket gi (sc: the decode adds scores). */
+static int graph_capture(cuda_be *be, int gi, int sc) {
+    int B = be->gb[gi];
+    size_t o[4];
+    graph_layout(be, B, be->glp, o);
+    const int32_t *D = be->plan_d;
+    cu_fwd f = {.b = NULL, .lp = be->glp, .T = B, .n_dec = B, .dec_scores = sc,
+                .tok = D + o[0], .pos = D + o[1], .sf = D + o[2], .trow = D + o[3]};
+    double t0 = d2_now();
+    CU(cudaStreamBeginCapture(be->st, cudaStreamCaptureModeThreadLocal));
+    int rc = fwd_layers(be, &f);
+    if (!rc) rc = graph_head(be, B);
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(be->st, &g);
+    if (rc) {
+        if (g) cudaGraphDestroy(g);
+        return rc;
+    }
+    if (e == cudaErrorStreamCaptureInvalidated) {
+        /* refused by CUDA, not by a call of ours: launch the kernels instead */
+        (void)cudaGetLastError();
+        be->graphs = 0;
+        return D2_OK;
+    }
+    if (e != cudaSuccess) return cu_fail_rt(be, e, "cudaStreamEndCapture", __LINE__);
+    e = cudaGraphInstantiate(&be->gexec[gi][sc], g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        be->gexec[gi][sc] = NULL;
+        return cu_fail_rt(be, e, "cudaGraphInstantiate", __LINE__);
+    }
+    be->gstats.captures++;
+    be->gstats.capture_s += d2_now() - t0;
+    return D2_OK;
+}
+
+/* A decode-only step by graph replay when it qualifies (*done = 1), else
+ * nothing (*done = 0: cu_step launches it). */
+static int step_graph(cuda_be *be, const eng_batch *b, int n_dec, int dec_scores, int *done) {
+    *done = 0;
+    if (n_dec != b->n_seqs || n_dec > be->gb[be->n_gb - 1]) return D2_OK;
+    for (int i = 0; i < n_dec; i++)
+        if (!b->seqs[i].want_logits && !b->seqs[i].all_logits) return D2_OK;
+    int gi = 0, sc = dec_scores ? 1 : 0;
+    while (be->gb[gi] < n_dec) gi++;
+    int B = be->gb[gi];
+    if (!be->gexec[gi][sc]) {
+        if (!be->gwarm[gi][sc]) {
+            be->gwarm[gi][sc] = 1;
+            be->gstats.warmup_steps++;
+            return D2_OK;
+        }
+        int rc = graph_capture(be, gi, sc);
+        if (rc || !be->gexec[gi][sc]) return rc;
+    }
+    /* as cu_step: the previous step's results and plan staging are done with */
+    if (be->out_pending) STREAM_SYNC();
+    else if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
+    be->plan_pending = 0;
+    size_t used = 0, o_hdr = 0;
+    int rc = build_plan_graph(be, b, n_dec, B, &used, &o_hdr);
+    if (rc) {
+        rtab_forget(be, b);
+        return rc;
+    }
+    CU(cudaMemcpyAsync(be->plan_d, be->plan_h, used * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
+    CU(cudaEventRecord(be->ev_plan, be->st));
+    be->plan_pending = 1;
+    KC(kern_patch_i32(be->rtab_d, be->plan_d, be->plan_d + o_hdr, be->n_patch, be->st));
+    CU(cudaGraphLaunch(be->gexec[gi][sc], be->st));
+    be->gstats.replays++;
+    be->n_logit_rows = n_dec;
+    *done = 1;
+    return step_results(be, b, n_dec, 0, 1);
+}
+
+int eng_cuda_backend_set_graphs(eng_backend *base, int on) {
+    cuda_be *be = (cuda_be *)base;
+    int was = be->graphs;
+    be->graphs = on != 0;
+    return was;
+}
+
+eng_cuda_graph_stats eng_cuda_backend_graph_stats(eng_backend *base) {
+    return ((cuda_be *)base)->gstats;
+}
+
 static int cu_step(eng_backend *base, const eng_batch *b) {
     cuda_be *be = (cuda_be *)base;
     DEAD_CHECK();
     if (!base->pool || !be->kv_k) return cu_fail(be, D2_EINVAL, "step", "no KV payload (kv_attach)");
     int rc = validate(be, b);
     if (rc) return cu_fail(be, rc, "step", "malformed plan");
-    int T = b->n_tokens, dim = be->dim, qd = be->qd, kvd = be->kvd, qkvd = be->qkvd;
+    int T = b->n_tokens, dim = be->dim;
     /* internal order: decode tokens first */
     int n_dec = 0;
     for (int si = 0; si < b->n_seqs; si++)
@@ -1241,6 +1561,11 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         }
         be->seq_row0[si] = r;
         r += s->n;
+    }
+    if (be->graphs) {
+        int done = 0;
+        rc = step_graph(be, b, n_dec, dec_scores, &done);
+        if (rc || done) return rc;
     }
     /* colsum regions */
     size_t cs_used = 0;
@@ -1275,59 +1600,10 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
     KC(kern_patch_i32(be->rtab_d, be->plan_d, be->plan_d + o_hdr, be->n_patch, be->st));
     if (cs_used) CU(cudaMemsetAsync(be->colsum_d, 0, cs_used * 4, be->st));
     const int32_t *D = be->plan_d;
-    const int32_t *tok_d = D, *pos_d = D + T, *sf_d = D + 2 * T;
-    float scale = 1.0f / sqrtf((float)be->hd);
-    kern_kv_view view = {.k = be->kv_k, .v = be->kv_v, .pos = be->kv_pos, .page_tokens = be->pt,
-                         .n_kv_heads = be->n_kv, .head_dim = be->hd};
-
-    KC(kern_embed(be->x, KERN_F32, be->embd, tok_d, T, dim, be->vocab, be->st));
-    for (int l = 0; l < be->n_layers; l++) {
-        const cu_layer *w = &be->L[l];
-        const cu_layer_plan *lp = &be->lp[l];
-        KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->attn_norm, T, dim, be->eps, be->st));
-        rc = cu_gemm(be, w->bqkv ? G_QKV_BIAS : G_QKV, w->wqkv, be->xb, T, be->qkv, 0, w->bqkv);
-        if (rc) return rc;
-        KC(kern_rope(be->qkv, pos_d, be->inv_freq, T, be->n_heads, be->hd, qkvd, be->neox, be->st));
-        KC(kern_rope(be->qkv + qd, pos_d, be->inv_freq, T, be->n_kv, be->hd, qkvd, be->neox, be->st));
-        KC(kern_kv_write(be->kv_k, be->kv_v, be->kv_pos, be->kv_score, be->qkv + qd,
-                         be->qkv + qd + kvd, qkvd, pos_d, D + lp->page_of, D + lp->slot_of, T,
-                         be->n_kv, be->hd, be->pt, be->st));
-        if (n_dec > 0)
-            KC(kern_attn_decode(be->ao, KERN_BF16, be->qkv, qkvd, view,
-                                dec_scores ? be->kv_score : NULL, dec_scores ? sf_d : NULL,
-                                be->rtab_d + rtab_row(be, 0, l), be->max_pages, D + o_trow,
-                                D + lp->dlen, pos_d, D + lp->dsplit,
-                                D + lp->dwork, lp->n_work, NULL, n_dec, be->n_heads, scale, be->window,
-                                be->dec_ws, be->st));
-        for (int si = 0; si < b->n_seqs; si++) {
-            const eng_batch_seq *s = &b->seqs[si];
-            if (is_decode(s)) continue;
-            const cu_seq_plan *sp = &be->sp[(size_t)l * (size_t)be->max_t + (size_t)si];
-            const float *q = be->qkv + (size_t)sp->row0 * (size_t)qkvd;
-            KC(kern_attn_prefill(be->ao + (size_t)sp->row0 * (size_t)qd, KERN_BF16,
-                                 s->want_scores ? be->lse : NULL, q, qkvd, view, be->rtab_d + sp->tab,
-                                 sp->n_kv, pos_d + sp->row0, s->n, be->n_heads, scale, be->window,
-                                 be->st));
-            if (s->want_scores) {
-                float *cs = NULL;
-                if (be->cs_off[si] != SIZE_MAX)
-                    cs = be->colsum_d + be->cs_off[si] +
-                         (size_t)l * (size_t)be->n_heads * (size_t)s->colsum_len;
-                KC(kern_attn_prefill_scores(be->kv_score, cs, s->colsum_len, s->score_from, q,
-                                            qkvd, be->lse, view, be->rtab_d + sp->tab, sp->n_kv,
-                                            pos_d + sp->row0, s->n, be->n_heads, scale,
-                                            be->window, be->st));
-            }
-        }
-        rc = cu_gemm(be, G_O, w->wo, be->ao, T, be->x, 1, NULL);
-        if (rc) return rc;
-        KC(kern_rmsnorm(be->xb, KERN_BF16, be->x, w->ffn_norm, T, dim, be->eps, be->st));
-        rc = cu_gemm(be, G_GU, w->wgu, be->xb, T, be->gu, 0, NULL);
-        if (rc) return rc;
-        KC(kern_swiglu(be->hb, KERN_BF16, be->gu, be->gu + be->ffn, T, be->ffn, 2 * be->ffn, be->st));
-        rc = cu_gemm(be, G_DOWN, w->wdown, be->hb, T, be->x, 1, NULL);
-        if (rc) return rc;
-    }
+    cu_fwd f = {.b = b, .lp = be->lp, .T = T, .n_dec = n_dec, .dec_scores = dec_scores,
+                .tok = D, .pos = D + T, .sf = D + 2 * T, .trow = D + o_trow};
+    rc = fwd_layers(be, &f);
+    if (rc) return rc;
     /* logit rows, in plan order */
     int rows = 0;
     for (int si = 0; si < b->n_seqs; si++) {
@@ -1351,7 +1627,7 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         if (rc) return rc;
     }
     be->n_logit_rows = rows;
-    return step_results(be, b, rows, cs_used);
+    return step_results(be, b, rows, cs_used, 0);
 }
 
 /* ---- logits ------------------------------------------------------------------------ */

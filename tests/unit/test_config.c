@@ -88,6 +88,7 @@ TEST(defaults) {
     ASSERT_STREQ(c.kv_budget, "1.0");
     ASSERT_EQ(c.device, DMN_DEVICE_CPU);
     ASSERT_NEAR(c.gpu_memory_utilization, 0.9, 0);
+    ASSERT_EQ(c.cuda_graphs, 0);
     for (int i = 0; i < N_DIRS; i++) ASSERT_EQ(c.source[i], DMN_SRC_DEFAULT);
     /* Names used by other modules keep their meaning. */
     ASSERT_STREQ(dmn_kv_method_name(DMN_KV_D2O), "d2o");
@@ -346,6 +347,7 @@ TEST(file_syntax_accepted) {
                       "kv_budget 0.25\n"
                       "device cuda\n"
                       "gpu_memory_utilization 0.5\n"
+                      "cuda_graphs on\n"
                       "request_timeout_s 0.5\n"
                       "threads +3\n"
                       "max_queue 0"; /* no final newline */
@@ -364,6 +366,7 @@ TEST(file_syntax_accepted) {
     ASSERT_STREQ(c.kv_budget, "0.25");
     ASSERT_EQ(c.device, DMN_DEVICE_CUDA);
     ASSERT_NEAR(c.gpu_memory_utilization, 0.5, 0);
+    ASSERT_EQ(c.cuda_graphs, 1);
     ASSERT_NEAR(c.request_timeout_s, 0.5, 0);
     ASSERT_EQ(c.threads, 3);
     ASSERT_EQ(c.max_queue, 0);
@@ -498,6 +501,10 @@ TEST(cli_bool_forms) {
     ASSERT_EQ(c.log_requests, 0);
     ASSERT_EQ(c.api_key_for_health_metrics, 1);
     ASSERT_EQ(c.port, 9);
+    ASSERT_EQ(LOAD(&c, NULL, err, "--model", "m", "--cuda-graphs", "on"), D2_OK);
+    ASSERT_EQ(c.cuda_graphs, 1);
+    ASSERT_EQ(LOAD(&c, NULL, err, "--model", "m", "--cuda-graphs", "off"), D2_OK);
+    ASSERT_EQ(c.cuda_graphs, 0);
     ASSERT_EQ(LOAD(&c, NULL, err, "--model", "m", "--no-watchdog", "--watchdog", "--log-requests=no"),
               D2_OK);
     ASSERT_EQ(c.watchdog, 1); /* later flags win */
