@@ -106,6 +106,21 @@ __device__ __forceinline__ int dec_len(const int32_t *len, const int32_t *split_
     return min(len[b], (split_base[b + 1] - split_base[b]) * KERN_DECODE_SPLIT);
 }
 
+/* The sequence work item wi belongs to: work[wi], or without a work list
+ * the last b < n_seq with split_base[b] <= wi (a binary search; sequences
+ * without splits share their successor's base, so the last is the owner). */
+__device__ __forceinline__ int dec_item_seq(const int32_t *work, const int32_t *split_base,
+                                            int n_seq, int wi) {
+    if (work) return work[wi];
+    int lo = 0, hi = n_seq;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (split_base[mid] <= wi) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
 /* Sequence b adds D2O scores this step. */
 __device__ __forceinline__ bool dec_scoring(const float *score, const int32_t *score_from,
                                             const int32_t *q_pos, int b) {
@@ -117,7 +132,7 @@ static __device__ void dec_split_item(dec_ws w, const float *q, int q_stride, ke
                                       const int32_t *block_tab, int tab_stride,
                                       const int32_t *tab_row, const int32_t *len,
                                       const int32_t *q_pos, const int32_t *split_base,
-                                      const int32_t *work, const float *score,
+                                      const int32_t *work, int n_seq, const float *score,
                                       const int32_t *score_from, int n_heads, float scale,
                                       int window, int wi) {
     __shared__ float s_q[KERN_MAX_GROUP][KERN_MAX_HEAD_DIM];
@@ -125,7 +140,7 @@ static __device__ void dec_split_item(dec_ws w, const float *q, int q_stride, ke
     __shared__ int64_t s_row[KERN_DECODE_SPLIT];             /* element offset of slot / hd */
 
     const int kvh = blockIdx.y;
-    const int b = work[wi], sp = wi - split_base[b];
+    const int b = dec_item_seq(work, split_base, n_seq, wi), sp = wi - split_base[b];
     const int hd = kv.head_dim, nkv = kv.n_kv_heads, pt = kv.page_tokens;
     const int G = n_heads / nkv;
     int L = dec_len(len, split_base, b);
@@ -241,13 +256,13 @@ static __global__ void __launch_bounds__(DEC_THREADS)
 dec_split_kernel(dec_ws w, const float *q, int q_stride, kern_kv_view kv,
                  const int32_t *block_tab, int tab_stride, const int32_t *tab_row,
                  const int32_t *len,
-                 const int32_t *q_pos, const int32_t *split_base, const int32_t *work,
+                 const int32_t *q_pos, const int32_t *split_base, const int32_t *work, int n_seq,
                  const int32_t *n_work_live, const float *score, const int32_t *score_from,
                  int n_heads, float scale, int window) {
     const int n_items = n_work_live ? *n_work_live : (int)gridDim.x;
     for (int wi = blockIdx.x; wi < n_items; wi += gridDim.x) {
         dec_split_item(w, q, q_stride, kv, block_tab, tab_stride, tab_row, len, q_pos, split_base,
-                       work, score, score_from, n_heads, scale, window, wi);
+                       work, n_seq, score, score_from, n_heads, scale, window, wi);
         __syncthreads(); /* the next item rewrites the shared arrays */
     }
 }
@@ -286,9 +301,10 @@ static __device__ void dec_score_item(dec_ws w, float *score, const int32_t *sco
                                       const int32_t *block_tab, int tab_stride,
                                       const int32_t *tab_row, const int32_t *len,
                                       const int32_t *q_pos, const int32_t *split_base,
-                                      const int32_t *work, int n_heads, int nkv, int pt, int wi) {
+                                      const int32_t *work, int n_seq, int n_heads, int nkv, int pt,
+                                      int wi) {
     const int kvh = blockIdx.y;
-    const int b = work[wi], sp = wi - split_base[b];
+    const int b = dec_item_seq(work, split_base, n_seq, wi), sp = wi - split_base[b];
     if (!dec_scoring(score, score_from, q_pos, b)) return;
     int t = threadIdx.x, slot = sp * KERN_DECODE_SPLIT + t;
     if (slot >= dec_len(len, split_base, b)) return;
@@ -307,12 +323,12 @@ static __device__ void dec_score_item(dec_ws w, float *score, const int32_t *sco
 static __global__ void __launch_bounds__(DEC_SCORE_THREADS)
 dec_score_kernel(dec_ws w, float *score, const int32_t *score_from, const int32_t *block_tab,
                  int tab_stride, const int32_t *tab_row, const int32_t *len, const int32_t *q_pos,
-                 const int32_t *split_base, const int32_t *work, const int32_t *n_work_live,
-                 int n_heads, int nkv, int pt) {
+                 const int32_t *split_base, const int32_t *work, int n_seq,
+                 const int32_t *n_work_live, int n_heads, int nkv, int pt) {
     const int n_items = n_work_live ? *n_work_live : (int)gridDim.x;
     for (int wi = blockIdx.x; wi < n_items; wi += gridDim.x)
         dec_score_item(w, score, score_from, block_tab, tab_stride, tab_row, len, q_pos,
-                       split_base, work, n_heads, nkv, pt, wi);
+                       split_base, work, n_seq, n_heads, nkv, pt, wi);
 }
 
 extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q, int q_stride,
@@ -339,7 +355,7 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
         KERN_CUDA_TRY(cudaMemsetAsync(out, 0, bytes, s));
         return D2_OK;
     }
-    KERN_REQUIRE(workspace && block_tab && tab_stride > 0 && split_base && work);
+    KERN_REQUIRE(workspace && block_tab && tab_stride > 0 && split_base);
     KERN_REQUIRE(((uintptr_t)workspace & 15u) == 0);
     dec_ws w;
     dec_ws_floats(n_seq, n_work, n_heads, kv.head_dim, score != NULL, &w, (float *)workspace);
@@ -355,8 +371,8 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
     dim3 g1((unsigned)gx, kv.n_kv_heads);
     dec_split_kernel<<<g1, DEC_THREADS, 0, s>>>(w, q, q_stride, kv, block_tab, tab_stride,
                                                 tab_row, len,
-                                                q_pos, split_base, work, n_work_live, score,
-                                                score_from, n_heads, scale, window);
+                                                q_pos, split_base, work, n_seq, n_work_live,
+                                                score, score_from, n_heads, scale, window);
     KERN_LAUNCH_CHECK("dec_split_kernel");
     dim3 g2((unsigned)n_seq, n_heads);
     dec_combine_kernel<<<g2, DEC_COMBINE_THREADS, 0, s>>>(w, out, out_dtype, len, split_base,
@@ -366,8 +382,8 @@ extern "C" int kern_attn_decode(void *out, kern_dtype out_dtype, const float *q,
         dim3 g3((unsigned)gx, kv.n_kv_heads);
         dec_score_kernel<<<g3, DEC_SCORE_THREADS, 0, s>>>(w, score, score_from, block_tab,
                                                           tab_stride, tab_row, len, q_pos, split_base,
-                                                          work, n_work_live, n_heads, kv.n_kv_heads,
-                                                          kv.page_tokens);
+                                                          work, n_seq, n_work_live, n_heads,
+                                                          kv.n_kv_heads, kv.page_tokens);
         KERN_LAUNCH_CHECK("dec_score_kernel");
     }
     return D2_OK;

@@ -247,7 +247,9 @@ size_t kern_attn_decode_workspace_bytes(int n_seq, int n_work, int n_heads, int 
  *                splits the plan gave the sequence)
  *   q_pos      : int32 [n_seq] position of each query token
  *   split_base, work, n_work : kern_attn_decode_plan's output, on the device
- *                (n_work 0: no keys anywhere, zero outputs)
+ *                (n_work 0: no keys anywhere, zero outputs); work may be NULL:
+ *                the kernels then find an item's sequence in split_base (a
+ *                binary search), so a caller need not upload the list
  *   n_work_live: NULL, or a device int32 holding the work list's length,
  *                read by the kernels: then n_work (> 0) is only its
  *                capacity (the workspace is laid out for it, the grids are

@@ -129,7 +129,7 @@ typedef struct cu_layer {
 /* Where a step's plan lives in the staging buffer (int32 offsets). */
 typedef struct cu_layer_plan {
     size_t page_of, slot_of;   /* [T] internal rows */
-    size_t dlen, dsplit, dwork; /* decode: [n_dec], [n_dec+1], [n_work] */
+    size_t dlen, dsplit, dwork; /* decode: [n_dec], [n_dec+1], [n_work] (SIZE_MAX: no list) */
     int n_work;                /* the work list's length, or its capacity when dlive is set */
     size_t dlive;              /* [1] the work list's length on the device; SIZE_MAX: none */
 } cu_layer_plan;
@@ -1301,7 +1301,8 @@ static int fwd_layers(cuda_be *be, const cu_fwd *f) {
             KC(kern_attn_decode(be->ao, KERN_BF16, be->qkv, qkvd, view,
                                 dec_scores ? be->kv_score : NULL, dec_scores ? sf_d : NULL,
                                 be->rtab_d + rtab_row(be, 0, l), be->max_pages, f->trow,
-                                D + lp->dlen, pos_d, D + lp->dsplit, D + lp->dwork, lp->n_work,
+                                D + lp->dlen, pos_d, D + lp->dsplit,
+                                lp->dwork != SIZE_MAX ? D + lp->dwork : NULL, lp->n_work,
                                 lp->dlive != SIZE_MAX ? D + lp->dlive : NULL, n_dec, be->n_heads,
                                 scale, be->window,
                                 be->dec_ws, be->st));
@@ -1349,9 +1350,10 @@ static int fwd_layers(cuda_be *be, const cu_fwd *f) {
  * graph's launches keep the arguments of the capture, so all that changes
  * between steps lives in the device plan at offsets fixed per bucket
  * (graph_layout): tokens, positions, score_from, table rows, and per layer
- * the slot maps, decode lengths, split bases, the work list and its length,
- * which the decode kernels read on the device (kern_attn_decode's
- * n_work_live; the workspace is laid out for the bucket's capacity). Padding
+ * the slot maps, decode lengths and split bases, whose last entry is the
+ * work count the decode kernels read on the device (kern_attn_decode's
+ * n_work_live, without a work list: each item's sequence comes from the
+ * split bases; the workspace is laid out for the bucket's capacity). Padding
  * rows take token 0 at position 0, write their K/V into the scratch page (a
  * payload page past the pool's that no table names) and have decode length
  * 0: they read nothing, and their logits are never handed out. The graph
@@ -1380,17 +1382,19 @@ static void graph_buckets(cuda_be *be) {
 static size_t graph_layout(const cuda_be *be, int B, cu_layer_plan *lp, size_t o[4]) {
     size_t off = 0, nb = (size_t)B;
     for (int k = 0; k < 4; k++, off += nb) o[k] = off;
-    /* capacity of the work list: B tables of max_seq tokens (<= work_cap) */
+    /* the work list's capacity: B tables of max_seq tokens (<= work_cap); no
+     * list is uploaded (the kernels search split_base), its length is
+     * split_base[B] */
     int wcap = B * ((be->max_seq + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT);
     for (int l = 0; l < be->n_layers; l++) {
         lp[l].page_of = off;
         lp[l].slot_of = off + nb;
         lp[l].dlen = off + 2 * nb;
         lp[l].dsplit = off + 3 * nb;
-        lp[l].dlive = off + 4 * nb + 1;
-        lp[l].dwork = off + 4 * nb + 2;
+        lp[l].dlive = off + 4 * nb;
+        lp[l].dwork = SIZE_MAX;
         lp[l].n_work = wcap;
-        off += 4 * nb + 2 + (size_t)wcap;
+        off += 4 * nb + 1;
     }
     return off;
 }
@@ -1413,6 +1417,7 @@ static int build_plan_graph(cuda_be *be, const eng_batch *b, int n_dec, int B, s
     be->n_patch = 0;
     for (int l = 0; l < be->n_layers; l++) {
         const cu_layer_plan *lp = &be->glp[l];
+        int32_t n_work = 0; /* <= lp->n_work: every table holds at most max_seq tokens */
         for (int i = 0; i < B; i++) {
             int32_t page = be->scratch_page;
             int slot = i % be->pt, n_tok = 0;
@@ -1426,12 +1431,11 @@ static int build_plan_graph(cuda_be *be, const eng_batch *b, int n_dec, int B, s
             P[lp->page_of + (size_t)i] = page;
             P[lp->slot_of + (size_t)i] = slot;
             P[lp->dlen + (size_t)i] = n_tok;
-            be->dlen_h[i] = n_tok;
+            /* split bases as kern_attn_decode_plan's; split_base[B] = the count */
+            P[lp->dsplit + (size_t)i] = n_work;
+            n_work += (n_tok + KERN_DECODE_SPLIT - 1) / KERN_DECODE_SPLIT;
         }
-        int n_work = 0;
-        int rc = kern_attn_decode_plan(be->dlen_h, B, P + lp->dsplit, P + lp->dwork, lp->n_work, &n_work);
-        if (rc) return cu_fail(be, rc, "kern_attn_decode_plan", "decode work list (graph)");
-        P[lp->dlive] = n_work;
+        P[lp->dlive] = n_work; /* = split_base[B] */
     }
     if (off + (size_t)be->n_patch * 3 > be->plan_cap)
         return cu_fail(be, D2_EINVAL, "step", "plan larger than its staging");

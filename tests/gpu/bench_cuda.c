@@ -22,6 +22,13 @@
  * On the emulator the events give the emulated work's CPU time. KV for the
  * decode measurements is appended without computing it (the values do not
  * change the work).
+ *
+ * CUDA graphs ("decode_graphs"): decode steps at batch 1/32/256 (context 1k)
+ * timed with graphs off and on (eng_cuda_backend_set_graphs on the same
+ * backend), best and mean of the measured steps, their ratio (off / on:
+ * above 1 means graphs pay), and the host time of capturing the graphs the
+ * measurement needed. A bucket's first step runs directly and its second
+ * captures, so both are left out of the "on" figures.
  */
 #include <math.h>
 #include <stdint.h>
@@ -158,6 +165,75 @@ static int step_timed(eng_backend *be, kvp_pool *pool, int layers, eng_batch *b,
     return 0;
 }
 
+/* Decode steps of B sequences at context ctx: warm steps (not measured),
+ * then reps measured; best and mean device time (events) and best host
+ * time, in ms. The sequences are freed by the caller. */
+typedef struct dstat {
+    double best, mean, host;
+} dstat;
+static int decode_reps(eng_backend *be, kvp_pool *pool, int layers, const int *ids, int B, int *pos0,
+                       int warm, int reps, int32_t *toks, int32_t *pos, eng_batch_seq *seqs, dstat *out) {
+    out->best = out->host = 1e30;
+    out->mean = 0;
+    for (int rep = 0; rep < warm + reps; rep++) {
+        for (int k = 0; k < B; k++) {
+            toks[k] = 1 + k;
+            pos[k] = *pos0;
+            seqs[k] = (eng_batch_seq){.seq = ids[k], .start = k, .n = 1, .want_logits = true};
+        }
+        (*pos0)++;
+        eng_batch b = {.n_tokens = B, .tokens = toks, .pos = pos, .n_seqs = B, .seqs = seqs};
+        double sec, host;
+        if (step_timed(be, pool, layers, &b, &sec, &host)) return -1;
+        if (rep < warm) continue;
+        if (sec < out->best) out->best = sec;
+        if (host < out->host) out->host = host;
+        out->mean += sec / reps;
+    }
+    out->best *= 1e3;
+    out->mean *= 1e3;
+    out->host *= 1e3;
+    return 0;
+}
+
+/* The "decode_graphs" JSON member: graphs off, then on, per batch. */
+static void bench_graphs(eng_backend *be, kvp_pool *pool, int layers, int tiny, int32_t *toks,
+                         int32_t *pos, eng_batch_seq *seqs) {
+    int batches[3] = {1, 32, 256}, ctx = tiny ? 16 : 1024, reps = tiny ? 2 : 8;
+    if (tiny) { batches[1] = 2; batches[2] = 3; }
+    printf(", \"decode_graphs\": [");
+    for (int bi = 0; bi < 3; bi++) {
+        int B = batches[bi];
+        printf("%s{\"batch\": %d, \"ctx\": %d", bi ? ", " : "", B, ctx);
+        int64_t need = (int64_t)B * layers * ((ctx + 64) / 16 + 2);
+        if (need > kvp_get_stats(pool).pages_free) {
+            printf(", \"skipped\": \"does not fit the pool\"}");
+            continue;
+        }
+        int ids[256], ok = 1, p0 = ctx - 4 - 2 * (reps + 2);
+        for (int k = 0; k < B && ok; k++) ok = fill_seq(pool, layers, p0, &ids[k]) == 0;
+        dstat off = {0}, on = {0};
+        eng_cuda_graph_stats g0 = eng_cuda_backend_graph_stats(be);
+        eng_cuda_backend_set_graphs(be, 0);
+        if (ok) ok = decode_reps(be, pool, layers, ids, B, &p0, 1, reps, toks, pos, seqs, &off) == 0;
+        eng_cuda_backend_set_graphs(be, 1);
+        /* warm-up (direct) and capture steps, then the replays measured */
+        if (ok) ok = decode_reps(be, pool, layers, ids, B, &p0, 2, reps, toks, pos, seqs, &on) == 0;
+        eng_cuda_backend_set_graphs(be, 0);
+        eng_cuda_graph_stats g1 = eng_cuda_backend_graph_stats(be);
+        if (!ok) printf(", \"error\": \"%s\"}", be->ops->last_error(be));
+        else
+            printf(", \"step_ms_off\": %.3f, \"step_ms_on\": %.3f, \"mean_ms_off\": %.3f,"
+                   " \"mean_ms_on\": %.3f, \"host_ms_off\": %.3f, \"host_ms_on\": %.3f,"
+                   " \"speedup\": %.3f, \"replays\": %lld, \"captures\": %lld, \"capture_s\": %.4f}",
+                   off.best, on.best, off.mean, on.mean, off.host, on.host, off.best / on.best,
+                   (long long)(g1.replays - g0.replays), (long long)(g1.captures - g0.captures),
+                   g1.capture_s - g0.capture_s);
+        for (int k = 0; k < B; k++) kvp_seq_free(pool, ids[k]);
+    }
+    printf("]");
+}
+
 int main(int argc, char **argv) {
     shape s = {32, 4096, 32, 8, 128, 14336, 128256};
     int tiny = 0;
@@ -241,6 +317,7 @@ int main(int argc, char **argv) {
             for (int k = 0; k < B; k++) kvp_seq_free(pool, ids[k]);
         }
     printf("]");
+    bench_graphs(be, pool, s.layers, tiny, toks, pos, seqs);
     /* prefill (one sequence, chunks of max_t) and D2O compression at budget 0.2 */
     int plens[2] = {2048, 8192}, clens[2] = {8192, 32768};
     if (tiny) { plens[0] = 24; plens[1] = 48; clens[0] = 24; clens[1] = 48; }

@@ -12,13 +12,17 @@
 # the backend test, the benchmark), test-gpu (make CUDA=1 test-gpu: kernel
 # tests and tests/gpu/test_backend_cuda, the CPU-vs-GPU logits test),
 # sanitizer (compute-sanitizer memcheck on the kernel tests, best effort),
-# logits (test_backend_cuda alone, its figures in the log), bench
+# logits (test_backend_cuda alone, its figures in the log), graphs
+# (tests/gpu/test_graphs_cuda: decode replayed from CUDA graphs bit-identical
+# to launched), bench
 # (tests/gpu/bench_cuda: decode step time and KV read rate at batch 1/32/256 x
 # context 1k/4k/16k, prefill TFLOP/s at 2k/8k, D2O compression share of
 # prefill at 8k/32k, 8k-sequence capacity full vs D2O 0.2; --layers 8 and
-# extrapolated when BENCH_LAYERS is not 32).
+# extrapolated when BENCH_LAYERS is not 32; decode steps at batch 1/32/256
+# with CUDA graphs off and on, whose ratio decides --cuda-graphs' default).
 # The summary JSON: {"mode", "commit", "stages": {name: {"status", "seconds",
-# "log"}}, "bench": <bench_cuda's JSON or null>}. Exit status: 1 when a stage
+# "log"}}, "bench": <bench_cuda's JSON or null>, "cuda_graphs": [{"batch",
+# "step_ms_off", "step_ms_on", "speedup"}, ...] or null}. Exit status: 1 when a stage
 # that ran failed. Models: only the shipped models/stories260K (../shared
 # does not travel to the device machine); the benchmark model is generated.
 set -u
@@ -50,10 +54,11 @@ skip() { # skip NAME WHY
 
 if [ $DRY = 1 ]; then
   skip env "dry run (no GPU): nvidia-smi and nvcc not consulted"
-  stage build make -j"$JOBS" build/libd2od.a build/emu/bin/test_backend_cuda build/emu/bin/bench_cuda
+  stage build make -j"$JOBS" build/libd2od.a build/emu/bin/test_backend_cuda build/emu/bin/test_graphs_cuda build/emu/bin/bench_cuda
   skip test-gpu "dry run: the kernel tests run on the emulator in make test-gpu-emu"
   skip sanitizer "dry run: compute-sanitizer needs a device"
   stage logits env CUDAEMU_STRICT=1 build/emu/bin/test_backend_cuda
+  stage graphs env CUDAEMU_STRICT=1 build/emu/bin/test_graphs_cuda
   stage bench build/emu/bin/bench_cuda --tiny
   BENCH_LOG=$OUT/bench.log
 else
@@ -67,6 +72,7 @@ else
     skip sanitizer "compute-sanitizer not found"
   fi
   stage logits build/cuda/tests-gpu/test_backend_cuda
+  stage graphs build/cuda/tests-gpu/test_graphs_cuda
   if [ "$BENCH_LAYERS" = 32 ]; then stage bench timeout 300 build/cuda/tests-gpu/bench_cuda
   else stage bench timeout 300 build/cuda/tests-gpu/bench_cuda --layers "$BENCH_LAYERS"; fi
   BENCH_LOG=$OUT/bench.log
@@ -84,9 +90,13 @@ try:
 except (OSError, ValueError):
     pass
 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+graphs = None
+if isinstance(bench, dict) and isinstance(bench.get("decode_graphs"), list):
+    keys = ("batch", "ctx", "step_ms_off", "step_ms_on", "speedup", "capture_s", "skipped", "error")
+    graphs = [{k: g[k] for k in keys if k in g} for g in bench["decode_graphs"]]
 summary = {"mode": "dry-run (emulator)" if dry else "device", "commit": commit,
            "stages": {n: {"status": st[n][0], "seconds": st[n][1], "log": f"{out}/{n}.log"} for n in names},
-           "bench": bench}
+           "bench": bench, "cuda_graphs": graphs}
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
 print(f"summary: {out}/summary.json")
 EOF

@@ -433,7 +433,7 @@ static double ref_attn_row(const pool &P, const float *q, int kvh, float scale, 
  * graph runs it). */
 static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dtype odt, bool with_score,
                         int window, bool use_score_from = false, bool use_tab_row = false,
-                        bool use_live = false) {
+                        bool use_live = false, bool no_work = false) {
     const int pt = 16, n_pages = 160, n_seq = 6;
     const float scale = 1.0f / sqrtf((float)hd);
     pool P = make_pool(n_pages, pt, nkv, hd);
@@ -522,7 +522,7 @@ static void test_decode(const char *name, int n_heads, int nkv, int hd, kern_dty
     float *d_out = dev_copy(o0);
     KCALL(kern_attn_decode(d_out, odt, d_q, q_stride, D.view(P), with_score ? D.score : NULL,
                            use_score_from ? d_sf : NULL, d_tab, tab_stride,
-                           use_tab_row ? d_trow : NULL, d_len, d_qpos, d_sb, d_wk,
+                           use_tab_row ? d_trow : NULL, d_len, d_qpos, d_sb, no_work ? NULL : d_wk,
                            n_cap, use_live ? d_live : NULL, n_seq, n_heads, scale, window, d_ws, 0));
     std::vector<float> got = odt == KERN_F32 ? host_copy(d_out, ref_out.size())
                                              : bf_to_f(host_copy((kern_bf16 *)d_out, ref_out.size()));
@@ -584,15 +584,20 @@ static void test_decode_live_stride(void) {
     std::vector<float> z((size_t)n_seq * nh * hd, 0.0f);
     float *d_o1 = dev_copy(z), *d_o2 = dev_copy(z);
     std::vector<float> s0(P.score.size(), 0.0f);
-    float *d_s1 = dev_copy(s0), *d_s2 = dev_copy(s0);
+    float *d_s1 = dev_copy(s0), *d_s2 = dev_copy(s0), *d_s3 = dev_copy(s0), *d_o3 = dev_copy(z);
     KCALL(kern_attn_decode(d_o1, KERN_F32, d_q, q_stride, D.view(P), d_s1, NULL, d_tab, 1, d_trow,
                            d_len, d_qpos, d_sb, d_wk, n_work, NULL, n_seq, nh, 0.25f, 0, d_ws, 0));
     KCALL(kern_attn_decode(d_o2, KERN_F32, d_q, q_stride, D.view(P), d_s2, NULL, d_tab, 1, d_trow,
                            d_len, d_qpos, d_sb, d_wk, cap, d_live, n_seq, nh, 0.25f, 0, d_ws, 0));
-    auto o1 = host_copy(d_o1, z.size()), o2 = host_copy(d_o2, z.size());
-    auto sc1 = host_copy(d_s1, s0.size()), sc2 = host_copy(d_s2, s0.size());
+    /* and without a work list: each item's sequence from split_base */
+    KCALL(kern_attn_decode(d_o3, KERN_F32, d_q, q_stride, D.view(P), d_s3, NULL, d_tab, 1, d_trow,
+                           d_len, d_qpos, d_sb, NULL, cap, d_live, n_seq, nh, 0.25f, 0, d_ws, 0));
+    auto o1 = host_copy(d_o1, z.size()), o2 = host_copy(d_o2, z.size()), o3 = host_copy(d_o3, z.size());
+    auto sc1 = host_copy(d_s1, s0.size()), sc2 = host_copy(d_s2, s0.size()), sc3 = host_copy(d_s3, s0.size());
     ok = ok && memcmp(o1.data(), o2.data(), o1.size() * 4) == 0 &&
-         memcmp(sc1.data(), sc2.data(), sc1.size() * 4) == 0;
+         memcmp(sc1.data(), sc2.data(), sc1.size() * 4) == 0 &&
+         memcmp(o1.data(), o3.data(), o1.size() * 4) == 0 &&
+         memcmp(sc1.data(), sc3.data(), sc1.size() * 4) == 0;
     /* reference: a visible sequence's output is its one value row */
     for (int b = 0; b < n_seq && ok; b++)
         for (int h = 0; h < nh; h++)
@@ -604,7 +609,7 @@ static void test_decode_live_stride(void) {
     free_pool(D);
     cudaFree(d_tab); cudaFree(d_trow); cudaFree(d_len); cudaFree(d_qpos); cudaFree(d_sb);
     cudaFree(d_wk); cudaFree(d_live); cudaFree(d_q); cudaFree(d_ws); cudaFree(d_o1);
-    cudaFree(d_o2); cudaFree(d_s1); cudaFree(d_s2);
+    cudaFree(d_o2); cudaFree(d_s1); cudaFree(d_s2); cudaFree(d_o3); cudaFree(d_s3);
 }
 
 /* kern_patch_i32: patches of different lengths (0, 1, more than a CTA's
@@ -873,6 +878,8 @@ int main(void) {
     test_decode("decode_gqa4_tab_row", 8, 2, 128, KERN_F32, true, 0, true, true);
     test_decode("decode_gqa4_live_count", 8, 2, 128, KERN_F32, true, 0, true, true, true);
     test_decode("decode_gqa4_bf16_live_count_noscore", 8, 2, 128, KERN_BF16, false, 0, false, false, true);
+    test_decode("decode_gqa4_live_count_no_work_list", 8, 2, 128, KERN_F32, true, 0, true, true, true, true);
+    test_decode("decode_gqa4_no_work_list", 8, 2, 128, KERN_F32, true, 0, true, false, false, true);
     test_decode_live_stride();
     test_patch_i32();
     test_decode_bounds();
