@@ -167,7 +167,7 @@ $(BUILD)/ptx/sample.fatbin: kernels/sample.cu kernels/kernels.h $(wildcard kerne
 	$(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -Xfatbin -compress=false -fatbin -I. $< -o $@
 # The CUDA backend against the CPU backend on a real device (CUDA=1 builds only).
 ifeq ($(CUDA),1)
-$(BUILD)/tests-gpu/test_backend_cuda: tests/gpu/test_backend_cuda.c $(BUILD)/libd2od.a tests/test.h
+$(BUILD)/tests-gpu/test_backend_cuda: tests/gpu/test_backend_cuda.c $(BUILD)/libd2od.a tests/test.h tests/gpu/side.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
 GPU_TEST_BIN += $(BUILD)/tests-gpu/test_backend_cuda
@@ -175,7 +175,7 @@ $(BUILD)/tests-gpu/test_sample_cuda: tests/gpu/test_sample_cuda.c $(BUILD)/libd2
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
 GPU_TEST_BIN += $(BUILD)/tests-gpu/test_sample_cuda
-$(BUILD)/tests-gpu/test_graphs_cuda: tests/gpu/test_graphs_cuda.c $(BUILD)/libd2od.a tests/test.h
+$(BUILD)/tests-gpu/test_graphs_cuda: tests/gpu/test_graphs_cuda.c $(BUILD)/libd2od.a tests/test.h tests/gpu/side.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libd2od.a $(LDLIBS) -o $@
 GPU_TEST_BIN += $(BUILD)/tests-gpu/test_graphs_cuda
@@ -231,7 +231,7 @@ EMU_CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) -O2 -
               -DD2_HAVE_CUDA -Itests/emu/include_c -I.
 EMU_HOST_OBJ := $(EMU_DIR)/cobj/engine/cuda/backend.o $(EMU_DIR)/cobj/tests/emu/cublaslt_emu.o \
                 $(EMU_DIR)/obj/cuda_rt_c.o
-$(EMU_DIR)/cobj/%.o: %.c $(wildcard tests/emu/include_c/*.h) kernels/kernels.h engine/backend.h
+$(EMU_DIR)/cobj/%.o: %.c $(wildcard tests/emu/include_c/*.h) kernels/kernels.h engine/backend.h tests/gpu/side.h
 	@mkdir -p $(dir $@)
 	$(CC) $(EMU_CFLAGS) -c $< -o $@
 $(EMU_DIR)/obj/cuda_rt_c.o: tests/emu/cuda_rt_c.cpp tests/emu/cuda_emu.h

@@ -1131,6 +1131,29 @@ static void rtab_forget(cuda_be *be, const eng_batch *b) {
             be->rtab_n[(size_t)l * (size_t)be->n_ids + (size_t)b->seqs[si].seq] = 0;
 }
 
+/* Before a step (launched or replayed) builds its plan: the previous step's
+ * results must have arrived (its column sums added into the callers' arrays)
+ * before this step's copies reuse their pinned buffers, and its plan staging
+ * must have been consumed. One wait, and only when no result call or sync came
+ * between (a step without logit rows, such as an intermediate prefill chunk). */
+static int plan_wait(cuda_be *be) {
+    if (be->out_pending) STREAM_SYNC();
+    else if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
+    be->plan_pending = 0;
+    return D2_OK;
+}
+
+/* The step's one upload from pinned staging (tokens, positions, maps and the
+ * table patches: `used` int32s, the patches from o_hdr), then the patch of
+ * the resident block tables. */
+static int plan_send(cuda_be *be, size_t used, size_t o_hdr) {
+    CU(cudaMemcpyAsync(be->plan_d, be->plan_h, used * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
+    CU(cudaEventRecord(be->ev_plan, be->st));
+    be->plan_pending = 1;
+    KC(kern_patch_i32(be->rtab_d, be->plan_d, be->plan_d + o_hdr, be->n_patch, be->st));
+    return D2_OK;
+}
+
 /* Fills the staging buffer (internal row order), the per-layer plan and the
  * patches of the resident tables (headers at *o_hdr, be->n_patch of them). */
 static int build_plan(cuda_be *be, const eng_batch *b, int n_dec, size_t *used, size_t *o_hdr,
@@ -1512,20 +1535,16 @@ static int step_graph(cuda_be *be, const eng_batch *b, int n_dec, int dec_scores
         int rc = graph_capture(be, gi, sc);
         if (rc || !be->gexec[gi][sc]) return rc;
     }
-    /* as cu_step: the previous step's results and plan staging are done with */
-    if (be->out_pending) STREAM_SYNC();
-    else if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
-    be->plan_pending = 0;
+    int rc = plan_wait(be);
+    if (rc) return rc;
     size_t used = 0, o_hdr = 0;
-    int rc = build_plan_graph(be, b, n_dec, B, &used, &o_hdr);
+    rc = build_plan_graph(be, b, n_dec, B, &used, &o_hdr);
     if (rc) {
         rtab_forget(be, b);
         return rc;
     }
-    CU(cudaMemcpyAsync(be->plan_d, be->plan_h, used * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
-    CU(cudaEventRecord(be->ev_plan, be->st));
-    be->plan_pending = 1;
-    KC(kern_patch_i32(be->rtab_d, be->plan_d, be->plan_d + o_hdr, be->n_patch, be->st));
+    rc = plan_send(be, used, o_hdr);
+    if (rc) return rc;
     CU(cudaGraphLaunch(be->gexec[gi][sc], be->st));
     be->gstats.replays++;
     be->n_logit_rows = n_dec;
@@ -1583,25 +1602,16 @@ static int cu_step(eng_backend *base, const eng_batch *b) {
         be->cs_off[si] = cs_used;
         cs_used += need;
     }
-    /* The previous step's results must have arrived (its column sums added
-     * into the callers' arrays) before this step's copies reuse their pinned
-     * buffers, and its plan staging must have been consumed: one wait, here
-     * only when no result call or sync came between (a step without logit
-     * rows, such as an intermediate prefill chunk). */
-    if (be->out_pending) STREAM_SYNC();
-    else if (be->plan_pending) CU(cudaEventSynchronize(be->ev_plan));
-    be->plan_pending = 0;
+    rc = plan_wait(be);
+    if (rc) return rc;
     size_t used = 0, o_hdr = 0, o_trow = 0;
     rc = build_plan(be, b, n_dec, &used, &o_hdr, &o_trow);
     if (rc) {
         rtab_forget(be, b);
         return rc;
     }
-    /* the step's one upload: tokens, positions, maps and the table patches */
-    CU(cudaMemcpyAsync(be->plan_d, be->plan_h, used * sizeof(int32_t), cudaMemcpyHostToDevice, be->st));
-    CU(cudaEventRecord(be->ev_plan, be->st));
-    be->plan_pending = 1;
-    KC(kern_patch_i32(be->rtab_d, be->plan_d, be->plan_d + o_hdr, be->n_patch, be->st));
+    rc = plan_send(be, used, o_hdr);
+    if (rc) return rc;
     if (cs_used) CU(cudaMemsetAsync(be->colsum_d, 0, cs_used * 4, be->st));
     const int32_t *D = be->plan_d;
     cu_fwd f = {.b = b, .lp = be->lp, .T = T, .n_dec = n_dec, .dec_scores = dec_scores,

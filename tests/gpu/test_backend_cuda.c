@@ -17,6 +17,7 @@
  * layout or a missed token gives differences of the order of the range).
  */
 #include "tests/test.h"
+#include "tests/gpu/side.h"
 
 #include "engine/backend.h"
 #include "engine/model/model.h"
@@ -31,12 +32,6 @@
 #define MAX_T 64
 #define MAX_SEQ 256
 #define PAGE 16
-
-typedef struct side {
-    kvp_pool *pool;
-    eng_backend *be;
-    const char *name;
-} side;
 
 typedef struct pair {
     eng_model *m;
@@ -62,11 +57,6 @@ static void side_init(side *s, const eng_model *m, int cuda, int n_pages) {
     ASSERT_OK(s->be->ops->attach_thread(s->be));
     rc = s->be->ops->kv_attach(s->be, s->pool);
     if (rc != D2_OK) FAIL_("%s kv_attach: %s", s->name, s->be->ops->last_error(s->be));
-}
-
-static void side_free(side *s) {
-    if (s->be) s->be->ops->destroy(s->be);
-    kvp_destroy(s->pool);
 }
 
 /* Model options of a scenario run: a sliding window forced onto the loaded
@@ -100,29 +90,6 @@ static void pair_free(pair *p) {
     side_free(&p->cpu);
     side_free(&p->cu);
     eng_model_free(p->m);
-}
-
-/* What engine/step.c does before the backend call: reserve, append, positions. */
-static void side_step(side *s, const eng_batch *b, int n_layers) {
-    for (int k = 0; k < b->n_seqs; k++)
-        ASSERT_OK(kvp_reserve_all_layers(s->pool, b->seqs[k].seq, b->seqs[k].n));
-    int32_t *pos = kvp_pos_base(s->pool);
-    for (int k = 0; k < b->n_seqs; k++) {
-        const eng_batch_seq *bs = &b->seqs[k];
-        for (int l = 0; l < n_layers; l++) {
-            int first = kvp_append(s->pool, bs->seq, l, bs->n);
-            ASSERT(first >= 0);
-            kvp_table tab = kvp_get_table(s->pool, bs->seq, l);
-            for (int j = 0; j < bs->n; j++) {
-                int32_t page;
-                int slot;
-                kvp_locate(&tab, PAGE, first + j, &page, &slot);
-                pos[(size_t)page * PAGE + (size_t)slot] = b->pos[bs->start + j];
-            }
-        }
-    }
-    int rc = s->be->ops->step(s->be, b);
-    if (rc != D2_OK) FAIL_("%s step: %s", s->name, s->be->ops->last_error(s->be));
 }
 
 static int argmax_row(const float *x, int n, float *margin) {

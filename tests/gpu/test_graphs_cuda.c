@@ -24,6 +24,7 @@
  * difference there is a finding to look at). Runs from the repository root.
  */
 #include "tests/test.h"
+#include "tests/gpu/side.h"
 
 #include "engine/backend.h"
 #include "engine/model/model.h"
@@ -39,12 +40,6 @@
 #define PAGE 16
 #define NSEQ 6
 
-typedef struct side {
-    kvp_pool *pool;
-    eng_backend *be;
-    const char *name;
-} side;
-
 static void side_init(side *s, const eng_model *m, int graphs) {
     eng_backend_config bc = {.max_batch_tokens = MAX_T, .max_logit_rows = MAX_T,
                              .max_seq_tokens = MAX_SEQ, .page_tokens = PAGE, .cuda_graphs = graphs};
@@ -59,34 +54,6 @@ static void side_init(side *s, const eng_model *m, int graphs) {
     ASSERT_OK(s->be->ops->attach_thread(s->be));
     rc = s->be->ops->kv_attach(s->be, s->pool);
     if (rc != D2_OK) FAIL_("%s kv_attach: %s", s->name, s->be->ops->last_error(s->be));
-}
-
-static void side_free(side *s) {
-    if (s->be) s->be->ops->destroy(s->be);
-    kvp_destroy(s->pool);
-}
-
-/* What engine/step.c does before the backend call, then the step. */
-static void side_step(side *s, const eng_batch *b, int n_layers) {
-    for (int k = 0; k < b->n_seqs; k++)
-        ASSERT_OK(kvp_reserve_all_layers(s->pool, b->seqs[k].seq, b->seqs[k].n));
-    int32_t *pos = kvp_pos_base(s->pool);
-    for (int k = 0; k < b->n_seqs; k++) {
-        const eng_batch_seq *bs = &b->seqs[k];
-        for (int l = 0; l < n_layers; l++) {
-            int first = kvp_append(s->pool, bs->seq, l, bs->n);
-            ASSERT(first >= 0);
-            kvp_table tab = kvp_get_table(s->pool, bs->seq, l);
-            for (int j = 0; j < bs->n; j++) {
-                int32_t page;
-                int slot;
-                kvp_locate(&tab, PAGE, first + j, &page, &slot);
-                pos[(size_t)page * PAGE + (size_t)slot] = b->pos[bs->start + j];
-            }
-        }
-    }
-    int rc = s->be->ops->step(s->be, b);
-    if (rc != D2_OK) FAIL_("%s step: %s", s->name, s->be->ops->last_error(s->be));
 }
 
 typedef struct run {
