@@ -113,19 +113,17 @@ def test_stats():
 GAP = 0.15  # seconds between scripted events
 
 
-class ScriptedServer:
-    """A tiny HTTP/1.1 server: every POST gets an SSE stream, chunked, keep-alive:
-    4 choice events GAP apart, one usage event (choices []), [DONE]. Counts
-    the connections it accepted."""
+class LoopbackServer:
+    """Listens on 127.0.0.1 (a free port), serves each accepted connection on
+    its own thread with self.serve(conn), counts the connections."""
 
     def __init__(self):
+        self.connections, self.alive = 0, True
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.alive = True
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self):
@@ -136,6 +134,16 @@ class ScriptedServer:
                 return
             self.connections += 1
             threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def stop(self):
+        self.alive = False
+        self.sock.close()
+
+
+class ScriptedServer(LoopbackServer):
+    """A tiny HTTP/1.1 server: every POST gets an SSE stream, chunked, keep-alive:
+    4 choice events GAP apart, one usage event (choices []), [DONE]. Counts
+    the connections it accepted."""
 
     def serve(self, c):
         f = c.makefile("rb")
@@ -167,10 +175,6 @@ class ScriptedServer:
             pass
         finally:
             c.close()
-
-    def stop(self):
-        self.alive = False
-        self.sock.close()
 
 
 def run_load(args, timeout=120):
@@ -209,7 +213,7 @@ def test_scripted():
         srv.stop()
 
 
-class ClosingServer:
+class ClosingServer(LoopbackServer):
     """A tiny HTTP/1.1 server for the retry rules. Every connection answers at
     most its first request (a short SSE body with Content-Length and no
     `Connection: close`, so the client keeps it), then, by mode:
@@ -223,21 +227,8 @@ class ClosingServer:
             b"data: [DONE]\n\n")
 
     def __init__(self, mode):
-        self.mode, self.connections, self.alive = mode, 0, True
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while self.alive:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+        self.mode = mode
+        super().__init__()
 
     @staticmethod
     def read_request(f):
@@ -267,10 +258,6 @@ class ClosingServer:
         finally:
             f.close()
             c.close()
-
-    def stop(self):
-        self.alive = False
-        self.sock.close()
 
 
 def test_retry():
